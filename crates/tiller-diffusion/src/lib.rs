@@ -1,0 +1,9 @@
+//! The diffusion core: schedulers whose step returns the step's Gaussian (so sampling, per-step
+//! log-probabilities and KL all read one object), diffusers-compatible `UNet2DConditionModel` and
+//! `CLIPTextModel`, and sampling that records trajectories or differentiates through the chain.
+
+pub mod distribution;
+pub mod schedulers;
+
+pub use distribution::{Gaussian, LogProbReduction};
+pub use schedulers::{Scheduler, SchedulerConfig, StepOutput};

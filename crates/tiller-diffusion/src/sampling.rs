@@ -1,0 +1,285 @@
+//! Sampling: the denoising chain, recording what the RL methods need, or differentiating through it.
+//!
+//! - [`sample`] runs the chain without a graph and can record every x_t, each step's Gaussian and
+//!   the log-probability of the step taken (DDPO, DPOK, GRPO read these).
+//! - [`backprop_through_sampling`] computes the gradient of a loss on the final sample with respect
+//!   to the model's parameters through the last K steps (DRaFT-K, AlignProp; K = all allowed).
+//!   Memory is bounded by step-level recomputation: the chain runs once without a graph keeping only
+//!   each step's input; then, from the last step back, one step at a time is recomputed with a graph
+//!   and the vector-Jacobian product is pushed through it. Peak memory is that of one step's graph,
+//!   whatever K is; the cost is one extra forward per differentiated step.
+//!
+//! All noise comes from the caller's [`SeededRng`], drawn in a fixed order (initial noise first, then
+//! one draw per step, also for deterministic steps), so the same seed gives the same chain whatever
+//! is recorded or differentiated.
+
+use crate::distribution::{Gaussian, LogProbReduction};
+use crate::models::unet::UNet2DConditionModel;
+use crate::schedulers::Scheduler;
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use tiller_core::{Error, Result, SeededRng};
+
+/// A network that predicts the scheduler's target from a noisy sample.
+///
+/// Narrow on purpose: algorithms are written against this trait and tested on toy denoisers.
+pub trait Denoiser {
+    /// x_t: [B, C, H, W], timesteps: [B], context: [B, L, D] -> prediction [B, C, H, W]
+    fn predict(&self, x_t: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>) -> Tensor<4>;
+}
+
+impl Denoiser for UNet2DConditionModel {
+    fn predict(&self, x_t: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>) -> Tensor<4> {
+        self.forward(x_t, timesteps, context)
+    }
+}
+
+/// Classifier-free guidance (Ho & Salimans 2022): `uncond + scale * (cond - uncond)`.
+/// uncond, cond: [B, C, H, W]
+pub fn classifier_free_guidance(uncond: Tensor<4>, cond: Tensor<4>, scale: f64) -> Tensor<4> {
+    uncond.clone() + (cond - uncond) * scale
+}
+
+/// The conditioning of one sampling run.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// context: [B, L, D], the text encoder's hidden states for each sample's prompt.
+    pub context: Tensor<3>,
+    /// The empty prompt's hidden states [B, L, D] and the guidance scale, for classifier-free
+    /// guidance; `None` samples from the conditional model alone.
+    pub guidance: Option<(Tensor<3>, f64)>,
+}
+
+impl Conditioning {
+    /// Conditioning without guidance.
+    pub fn new(context: Tensor<3>) -> Self {
+        Self {
+            context,
+            guidance: None,
+        }
+    }
+
+    /// With classifier-free guidance at `scale` against the unconditional `uncond` [B, L, D].
+    pub fn with_guidance(mut self, uncond: Tensor<3>, scale: f64) -> Self {
+        self.guidance = Some((uncond, scale));
+        self
+    }
+
+    /// The model's (guided) prediction. Runs conditional and unconditional halves as one batch.
+    pub fn predict<M: Denoiser>(&self, model: &M, x_t: Tensor<4>, t: f64) -> Tensor<4> {
+        let b = x_t.dims()[0];
+        let device = x_t.device();
+        match &self.guidance {
+            None => {
+                let ts = Tensor::<1>::from_data(TensorData::new(vec![t as f32; b], [b]), &device);
+                model.predict(x_t, ts, self.context.clone())
+            }
+            Some((uncond, scale)) => {
+                let ts = Tensor::<1>::from_data(TensorData::new(vec![t as f32; 2 * b], [2 * b]), &device);
+                let x = Tensor::cat(vec![x_t.clone(), x_t], 0);
+                let ctx = Tensor::cat(vec![uncond.clone(), self.context.clone()], 0);
+                let out = model.predict(x, ts, ctx);
+                let mut halves = out.chunk(2, 0);
+                let cond = halves.pop().expect("two halves");
+                let unc = halves.pop().expect("two halves");
+                classifier_free_guidance(unc, cond, *scale)
+            }
+        }
+    }
+
+    fn to_device(&self, device: &Device) -> Self {
+        Self {
+            context: self.context.clone().to_device(device),
+            guidance: self
+                .guidance
+                .as_ref()
+                .map(|(u, s)| (u.clone().to_device(device), *s)),
+        }
+    }
+}
+
+/// What [`sample`] records besides the final sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Record {
+    /// Only the final sample.
+    #[default]
+    Nothing,
+    /// Every x_t, each step's Gaussian and the log-probability of the step taken.
+    Trajectory(LogProbReduction),
+}
+
+/// The recorded chain of one [`sample`] call.
+#[derive(Debug, Clone)]
+pub struct Trajectory {
+    /// x_T, ..., x_0: `steps + 1` tensors [B, C, H, W].
+    pub latents: Vec<Tensor<4>>,
+    /// The model timesteps of each step (`steps`).
+    pub timesteps: Vec<f64>,
+    /// Each step's Gaussian pi(x_{t-1} | x_t) (`steps`).
+    pub distributions: Vec<Gaussian>,
+    /// log pi(x_{t-1} | x_t) of the step taken, [B] each; `None` for deterministic steps.
+    pub log_probs: Vec<Option<Tensor<1>>>,
+}
+
+/// The result of [`sample`].
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// x_0: [B, C, H, W]
+    pub images: Tensor<4>,
+    pub trajectory: Option<Trajectory>,
+}
+
+/// Draws the initial noise x_T: [B, C, H, W], scaled by the scheduler's `init_noise_sigma`.
+pub fn initial_noise(
+    scheduler: &dyn Scheduler,
+    shape: [usize; 4],
+    rng: &mut SeededRng,
+    device: &Device,
+) -> Tensor<4> {
+    rng.normal(shape, device) * scheduler.init_noise_sigma()
+}
+
+/// Runs the whole chain from `x_t` (usually [`initial_noise`]) without a graph.
+pub fn sample<M: Denoiser>(
+    model: &M,
+    scheduler: &dyn Scheduler,
+    cond: &Conditioning,
+    x_t: Tensor<4>,
+    rng: &mut SeededRng,
+    record: Record,
+) -> Result<Sample> {
+    let shape: [usize; 4] = x_t.dims();
+    let device = x_t.device();
+    let mut x = x_t;
+    let mut traj = match record {
+        Record::Nothing => None,
+        Record::Trajectory(_) => Some(Trajectory {
+            latents: vec![x.clone()],
+            timesteps: Vec::new(),
+            distributions: Vec::new(),
+            log_probs: Vec::new(),
+        }),
+    };
+    for (i, &t) in scheduler.timesteps().iter().enumerate() {
+        let pred = cond.predict(model, x.clone(), t);
+        let step = scheduler.step(pred, i, x)?;
+        let noise = rng.normal(shape, &device);
+        let next = step.distribution.sample(noise);
+        if let (Some(traj), Record::Trajectory(reduction)) = (traj.as_mut(), record) {
+            let lp = if step.distribution.is_deterministic() {
+                None
+            } else {
+                Some(step.distribution.log_prob(next.clone(), reduction)?)
+            };
+            traj.timesteps.push(t);
+            traj.latents.push(next.clone());
+            traj.distributions.push(step.distribution);
+            traj.log_probs.push(lp);
+        }
+        x = next;
+    }
+    Ok(Sample {
+        images: x,
+        trajectory: traj,
+    })
+}
+
+/// The result of [`backprop_through_sampling`].
+pub struct ChainGradients {
+    /// The loss value at the final sample.
+    pub loss: f64,
+    /// x_0: [B, C, H, W], without a graph.
+    pub images: Tensor<4>,
+    /// d loss / d parameters, accumulated over the differentiated steps.
+    pub grads: GradientsParams,
+}
+
+/// Gradient of `loss(x_0)` with respect to `model`'s parameters through the last `k` steps of the
+/// chain started at `x_t` (`k = usize::MAX` or any `k >= steps` means all of them), with step-level
+/// recomputation so that peak memory is one step's graph.
+///
+/// `model` lives on an autodiff device; `x_t` and the conditioning may be on either. Earlier steps
+/// run without a graph (DRaFT-K stops the gradient there). `loss` maps x_0 [B, C, H, W] to a
+/// one-element tensor; it may hold a graph of its own (a differentiable reward).
+pub fn backprop_through_sampling<M>(
+    model: &M,
+    scheduler: &dyn Scheduler,
+    cond: &Conditioning,
+    x_t: Tensor<4>,
+    rng: &mut SeededRng,
+    k: usize,
+    loss: impl FnOnce(Tensor<4>) -> Tensor<1>,
+) -> Result<ChainGradients>
+where
+    M: Denoiser + Module,
+{
+    let ad_device = model
+        .devices()
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::invalid("model has no parameters"))?;
+    if !ad_device.is_autodiff() {
+        return Err(Error::invalid(
+            "backprop_through_sampling needs the model on an autodiff device (Device::autodiff())",
+        ));
+    }
+    let plain = ad_device.clone().inner();
+    let frozen = model.valid();
+    let cond_plain = cond.to_device(&plain);
+    let cond_ad = cond.to_device(&ad_device);
+    let shape: [usize; 4] = x_t.dims();
+    let timesteps = scheduler.timesteps().to_vec();
+    let n = timesteps.len();
+    let first_diff = n.saturating_sub(k);
+
+    // Forward without a graph, keeping the input and the noise of each differentiated step.
+    let mut x = x_t.to_device(&plain);
+    let mut saved: Vec<(Tensor<4>, Tensor<4>)> = Vec::with_capacity(n - first_diff);
+    for (i, &t) in timesteps.iter().enumerate() {
+        let noise = rng.normal(shape, &plain);
+        if i >= first_diff {
+            saved.push((x.clone(), noise.clone()));
+        }
+        let pred = cond_plain.predict(&frozen, x.clone(), t);
+        x = scheduler.step(pred, i, x)?.distribution.sample(noise);
+    }
+
+    // d loss / d x_0.
+    let x0 = x.clone().autodiff().require_grad();
+    let l = loss(x0.clone());
+    let loss_value = l.clone().into_scalar::<f32>() as f64;
+    if !loss_value.is_finite() {
+        return Err(Error::NonFinite(format!("loss at the final sample is {loss_value}")));
+    }
+    let mut grads = l.backward();
+    let mut upstream = x0
+        .grad_remove(&mut grads)
+        .ok_or_else(|| Error::invalid("loss does not depend on the sample"))?;
+    let mut acc = GradientsAccumulator::<M>::new();
+    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+
+    // Backward through the saved steps, last first: recompute one step with a graph, push the
+    // vector-Jacobian product <upstream, step(x_i)> back to x_i, keep the parameter gradients.
+    for (j, (x_in, noise)) in saved.into_iter().enumerate().rev() {
+        let i = first_diff + j;
+        let x_in = x_in.autodiff().require_grad();
+        let pred = cond_ad.predict(model, x_in.clone(), timesteps[i]);
+        let out = scheduler
+            .step(pred, i, x_in.clone())?
+            .distribution
+            .sample(noise.autodiff());
+        let surrogate = (out * upstream.autodiff()).sum();
+        let mut g = surrogate.backward();
+        upstream = x_in
+            .grad_remove(&mut g)
+            .ok_or_else(|| Error::invalid("the step does not depend on its input"))?;
+        acc.accumulate(model, GradientsParams::from_grads(g, model));
+    }
+
+    Ok(ChainGradients {
+        loss: loss_value,
+        images: x,
+        grads: acc.grads(),
+    })
+}

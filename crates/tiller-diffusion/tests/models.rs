@@ -1,0 +1,275 @@
+//! The UNet and the CLIP text encoder against diffusers/transformers goldens made by
+//! `scripts/fixtures/models.py`: forward outputs within 1e-4 relative, parameter and input
+//! gradients of a scalar loss within 1e-3 relative, f16/bf16 weight loading, save round-trips and
+//! the errors for bad folders.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tiller_diffusion::models::weights::{HostTensor, collect_gradients, read_safetensors, to_device};
+use tiller_diffusion::models::{self, load_clip_text, load_unet};
+use tiller_testkit::assert_close;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn io(name: &str) -> BTreeMap<String, HostTensor> {
+    read_safetensors(&fixture(name).join("io.safetensors")).unwrap()
+}
+
+/// Input ids are stored as int64, which `read_safetensors` (floats only) refuses; read them here.
+fn input_ids(name: &str) -> Vec<Vec<i64>> {
+    let bytes = std::fs::read(fixture(name).join("io.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor("input_ids").unwrap();
+    let (b, l) = (v.shape()[0], v.shape()[1]);
+    let flat: Vec<i64> = v
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (0..b).map(|i| flat[i * l..(i + 1) * l].to_vec()).collect()
+}
+
+/// Compares an f32 tensor with a golden, relative to the golden's largest magnitude: outputs of
+/// random networks cross zero, where a per-element relative bound is meaningless.
+fn assert_matches(actual: &[f32], golden: &HostTensor, rtol: f64, what: &str) {
+    let scale = golden.data.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    assert!(scale > 1e-3, "{what}: golden is all ~0, the fixture cannot catch bugs");
+    assert_eq!(actual.len(), golden.data.len(), "{what}: length");
+    println!("{what}: scale {scale:.3e}");
+    assert_close(actual.to_vec(), golden.data.clone(), 0.0, rtol * scale);
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn unet_forward_matches(name: &str, variant: Option<&str>, golden_key: &str) {
+    let device = Device::flex();
+    let (_, unet) = load_unet(&fixture(name), variant, &device).unwrap();
+    let io = io(name);
+    let out = unet.forward(
+        to_device(&io["sample"], &device).unwrap(),
+        to_device(&io["timestep"], &device).unwrap(),
+        to_device(&io["encoder_hidden_states"], &device).unwrap(),
+    );
+    assert_matches(&values(out), &io[golden_key], 1e-4, &format!("{name} {golden_key}"));
+}
+
+#[test]
+fn unet_sd1_forward_matches_diffusers() {
+    unet_forward_matches("tiny-unet-sd1", None, "out_sample");
+}
+
+#[test]
+fn unet_sd2_forward_matches_diffusers() {
+    unet_forward_matches("tiny-unet-sd2", None, "out_sample");
+}
+
+#[test]
+fn unet_fp16_weights_load_and_match() {
+    unet_forward_matches("tiny-unet-sd1", Some("fp16"), "out_sample_fp16_weights");
+}
+
+fn unet_gradients_match(name: &str) {
+    let device = Device::flex().autodiff();
+    let (_, unet) = load_unet(&fixture(name), None, &device).unwrap();
+    let io = io(name);
+    let sample = to_device::<4>(&io["sample"], &device).unwrap().require_grad();
+    let context = to_device::<3>(&io["encoder_hidden_states"], &device).unwrap().require_grad();
+    let out = unet.forward(sample.clone(), to_device(&io["timestep"], &device).unwrap(), context.clone());
+    let loss = (out * to_device::<4>(&io["loss_weights"], &device).unwrap()).sum();
+    let grads = loss.backward();
+    let params = collect_gradients(&unet, &grads);
+    let mut checked = 0;
+    for (key, golden) in io.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let name = &key["grad.".len()..];
+        let actual = match name {
+            "sample" => values(sample.grad(&grads).unwrap()),
+            "encoder_hidden_states" => values(context.grad(&grads).unwrap()),
+            _ => params
+                .get(name)
+                .unwrap_or_else(|| panic!("no gradient for `{name}`"))
+                .data
+                .clone(),
+        };
+        assert_matches(&actual, golden, 1e-3, key);
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} gradients in the fixture");
+}
+
+#[test]
+fn unet_sd1_gradients_match_pytorch() {
+    unet_gradients_match("tiny-unet-sd1");
+}
+
+#[test]
+fn unet_sd2_gradients_match_pytorch() {
+    unet_gradients_match("tiny-unet-sd2");
+}
+
+fn clip_forward_matches(name: &str, variant: Option<&str>, rtol: f64) {
+    let device = Device::flex();
+    let (_, clip) = load_clip_text(&fixture(name), variant, &device).unwrap();
+    let io = io(name);
+    let out = clip.forward_ids(&input_ids(name), &device).unwrap();
+    assert_matches(&values(out.last_hidden_state), &io["last_hidden_state"], rtol, "last_hidden_state");
+    if let Some(pooled) = io.get("pooler_output") {
+        assert_matches(&values(out.pooler_output), pooled, rtol, "pooler_output");
+    }
+    if let Some(pen) = io.get("hidden_states_penultimate") {
+        let n = out.hidden_states.len();
+        assert_matches(&values(out.hidden_states[n - 2].clone()), pen, rtol, "penultimate");
+    }
+}
+
+#[test]
+fn clip_quick_gelu_forward_matches_transformers() {
+    clip_forward_matches("tiny-clip", None, 1e-4);
+}
+
+#[test]
+fn clip_gelu_forward_matches_transformers() {
+    clip_forward_matches("tiny-clip-gelu", None, 1e-4);
+}
+
+#[test]
+fn clip_bf16_weights_load() {
+    // bf16 keeps 8 bits of mantissa: outputs move by ~1e-2 of their scale, not more.
+    clip_forward_matches("tiny-clip", Some("bf16"), 5e-2);
+}
+
+#[test]
+fn clip_gradients_match_pytorch() {
+    let name = "tiny-clip";
+    let device = Device::flex().autodiff();
+    let (_, clip) = load_clip_text(&fixture(name), None, &device).unwrap();
+    let io = io(name);
+    let ids = input_ids(name);
+    let out = clip.forward_ids(&ids, &device).unwrap();
+    let loss = (out.last_hidden_state * to_device::<3>(&io["loss_weights"], &device).unwrap()).sum()
+        + (out.pooler_output * to_device::<2>(&io["loss_weights_pooled"], &device).unwrap()).sum();
+    let grads = loss.backward();
+    let params = collect_gradients(&clip, &grads);
+    let mut checked = 0;
+    for (key, golden) in io.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let name = &key["grad.".len()..];
+        let actual = &params.get(name).unwrap_or_else(|| panic!("no gradient for `{name}`")).data;
+        assert_matches(actual, golden, 1e-3, key);
+        checked += 1;
+    }
+    assert!(checked >= 5);
+}
+
+#[test]
+fn save_then_load_round_trips_exactly() {
+    let device = Device::flex();
+    let dir = std::env::temp_dir().join(format!("tiller-roundtrip-{}", std::process::id()));
+    let (cfg, unet) = load_unet(&fixture("tiny-unet-sd2"), None, &device).unwrap();
+    models::save_unet(&dir.join("unet"), &cfg, &unet).unwrap();
+    let (cfg2, unet2) = load_unet(&dir.join("unet"), None, &device).unwrap();
+    assert_eq!(cfg.block_out_channels, cfg2.block_out_channels);
+    let a = models::weights::collect_tensors(&unet);
+    let b = models::weights::collect_tensors(&unet2);
+    assert_eq!(a.len(), b.len());
+    for (k, v) in &a {
+        assert_eq!(v.data, b[k].data, "{k}");
+    }
+    // The saved file holds exactly the original checkpoint's tensors, in torch layout.
+    let original = read_safetensors(&fixture("tiny-unet-sd2").join("diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(original.keys().collect::<Vec<_>>(), a.keys().collect::<Vec<_>>());
+    for (k, v) in &original {
+        assert_eq!(v.shape, a[k].shape, "{k}");
+        assert_eq!(v.data, a[k].data, "{k}");
+    }
+
+    let (ccfg, clip) = load_clip_text(&fixture("tiny-clip"), None, &device).unwrap();
+    models::save_clip_text(&dir.join("te"), &ccfg, &clip).unwrap();
+    load_clip_text(&dir.join("te"), None, &device).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tiller-bad-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named_with_expected_shapes() {
+    let device = Device::flex();
+    let src = fixture("tiny-clip");
+    let dir = scratch("shapes");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut t = read_safetensors(&src.join("model.safetensors")).unwrap();
+    t.remove("text_model.final_layer_norm.weight");
+    let w = t.get_mut("text_model.encoder.layers.0.mlp.fc1.weight").unwrap();
+    w.shape = vec![w.shape[1], w.shape[0]];
+    t.insert("text_model.extra.weight".into(), HostTensor { shape: vec![1], data: vec![0.0] });
+    models::weights::write_safetensors(&dir.join("model.safetensors"), &t, Default::default()).unwrap();
+    let e = load_clip_text(&dir, None, &device).unwrap_err().to_string();
+    assert!(e.contains("missing tensor `text_model.final_layer_norm.weight` (expected shape [32])"), "{e}");
+    assert!(e.contains("`text_model.encoder.layers.0.mlp.fc1.weight` has shape [32, 37], expected [37, 32]"), "{e}");
+    assert!(e.contains("unexpected tensor `text_model.extra.weight`"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn pickle_checkpoints_are_refused_with_conversion_advice() {
+    let device = Device::flex();
+    let dir = scratch("pickle");
+    std::fs::copy(fixture("tiny-clip").join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("pytorch_model.bin"), b"not really a pickle").unwrap();
+    std::fs::write(dir.join("model.bin"), b"not really a pickle").unwrap();
+    let e = load_clip_text(&dir, None, &device).unwrap_err().to_string();
+    assert!(e.contains("model.bin") && e.contains("safetensors"), "{e}");
+    let e = models::weights::read_safetensors(&dir.join("pytorch_model.bin")).unwrap_err().to_string();
+    assert!(e.contains("pickle"), "{e}");
+}
+
+#[test]
+fn corrupt_weights_and_configs_are_errors_naming_the_file() {
+    let device = Device::flex();
+    let dir = scratch("corrupt");
+    std::fs::copy(fixture("tiny-clip").join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    let e = load_clip_text(&dir, None, &device).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+
+    let unet_dir = scratch("unet-config");
+    let cfg = std::fs::read_to_string(fixture("tiny-unet-sd1").join("config.json")).unwrap();
+    std::fs::write(unet_dir.join("config.json"), cfg.replace("\"sample_size\"", "\"sampel_size\"")).unwrap();
+    let e = load_unet(&unet_dir, None, &device).unwrap_err().to_string();
+    assert!(e.contains("sampel_size") && e.contains("sample_size") && e.contains("config.json"), "{e}");
+
+    std::fs::write(
+        unet_dir.join("config.json"),
+        cfg.replace("\"use_linear_projection\": false", "\"use_linear_projection\": false, \"class_embed_type\": \"timestep\""),
+    )
+    .unwrap();
+    let e = load_unet(&unet_dir, None, &device).unwrap_err().to_string();
+    assert!(e.contains("class_embed_type"), "{e}");
+
+    let e = load_unet(&scratch("empty"), None, &device).unwrap_err().to_string();
+    assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn clip_rejects_out_of_vocabulary_ids_and_overlong_inputs() {
+    let device = Device::flex();
+    let (_, clip) = load_clip_text(&fixture("tiny-clip"), None, &device).unwrap();
+    let e = clip.forward_ids(&[vec![0, 5, 120]], &device).unwrap_err().to_string();
+    assert!(e.contains("120"), "{e}");
+    let e = clip.forward_ids(&[vec![1; 17]], &device).unwrap_err().to_string();
+    assert!(e.contains("17") && e.contains("16"), "{e}");
+    // Raw forward with explicit pooling positions agrees with forward_ids.
+    let ids = vec![vec![0i64, 5, 7, 98, 98]];
+    let a = clip.forward_ids(&ids, &device).unwrap();
+    let t = Tensor::<2, Int>::from_data(TensorData::new(ids[0].clone(), [1, 5]), &device);
+    let b = clip.forward(t, &[3]);
+    assert_close(values(a.pooler_output), values(b.pooler_output), 0.0, 0.0);
+}
