@@ -1,0 +1,92 @@
+//! `tiller model check`: load a model folder, print what it is, optionally run one forward pass.
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Tensor;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tiller_diffusion::models::weights::{
+    HostTensor, parameter_shapes, read_safetensors, to_device, write_safetensors,
+};
+use tiller_diffusion::models::{ModelKind, detect_kind, load_clip_text, load_unet};
+
+fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32");
+    HostTensor { shape, data }
+}
+
+fn input<'a>(inputs: &'a BTreeMap<String, HostTensor>, name: &str, path: &Path) -> Result<&'a HostTensor> {
+    inputs.get(name).with_context(|| {
+        format!(
+            "{}: no input tensor `{name}` (found: {})",
+            path.display(),
+            inputs.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+pub fn run(
+    folder: &Path,
+    variant: Option<&str>,
+    io: Option<(PathBuf, PathBuf)>,
+    device: &str,
+) -> Result<()> {
+    let device = tiller_core::device::parse_device(device)?;
+    let kind = detect_kind(folder)?;
+    let mut outputs = BTreeMap::new();
+    let inputs = match &io {
+        Some((path, _)) => Some(read_safetensors(path)?),
+        None => None,
+    };
+    let params = match kind {
+        ModelKind::UNet2DCondition => {
+            let (config, model) = load_unet(folder, variant, &device)?;
+            println!("UNet2DConditionModel from {}", folder.display());
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
+                let sample = to_device::<4>(input(inputs, "sample", path)?, &device)
+                    .context("`sample` must be [B, C, H, W]")?;
+                let b = sample.dims()[0];
+                let t = input(inputs, "timestep", path)?;
+                let timestep = match t.shape.as_slice() {
+                    [] | [1] => Tensor::<1>::from_floats(vec![t.data[0]; b].as_slice(), &device),
+                    [n] if *n == b => to_device::<1>(t, &device)?,
+                    s => bail!("`timestep` has shape {s:?}; expected [] or [{b}]"),
+                };
+                let ctx = to_device::<3>(input(inputs, "encoder_hidden_states", path)?, &device)
+                    .context("`encoder_hidden_states` must be [B, L, D]")?;
+                outputs.insert("sample".to_string(), host(model.forward(sample, timestep, ctx)));
+            }
+            parameter_shapes(&model)
+        }
+        ModelKind::ClipText => {
+            let (config, model) = load_clip_text(folder, variant, &device)?;
+            println!("CLIPTextModel from {}", folder.display());
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
+                let ids = input(inputs, "input_ids", path)?;
+                let [b, l] = ids.shape[..] else {
+                    bail!("`input_ids` has shape {:?}; expected [B, L]", ids.shape)
+                };
+                let rows: Vec<Vec<i64>> = (0..b)
+                    .map(|i| ids.data[i * l..(i + 1) * l].iter().map(|&v| v as i64).collect())
+                    .collect();
+                let out = model.forward_ids(&rows, &device)?;
+                outputs.insert("last_hidden_state".into(), host(out.last_hidden_state));
+                outputs.insert("pooler_output".into(), host(out.pooler_output));
+            }
+            parameter_shapes(&model)
+        }
+    };
+    let count: usize = params.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    println!("parameters: {count} in {} tensors", params.len());
+    if let Some((_, out)) = io {
+        write_safetensors(&out, &outputs, HashMap::new())?;
+        println!("wrote {} to {}", outputs.keys().cloned().collect::<Vec<_>>().join(", "), out.display());
+    }
+    Ok(())
+}
