@@ -109,9 +109,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let config: UNet2DConditionConfig = tiller_core::config::from_json_file(&args.config)?;
     let baseline: Option<serde_json::Value> = match &args.baseline {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
-            Some(serde_json::from_str(line).with_context(|| format!("{}: no JSON line", p.display()))?)
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let line = text
+                .lines()
+                .rev()
+                .find(|l| l.trim_start().starts_with('{'))
+                .unwrap_or("");
+            Some(
+                serde_json::from_str(line)
+                    .with_context(|| format!("{}: no JSON line", p.display()))?,
+            )
         }
         None => None,
     };
@@ -123,7 +131,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         v.as_f64()
     };
     let mut rng = SeededRng::new(0);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     eprintln!(
         "bench: {} (batch {}, {} threads available)",
         args.config.display(),
@@ -143,9 +153,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let cond = Conditioning::new(ctx);
             reset_peak();
             let t0 = Instant::now();
-            let out = backprop_through_sampling(&model, scheduler.as_ref(), &cond, x, &mut rng, steps, |x0| {
-                x0.powi_scalar(2).mean().reshape([1])
-            })?;
+            let out = backprop_through_sampling(
+                &model,
+                scheduler.as_ref(),
+                &cond,
+                x,
+                &mut rng,
+                steps,
+                |x0| x0.powi_scalar(2).mean().reshape([1]),
+            )?;
             let secs = t0.elapsed().as_secs_f64();
             anyhow::ensure!(!out.grads.is_empty(), "no gradients");
             Ok((peak_rss_mib().unwrap_or(f64::NAN), secs))
@@ -235,15 +251,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ];
     rows.extend(chain_rows);
 
-    println!("\nUNet {} ({params} parameters), batch {}, seq_len {}", args.config.display(), args.batch, args.seq_len);
+    println!(
+        "\nUNet {} ({params} parameters), batch {}, seq_len {}",
+        args.config.display(),
+        args.batch,
+        args.seq_len
+    );
     println!("| measurement | unit | tiller (burn flex) | pytorch | tiller / pytorch |");
     println!("|---|---|---|---|---|");
     for r in rows {
         let (b, ratio) = match r.baseline {
-            Some(b) => (format!("{b:.2}"), format!("{:.2}x{}", r.ours / b, if r.higher_is_better { " (speed)" } else { " (memory)" })),
+            Some(b) => (
+                format!("{b:.2}"),
+                format!(
+                    "{:.2}x{}",
+                    r.ours / b,
+                    if r.higher_is_better {
+                        " (speed)"
+                    } else {
+                        " (memory)"
+                    }
+                ),
+            ),
             None => ("-".into(), "-".into()),
         };
-        println!("| {} | {} | {:.2} | {} | {} |", r.name, r.unit, r.ours, b, ratio);
+        println!(
+            "| {} | {} | {:.2} | {} | {} |",
+            r.name, r.unit, r.ours, b, ratio
+        );
     }
     Ok(())
 }

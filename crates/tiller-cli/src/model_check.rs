@@ -19,7 +19,11 @@ fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
     HostTensor { shape, data }
 }
 
-fn input<'a>(inputs: &'a BTreeMap<String, HostTensor>, name: &str, path: &Path) -> Result<&'a HostTensor> {
+fn input<'a>(
+    inputs: &'a BTreeMap<String, HostTensor>,
+    name: &str,
+    path: &Path,
+) -> Result<&'a HostTensor> {
     inputs.get(name).with_context(|| {
         format!(
             "{}: no input tensor `{name}` (found: {})",
@@ -59,7 +63,10 @@ pub fn run(
                 };
                 let ctx = to_device::<3>(input(inputs, "encoder_hidden_states", path)?, &device)
                     .context("`encoder_hidden_states` must be [B, L, D]")?;
-                outputs.insert("sample".to_string(), host(model.forward(sample, timestep, ctx)));
+                outputs.insert(
+                    "sample".to_string(),
+                    host(model.forward(sample, timestep, ctx)),
+                );
             }
             parameter_shapes(&model)
         }
@@ -73,7 +80,12 @@ pub fn run(
                     bail!("`input_ids` has shape {:?}; expected [B, L]", ids.shape)
                 };
                 let rows: Vec<Vec<i64>> = (0..b)
-                    .map(|i| ids.data[i * l..(i + 1) * l].iter().map(|&v| v as i64).collect())
+                    .map(|i| {
+                        ids.data[i * l..(i + 1) * l]
+                            .iter()
+                            .map(|&v| v as i64)
+                            .collect()
+                    })
                     .collect();
                 let out = model.forward_ids(&rows, &device)?;
                 outputs.insert("last_hidden_state".into(), host(out.last_hidden_state));
@@ -82,11 +94,18 @@ pub fn run(
             parameter_shapes(&model)
         }
     };
-    let count: usize = params.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let count: usize = params
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     println!("parameters: {count} in {} tensors", params.len());
     if let Some((_, out)) = io {
         write_safetensors(&out, &outputs, HashMap::new())?;
-        println!("wrote {} to {}", outputs.keys().cloned().collect::<Vec<_>>().join(", "), out.display());
+        println!(
+            "wrote {} to {}",
+            outputs.keys().cloned().collect::<Vec<_>>().join(", "),
+            out.display()
+        );
     }
     Ok(())
 }
