@@ -3,6 +3,8 @@
 //! `CLIPTextModel`, and sampling that records trajectories or differentiates through the chain.
 
 pub mod distribution;
+pub mod models;
+pub mod sampling;
 pub mod schedulers;
 
 pub use distribution::{Gaussian, LogProbReduction};

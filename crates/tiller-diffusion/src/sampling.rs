@@ -76,7 +76,10 @@ impl Conditioning {
                 model.predict(x_t, ts, self.context.clone())
             }
             Some((uncond, scale)) => {
-                let ts = Tensor::<1>::from_data(TensorData::new(vec![t as f32; 2 * b], [2 * b]), &device);
+                let ts = Tensor::<1>::from_data(
+                    TensorData::new(vec![t as f32; 2 * b], [2 * b]),
+                    &device,
+                );
                 let x = Tensor::cat(vec![x_t.clone(), x_t], 0);
                 let ctx = Tensor::cat(vec![uncond.clone(), self.context.clone()], 0);
                 let out = model.predict(x, ts, ctx);
@@ -250,7 +253,9 @@ where
     let l = loss(x0.clone());
     let loss_value = l.clone().into_scalar::<f32>() as f64;
     if !loss_value.is_finite() {
-        return Err(Error::NonFinite(format!("loss at the final sample is {loss_value}")));
+        return Err(Error::NonFinite(format!(
+            "loss at the final sample is {loss_value}"
+        )));
     }
     let mut grads = l.backward();
     let mut upstream = x0

@@ -6,12 +6,16 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tiller_diffusion::models::weights::{HostTensor, collect_gradients, read_safetensors, to_device};
+use tiller_diffusion::models::weights::{
+    HostTensor, collect_gradients, read_safetensors, to_device,
+};
 use tiller_diffusion::models::{self, load_clip_text, load_unet};
 use tiller_testkit::assert_close;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn io(name: &str) -> BTreeMap<String, HostTensor> {
@@ -36,14 +40,20 @@ fn input_ids(name: &str) -> Vec<Vec<i64>> {
 /// random networks cross zero, where a per-element relative bound is meaningless.
 fn assert_matches(actual: &[f32], golden: &HostTensor, rtol: f64, what: &str) {
     let scale = golden.data.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    assert!(scale > 1e-3, "{what}: golden is all ~0, the fixture cannot catch bugs");
+    assert!(
+        scale > 1e-3,
+        "{what}: golden is all ~0, the fixture cannot catch bugs"
+    );
     assert_eq!(actual.len(), golden.data.len(), "{what}: length");
     println!("{what}: scale {scale:.3e}");
     assert_close(actual.to_vec(), golden.data.clone(), 0.0, rtol * scale);
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 fn unet_forward_matches(name: &str, variant: Option<&str>, golden_key: &str) {
@@ -55,7 +65,12 @@ fn unet_forward_matches(name: &str, variant: Option<&str>, golden_key: &str) {
         to_device(&io["timestep"], &device).unwrap(),
         to_device(&io["encoder_hidden_states"], &device).unwrap(),
     );
-    assert_matches(&values(out), &io[golden_key], 1e-4, &format!("{name} {golden_key}"));
+    assert_matches(
+        &values(out),
+        &io[golden_key],
+        1e-4,
+        &format!("{name} {golden_key}"),
+    );
 }
 
 #[test]
@@ -77,9 +92,17 @@ fn unet_gradients_match(name: &str) {
     let device = Device::flex().autodiff();
     let (_, unet) = load_unet(&fixture(name), None, &device).unwrap();
     let io = io(name);
-    let sample = to_device::<4>(&io["sample"], &device).unwrap().require_grad();
-    let context = to_device::<3>(&io["encoder_hidden_states"], &device).unwrap().require_grad();
-    let out = unet.forward(sample.clone(), to_device(&io["timestep"], &device).unwrap(), context.clone());
+    let sample = to_device::<4>(&io["sample"], &device)
+        .unwrap()
+        .require_grad();
+    let context = to_device::<3>(&io["encoder_hidden_states"], &device)
+        .unwrap()
+        .require_grad();
+    let out = unet.forward(
+        sample.clone(),
+        to_device(&io["timestep"], &device).unwrap(),
+        context.clone(),
+    );
     let loss = (out * to_device::<4>(&io["loss_weights"], &device).unwrap()).sum();
     let grads = loss.backward();
     let params = collect_gradients(&unet, &grads);
@@ -116,13 +139,23 @@ fn clip_forward_matches(name: &str, variant: Option<&str>, rtol: f64) {
     let (_, clip) = load_clip_text(&fixture(name), variant, &device).unwrap();
     let io = io(name);
     let out = clip.forward_ids(&input_ids(name), &device).unwrap();
-    assert_matches(&values(out.last_hidden_state), &io["last_hidden_state"], rtol, "last_hidden_state");
+    assert_matches(
+        &values(out.last_hidden_state),
+        &io["last_hidden_state"],
+        rtol,
+        "last_hidden_state",
+    );
     if let Some(pooled) = io.get("pooler_output") {
         assert_matches(&values(out.pooler_output), pooled, rtol, "pooler_output");
     }
     if let Some(pen) = io.get("hidden_states_penultimate") {
         let n = out.hidden_states.len();
-        assert_matches(&values(out.hidden_states[n - 2].clone()), pen, rtol, "penultimate");
+        assert_matches(
+            &values(out.hidden_states[n - 2].clone()),
+            pen,
+            rtol,
+            "penultimate",
+        );
     }
 }
 
@@ -150,14 +183,18 @@ fn clip_gradients_match_pytorch() {
     let io = io(name);
     let ids = input_ids(name);
     let out = clip.forward_ids(&ids, &device).unwrap();
-    let loss = (out.last_hidden_state * to_device::<3>(&io["loss_weights"], &device).unwrap()).sum()
+    let loss = (out.last_hidden_state * to_device::<3>(&io["loss_weights"], &device).unwrap())
+        .sum()
         + (out.pooler_output * to_device::<2>(&io["loss_weights_pooled"], &device).unwrap()).sum();
     let grads = loss.backward();
     let params = collect_gradients(&clip, &grads);
     let mut checked = 0;
     for (key, golden) in io.iter().filter(|(k, _)| k.starts_with("grad.")) {
         let name = &key["grad.".len()..];
-        let actual = &params.get(name).unwrap_or_else(|| panic!("no gradient for `{name}`")).data;
+        let actual = &params
+            .get(name)
+            .unwrap_or_else(|| panic!("no gradient for `{name}`"))
+            .data;
         assert_matches(actual, golden, 1e-3, key);
         checked += 1;
     }
@@ -179,8 +216,13 @@ fn save_then_load_round_trips_exactly() {
         assert_eq!(v.data, b[k].data, "{k}");
     }
     // The saved file holds exactly the original checkpoint's tensors, in torch layout.
-    let original = read_safetensors(&fixture("tiny-unet-sd2").join("diffusion_pytorch_model.safetensors")).unwrap();
-    assert_eq!(original.keys().collect::<Vec<_>>(), a.keys().collect::<Vec<_>>());
+    let original =
+        read_safetensors(&fixture("tiny-unet-sd2").join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
+    assert_eq!(
+        original.keys().collect::<Vec<_>>(),
+        a.keys().collect::<Vec<_>>()
+    );
     for (k, v) in &original {
         assert_eq!(v.shape, a[k].shape, "{k}");
         assert_eq!(v.data, a[k].data, "{k}");
@@ -207,14 +249,34 @@ fn missing_and_misshapen_tensors_are_named_with_expected_shapes() {
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let mut t = read_safetensors(&src.join("model.safetensors")).unwrap();
     t.remove("text_model.final_layer_norm.weight");
-    let w = t.get_mut("text_model.encoder.layers.0.mlp.fc1.weight").unwrap();
+    let w = t
+        .get_mut("text_model.encoder.layers.0.mlp.fc1.weight")
+        .unwrap();
     w.shape = vec![w.shape[1], w.shape[0]];
-    t.insert("text_model.extra.weight".into(), HostTensor { shape: vec![1], data: vec![0.0] });
-    models::weights::write_safetensors(&dir.join("model.safetensors"), &t, Default::default()).unwrap();
+    t.insert(
+        "text_model.extra.weight".into(),
+        HostTensor {
+            shape: vec![1],
+            data: vec![0.0],
+        },
+    );
+    models::weights::write_safetensors(&dir.join("model.safetensors"), &t, Default::default())
+        .unwrap();
     let e = load_clip_text(&dir, None, &device).unwrap_err().to_string();
-    assert!(e.contains("missing tensor `text_model.final_layer_norm.weight` (expected shape [32])"), "{e}");
-    assert!(e.contains("`text_model.encoder.layers.0.mlp.fc1.weight` has shape [32, 37], expected [37, 32]"), "{e}");
-    assert!(e.contains("unexpected tensor `text_model.extra.weight`"), "{e}");
+    assert!(
+        e.contains("missing tensor `text_model.final_layer_norm.weight` (expected shape [32])"),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "`text_model.encoder.layers.0.mlp.fc1.weight` has shape [32, 37], expected [37, 32]"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("unexpected tensor `text_model.extra.weight`"),
+        "{e}"
+    );
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
@@ -222,12 +284,18 @@ fn missing_and_misshapen_tensors_are_named_with_expected_shapes() {
 fn pickle_checkpoints_are_refused_with_conversion_advice() {
     let device = Device::flex();
     let dir = scratch("pickle");
-    std::fs::copy(fixture("tiny-clip").join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("tiny-clip").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     std::fs::write(dir.join("pytorch_model.bin"), b"not really a pickle").unwrap();
     std::fs::write(dir.join("model.bin"), b"not really a pickle").unwrap();
     let e = load_clip_text(&dir, None, &device).unwrap_err().to_string();
     assert!(e.contains("model.bin") && e.contains("safetensors"), "{e}");
-    let e = models::weights::read_safetensors(&dir.join("pytorch_model.bin")).unwrap_err().to_string();
+    let e = models::weights::read_safetensors(&dir.join("pytorch_model.bin"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("pickle"), "{e}");
 }
 
@@ -235,26 +303,49 @@ fn pickle_checkpoints_are_refused_with_conversion_advice() {
 fn corrupt_weights_and_configs_are_errors_naming_the_file() {
     let device = Device::flex();
     let dir = scratch("corrupt");
-    std::fs::copy(fixture("tiny-clip").join("config.json"), dir.join("config.json")).unwrap();
-    std::fs::write(dir.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    std::fs::copy(
+        fixture("tiny-clip").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+    )
+    .unwrap();
     let e = load_clip_text(&dir, None, &device).unwrap_err().to_string();
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
 
     let unet_dir = scratch("unet-config");
     let cfg = std::fs::read_to_string(fixture("tiny-unet-sd1").join("config.json")).unwrap();
-    std::fs::write(unet_dir.join("config.json"), cfg.replace("\"sample_size\"", "\"sampel_size\"")).unwrap();
+    std::fs::write(
+        unet_dir.join("config.json"),
+        cfg.replace("\"sample_size\"", "\"sampel_size\""),
+    )
+    .unwrap();
     let e = load_unet(&unet_dir, None, &device).unwrap_err().to_string();
-    assert!(e.contains("sampel_size") && e.contains("sample_size") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("sampel_size") && e.contains("sample_size") && e.contains("config.json"),
+        "{e}"
+    );
 
     std::fs::write(
         unet_dir.join("config.json"),
-        cfg.replace("\"use_linear_projection\": false", "\"use_linear_projection\": false, \"class_embed_type\": \"timestep\""),
+        cfg.replace(
+            "\"use_linear_projection\": false",
+            "\"use_linear_projection\": false, \"class_embed_type\": \"timestep\"",
+        ),
     )
     .unwrap();
     let e = load_unet(&unet_dir, None, &device).unwrap_err().to_string();
     assert!(e.contains("class_embed_type"), "{e}");
 
-    let e = load_unet(&scratch("empty"), None, &device).unwrap_err().to_string();
+    let e = load_unet(&scratch("empty"), None, &device)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("config.json"), "{e}");
 }
 
@@ -262,9 +353,15 @@ fn corrupt_weights_and_configs_are_errors_naming_the_file() {
 fn clip_rejects_out_of_vocabulary_ids_and_overlong_inputs() {
     let device = Device::flex();
     let (_, clip) = load_clip_text(&fixture("tiny-clip"), None, &device).unwrap();
-    let e = clip.forward_ids(&[vec![0, 5, 120]], &device).unwrap_err().to_string();
+    let e = clip
+        .forward_ids(&[vec![0, 5, 120]], &device)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("120"), "{e}");
-    let e = clip.forward_ids(&[vec![1; 17]], &device).unwrap_err().to_string();
+    let e = clip
+        .forward_ids(&[vec![1; 17]], &device)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("17") && e.contains("16"), "{e}");
     // Raw forward with explicit pooling positions agrees with forward_ids.
     let ids = vec![vec![0i64, 5, 7, 98, 98]];

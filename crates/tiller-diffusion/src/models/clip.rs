@@ -109,10 +109,13 @@ fn eos_default() -> i64 {
 impl ClipTextConfig {
     /// Checks sizes, naming the field at fault.
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::config(
                 "num_attention_heads",
-                format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
             ));
         }
         for (f, v) in [
@@ -243,7 +246,11 @@ impl ClipEncoderLayer {
         );
         let x = x + a.out_proj.forward(attn);
         let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
-        let h = if self.mlp.quick_gelu { quick_gelu(h) } else { gelu(h) };
+        let h = if self.mlp.quick_gelu {
+            quick_gelu(h)
+        } else {
+            gelu(h)
+        };
         x + self.mlp.fc2.forward(h)
     }
 }
@@ -271,7 +278,10 @@ impl ClipTextModel {
                     row.len()
                 )));
             }
-            if let Some(bad) = row.iter().find(|&&id| id < 0 || id as usize >= self.vocab_size) {
+            if let Some(bad) = row
+                .iter()
+                .find(|&&id| id < 0 || id as usize >= self.vocab_size)
+            {
                 return Err(Error::invalid(format!(
                     "input_ids row {i} has token id {bad}, outside the vocabulary of {}",
                     self.vocab_size
@@ -290,7 +300,9 @@ impl ClipTextModel {
                         .map(|(i, _)| i)
                         .unwrap_or(0)
                 } else {
-                    row.iter().position(|&id| id == self.eos_token_id).unwrap_or(l - 1)
+                    row.iter()
+                        .position(|&id| id == self.eos_token_id)
+                        .unwrap_or(l - 1)
                 }
             })
             .collect();
@@ -320,7 +332,11 @@ impl ClipTextModel {
         let pooled: Vec<Tensor<2>> = pool_positions
             .iter()
             .enumerate()
-            .map(|(i, &p)| last.clone().slice([i..i + 1, p..p + 1, 0..d]).reshape([1, d]))
+            .map(|(i, &p)| {
+                last.clone()
+                    .slice([i..i + 1, p..p + 1, 0..d])
+                    .reshape([1, d])
+            })
             .collect();
         ClipTextOutput {
             last_hidden_state: last,

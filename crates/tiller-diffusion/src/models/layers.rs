@@ -77,7 +77,10 @@ impl ResnetBlock2D {
     /// x: [B, C_in, H, W], temb: [B, T] -> [B, C_out, H, W]
     pub fn forward(&self, x: Tensor<4>, temb: Tensor<2>) -> Tensor<4> {
         let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let t = self.time_emb_proj.forward(silu(temb)).unsqueeze_dims::<4>(&[2, 3]);
+        let t = self
+            .time_emb_proj
+            .forward(silu(temb))
+            .unsqueeze_dims::<4>(&[2, 3]);
         let h = h + t;
         let h = self.conv2.forward(silu(self.norm2.forward(h)));
         let skip = match &self.conv_shortcut {
@@ -103,7 +106,9 @@ impl Downsample2D {
     pub fn new(channels: usize, padding: usize, device: &Device) -> Self {
         let conv = Conv2dConfig::new([channels, channels], [3, 3])
             .with_stride([2, 2])
-            .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+            .with_padding(PaddingConfig2d::Explicit(
+                padding, padding, padding, padding,
+            ))
             .init(device);
         Self { conv }
     }
@@ -260,7 +265,13 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(dim: usize, heads: usize, head_dim: usize, cross_dim: usize, device: &Device) -> Self {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_dim: usize,
+        device: &Device,
+    ) -> Self {
         Self {
             norm1: layer_norm(dim, 1e-5, device),
             attn1: Attention::new(dim, dim, heads, head_dim, false, device),
@@ -273,7 +284,10 @@ impl BasicTransformerBlock {
 
     /// x: [B, N, dim], context: [B, M, cross_dim] -> [B, N, dim]
     pub fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None, None) + x;
+        let x = self
+            .attn1
+            .forward(self.norm1.forward(x.clone()), None, None)
+            + x;
         let x = self
             .attn2
             .forward(self.norm2.forward(x.clone()), Some(context), None)

@@ -11,7 +11,9 @@ pub mod weights;
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::weights::{HostTensor, collect_tensors, load_into, read_safetensors, refuse_pickle};
+use crate::models::weights::{
+    HostTensor, collect_tensors, load_into, read_safetensors, refuse_pickle,
+};
 use burn::module::Module;
 use burn::tensor::Device;
 use std::collections::{BTreeMap, HashMap};
@@ -97,7 +99,9 @@ pub fn read_folder_weights(
     }
     Err(Error::format(
         folder,
-        format!("no weights found: expected {base}.safetensors (or a sharded {base}.safetensors.index.json)"),
+        format!(
+            "no weights found: expected {base}.safetensors (or a sharded {base}.safetensors.index.json)"
+        ),
     ))
 }
 
@@ -109,7 +113,9 @@ pub fn load_unet(
 ) -> Result<(UNet2DConditionConfig, UNet2DConditionModel)> {
     let config: UNet2DConditionConfig =
         tiller_core::config::from_json_file(&folder.join("config.json"))?;
-    config.validate().map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
     let (source, tensors) = read_folder_weights(folder, DIFFUSERS_WEIGHTS, variant)?;
     let model = load_into(config.init(device)?, &tensors, &source)?;
     Ok((config, model))
@@ -122,7 +128,9 @@ pub fn load_clip_text(
     device: &Device,
 ) -> Result<(ClipTextConfig, ClipTextModel)> {
     let config: ClipTextConfig = tiller_core::config::from_json_file(&folder.join("config.json"))?;
-    config.validate().map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
     let (source, tensors) = read_folder_weights(folder, TRANSFORMERS_WEIGHTS, variant)?;
     let model = load_into(config.init(device)?, &tensors, &source)?;
     Ok((config, model))
@@ -139,20 +147,32 @@ pub fn save_folder<M: Module, C: serde::Serialize>(
     std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
     let tensors = collect_tensors(model);
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    weights::write_safetensors(&folder.join(format!("{stem}.safetensors")), &tensors, metadata)?;
+    weights::write_safetensors(
+        &folder.join(format!("{stem}.safetensors")),
+        &tensors,
+        metadata,
+    )?;
     let json = serde_json::to_string_pretty(config).map_err(|e| Error::invalid(e.to_string()))?;
     weights::atomic_write(&folder.join("config.json"), json.as_bytes())
 }
 
 /// Saves a UNet as diffusers' `save_pretrained` does.
-pub fn save_unet(folder: &Path, config: &UNet2DConditionConfig, model: &UNet2DConditionModel) -> Result<()> {
+pub fn save_unet(
+    folder: &Path,
+    config: &UNet2DConditionConfig,
+    model: &UNet2DConditionModel,
+) -> Result<()> {
     save_folder(folder, config, model, DIFFUSERS_WEIGHTS)
 }
 
 /// Saves a CLIP text model as transformers' `save_pretrained` does.
 pub fn save_clip_text(folder: &Path, config: &ClipTextConfig, model: &ClipTextModel) -> Result<()> {
     let mut config = config.clone();
-    config.architectures.get_or_insert_with(|| vec!["CLIPTextModel".into()]);
-    config.model_type.get_or_insert_with(|| "clip_text_model".into());
+    config
+        .architectures
+        .get_or_insert_with(|| vec!["CLIPTextModel".into()]);
+    config
+        .model_type
+        .get_or_insert_with(|| "clip_text_model".into());
     save_folder(folder, &config, model, TRANSFORMERS_WEIGHTS)
 }

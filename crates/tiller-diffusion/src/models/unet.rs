@@ -289,16 +289,27 @@ impl UNet2DConditionConfig {
         if self.down_block_types.len() != n {
             return Err(Error::config(
                 "down_block_types",
-                format!("has {} entries, block_out_channels has {n}", self.down_block_types.len()),
+                format!(
+                    "has {} entries, block_out_channels has {n}",
+                    self.down_block_types.len()
+                ),
             ));
         }
         if self.up_block_types.len() != n {
             return Err(Error::config(
                 "up_block_types",
-                format!("has {} entries, block_out_channels has {n}", self.up_block_types.len()),
+                format!(
+                    "has {} entries, block_out_channels has {n}",
+                    self.up_block_types.len()
+                ),
             ));
         }
-        if self.only_cross_attention.expand(n, "only_cross_attention")?.iter().any(|b| *b) {
+        if self
+            .only_cross_attention
+            .expand(n, "only_cross_attention")?
+            .iter()
+            .any(|b| *b)
+        {
             return unsupported("only_cross_attention", &self.only_cross_attention);
         }
         if self.mid_block_type.is_none() {
@@ -372,13 +383,19 @@ impl UNet2DConditionConfig {
             if c % self.norm_num_groups != 0 {
                 return Err(Error::config(
                     "norm_num_groups",
-                    format!("{} does not divide block_out_channels[{i}] = {c}", self.norm_num_groups),
+                    format!(
+                        "{} does not divide block_out_channels[{i}] = {c}",
+                        self.norm_num_groups
+                    ),
                 ));
             }
             if c % plan.heads[i] != 0 {
                 return Err(Error::config(
                     "attention_head_dim",
-                    format!("{} heads do not divide block_out_channels[{i}] = {c}", plan.heads[i]),
+                    format!(
+                        "{} heads do not divide block_out_channels[{i}] = {c}",
+                        plan.heads[i]
+                    ),
                 ));
             }
         }
@@ -455,7 +472,15 @@ impl UNet2DConditionConfig {
         let mid_block = MidBlock {
             resnets: (0..2)
                 .map(|_| {
-                    ResnetBlock2D::new(c_mid, c_mid, temb, groups, eps, self.mid_block_scale_factor, device)
+                    ResnetBlock2D::new(
+                        c_mid,
+                        c_mid,
+                        temb,
+                        groups,
+                        eps,
+                        self.mid_block_scale_factor,
+                        device,
+                    )
                 })
                 .collect(),
             attentions: vec![Transformer2DModel::new(
@@ -491,7 +516,15 @@ impl UNet2DConditionConfig {
                 UpBlockType::UpBlock2D => Vec::new(),
                 UpBlockType::CrossAttnUpBlock2D => (0..num_layers)
                     .map(|_| {
-                        Transformer2DModel::new(c_out, rev_heads[i], rev_tl[i], cross, groups, lin, device)
+                        Transformer2DModel::new(
+                            c_out,
+                            rev_heads[i],
+                            rev_tl[i],
+                            cross,
+                            groups,
+                            lin,
+                            device,
+                        )
                     })
                     .collect(),
             };
@@ -574,7 +607,12 @@ pub struct UNet2DConditionModel {
 
 /// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` (max period 10000).
 /// timesteps: [B] -> [B, dim]
-pub fn timestep_embedding(timesteps: Tensor<1>, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor<2> {
+pub fn timestep_embedding(
+    timesteps: Tensor<1>,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Tensor<2> {
     let half = dim / 2;
     let device = timesteps.device();
     let freqs: Vec<f32> = (0..half)
@@ -612,7 +650,12 @@ impl UNet2DConditionModel {
         } else {
             sample
         };
-        let t = timestep_embedding(timesteps, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+        let t = timestep_embedding(
+            timesteps,
+            self.time_proj_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        );
         let temb = self
             .time_embedding
             .linear_2
@@ -635,7 +678,12 @@ impl UNet2DConditionModel {
         }
 
         h = self.mid_block.resnets[0].forward(h, temb.clone());
-        for (attn, resnet) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
+        for (attn, resnet) in self
+            .mid_block
+            .attentions
+            .iter()
+            .zip(&self.mid_block.resnets[1..])
+        {
             h = attn.forward(h, encoder_hidden_states.clone());
             h = resnet.forward(h, temb.clone());
         }
@@ -650,7 +698,10 @@ impl UNet2DConditionModel {
             }
             for up in &block.upsamplers {
                 // Upsample to the size of the skip the next block will concatenate.
-                let [_, _, sh, sw] = skips.last().expect("skips remain before the last block").dims();
+                let [_, _, sh, sw] = skips
+                    .last()
+                    .expect("skips remain before the last block")
+                    .dims();
                 h = up.forward(h, [sh, sw]);
             }
         }

@@ -42,7 +42,10 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         let data = decode(view.dtype(), view.data()).ok_or_else(|| {
             Error::format(
                 path,
-                format!("tensor `{name}` has dtype {:?}; expected F32, F16, BF16, F64, I64 or I32", view.dtype()),
+                format!(
+                    "tensor `{name}` has dtype {:?}; expected F32, F16, BF16, F64, I64 or I32",
+                    view.dtype()
+                ),
             )
         })?;
         out.insert(
@@ -129,10 +132,7 @@ impl PathTracker {
             if container.starts_with("Enum:") {
                 continue; // enum variant names are not part of diffusers paths
             }
-            let is_norm = matches!(
-                container.as_str(),
-                "Struct:GroupNorm" | "Struct:LayerNorm"
-            );
+            let is_norm = matches!(container.as_str(), "Struct:GroupNorm" | "Struct:LayerNorm");
             let seg = match (seg.as_str(), is_norm) {
                 ("gamma", true) => "weight".to_string(),
                 ("beta", true) => "bias".to_string(),
@@ -207,8 +207,9 @@ pub fn load_into<M: Module>(
                 expected.reverse();
             }
             let Some(t) = self.tensors.get(&name) else {
-                self.problems
-                    .push(format!("missing tensor `{name}` (expected shape {expected:?})"));
+                self.problems.push(format!(
+                    "missing tensor `{name}` (expected shape {expected:?})"
+                ));
                 return param;
             };
             self.used.insert(name.clone());
@@ -220,7 +221,8 @@ pub fn load_into<M: Module>(
                 return param;
             }
             let device = param.lazy_device();
-            let mut value = Tensor::<D>::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &device);
+            let mut value =
+                Tensor::<D>::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &device);
             if transposed {
                 value = value.transpose();
             }
@@ -249,7 +251,11 @@ pub fn load_into<M: Module>(
     } else {
         let n = problems.len();
         problems.truncate(20);
-        let more = if n > 20 { format!("\n  ... and {} more", n - 20) } else { String::new() };
+        let more = if n > 20 {
+            format!("\n  ... and {} more", n - 20)
+        } else {
+            String::new()
+        };
         Err(Error::format(
             source,
             format!(
@@ -329,7 +335,10 @@ pub fn write_safetensors(
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
