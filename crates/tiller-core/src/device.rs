@@ -13,7 +13,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
         #[cfg(feature = "cuda")]
         n if n.starts_with("cuda:") => {
             let index: usize = n[5..].parse().map_err(|_| {
-                Error::invalid(format!("device `{name}`: expected cuda:N with N an integer"))
+                Error::invalid(format!(
+                    "device `{name}`: expected cuda:N with N an integer"
+                ))
             })?;
             Ok(Device::cuda(index))
         }
@@ -22,7 +24,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
         ))),
         _ => Err(Error::invalid(format!(
             "unknown device `{name}`; valid devices: cpu{}",
-            if cfg!(feature = "cuda") { ", cuda, cuda:N" } else { "" }
+            if cfg!(feature = "cuda") {
+                ", cuda, cuda:N"
+            } else {
+                ""
+            }
         ))),
     }
 }
