@@ -4,6 +4,7 @@
 
 pub mod distribution;
 pub mod models;
+pub mod pipeline;
 pub mod sampling;
 pub mod schedulers;
 

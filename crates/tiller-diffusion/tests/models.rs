@@ -370,3 +370,45 @@ fn clip_rejects_out_of_vocabulary_ids_and_overlong_inputs() {
     let b = clip.forward(t, &[3]);
     assert_close(values(a.pooler_output), values(b.pooler_output), 0.0, 0.0);
 }
+
+#[test]
+fn lora_attaches_to_the_unet_without_changing_its_output() {
+    use burn::module::{Lora, Module};
+    // Every projection is a burn Linear, so burn's LoRA reparameterisation applies as it is:
+    // B starts at zero, so the adapted model computes the same function, and only the adapter
+    // factors train (base weights, convolutions and norms are frozen).
+    let device = Device::flex().autodiff();
+    let (_, unet) = load_unet(&fixture("tiny-unet-sd2"), None, &device).unwrap();
+    let io = io("tiny-unet-sd2");
+    let run = |m: &tiller_diffusion::models::unet::UNet2DConditionModel| {
+        m.forward(
+            to_device(&io["sample"], &device).unwrap(),
+            to_device(&io["timestep"], &device).unwrap(),
+            to_device(&io["encoder_hidden_states"], &device).unwrap(),
+        )
+    };
+    let before = values(run(&unet));
+    let adapted = unet.clone().apply_lora(Lora::new(2, 4.0));
+    let out = run(&adapted);
+    assert_close(values(out.clone()), before, 1e-6, 1e-6);
+    let grads = out.sum().backward();
+    let trained = collect_gradients(&adapted, &grads);
+    assert!(
+        trained.contains_key(
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight.lora.a"
+        )
+    );
+    let frozen: Vec<_> = trained
+        .keys()
+        .filter(|k| !k.ends_with(".lora.a") && !k.ends_with(".lora.b"))
+        .collect();
+    assert!(
+        frozen.is_empty(),
+        "base parameters must be frozen, got gradients for {frozen:?}"
+    );
+    let base_params = unet.num_params();
+    assert!(
+        adapted.num_params() > base_params,
+        "adapters add parameters"
+    );
+}

@@ -109,7 +109,9 @@ fn eos_default() -> i64 {
 impl ClipTextConfig {
     /// Checks sizes, naming the field at fault.
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::config(
                 "num_attention_heads",
                 format!(

@@ -221,3 +221,24 @@ fn class_list() -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// The diffusers `scheduler_config.json` for `config`: our fields under diffusers' names plus
+/// `_class_name`. Tiller-only settings that diffusers passes to `step()` instead (DDIM's `eta`,
+/// the flow SDE's noise level) are not part of diffusers' config and are left out.
+pub(super) fn to_json(config: &SchedulerConfig) -> Value {
+    let (class, value) = match config {
+        SchedulerConfig::Ddpm(c) => ("DDPMScheduler", serde_json::to_value(c)),
+        SchedulerConfig::Ddim(c) => ("DDIMScheduler", serde_json::to_value(c)),
+        SchedulerConfig::FlowMatch(c) => {
+            ("FlowMatchEulerDiscreteScheduler", serde_json::to_value(c))
+        }
+    };
+    let mut map: Map<String, Value> = match value {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    map.remove("eta");
+    map.remove("sde");
+    map.insert("_class_name".into(), Value::String(class.into()));
+    Value::Object(map)
+}

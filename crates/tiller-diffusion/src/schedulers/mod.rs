@@ -139,6 +139,12 @@ impl SchedulerConfig {
         }
     }
 
+    /// This config as diffusers' `scheduler_config.json` (what `save_pretrained` writes), so the
+    /// Python ecosystem can load it; `from_diffusers_json` reads it back.
+    pub fn to_diffusers_json(&self) -> serde_json::Value {
+        diffusers_config::to_json(self)
+    }
+
     /// Reads diffusers' `scheduler_config.json`. `_class_name` picks the scheduler
     /// (`DDPMScheduler`, `DDIMScheduler`, `FlowMatchEulerDiscreteScheduler`); keys starting with
     /// `_` are ignored; a key we do not implement, or a value of a known key that would change
