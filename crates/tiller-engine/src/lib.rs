@@ -5,6 +5,7 @@
 //! learning-rate schedules.
 
 pub mod checkpoint;
+pub mod denoiser;
 pub mod ema;
 pub mod metrics;
 pub mod progress;
