@@ -300,7 +300,7 @@ pub fn train_denoiser(
         loss_n += 1;
 
         // ---- log, sample, checkpoint
-        if step % log.every.max(1) == 0 || step == train.steps {
+        if step.is_multiple_of(log.every.max(1)) || step == train.steps {
             let secs = started.elapsed().as_secs_f64();
             metrics.log(
                 step,
@@ -316,14 +316,14 @@ pub fn train_denoiser(
             (loss_sum, loss_n) = (0.0, 0);
         }
         progress.update(step, &format!("loss {value:.4} lr {rate:.2e}"));
-        if log.sample_every > 0 && step % log.sample_every == 0 {
+        if log.sample_every > 0 && step.is_multiple_of(log.sample_every) {
             let view = ema
                 .as_ref()
                 .map(|e| e.model().clone())
                 .unwrap_or_else(|| model.valid());
             sample_hook(step, &view)?;
         }
-        if step % log.checkpoint_every.max(1) == 0 || step == train.steps {
+        if step.is_multiple_of(log.checkpoint_every.max(1)) || step == train.steps {
             save_checkpoint(&store, step, &model, &optim, ema.as_ref(), &rng)?;
         }
     }
