@@ -10,8 +10,8 @@ use burn::nn::{
     GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use burn::tensor::activation::{gelu, sigmoid, silu, softmax};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::module::{attention, interpolate, linear as linear_op};
+use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
 /// A `k x k` convolution with "same" padding and the given stride, as `nn.Conv2d(..., padding=k//2)`.
@@ -21,6 +21,32 @@ pub fn conv2d(c_in: usize, c_out: usize, k: usize, stride: usize, device: &Devic
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
         .init(device)
+}
+
+/// A 1x1, stride-1 convolution computed as a batched matmul: `W [out, in] @ x [B, in, H*W]`.
+/// Same result as `conv.forward(x)` up to summation order, but flex's conv2d backward for 1x1
+/// kernels is about 6x its forward, while a matmul's backward is two matmuls (see
+/// docs/design/performance.md). The gradient reaches `conv.weight` through the reshape.
+/// x: [B, C_in, H, W] -> [B, C_out, H, W]
+pub fn conv1x1(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [b, c_in, h, w] = x.dims();
+    let [c_out, ..] = conv.weight.val().dims();
+    let weight = conv.weight.val().reshape([1, c_out, c_in]);
+    let out = weight.matmul(x.reshape([b, c_in, h * w]));
+    let out = match &conv.bias {
+        Some(bias) => out + bias.val().reshape([1, c_out, 1]),
+        None => out,
+    };
+    out.reshape([b, c_out, h, w])
+}
+
+/// A 1x1 convolution applied to tokens: `x [B, N, C_in] -> [B, N, C_out]`, i.e. a linear layer
+/// whose weight is the kernel's `[C_out, C_in]` transposed. Used for `Transformer2DModel`'s conv
+/// projections so that the NCHW <-> tokens permute is done once, on the narrow side.
+pub fn conv1x1_tokens(conv: &Conv2d, x: Tensor<3>) -> Tensor<3> {
+    let [c_out, c_in, ..] = conv.weight.val().dims();
+    let weight = conv.weight.val().reshape([c_out, c_in]).transpose();
+    linear_op(x, weight, conv.bias.as_ref().map(|b| b.val()))
 }
 
 /// `nn.Linear(d_in, d_out, bias)`.
@@ -84,7 +110,7 @@ impl ResnetBlock2D {
         let h = h + t;
         let h = self.conv2.forward(silu(self.norm2.forward(h)));
         let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => conv1x1(c, x),
             None => x,
         };
         let out = skip + h;
@@ -195,6 +221,12 @@ impl Attention {
 
 /// softmax(Q K^T / sqrt(d) + mask) V over `heads` heads.
 /// q: [B, N, H*d], k and v: [B, M, H*d], mask: additive [N, M] -> [B, N, H*d]
+///
+/// Without a mask and outside autodiff this is burn's fused `attention` (on flex: per-head
+/// score tiles that stay in cache instead of a `[B, H, N, M]` tensor). Under autodiff burn's
+/// fused op falls back to a composition with more passes than ours, so training keeps the
+/// explicit form, with the scale applied to Q (`[B, H, N, d]`) rather than to the larger scores
+/// when M >= d.
 pub fn multi_head_attention(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -208,12 +240,27 @@ pub fn multi_head_attention(
     let split = |t: Tensor<3>, len: usize| t.reshape([b, len, heads, d]).swap_dims(1, 2);
     let (q, k, v) = (split(q, n), split(k, m), split(v, m));
     let scale = (d as f64).powf(-0.5);
-    let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
-    if let Some(mask) = mask {
-        scores = scores + mask.unsqueeze_dims::<4>(&[0, 1]);
-    }
-    let probs = softmax(scores, 3);
-    probs.matmul(v).swap_dims(1, 2).reshape([b, n, inner])
+    let out = match mask {
+        None if !q.device().is_autodiff() => {
+            let options = AttentionModuleOptions {
+                scale: Some(scale),
+                ..Default::default()
+            };
+            attention(q, k, v, None, None, options)
+        }
+        mask => {
+            let mut scores = if m >= d {
+                (q * scale).matmul(k.swap_dims(2, 3))
+            } else {
+                q.matmul(k.swap_dims(2, 3)) * scale
+            };
+            if let Some(mask) = mask {
+                scores = scores + mask.unsqueeze_dims::<4>(&[0, 1]);
+            }
+            softmax(scores, 3).matmul(v)
+        }
+    };
+    out.swap_dims(1, 2).reshape([b, n, inner])
 }
 
 /// GEGLU: `proj` to twice the width, then `hidden * gelu(gate)` (diffusers `ff.net.0`).
@@ -224,7 +271,7 @@ pub struct GeGlu {
 
 /// diffusers' `FeedForward` with GEGLU: `net.0` = GEGLU, `net.1` = dropout, `net.2` = Linear.
 /// burn names vector elements by index, so `net_0`/`net_2` are renamed to `net.0`/`net.2` when
-/// loading and saving (see `weights::DIFFUSERS_RENAMES`).
+/// loading and saving (see `weights.rs`).
 #[derive(Module, Debug)]
 pub struct FeedForward {
     pub net_0: GeGlu,
@@ -348,20 +395,19 @@ impl Transformer2DModel {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
         let x = self.norm.forward(x);
-        let to_tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(x)),
-            Projection::Linear(lin) => lin.forward(to_tokens(x)),
+            Projection::Conv(conv) => conv1x1_tokens(conv, tokens),
+            Projection::Linear(lin) => lin.forward(tokens),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context.clone());
         }
-        let to_image = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_image(tokens)),
-            Projection::Linear(lin) => to_image(lin.forward(tokens)),
+            Projection::Conv(conv) => conv1x1_tokens(conv, tokens),
+            Projection::Linear(lin) => lin.forward(tokens),
         };
-        out + residual
+        out.swap_dims(1, 2).reshape([b, c, h, w]) + residual
     }
 }
 
