@@ -9,6 +9,8 @@
 //! Peak memory is the process's peak resident set (VmHWM), reset before each phase through
 //! `/proc/self/clear_refs`; it includes the weights and the allocator's caches.
 
+mod ops;
+
 use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
@@ -46,6 +48,10 @@ pub struct BenchArgs {
     baseline: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Instead of the summary, time every layer call in forward and backward and print the time
+    /// per layer type and per convolution shape (see `bench/ops.rs`).
+    #[arg(long)]
+    ops: bool,
 }
 
 /// Peak resident set size in MiB since the last [`reset_peak`], or `None` off Linux.
@@ -140,6 +146,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.batch,
         threads
     );
+
+    if args.ops {
+        return run_ops(&args, &config, &mut rng, &device);
+    }
 
     // Differentiable sampling first, while the process is small: the allocator keeps what later
     // phases free, which would hide the difference between 1 and N steps.
@@ -281,4 +291,56 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--ops`: whole-model forward / train-forward / backward medians, then the per-call walks.
+fn run_ops(
+    args: &BenchArgs,
+    config: &UNet2DConditionConfig,
+    rng: &mut SeededRng,
+    device: &Device,
+) -> Result<()> {
+    let ad = device.clone().autodiff();
+    let model = config.init(device)?;
+    let ad_model: UNet2DConditionModel = config.init(&ad)?;
+    let ad_model = ad_model.load_record(model.clone().into_record());
+    let (x, t, ctx) = inputs(config, args.batch, args.seq_len, rng, device);
+    let (ax, at, actx) = (
+        Tensor::from_data(x.to_data(), &ad),
+        Tensor::from_data(t.to_data(), &ad),
+        Tensor::from_data(ctx.to_data(), &ad),
+    );
+    let forward = time_reps(args.reps, device, || {
+        let _ = model.forward(x.clone(), t.clone(), ctx.clone()).into_data();
+    });
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    for rep in 0..=args.reps {
+        let t0 = Instant::now();
+        let loss = ad_model
+            .forward(ax.clone(), at.clone(), actx.clone())
+            .powi_scalar(2)
+            .mean();
+        let _ = ad.sync();
+        let t1 = Instant::now();
+        let grads = loss.backward();
+        let _ = ad.sync();
+        let t2 = Instant::now();
+        drop(grads);
+        if rep > 0 {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let whole = ops::Whole {
+        forward,
+        train_forward: median(fwd),
+        train_backward: median(bwd),
+    };
+    ops::run(
+        &args.config.display().to_string(),
+        (&model, x, t, ctx),
+        (&ad_model, ax, at, actx),
+        args.reps,
+        &whole,
+    )
 }

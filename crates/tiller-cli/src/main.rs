@@ -1,7 +1,10 @@
 //! `tiller`: the command-line shell over Tiller's libraries. Parse flags, resolve, call the library.
 
+mod base;
 mod bench;
+mod eval;
 mod model_check;
+mod testbed;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +28,23 @@ enum Command {
     /// Measure the UNet's forward, train-step and differentiable-sampling speed and memory, and
     /// compare with a PyTorch baseline from scripts/bench/pytorch_unet.py.
     Bench(bench::BenchArgs),
+    /// Sample a grid of images from a text-to-image model folder.
+    Sample(eval::SampleArgs),
+    /// Evaluate a model (or the training renderer) on a testbed prompt suite with the gold evaluator.
+    Eval(eval::EvalArgs),
+    /// Score the testbed: the renderer's upper bound and, when shipped, the base model.
+    Quickstart(eval::QuickstartArgs),
+    /// The testbed's base model.
+    Base {
+        #[command(subcommand)]
+        command: BaseCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BaseCommand {
+    /// Train the base text encoder and UNet from scratch on the Shapes world.
+    Train(base::TrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -50,6 +70,10 @@ enum ModelCommand {
     },
 }
 
+fn args_out(args: &eval::EvalArgs) -> PathBuf {
+    args.out().to_path_buf()
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -64,5 +88,17 @@ fn main() -> Result<()> {
                 },
         } => model_check::run(&folder, variant.as_deref(), inputs.zip(out), &device),
         Command::Bench(args) => bench::run(args),
+        Command::Base {
+            command: BaseCommand::Train(args),
+        } => base::train(args),
+        Command::Sample(args) => eval::sample(args),
+        Command::Eval(args) => {
+            let out = args_out(&args);
+            let report = eval::eval(args)?;
+            println!("{}", eval::markdown(&report));
+            println!("report written to {}", out.display());
+            Ok(())
+        }
+        Command::Quickstart(args) => eval::quickstart(args),
     }
 }

@@ -249,18 +249,51 @@ pub fn multi_head_attention(
             attention(q, k, v, None, None, options)
         }
         mask => {
-            let mut scores = if m >= d {
-                (q * scale).matmul(k.swap_dims(2, 3))
+            // Batch slices whose scores stay under SCORE_CHUNK elements (diffusers' "sliced
+            // attention"): rows are independent, so the result is the same, and buffers this
+            // size are recycled by the allocator instead of being mapped and zero-filled afresh
+            // for each of the softmax's passes (see docs/design/performance.md).
+            let per_item = heads * n * m;
+            let items = (SCORE_CHUNK / per_item).max(1);
+            if items >= b {
+                scores_softmax_v(q, k, v, scale, m >= d, mask)
             } else {
-                q.matmul(k.swap_dims(2, 3)) * scale
-            };
-            if let Some(mask) = mask {
-                scores = scores + mask.unsqueeze_dims::<4>(&[0, 1]);
+                let outs = q
+                    .split(items, 0)
+                    .into_iter()
+                    .zip(k.split(items, 0))
+                    .zip(v.split(items, 0))
+                    .map(|((q, k), v)| scores_softmax_v(q, k, v, scale, m >= d, mask.clone()))
+                    .collect();
+                Tensor::cat(outs, 0)
             }
-            softmax(scores, 3).matmul(v)
         }
     };
     out.swap_dims(1, 2).reshape([b, n, inner])
+}
+
+/// Largest `[b, H, N, M]` score tensor the differentiable attention builds at once (4 MiB of f32).
+const SCORE_CHUNK: usize = 1 << 20;
+
+/// softmax(Q K^T * scale + mask) V on split heads; the scale goes on Q when `scale_q` (cheaper
+/// when M >= d). q: [b, H, N, d], k and v: [b, H, M, d], mask: additive [N, M] -> [b, H, N, d]
+fn scores_softmax_v(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+    scale_q: bool,
+    mask: Option<Tensor<2>>,
+) -> Tensor<4> {
+    let mut scores = if scale_q {
+        (q * scale).matmul(k.swap_dims(2, 3))
+    } else {
+        q.matmul(k.swap_dims(2, 3)) * scale
+    };
+    if let Some(mask) = mask {
+        scores = scores + mask.unsqueeze_dims::<4>(&[0, 1]);
+    }
+    softmax(scores, 3).matmul(v)
 }
 
 /// GEGLU: `proj` to twice the width, then `hidden * gelu(gate)` (diffusers `ff.net.0`).
@@ -414,4 +447,66 @@ impl Transformer2DModel {
 /// CLIP's `quick_gelu`: x * sigmoid(1.702 x).
 pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.clone() * sigmoid(x * 1.702)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The batch-sliced attention (taken when the scores exceed SCORE_CHUNK) must equal the
+    /// one-shot composition in value and in gradient: rows of a softmax are independent, so
+    /// slicing the batch changes nothing but which buffers hold them.
+    #[test]
+    fn sliced_attention_equals_one_shot_in_value_and_gradient() {
+        let device = Device::flex().autodiff();
+        // heads * n * m = 2 * 512 * 512 = 2^19 scores per item: two items per slice of 2^20.
+        let (b, heads, n, d) = (5, 2, 512, 4);
+        let normal =
+            |s: [usize; 3]| Tensor::<3>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v, r) = (
+            normal([b, n, heads * d]),
+            normal([b, n, heads * d]),
+            normal([b, n, heads * d]),
+            normal([b, n, heads * d]),
+        );
+        assert!(
+            heads * n * n * b > SCORE_CHUNK,
+            "the test must take the sliced path"
+        );
+        let run = |sliced: bool| {
+            let (q, k, v) = (
+                q.clone().require_grad(),
+                k.clone().require_grad(),
+                v.clone().require_grad(),
+            );
+            let out = if sliced {
+                multi_head_attention(q.clone(), k.clone(), v.clone(), heads, None)
+            } else {
+                let split = |t: Tensor<3>| t.reshape([b, n, heads, d]).swap_dims(1, 2);
+                let scale = (d as f64).powf(-0.5);
+                scores_softmax_v(
+                    split(q.clone()),
+                    split(k.clone()),
+                    split(v.clone()),
+                    scale,
+                    true,
+                    None,
+                )
+                .swap_dims(1, 2)
+                .reshape([b, n, heads * d])
+            };
+            let grads = (out.clone() * r.clone()).sum().backward();
+            let g = [&q, &k, &v].map(|t| t.grad(&grads).expect("gradient"));
+            (out.inner(), g)
+        };
+        let (o1, g1) = run(true);
+        let (o2, g2) = run(false);
+        let max_abs = |t: Tensor<3>| t.abs().max().into_scalar::<f32>();
+        assert!(max_abs(o1 - o2) <= 1e-6);
+        for (a, b) in g1.into_iter().zip(g2) {
+            let scale = max_abs(b.clone());
+            assert!(max_abs(a - b) <= 1e-5 * scale);
+        }
+    }
 }

@@ -1,0 +1,253 @@
+//! `tiller base train`: the testbed's base model (a tiny CLIP-style text encoder and a pixel-space
+//! UNet) trained from scratch on the Shapes world with the epsilon objective, on the one engine.
+
+use crate::testbed::{SampleSettings, TestbedData, sample_prompts};
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use tiller_diffusion::models::clip::ClipTextConfig;
+use tiller_diffusion::models::unet::UNet2DConditionConfig;
+use tiller_diffusion::pipeline::TextToImage;
+use tiller_diffusion::schedulers::SchedulerConfig;
+use tiller_engine::checkpoint::Resume;
+use tiller_engine::denoiser::{LogSection, TextToImageModules, TrainSection, train_denoiser};
+use tiller_engine::run_dir::RunDir;
+use tiller_testbed::{PromptSetConfig, RenderConfig, Tokenizer, geneval, prompts};
+
+/// The model: diffusers/transformers config fields of each part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub unet: UNet2DConditionConfig,
+    pub text_encoder: ClipTextConfig,
+}
+
+/// The training data: which prompts, drawn how.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub prompts: PromptSetConfig,
+    pub render: RenderConfig,
+}
+
+/// The fixed-seed sample grids written while training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleSection {
+    /// Prompts of the grid (one row each).
+    pub prompts: Vec<String>,
+    /// Images per prompt.
+    pub per_prompt: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+impl Default for SampleSection {
+    fn default() -> Self {
+        Self {
+            prompts: vec![
+                "a red circle".into(),
+                "three green squares".into(),
+                "a blue triangle left of a yellow circle".into(),
+                "a purple square and an orange circle".into(),
+            ],
+            per_prompt: 4,
+            steps: 25,
+            guidance: 3.0,
+            seed: 0,
+        }
+    }
+}
+
+/// `configs/testbed-base.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseConfig {
+    /// `cpu`, or `cuda[:N]` in a CUDA build.
+    #[serde(default = "cpu")]
+    pub device: String,
+    pub model: ModelSection,
+    /// The noise schedule and the sampler saved with the model.
+    pub scheduler: SchedulerConfig,
+    #[serde(default)]
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub sample: SampleSection,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The training config (TOML).
+    #[arg(long, default_value = "configs/testbed-base.toml")]
+    config: PathBuf,
+    /// The run directory (config, metrics, checkpoints, samples, the final pipeline).
+    #[arg(long, default_value = "runs/base")]
+    out: PathBuf,
+    /// Continue a run: `latest` or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<Resume>,
+    /// Override a config value, e.g. `--set train.steps=100` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Override the run's seed (`train.seed`).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let mut overrides = args.overrides.clone();
+    if let Some(seed) = args.seed {
+        overrides.push(format!("train.seed={seed}"));
+    }
+    let (run, config) = match &args.resume {
+        Some(_) => {
+            let (run, text) = RunDir::open(&args.out).with_context(|| {
+                format!("--resume needs an existing run in {}", args.out.display())
+            })?;
+            let config: BaseConfig = toml::from_str(&text).with_context(|| {
+                format!(
+                    "{}: the saved config",
+                    args.out.join("config.toml").display()
+                )
+            })?;
+            (run, config)
+        }
+        None => {
+            let (config, resolved): (BaseConfig, String) =
+                tiller_core::config::from_toml_file_with_overrides(&args.config, &overrides)?;
+            config.model.unet.validate()?;
+            config.model.text_encoder.validate()?;
+            let run = RunDir::create(&args.out, &resolved)?;
+            (run, config)
+        }
+    };
+    let device = tiller_core::device::parse_device(&config.device)?;
+    let tokenizer = Tokenizer::shapes();
+    check_compatible(&config, &tokenizer)?;
+    let splits = prompts::generate_splits(&config.data.prompts)?;
+    let mut data = TestbedData {
+        prompts: splits.train,
+        tokenizer: tokenizer.clone(),
+        render: config.data.render.clone(),
+    };
+    let scheduler = config.scheduler.build(config.sample.steps.max(1))?;
+    eprintln!(
+        "base train: {} steps x batch {} ({} images), {} training prompts, run {}",
+        config.train.steps,
+        config.train.batch_size,
+        config.train.steps * config.train.batch_size as u64,
+        data.prompts.len(),
+        run.root().display()
+    );
+    let model = TextToImageModules {
+        text_encoder: config.model.text_encoder.init(&device)?,
+        unet: config.model.unet.init(&device)?,
+    };
+    let samples_dir = run.samples();
+    let sample_cfg = config.sample.clone();
+    let pipe_of = |m: &TextToImageModules| TextToImage {
+        text_config: config.model.text_encoder.clone(),
+        text_encoder: m.text_encoder.clone(),
+        unet_config: config.model.unet.clone(),
+        unet: m.unet.clone(),
+        scheduler: config.scheduler.clone(),
+    };
+    let settings = SampleSettings {
+        scheduler: config.scheduler.clone(),
+        steps: sample_cfg.steps,
+        guidance: sample_cfg.guidance,
+        batch: 16,
+    };
+    let seeds: Vec<u64> = (0..sample_cfg.per_prompt as u64)
+        .map(|i| sample_cfg.seed + i)
+        .collect();
+    let mut hook = |step: u64, m: &TextToImageModules| -> tiller_core::Result<()> {
+        let pipe = pipe_of(m);
+        let rows = sample_prompts(
+            &pipe,
+            &tokenizer,
+            &sample_cfg.prompts,
+            &seeds,
+            &settings,
+            &device,
+        )
+        .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
+        let images: Vec<_> = rows.into_iter().flatten().collect();
+        std::fs::create_dir_all(&samples_dir)
+            .map_err(|e| tiller_core::Error::io(&samples_dir, e))?;
+        geneval::write_grid_png(
+            &samples_dir.join(format!("step-{step:08}.png")),
+            &images,
+            sample_cfg.per_prompt,
+        )
+    };
+    let trained = train_denoiser(
+        &run,
+        model,
+        scheduler.as_ref(),
+        &mut data,
+        &config.train,
+        &config.log,
+        &device,
+        args.resume.as_ref(),
+        None,
+        &mut hook,
+    )?;
+    let final_modules = trained.ema.unwrap_or(trained.model);
+    let pipe = pipe_of(&final_modules);
+    let out = run.root().join("pipeline");
+    pipe.save(&out, &tokenizer.to_json())?;
+    println!("trained pipeline written to {}", out.display());
+    Ok(())
+}
+
+/// The text encoder must fit the tokenizer, and the UNet the text encoder and images.
+fn check_compatible(config: &BaseConfig, tokenizer: &Tokenizer) -> Result<()> {
+    let te = &config.model.text_encoder;
+    anyhow::ensure!(
+        te.vocab_size >= tokenizer.vocab_size(),
+        "model.text_encoder.vocab_size = {} but the tokenizer has {} tokens",
+        te.vocab_size,
+        tokenizer.vocab_size()
+    );
+    anyhow::ensure!(
+        te.max_position_embeddings >= tokenizer.max_length(),
+        "model.text_encoder.max_position_embeddings = {} but prompts are {} tokens",
+        te.max_position_embeddings,
+        tokenizer.max_length()
+    );
+    anyhow::ensure!(
+        te.eos_token_id == tokenizer.eos_id() as i64,
+        "model.text_encoder.eos_token_id = {} but the tokenizer's eos is {}",
+        te.eos_token_id,
+        tokenizer.eos_id()
+    );
+    let unet = &config.model.unet;
+    anyhow::ensure!(
+        unet.cross_attention_dim == te.hidden_size,
+        "model.unet.cross_attention_dim = {} must equal model.text_encoder.hidden_size = {}",
+        unet.cross_attention_dim,
+        te.hidden_size
+    );
+    anyhow::ensure!(
+        unet.in_channels == 3 && unet.out_channels == 3,
+        "model.unet in_channels/out_channels must be 3 (pixel space)"
+    );
+    anyhow::ensure!(
+        unet.sample_size == Some(config.data.render.resolution),
+        "model.unet.sample_size = {:?} but data.render.resolution = {}",
+        unet.sample_size,
+        config.data.render.resolution
+    );
+    Ok(())
+}
