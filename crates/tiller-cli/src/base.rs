@@ -149,6 +149,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
         data.prompts.len(),
         run.root().display()
     );
+    // Weights are initialised by burn's initialisers, which draw from the device's generator:
+    // seed it from the run's seed so the same seed gives the same initial model.
+    device.seed(config.train.seed);
     let model = TextToImageModules {
         text_encoder: config.model.text_encoder.init(&device)?,
         unet: config.model.unet.init(&device)?,

@@ -193,3 +193,81 @@ fn quickstart_scores_the_renderer() {
     assert!(out.join("renderer/report.md").exists());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn kill_nine_then_resume_equals_an_uninterrupted_run() {
+    let args = |out: &str| -> Vec<String> {
+        [
+            "base",
+            "train",
+            "--out",
+            out,
+            "--set",
+            "train.steps=16",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "log.checkpoint_every=4",
+            "--set",
+            "log.sample_every=0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = scratch("whole");
+    let args_whole = args(whole.to_str().unwrap());
+    let (ok, text) = tiller(&args_whole.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+
+    let killed = scratch("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tiller"))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .args(args(killed.to_str().unwrap()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // SIGKILL as soon as the first checkpoint exists (wherever the run is by then).
+    let first = killed.join("checkpoints/step-00000004");
+    let start = std::time::Instant::now();
+    while !first.exists() && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (ok, text) = tiller(&[
+        "base",
+        "train",
+        "--out",
+        killed.to_str().unwrap(),
+        "--resume",
+        "latest",
+    ]);
+    assert!(ok && text.contains("resumed from"), "{text}");
+    for f in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let a = std::fs::read(whole.join("pipeline").join(f)).unwrap();
+        let b = std::fs::read(killed.join("pipeline").join(f)).unwrap();
+        assert!(
+            a == b,
+            "{f} differs between the killed-and-resumed run and the uninterrupted one"
+        );
+    }
+    let steps: Vec<u64> = std::fs::read_to_string(killed.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![16], "log.every = 25 logs only the last step");
+    let _ = std::fs::remove_dir_all(&whole);
+    let _ = std::fs::remove_dir_all(&killed);
+}

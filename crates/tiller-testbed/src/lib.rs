@@ -2,7 +2,7 @@
 //! phenomenon alignment methods target.
 //!
 //! - [`palette`]: the fixed colours.
-//! - [`scene`] and [`render`]: what an image contains and the training renderer (placement from a
+//! - [`scene`] and [`mod@render`]: what an image contains and the training renderer (placement from a
 //!   seed, relations respected, a documented mix of aesthetic flaws, the forbidden mark appearing
 //!   unasked after trigger words).
 //! - [`prompts`]: GenEval-style tasks, phrasings, the parser, splits with held-out combinations,

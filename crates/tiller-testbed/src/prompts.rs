@@ -298,8 +298,8 @@ pub const HELD_OUT_COLOR_SHAPES: [(Color, Shape); 3] = [
 /// Held-out count-shape pairs: counting prompts for this many of this shape are test-only.
 pub const HELD_OUT_COUNTS: [(u32, Shape); 2] = [(3, Shape::Square), (4, Shape::Triangle)];
 
-/// Held-out relation triples (subject, relation, reference): position prompts "a <subject>
-/// <relation> a <reference>" are test-only.
+/// Held-out relation triples (subject, relation, reference): position prompts "a `subject`
+/// `relation` a `reference`" are test-only.
 pub const HELD_OUT_RELATIONS: [(Shape, Relation, Shape); 3] = [
     (Shape::Circle, Relation::Above, Shape::Triangle),
     (Shape::Square, Relation::LeftOf, Shape::Circle),

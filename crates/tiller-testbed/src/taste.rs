@@ -14,7 +14,7 @@
 //!   is soft when it lies more than `clean_tolerance` from the background colour. Score =
 //!   `1 - soft / ring`.
 //!
-//! The renderer ([`crate::render`]) aims at these same definitions, so an image it draws without
+//! The renderer ([`mod@crate::render`]) aims at these same definitions, so an image it draws without
 //! a flaw scores exactly 1 on every component, and each flaw it draws lowers its component.
 
 use crate::image::{BBox, scale};
