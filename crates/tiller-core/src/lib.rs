@@ -6,6 +6,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fs;
 pub mod rng;
 
 pub use error::{Error, Result};

@@ -5,30 +5,10 @@
 //! `checkpoints/latest` pointer replaced (also by rename). A kill at any moment leaves either the
 //! previous complete checkpoint or the new one as `latest`, never a half-written one.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tiller_core::{Error, Result};
 
-/// Writes `bytes` to `path` through a synced temporary file in the same folder and a rename.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
+pub use tiller_core::fs::atomic_write;
 
 /// What `--resume` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -332,30 +332,7 @@ pub fn write_safetensors(
     atomic_write(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
+pub use tiller_core::fs::atomic_write;
 
 /// Converts a host tensor to a device tensor of rank `D`.
 pub fn to_device<const D: usize>(t: &HostTensor, device: &Device) -> Result<Tensor<D>> {
