@@ -1,26 +1,15 @@
 //! `tiller model check` end to end: it loads the fixture folders, reports the parameter count, and
 //! its forward outputs on diffusers-named inputs equal the diffusers/transformers goldens.
 
+mod common;
+use common::tiller;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tiller_diffusion::models::weights::{HostTensor, read_safetensors, write_safetensors};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tiller-diffusion/tests/fixtures")
-}
-
-fn tiller(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tiller"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> f32 {

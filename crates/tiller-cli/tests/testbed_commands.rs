@@ -1,23 +1,11 @@
 //! `tiller base train`, `sample`, `eval` and `quickstart` end to end on a few steps: the run folder
 //! has what it should, a resumed run continues, and bad input fails with a named cause.
 
+mod common;
+use common::tiller;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn tiller(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tiller"))
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-        .env("RUST_BACKTRACE", "0")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
 
 fn scratch(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tiller-cli-{tag}-{}", std::process::id()));

@@ -1,0 +1,20 @@
+//! Shared by the CLI integration tests: run the `tiller` binary from the repository root.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `tiller args...` from the repository root; returns success and stdout + stderr.
+pub fn tiller(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tiller"))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .env("RUST_BACKTRACE", "0")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
