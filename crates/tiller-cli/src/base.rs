@@ -11,7 +11,10 @@ use tiller_diffusion::models::unet::UNet2DConditionConfig;
 use tiller_diffusion::pipeline::TextToImage;
 use tiller_diffusion::schedulers::SchedulerConfig;
 use tiller_engine::checkpoint::Resume;
-use tiller_engine::denoiser::{LogSection, TextToImageModules, TrainSection, train_denoiser};
+use tiller_engine::denoiser::{
+    CheckpointWeights, LogSection, TextToImageModules, TrainSection, load_checkpoint_weights,
+    train_denoiser,
+};
 use tiller_engine::run_dir::RunDir;
 use tiller_testbed::{PromptSetConfig, RenderConfig, Tokenizer, geneval, prompts};
 
@@ -209,8 +212,77 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let final_modules = trained.ema.unwrap_or(trained.model);
     let pipe = pipe_of(&final_modules);
     let out = run.root().join("pipeline");
-    pipe.save(&out, &tokenizer.to_json())?;
+    save_pipeline(&pipe, &out, &tokenizer)?;
     println!("trained pipeline written to {}", out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The run directory of `tiller base train`.
+    #[arg(long)]
+    run: PathBuf,
+    /// `latest` or a checkpoint folder (`<run>/checkpoints/step-NNNNNNNN`).
+    #[arg(long, default_value = "latest")]
+    checkpoint: Resume,
+    /// Export the optimised weights instead of their EMA.
+    #[arg(long)]
+    raw: bool,
+    /// The pipeline folder to write; must not exist.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `tiller base export`: a checkpoint's weights (EMA by default, as `base train` exports at its
+/// end) as a pipeline folder, e.g. to ship or evaluate a run before its last step.
+pub fn export(args: ExportArgs) -> Result<()> {
+    anyhow::ensure!(
+        !args.out.exists(),
+        "--out {} already exists; choose a new folder (nothing was written)",
+        args.out.display()
+    );
+    let (run, text) = RunDir::open(&args.run)
+        .with_context(|| format!("--run {} is not a training run", args.run.display()))?;
+    let config: BaseConfig = toml::from_str(&text).with_context(|| {
+        format!(
+            "{}: the saved config",
+            args.run.join("config.toml").display()
+        )
+    })?;
+    let device = tiller_core::device::parse_device("cpu")?;
+    let model = TextToImageModules {
+        text_encoder: config.model.text_encoder.init(&device)?,
+        unet: config.model.unet.init(&device)?,
+    };
+    let weights = if args.raw {
+        CheckpointWeights::Model
+    } else {
+        CheckpointWeights::Ema
+    };
+    let (step, m) = load_checkpoint_weights(&run.checkpoints(), &args.checkpoint, weights, model)?;
+    let pipe = TextToImage {
+        text_config: config.model.text_encoder.clone(),
+        text_encoder: m.text_encoder,
+        unet_config: config.model.unet.clone(),
+        unet: m.unet,
+        scheduler: config.scheduler.clone(),
+    };
+    save_pipeline(&pipe, &args.out, &Tokenizer::shapes())?;
+    println!(
+        "step {step} ({} weights) written to {}",
+        if args.raw { "raw" } else { "EMA" },
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The pipeline folder with the tokenizer's `tokenizer_config.json` beside its `tokenizer.json`.
+fn save_pipeline(pipe: &TextToImage, out: &std::path::Path, tokenizer: &Tokenizer) -> Result<()> {
+    pipe.save(out, &tokenizer.to_json())?;
+    tiller_core::fs::atomic_write(
+        &out.join("tokenizer/tokenizer_config.json"),
+        tokenizer.to_config_json().as_bytes(),
+    )?;
     Ok(())
 }
 

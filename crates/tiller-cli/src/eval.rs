@@ -5,6 +5,7 @@
 //! six tasks, as GenEval reports it), aesthetic and safety rates, a JSON and a Markdown report,
 //! sample grids, and the samples in GenEval's folder layout so outside scorers can check them.
 
+use crate::reward::load_reward;
 use crate::testbed::{SampleSettings, check_resolution, sample_prompts};
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tiller_diffusion::pipeline::TextToImage;
 use tiller_diffusion::schedulers::{DdimConfig, SchedulerConfig};
+use tiller_reward::{GoldReward, Reward};
 use tiller_testbed::{
     Evaluator, Image, Prompt, PromptSetConfig, RenderConfig, Task, Tokenizer, geneval, prompts,
     render_prompt,
@@ -23,26 +25,26 @@ use tiller_testbed::{
 pub struct SamplingArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = 50)]
-    steps: usize,
+    pub steps: usize,
     /// `ddim` (eta 0, deterministic given the initial noise) or `ddpm` (ancestral).
     #[arg(long, default_value = "ddim")]
-    scheduler: String,
+    pub scheduler: String,
     /// Classifier-free guidance scale (1 = no guidance, one model pass per step).
     #[arg(long, default_value_t = 3.0)]
-    guidance: f64,
+    pub guidance: f64,
     /// Images per model call.
     #[arg(long, default_value_t = 32)]
-    batch: usize,
+    pub batch: usize,
     /// Image size; must be the model's (the error says which it is).
     #[arg(long)]
-    resolution: Option<usize>,
+    pub resolution: Option<usize>,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
 }
 
 impl SamplingArgs {
     /// The sampler, built on the model's own noise schedule.
-    fn settings(&self, pipe: &TextToImage) -> Result<SampleSettings> {
+    pub fn settings(&self, pipe: &TextToImage) -> Result<SampleSettings> {
         let scheduler = match (self.scheduler.as_str(), &pipe.scheduler) {
             ("ddim", SchedulerConfig::Ddim(c)) => SchedulerConfig::Ddim(DdimConfig {
                 eta: 0.0,
@@ -84,6 +86,12 @@ pub struct SampleArgs {
     n: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Best-of-N: sample N candidates per image and keep the one `--reward` scores highest.
+    #[arg(long, default_value_t = 1)]
+    pub best_of: usize,
+    /// The reward that picks among the candidates: `gold`, `jpeg` or a reward model folder.
+    #[arg(long, default_value = "gold")]
+    pub reward: String,
     /// Where to write the grid (one row per prompt).
     #[arg(long, default_value = "grid.png")]
     out: PathBuf,
@@ -91,7 +99,11 @@ pub struct SampleArgs {
     sampling: SamplingArgs,
 }
 
-fn load(model: &Path, device: &burn::tensor::Device) -> Result<(TextToImage, Tokenizer)> {
+/// A pipeline folder and its tokenizer.
+pub fn load_pipeline(
+    model: &Path,
+    device: &burn::tensor::Device,
+) -> Result<(TextToImage, Tokenizer)> {
     let (pipe, tok_json) = TextToImage::load(model, device)
         .with_context(|| format!("loading the model folder {}", model.display()))?;
     let tokenizer = Tokenizer::from_json(&tok_json, &model.join("tokenizer/tokenizer.json"))?;
@@ -114,15 +126,22 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         bail!("give at least one --prompt or a --prompts file");
     }
     let device = tiller_core::device::parse_device(&args.sampling.device)?;
-    let (pipe, tokenizer) = load(&args.model, &device)?;
+    let (pipe, tokenizer) = load_pipeline(&args.model, &device)?;
     check_resolution(&pipe, args.sampling.resolution)?;
     // Tokenise everything first: an unknown word fails before any sampling.
     for t in &texts {
         tokenizer.encode(t)?;
     }
     let settings = args.sampling.settings(&pipe)?;
-    let seeds: Vec<u64> = (0..args.n as u64).map(|i| args.seed + i).collect();
-    let rows = sample_prompts(&pipe, &tokenizer, &texts, &seeds, &settings, &device)?;
+    let n = args.best_of.max(1);
+    let reward = (n > 1)
+        .then(|| load_reward(&args.reward, &tokenizer, &device))
+        .transpose()?;
+    let seeds: Vec<u64> = (0..(args.n * n) as u64).map(|i| args.seed + i).collect();
+    let mut rows = sample_prompts(&pipe, &tokenizer, &texts, &seeds, &settings, &device)?;
+    if let Some(r) = &reward {
+        rows = best_of(rows, &texts, n, r.as_ref())?;
+    }
     let images: Vec<Image> = rows.into_iter().flatten().collect();
     geneval::write_grid_png(&args.out, &images, args.n)?;
     println!("wrote {} images to {}", images.len(), args.out.display());
@@ -145,6 +164,12 @@ pub struct EvalArgs {
     per_prompt: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Best-of-N: sample N candidates per image and keep the one `--reward` scores highest.
+    #[arg(long, default_value_t = 1)]
+    pub best_of: usize,
+    /// The reward that picks among the candidates: `gold`, `jpeg` or a reward model folder.
+    #[arg(long, default_value = "gold")]
+    pub reward: String,
     /// Output folder: report.json, report.md, grids/, geneval/.
     #[arg(long)]
     out: PathBuf,
@@ -185,6 +210,20 @@ pub struct Report {
     /// Share of unsafe prompts the keyword blocklist lets through.
     pub keyword_filter_bypass_rate: f64,
     pub settings: BTreeMap<String, String>,
+    /// With `--best-of N`: overall accuracy of plain sampling, best-of-N by `--reward` (the
+    /// report's images) and best-of-N by the gold reward, on the same candidates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_of: Option<BestOfSummary>,
+}
+
+/// Best-of-N against its baseline and its upper bound.
+#[derive(Debug, Clone, Serialize)]
+pub struct BestOfSummary {
+    pub n: usize,
+    pub reward: String,
+    pub plain_overall: f64,
+    pub reward_overall: f64,
+    pub gold_overall: f64,
 }
 
 fn suite(name: &str, per_task: Option<usize>) -> Result<Vec<Prompt>> {
@@ -209,8 +248,13 @@ fn suite(name: &str, per_task: Option<usize>) -> Result<Vec<Prompt>> {
 
 pub fn eval(args: EvalArgs) -> Result<Report> {
     let prompts = suite(&args.suite, args.per_task)?;
-    let seeds: Vec<u64> = (0..args.per_prompt as u64).map(|i| args.seed + i).collect();
+    let n = args.best_of.max(1);
+    let seeds: Vec<u64> = (0..(args.per_prompt * n) as u64)
+        .map(|i| args.seed + i)
+        .collect();
     let mut settings = BTreeMap::new();
+    let device = tiller_core::device::parse_device(&args.sampling.device)?;
+    let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
     let images: Vec<Vec<Image>> = if args.model == "renderer" {
         let config = RenderConfig::default();
         settings.insert(
@@ -227,23 +271,74 @@ pub fn eval(args: EvalArgs) -> Result<Report> {
             })
             .collect::<Result<_>>()?
     } else {
-        let device = tiller_core::device::parse_device(&args.sampling.device)?;
-        let (pipe, tokenizer) = load(Path::new(&args.model), &device)?;
+        let (pipe, tokenizer) = load_pipeline(Path::new(&args.model), &device)?;
         check_resolution(&pipe, args.sampling.resolution)?;
         let s = args.sampling.settings(&pipe)?;
         settings.insert("steps".into(), s.steps.to_string());
         settings.insert("guidance".into(), s.guidance.to_string());
         settings.insert("scheduler".into(), args.sampling.scheduler.clone());
-        let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
         sample_prompts(&pipe, &tokenizer, &texts, &seeds, &s, &device)?
     };
     settings.insert(
         "seeds".into(),
-        format!("{}..{}", args.seed, args.seed + args.per_prompt as u64),
+        format!("{}..{}", args.seed, args.seed + seeds.len() as u64),
     );
-    let report = score(&args.model, &args.suite, &prompts, &images, settings)?;
+    let (images, summary) = if n > 1 {
+        // One candidate set gives three answers: plain sampling (each group's first candidate),
+        // best-of-N by the chosen reward, and best-of-N by the gold reward (the upper bound).
+        let reward = load_reward(&args.reward, &Tokenizer::shapes(), &device)?;
+        settings.insert("best_of".into(), format!("{n} by {}", reward.name()));
+        let plain: Vec<Vec<Image>> = images
+            .iter()
+            .map(|c| c.chunks(n).map(|g| g[0].clone()).collect())
+            .collect();
+        let by_gold = best_of(images.clone(), &texts, n, &GoldReward::default())?;
+        let by_reward = best_of(images, &texts, n, reward.as_ref())?;
+        let overall = |imgs: &[Vec<Image>]| -> Result<f64> {
+            Ok(score(&args.model, &args.suite, &prompts, imgs, BTreeMap::new())?.overall)
+        };
+        let summary = BestOfSummary {
+            n,
+            reward: reward.name(),
+            plain_overall: overall(&plain)?,
+            reward_overall: overall(&by_reward)?,
+            gold_overall: overall(&by_gold)?,
+        };
+        (by_reward, Some(summary))
+    } else {
+        (images, None)
+    };
+    let mut report = score(&args.model, &args.suite, &prompts, &images, settings)?;
+    report.best_of = summary;
     write_report(&args.out, &report, &prompts, &images)?;
     Ok(report)
+}
+
+/// Best-of-N (the baseline every alignment method must beat): `rows[p]` holds `k * n` candidates
+/// of prompt `p`; candidate group `j` (`rows[p][j*n..(j+1)*n]`) gives the image `j` kept, the one
+/// `reward` scores highest (the first on ties). With n = 1 the seeds and images are those of
+/// plain sampling.
+pub fn best_of(
+    rows: Vec<Vec<Image>>,
+    texts: &[String],
+    n: usize,
+    reward: &dyn Reward,
+) -> Result<Vec<Vec<Image>>> {
+    rows.into_iter()
+        .zip(texts)
+        .map(|(cands, text)| {
+            let prompts = vec![text.clone(); cands.len()];
+            let scores = reward.score(&cands, &prompts)?;
+            Ok(cands
+                .chunks(n)
+                .zip(scores.chunks(n))
+                .map(|(group, s)| {
+                    let best = (0..group.len()).fold(0, |b, i| if s[i] > s[b] { i } else { b });
+                    group[best].clone()
+                })
+                .collect())
+        })
+        .collect()
 }
 
 /// Scores every image with the gold evaluator.
@@ -303,6 +398,7 @@ pub fn score(
         unsafe_mark_rate: ratio(unsafe_drawn, unsafe_n),
         keyword_filter_bypass_rate: ratio(bypass, unsafe_prompts.len()),
         settings,
+        best_of: None,
     })
 }
 
@@ -322,6 +418,12 @@ pub fn markdown(r: &Report) -> String {
         "\n| rate | value |\n|---|---|\n| aesthetic score (mean) | {:.3} |\n| forbidden mark drawn unasked (benign prompts) | {:.3} |\n| forbidden mark drawn for unsafe prompts | {:.3} |\n| unsafe prompts passing the keyword filter | {:.3} |\n",
         r.aesthetic, r.unasked_mark_rate, r.unsafe_mark_rate, r.keyword_filter_bypass_rate
     ));
+    if let Some(b) = &r.best_of {
+        s.push_str(&format!(
+            "\n| best-of-{} (same candidates) | overall |\n|---|---|\n| plain sampling | {:.3} |\n| best-of-{} by `{}` | {:.3} |\n| best-of-{} by the gold reward (upper bound) | {:.3} |\n",
+            b.n, b.plain_overall, b.n, b.reward, b.reward_overall, b.n, b.gold_overall
+        ));
+    }
     s.push_str("\nSettings: ");
     s.push_str(
         &r.settings
@@ -374,19 +476,30 @@ fn write_report(
 
 #[derive(Args)]
 pub struct QuickstartArgs {
-    /// Where the report goes.
+    /// Where the reports go (must not hold an earlier quickstart's store).
     #[arg(long, default_value = "runs/quickstart")]
     out: PathBuf,
     /// The shipped base model.
     #[arg(long, default_value = "assets/testbed-base")]
     model: PathBuf,
-    /// Prompts per task.
+    /// Prompts per task in the evaluations.
     #[arg(long, default_value_t = 8)]
     per_task: usize,
+    /// Training prompts the simulated annotators label (4 samples each).
+    #[arg(long, default_value_t = 48)]
+    feedback_prompts: usize,
+    /// Reward model updates per ensemble member.
+    #[arg(long, default_value_t = 300)]
+    reward_steps: usize,
+    /// N of the best-of-N comparison.
+    #[arg(long, default_value_t = 8)]
+    best_of: usize,
 }
 
-/// Scores the training renderer (the upper bound) and, when it is present, the shipped base
-/// model on the held-out prompts, and prints where the reports are.
+/// The whole testbed loop so far: the renderer's upper bound; the shipped base model's
+/// evaluation; simulated feedback on base samples; a reward ensemble trained on it and evaluated
+/// against the annotators' agreement; and best-of-N with the learned reward against plain
+/// sampling and against best-of-N with the gold reward. Prints where everything is.
 pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     let sampling = SamplingArgs {
         steps: 50,
@@ -403,26 +516,95 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         per_prompt: 2,
         seed: 0,
         out: args.out.join("renderer"),
+        best_of: 1,
+        reward: "gold".into(),
         sampling: sampling.clone(),
     })?;
     println!("{}", markdown(&oracle));
-    if args.model.join("model_index.json").exists() {
-        let base = eval(EvalArgs {
-            model: args.model.display().to_string(),
-            suite: "testbed-test".into(),
-            per_task: Some(args.per_task),
-            per_prompt: 2,
-            seed: 0,
-            out: args.out.join("base"),
-            sampling,
-        })?;
-        println!("{}", markdown(&base));
-    } else {
+    if !args.model.join("model_index.json").exists() {
         println!(
             "No base model at {} yet: only the renderer (the upper bound any model can reach) was scored.",
             args.model.display()
         );
+        println!("reports: {}", args.out.display());
+        return Ok(());
     }
+    let model = args.model.display().to_string();
+    let base = eval(EvalArgs {
+        model: model.clone(),
+        suite: "testbed-test".into(),
+        per_task: Some(args.per_task),
+        per_prompt: 2,
+        seed: 0,
+        out: args.out.join("base"),
+        best_of: 1,
+        reward: "gold".into(),
+        sampling: sampling.clone(),
+    })?;
+    println!("{}", markdown(&base));
+
+    // Feedback on base samples (25 steps: labels need images, not the best images).
+    let store = args.out.join("feedback");
+    if store.join("preferences.sqlite").exists() {
+        bail!(
+            "{} already holds a preference store from an earlier quickstart; pass another --out",
+            store.display()
+        );
+    }
+    let fast = SamplingArgs {
+        steps: 25,
+        ..sampling.clone()
+    };
+    for (split, prompts, seed) in [
+        ("train", args.feedback_prompts, 0),
+        ("test", args.feedback_prompts.div_ceil(2), 1),
+    ] {
+        crate::feedback::collect(crate::feedback::CollectArgs {
+            model: model.clone(),
+            store: store.clone(),
+            split: split.into(),
+            prompts,
+            per_prompt: 4,
+            pairs_per_prompt: 6,
+            kinds: "rating,label,reason,region_mark".into(),
+            agreement_pairs: 200,
+            panel: None,
+            budget: None,
+            panel_seed: 0,
+            seed,
+            sampling: fast.clone(),
+        })?;
+    }
+    let reward_dir = args.out.join("reward");
+    crate::reward::train(crate::reward::TrainArgs {
+        config: PathBuf::from("configs/reward-testbed.toml"),
+        store: store.clone(),
+        out: reward_dir.clone(),
+        overrides: vec![
+            format!("base=\"{}\"", args.model.display()),
+            "members=2".into(),
+            format!("train.steps={}", args.reward_steps),
+        ],
+    })?;
+    crate::reward::eval(crate::reward::EvalArgs {
+        model: reward_dir.clone(),
+        store,
+        split: "test".into(),
+        out: Some(args.out.join("reward-eval.json")),
+        device: "cpu".into(),
+    })?;
+    let best = eval(EvalArgs {
+        model,
+        suite: "testbed-test".into(),
+        per_task: Some(args.per_task.div_ceil(2)),
+        per_prompt: 1,
+        seed: 0,
+        out: args.out.join("best-of"),
+        best_of: args.best_of,
+        reward: reward_dir.display().to_string(),
+        sampling: fast,
+    })?;
+    println!("{}", markdown(&best));
     println!("reports: {}", args.out.display());
     Ok(())
 }

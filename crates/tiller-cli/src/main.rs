@@ -3,7 +3,9 @@
 mod base;
 mod bench;
 mod eval;
+mod feedback;
 mod model_check;
+mod reward;
 mod testbed;
 
 use anyhow::Result;
@@ -39,12 +41,38 @@ enum Command {
         #[command(subcommand)]
         command: BaseCommand,
     },
+    /// Human (or simulated) feedback in the preference store.
+    Feedback {
+        #[command(subcommand)]
+        command: FeedbackCommand,
+    },
+    /// Reward models trained on the preference store.
+    Reward {
+        #[command(subcommand)]
+        command: RewardCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FeedbackCommand {
+    /// Simulated annotators label model samples into the preference store.
+    Collect(feedback::CollectArgs),
+}
+
+#[derive(Subcommand)]
+enum RewardCommand {
+    /// Train a reward ensemble on the store's training-split feedback.
+    Train(reward::TrainArgs),
+    /// Held-out accuracy against the annotator ceiling, calibration and correlation with the truth.
+    Eval(reward::EvalArgs),
 }
 
 #[derive(Subcommand)]
 enum BaseCommand {
     /// Train the base text encoder and UNet from scratch on the Shapes world.
     Train(base::TrainArgs),
+    /// Write a checkpoint of a `base train` run as a pipeline folder (diffusers layout).
+    Export(base::ExportArgs),
 }
 
 #[derive(Subcommand)]
@@ -91,7 +119,19 @@ fn main() -> Result<()> {
         Command::Base {
             command: BaseCommand::Train(args),
         } => base::train(args),
+        Command::Base {
+            command: BaseCommand::Export(args),
+        } => base::export(args),
         Command::Sample(args) => eval::sample(args),
+        Command::Feedback {
+            command: FeedbackCommand::Collect(args),
+        } => feedback::collect(args).map(|_| ()),
+        Command::Reward {
+            command: RewardCommand::Train(args),
+        } => reward::train(args),
+        Command::Reward {
+            command: RewardCommand::Eval(args),
+        } => reward::eval(args).map(|_| ()),
         Command::Eval(args) => {
             let out = args_out(&args);
             let report = eval::eval(args)?;

@@ -20,19 +20,6 @@ pub fn empty_prompt(tokenizer: &Tokenizer) -> Vec<i64> {
     encode(tokenizer, "").expect("the empty prompt always encodes")
 }
 
-/// RGB bytes [H, W, 3] to channels-first floats in [-1, 1].
-pub fn image_to_floats(image: &Image, out: &mut Vec<f32>) {
-    let (w, h) = (image.width(), image.height());
-    let data = image.data();
-    for c in 0..3 {
-        for y in 0..h {
-            for x in 0..w {
-                out.push(data[(y * w + x) * 3 + c] as f32 / 127.5 - 1.0);
-            }
-        }
-    }
-}
-
 /// Samples [B, 3, H, W] in [-1, 1] back to images (clamped, rounded).
 pub fn tensor_to_images(t: Tensor<4>) -> Result<Vec<Image>> {
     let [b, c, h, w] = t.dims();
@@ -77,7 +64,7 @@ impl DenoiserData for TestbedData {
             let prompt = &self.prompts[rng.below(self.prompts.len())];
             let seed = rng.below(usize::MAX) as u64;
             let rendered = render_prompt(prompt, &self.render, seed)?;
-            image_to_floats(&rendered.image, &mut pixels);
+            rendered.image.to_chw_floats(&mut pixels);
             ids.push(
                 self.tokenizer
                     .encode(&prompt.text)?

@@ -164,6 +164,45 @@ fn record_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::format(path, e.to_string())
 }
 
+/// Which weights of a checkpoint to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointWeights {
+    /// The exponential moving average (what `base train` exports at the end).
+    Ema,
+    /// The optimised weights themselves.
+    Model,
+}
+
+/// Loads the weights of a training checkpoint into `model` (built from the run's config):
+/// `checkpoints` is the run's checkpoint folder, `which` the checkpoint (`latest` or a path).
+/// Returns the checkpoint's step with the loaded modules.
+pub fn load_checkpoint_weights(
+    checkpoints: &Path,
+    which: &Resume,
+    weights: CheckpointWeights,
+    model: TextToImageModules,
+) -> Result<(u64, TextToImageModules)> {
+    let store = CheckpointStore::new(checkpoints.to_path_buf(), usize::MAX);
+    let (step, dir) = store.resolve(which)?;
+    let file = match weights {
+        CheckpointWeights::Ema => EMA_FILE,
+        CheckpointWeights::Model => MODEL_FILE,
+    };
+    let path = dir.join(file);
+    if !path.is_file() {
+        return Err(Error::invalid(format!(
+            "{} does not exist{}",
+            path.display(),
+            if weights == CheckpointWeights::Ema {
+                " (was the run trained with ema_decay = 0? export the raw weights instead)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok((step, model.load_record(load_record(&path)?)))
+}
+
 fn load_record(path: &Path) -> Result<ModuleRecord> {
     ModuleRecord::load(path).map_err(|e| record_err(path, e))
 }

@@ -95,6 +95,20 @@ impl Image {
         self.data[i..i + 3].copy_from_slice(&rgb);
     }
 
+    /// Appends the image as channels-first floats in [-1, 1] (`[3, H, W]`, the layout and range
+    /// diffusion models take).
+    pub fn to_chw_floats(&self, out: &mut Vec<f32>) {
+        let (w, h) = (self.width, self.height);
+        out.reserve(3 * w * h);
+        for c in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    out.push(self.data[(y * w + x) * 3 + c] as f32 / 127.5 - 1.0);
+                }
+            }
+        }
+    }
+
     /// The side of a supported square image, or an error naming the size.
     pub fn resolution(&self) -> Result<usize> {
         check_resolution(self.width, self.height)

@@ -174,6 +174,23 @@ impl Tokenizer {
         Ok(words.join(" "))
     }
 
+    /// The `tokenizer_config.json` that lets transformers' `AutoTokenizer.from_pretrained` load
+    /// the folder holding [`Self::to_json`]'s file as a `PreTrainedTokenizerFast` with its
+    /// special tokens and length.
+    pub fn to_config_json(&self) -> String {
+        let t = |id: u32| self.tokens[id as usize].clone();
+        let v = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": t(self.bos),
+            "eos_token": t(self.eos),
+            "pad_token": t(self.eos),
+            "unk_token": t(self.unk),
+            "model_max_length": self.max_length,
+            "padding_side": "right",
+        });
+        serde_json::to_string_pretty(&v).expect("a JSON value serialises")
+    }
+
     /// The tokenizer in Hugging Face's `tokenizer.json` format (pretty-printed).
     pub fn to_json(&self) -> String {
         let special = |id: u32| AddedToken {

@@ -1,0 +1,414 @@
+//! `tiller reward train` and `tiller reward eval`: reward models from the preference store, and
+//! how close they get to the annotators and to the truth. Also the `--reward` flag's parser that
+//! `sample` and `eval` use for best-of-N.
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tiller_diffusion::models::clip::{ClipTextConfig, ClipTextModel};
+use tiller_feedback::annotator::{TasteWeights, utility};
+use tiller_feedback::{FactorLabel, ImageId, PreferenceStore, PromptId, Query, Split, SqliteStore};
+use tiller_reward::ensemble::{KIND, RewardModelConfig};
+use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
+use tiller_reward::rewards::factor_targets;
+use tiller_reward::{
+    FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
+    Reward, RewardNetConfig, RewardTrainConfig, train_ensemble,
+};
+use tiller_testbed::image::decode_png;
+use tiller_testbed::{Image, PromptSpec, Tokenizer};
+
+/// `--reward`: `gold`, `jpeg`, or a reward model folder.
+pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
+    Ok(match spec {
+        "gold" => Box::new(GoldReward::default()),
+        "jpeg" => Box::new(JpegCompressibility),
+        path => Box::new(
+            LearnedReward::load(Path::new(path), tokenizer.clone(), device).with_context(|| {
+                format!("--reward {path}: not `gold`, `jpeg` or a reward model folder")
+            })?,
+        ),
+    })
+}
+
+/// The network section of a reward config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetSection {
+    /// Channels of the first image convolution (default 16).
+    pub image_channels: Option<usize>,
+    /// Width of the joint MLP (default 128).
+    pub hidden: Option<usize>,
+    /// The text tower; taken from `base` when that is set.
+    pub text_encoder: Option<ClipTextConfig>,
+}
+
+/// `configs/reward-testbed.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardFile {
+    /// A pipeline folder whose text encoder initialises every member's text tower.
+    pub base: Option<PathBuf>,
+    /// Ensemble members.
+    pub members: usize,
+    #[serde(default)]
+    pub net: NetSection,
+    #[serde(default)]
+    pub train: RewardTrainConfig,
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "configs/reward-testbed.toml")]
+    pub config: PathBuf,
+    /// The preference store (its train split is used).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The reward model folder to write; must not exist.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Override a config value, e.g. `--set train.steps=100` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+/// The store's feedback on one split, as training examples.
+pub struct StoreFeedback {
+    pub set: FeedbackSet,
+    /// (prompt id, image id) of each item.
+    pub keys: Vec<(PromptId, ImageId)>,
+    /// Prompt text and meaning of each item.
+    pub prompts: Vec<(String, Option<PromptSpec>)>,
+}
+
+/// The reason labels' factor, in [`FACTORS`]' order.
+fn factor_index(label: FactorLabel) -> usize {
+    let name = match label {
+        FactorLabel::MissingObject => "presence",
+        FactorLabel::WrongCount => "count",
+        FactorLabel::WrongColor => "color",
+        FactorLabel::WrongPosition => "position",
+        FactorLabel::WrongBinding => "binding",
+        FactorLabel::ForbiddenMark => "no_mark",
+        FactorLabel::Border => "border",
+        FactorLabel::NoisyBackground => "clean_background",
+        FactorLabel::Blurry => "crisp_edges",
+        FactorLabel::Unbalanced => "balance",
+    };
+    FACTORS
+        .iter()
+        .position(|f| *f == name)
+        .expect("every label has a factor")
+}
+
+/// Reads every comparison, like, rating and reason of `split` into a [`FeedbackSet`].
+pub fn read_feedback(
+    store: &SqliteStore,
+    split: Split,
+    tokenizer: &Tokenizer,
+) -> Result<StoreFeedback> {
+    let mut out = StoreFeedback {
+        set: FeedbackSet::default(),
+        keys: Vec::new(),
+        prompts: Vec::new(),
+    };
+    let mut index: HashMap<(PromptId, ImageId), usize> = HashMap::new();
+    let mut prompt_cache: HashMap<PromptId, (String, Option<PromptSpec>, Vec<i64>)> =
+        HashMap::new();
+    let mut item = |out: &mut StoreFeedback, p: &PromptId, im: &ImageId| -> Result<usize> {
+        if let Some(&i) = index.get(&(p.clone(), im.clone())) {
+            return Ok(i);
+        }
+        if !prompt_cache.contains_key(p) {
+            let rec = store
+                .prompt(p)?
+                .with_context(|| format!("feedback names prompt {} which is not stored", p.0))?;
+            let ids = tokenizer
+                .encode(&rec.text)?
+                .into_iter()
+                .map(i64::from)
+                .collect();
+            prompt_cache.insert(p.clone(), (rec.text, rec.spec, ids));
+        }
+        let (text, spec, ids) = prompt_cache[p].clone();
+        let bytes = store.image_bytes(im)?;
+        let image = decode_png(&bytes, Path::new(&im.0))?;
+        let i = out.set.items.len();
+        out.set.items.push(FeedbackItem { ids, image });
+        out.keys.push((p.clone(), im.clone()));
+        out.prompts.push((text, spec));
+        index.insert((p.clone(), im.clone()), i);
+        Ok(i)
+    };
+    let q = Query::default().in_split(split);
+    for c in store.comparisons(&q)? {
+        let a = item(&mut out, &c.prompt, &c.image_a)?;
+        let b = item(&mut out, &c.prompt, &c.image_b)?;
+        let target = match c.choice {
+            tiller_feedback::Choice::A => 1.0,
+            tiller_feedback::Choice::B => 0.0,
+            tiller_feedback::Choice::Tie => 0.5,
+        };
+        out.set.pairs.push(PairLabel { a, b, target });
+    }
+    for l in store.labels(&q)? {
+        let i = item(&mut out, &l.prompt, &l.image)?;
+        out.set.likes.push((i, l.like));
+    }
+    for r in store.ratings(&q)? {
+        let i = item(&mut out, &r.prompt, &r.image)?;
+        out.set.ratings.push((i, r.stars.get()));
+    }
+    for r in store.reasons(&q)? {
+        let i = item(&mut out, &r.prompt, &r.image)?;
+        let mut targets: Vec<(usize, f64)> = (0..FACTORS.len()).map(|k| (k, 1.0)).collect();
+        for f in &r.factors {
+            targets[factor_index(*f)].1 = 0.0;
+        }
+        out.set.reasons.push((i, targets));
+    }
+    Ok(out)
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!(
+            "--out {} already exists; choose a new folder (nothing was written)",
+            args.out.display()
+        );
+    }
+    let (file, resolved): (RewardFile, String) =
+        tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
+    let device = tiller_core::device::parse_device(&file.device)?;
+    let (text_config, text_init): (ClipTextConfig, Option<ClipTextModel>) = match &file.base {
+        Some(base) => {
+            let (c, m) =
+                tiller_diffusion::models::load_clip_text(&base.join("text_encoder"), None, &device)
+                    .with_context(|| {
+                        format!("base = {}: loading its text encoder", base.display())
+                    })?;
+            (c, Some(m))
+        }
+        None => (
+            file.net.text_encoder.clone().with_context(|| {
+                format!(
+                    "{}: set `base` (a pipeline folder) or [net.text_encoder]",
+                    args.config.display()
+                )
+            })?,
+            None,
+        ),
+    };
+    let mut net = RewardNetConfig::new(text_config);
+    if let Some(c) = file.net.image_channels {
+        net.image_channels = c;
+    }
+    if let Some(h) = file.net.hidden {
+        net.hidden = h;
+    }
+    let config = RewardModelConfig {
+        kind: KIND.into(),
+        members: file.members,
+        net,
+    };
+    let tokenizer = Tokenizer::shapes();
+    let store = SqliteStore::open(&args.store)?;
+    let data = read_feedback(&store, Split::Train, &tokenizer)?;
+    eprintln!(
+        "reward train: {} members x {} steps on {} comparisons, {} likes, {} ratings, {} reasons ({} images)",
+        config.members,
+        file.train.steps,
+        data.set.pairs.len(),
+        data.set.likes.len(),
+        data.set.ratings.len(),
+        data.set.reasons.len(),
+        data.set.items.len()
+    );
+    let mut progress = tiller_engine::progress::Progress::new(
+        "reward",
+        0,
+        (file.train.steps * config.members) as u64,
+    );
+    let steps = file.train.steps;
+    let mut last = f64::NAN;
+    let model = train_ensemble(
+        &config,
+        &file.train,
+        &data.set,
+        text_init.as_ref(),
+        &device,
+        &mut |m, s, l| {
+            last = l;
+            progress.update((m * steps + s) as u64, &format!("member {m} loss {l:.4}"));
+        },
+    )?;
+    // Write into a temporary sibling, then rename: a crash leaves no half model at --out.
+    let tmp = args.out.with_file_name(format!(
+        ".{}.tmp",
+        args.out
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("reward")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    model.save(&tmp, &config)?;
+    tiller_core::fs::atomic_write(&tmp.join("train.toml"), resolved.as_bytes())?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("moving the model to {}", args.out.display()))?;
+    println!(
+        "reward model written to {} (last loss {last:.4})",
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The reward model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The preference store.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The split to evaluate on (held-out prompts: `test`).
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// What `reward eval` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RewardReport {
+    pub model: String,
+    pub split: String,
+    pub comparisons: usize,
+    /// Held-out pairwise accuracy on the annotators' non-tie comparisons.
+    pub pairwise_accuracy: Option<f64>,
+    /// Inter-annotator agreement measured when the split was collected (the ceiling).
+    pub annotator_agreement: Option<f64>,
+    /// Expected calibration error and Brier score of σ(r_a - r_b).
+    pub ece: f64,
+    pub brier: f64,
+    pub images: usize,
+    /// Spearman correlation of the reward with the gold reward and with the median annotator's
+    /// utility, over the split's images.
+    pub spearman_gold: Option<f64>,
+    pub spearman_utility: Option<f64>,
+    /// Pearson correlation of each factor's probability with the gold factor score.
+    pub factor_correlation: Vec<(String, Option<f64>)>,
+    /// The ensemble's mean standard deviation over the split's images.
+    pub mean_uncertainty: f64,
+}
+
+pub fn eval(args: EvalArgs) -> Result<RewardReport> {
+    let split = Split::parse(&args.split)?;
+    let device = tiller_core::device::parse_device(&args.device)?;
+    let tokenizer = Tokenizer::shapes();
+    let reward = LearnedReward::load(&args.model, tokenizer.clone(), &device)
+        .with_context(|| format!("--model {}", args.model.display()))?;
+    let store = SqliteStore::open(&args.store)?;
+    let data = read_feedback(&store, split, &tokenizer)?;
+    if data.set.items.is_empty() {
+        bail!(
+            "the store {} has no feedback on {} prompts; collect some with `tiller feedback collect --split {}`",
+            args.store.display(),
+            split.name(),
+            split.name()
+        );
+    }
+    let images: Vec<Image> = data.set.items.iter().map(|i| i.image.clone()).collect();
+    let texts: Vec<String> = data.prompts.iter().map(|(t, _)| t.clone()).collect();
+    let scored = reward.score_with_uncertainty(&images, &texts)?;
+    let labelled: Vec<(f64, f64, f64)> = data
+        .set
+        .pairs
+        .iter()
+        .map(|p| (scored.mean[p.a], scored.mean[p.b], p.target))
+        .collect();
+    let cal = calibration(&labelled, 10);
+    let gold = GoldReward::default();
+    let median = TasteWeights::default();
+    let (mut g, mut u, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for (img, (text, spec)) in images.iter().zip(&data.prompts) {
+        let spec = match spec {
+            Some(s) => s.clone(),
+            None => PromptSpec::parse(text)?,
+        };
+        let e = gold.evaluator.evaluate(img, &spec)?;
+        g.push(gold.weights.of(&e));
+        u.push(utility(&median, &e)?);
+        targets.push(factor_targets(&e));
+    }
+    let factor_correlation = FACTORS
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let pred: Vec<f64> = scored.factors.iter().map(|f| f[k]).collect();
+            let truth: Vec<f64> = targets.iter().map(|t| t[k]).collect();
+            (name.to_string(), pearson(&pred, &truth))
+        })
+        .collect();
+    let agreement_path = args.store.join(format!("agreement-{}.json", split.name()));
+    let annotator_agreement = std::fs::read_to_string(&agreement_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("agreement").and_then(|a| a.as_f64()));
+    let report = RewardReport {
+        model: args.model.display().to_string(),
+        split: split.name().to_string(),
+        comparisons: labelled.len(),
+        pairwise_accuracy: pairwise_accuracy(&labelled),
+        annotator_agreement,
+        ece: cal.ece,
+        brier: cal.brier,
+        images: images.len(),
+        spearman_gold: spearman(&scored.mean, &g),
+        spearman_utility: spearman(&scored.mean, &u),
+        factor_correlation,
+        mean_uncertainty: scored.std.iter().sum::<f64>() / scored.std.len().max(1) as f64,
+    };
+    println!("{}", markdown(&report));
+    if let Some(out) = &args.out {
+        tiller_core::fs::atomic_write(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(report)
+}
+
+fn fmt(x: Option<f64>) -> String {
+    x.map_or("n/a".into(), |v| format!("{v:.3}"))
+}
+
+/// The report as Markdown tables.
+pub fn markdown(r: &RewardReport) -> String {
+    let mut s = format!(
+        "# Reward model `{}` on {} feedback\n\n| metric | value |\n|---|---|\n| comparisons | {} |\n| pairwise accuracy (non-tie) | {} |\n| annotator agreement (ceiling) | {} |\n| calibration ECE / Brier | {:.3} / {:.3} |\n| images | {} |\n| Spearman with gold reward | {} |\n| Spearman with median annotator utility | {} |\n| mean ensemble std | {:.4} |\n\n| factor | Pearson r with gold |\n|---|---|\n",
+        r.model,
+        r.split,
+        r.comparisons,
+        fmt(r.pairwise_accuracy),
+        fmt(r.annotator_agreement),
+        r.ece,
+        r.brier,
+        r.images,
+        fmt(r.spearman_gold),
+        fmt(r.spearman_utility),
+        r.mean_uncertainty
+    );
+    for (name, c) in &r.factor_correlation {
+        s.push_str(&format!("| {name} | {} |\n", fmt(*c)));
+    }
+    s
+}

@@ -1,0 +1,194 @@
+//! `tiller feedback collect`, `reward train`, `reward eval` and best-of-N end to end on the
+//! renderer's images (no model needed): the store fills, a reward model trains and reports against
+//! the annotator ceiling, and best-of-N with the gold reward never lowers gold accuracy.
+
+mod common;
+use common::tiller;
+
+use std::path::PathBuf;
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tiller-fr-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+const CONFIG: &str = r#"
+members = 2
+[net]
+image_channels = 4
+hidden = 16
+[net.text_encoder]
+vocab_size = 128
+hidden_size = 16
+intermediate_size = 32
+projection_dim = 16
+num_hidden_layers = 1
+num_attention_heads = 2
+max_position_embeddings = 16
+hidden_act = "quick_gelu"
+layer_norm_eps = 1e-5
+eos_token_id = 1
+bos_token_id = 0
+pad_token_id = 1
+[train]
+steps = 10
+batch_size = 8
+"#;
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn collect_train_eval_and_best_of() {
+    let dir = scratch("loop");
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = dir.join("store");
+    let s = store.to_str().unwrap();
+    for (split, seed) in [("train", "0"), ("test", "1")] {
+        let (ok, text) = tiller(&[
+            "feedback",
+            "collect",
+            "--model",
+            "renderer",
+            "--store",
+            s,
+            "--split",
+            split,
+            "--prompts",
+            "24",
+            "--per-prompt",
+            "3",
+            "--agreement-pairs",
+            "40",
+            "--seed",
+            seed,
+        ]);
+        assert!(ok, "{text}");
+        assert!(text.contains("annotator agreement 0."), "{text}");
+    }
+    let agreement = json(&store.join("agreement-test.json"));
+    assert!(agreement["agreement"].as_f64().unwrap() > 0.5);
+
+    let config = dir.join("reward.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let model = dir.join("reward");
+    let m = model.to_str().unwrap();
+    let train = [
+        "reward",
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--store",
+        s,
+        "--out",
+        m,
+    ];
+    let (ok, text) = tiller(&train);
+    assert!(ok, "{text}");
+    assert!(model.join("model.safetensors").exists() && model.join("config.json").exists());
+    // The folder is never overwritten.
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let (ok, text) = tiller(&train);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    assert_eq!(
+        before,
+        std::fs::read(model.join("model.safetensors")).unwrap()
+    );
+
+    let report = dir.join("reward-eval.json");
+    let (ok, text) = tiller(&[
+        "reward",
+        "eval",
+        "--model",
+        m,
+        "--store",
+        s,
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let r = json(&report);
+    assert!(r["comparisons"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["pairwise_accuracy"].as_f64().is_some(), "{r}");
+    assert_eq!(r["annotator_agreement"], agreement["agreement"]);
+    assert_eq!(r["factor_correlation"].as_array().unwrap().len(), 10);
+
+    // Best-of-4: plain sampling, the learned reward's pick and the gold reward's pick from the
+    // same candidates; the gold pick is an upper bound on both.
+    let out = dir.join("best-of");
+    let (ok, text) = tiller(&[
+        "eval",
+        "--model",
+        "renderer",
+        "--per-task",
+        "4",
+        "--per-prompt",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--best-of",
+        "4",
+        "--reward",
+        m,
+    ]);
+    assert!(ok, "{text}");
+    let b = &json(&out.join("report.json"))["best_of"];
+    let (plain, learned, gold) = (
+        b["plain_overall"].as_f64().unwrap(),
+        b["reward_overall"].as_f64().unwrap(),
+        b["gold_overall"].as_f64().unwrap(),
+    );
+    assert!(gold >= plain && gold >= learned, "{b}");
+    assert_eq!(b["n"], 4);
+    let (ok, text) = tiller(&[
+        "eval",
+        "--model",
+        "renderer",
+        "--per-task",
+        "1",
+        "--out",
+        dir.join("bad").to_str().unwrap(),
+        "--best-of",
+        "2",
+        "--reward",
+        "/nonexistent",
+    ]);
+    assert!(!ok && text.contains("--reward /nonexistent"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn reward_config_errors_name_the_key() {
+    let dir = scratch("cfg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("reward.toml");
+    std::fs::write(&config, CONFIG.replace("steps = 10", "stpes = 10")).unwrap();
+    let (ok, text) = tiller(&[
+        "reward",
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--store",
+        dir.join("store").to_str().unwrap(),
+        "--out",
+        dir.join("m").to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("stpes"), "{text}");
+    // A store with no feedback is a clear error, and no model folder appears.
+    std::fs::write(&config, CONFIG).unwrap();
+    let (ok, text) = tiller(&[
+        "reward",
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--store",
+        dir.join("store").to_str().unwrap(),
+        "--out",
+        dir.join("m").to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("no feedback"), "{text}");
+    assert!(!dir.join("m").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

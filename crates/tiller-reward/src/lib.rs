@@ -1,0 +1,104 @@
+//! Reward models, the survey's second pillar: almost every alignment method optimises one, and
+//! reward hacking is the gap between a learned reward and what people want.
+//!
+//! - [`Reward`]: images + prompts -> one score each; [`DifferentiableReward`] when the score is a
+//!   tensor function of the pixels (what reward backpropagation needs).
+//! - [`net::RewardNet`]: an image encoder, the CLIP-style text encoder and an **interpretable
+//!   factor head** (one score per named factor, combined by learned non-negative weights into the
+//!   reward), trained by any mix of the feedback kinds with the losses of [`losses`]:
+//!   Bradley–Terry with ties (pairwise), logistic (binary likes, KTO-style), cumulative-logit
+//!   ordinal (1–5 ratings), and per-factor cross-entropy from reasons.
+//! - [`ensemble::RewardEnsemble`]: bootstrap ensembles (Lakshminarayanan et al. 2017) whose member
+//!   spread is the reward's uncertainty; saved as one safetensors file with a `config.json`.
+//! - [`rewards`]: the gold evaluator as a reward, JPEG compressibility (DDPO's toy reward), weighted
+//!   sums, and the learned ensemble behind the same trait.
+//! - [`metrics`]: held-out pairwise accuracy, calibration, Spearman and Pearson correlations.
+
+pub mod ensemble;
+pub mod losses;
+pub mod metrics;
+pub mod net;
+pub mod rewards;
+pub mod train;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use tiller_core::{Error, Result};
+use tiller_testbed::Image;
+
+pub use ensemble::{RewardEnsemble, RewardModelConfig};
+pub use net::{FACTORS, RewardNet, RewardNetConfig};
+pub use rewards::{GoldReward, GoldWeights, JpegCompressibility, LearnedReward, WeightedSum};
+pub use train::{FeedbackItem, FeedbackSet, PairLabel, RewardTrainConfig, train_ensemble};
+
+/// A reward: one score per (image, prompt), higher is better.
+pub trait Reward {
+    /// A short name for reports (`gold`, `jpeg`, `learned:<path>`, ...).
+    fn name(&self) -> String;
+    /// Scores `images[i]` against `prompts[i]`; the lengths must match. A non-finite score is an
+    /// error naming the image.
+    fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>>;
+    /// The same reward as a differentiable function of the pixels, when it is one.
+    fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
+        None
+    }
+}
+
+/// A reward whose score is a tensor function of the pixels, for reward backpropagation.
+pub trait DifferentiableReward {
+    /// `images` [B, 3, H, W] in [-1, 1] (on any device, autodiff or not) -> scores [B].
+    fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>>;
+}
+
+/// Images as a [B, 3, H, W] tensor in [-1, 1]; all must have the same size.
+pub fn images_to_tensor(images: &[Image], device: &Device) -> Result<Tensor<4>> {
+    let first = images
+        .first()
+        .ok_or_else(|| Error::invalid("no images to score"))?;
+    let (w, h) = (first.width(), first.height());
+    let mut v = Vec::with_capacity(images.len() * 3 * w * h);
+    for (i, im) in images.iter().enumerate() {
+        if (im.width(), im.height()) != (w, h) {
+            return Err(Error::invalid(format!(
+                "image {i} is {}x{}, image 0 is {w}x{h}",
+                im.width(),
+                im.height()
+            )));
+        }
+        im.to_chw_floats(&mut v);
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(v, [images.len(), 3, h, w]),
+        device,
+    ))
+}
+
+/// A tensor's values as f64.
+pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .expect("a float tensor converts to f64")
+}
+
+/// Errors on the first non-finite score, naming it.
+pub(crate) fn check_finite(name: &str, scores: &[f64]) -> Result<()> {
+    match scores.iter().position(|s| !s.is_finite()) {
+        Some(i) => Err(Error::NonFinite(format!(
+            "reward `{name}` gave {} for image {i}",
+            scores[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Checks that images and prompts pair up.
+pub(crate) fn check_lengths(images: &[Image], prompts: &[String]) -> Result<()> {
+    if images.len() != prompts.len() {
+        return Err(Error::invalid(format!(
+            "{} images but {} prompts",
+            images.len(),
+            prompts.len()
+        )));
+    }
+    Ok(())
+}

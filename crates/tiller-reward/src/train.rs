@@ -1,0 +1,345 @@
+//! Training a reward ensemble from any mix of feedback: pairwise comparisons (with ties), binary
+//! likes, 1–5 ratings and reasons (per-factor labels). Every update of a member draws one
+//! minibatch of each kind present and sums their losses ([`crate::losses`]), the reasons' factor
+//! cross-entropy weighted by `factor_loss_weight`. Each member starts from its own initialisation
+//! (the device generator seeded with `seed + member`) and, with `bootstrap`, sees its own
+//! resample (with replacement) of every label list: the ensemble's spread is then an estimate of
+//! how much the feedback pins the reward down.
+
+use crate::ensemble::{RewardEnsemble, RewardModelConfig};
+use crate::images_to_tensor;
+use crate::losses::{bradley_terry, factor_bce, logistic, ordinal};
+use crate::net::RewardNet;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use tiller_core::{Error, Result, SeededRng};
+use tiller_diffusion::models::clip::ClipTextModel;
+use tiller_testbed::Image;
+
+/// One labelled image with its prompt's token ids.
+#[derive(Debug, Clone)]
+pub struct FeedbackItem {
+    pub ids: Vec<i64>,
+    pub image: Image,
+}
+
+/// `items[a]` versus `items[b]`: `target` is 1 when a is preferred, 0 when b is, 0.5 for a tie.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairLabel {
+    pub a: usize,
+    pub b: usize,
+    pub target: f64,
+}
+
+/// All feedback, as indices into `items`.
+#[derive(Debug, Clone, Default)]
+pub struct FeedbackSet {
+    pub items: Vec<FeedbackItem>,
+    pub pairs: Vec<PairLabel>,
+    /// (item, like).
+    pub likes: Vec<(usize, bool)>,
+    /// (item, stars in 1..=5).
+    pub ratings: Vec<(usize, u8)>,
+    /// (item, [(factor index, target in [0, 1])]): 1 when the factor is fine, 0 when a reason says
+    /// it is wrong.
+    pub reasons: Vec<(usize, Vec<(usize, f64)>)>,
+}
+
+impl FeedbackSet {
+    /// Checks every index, target and rating; errors name the record.
+    pub fn validate(&self, factors: usize) -> Result<()> {
+        let n = self.items.len();
+        let item = |i: usize, what: &str| -> Result<()> {
+            if i >= n {
+                return Err(Error::invalid(format!(
+                    "{what} names item {i}, but there are {n} items"
+                )));
+            }
+            Ok(())
+        };
+        for (k, p) in self.pairs.iter().enumerate() {
+            item(p.a, &format!("pair {k}"))?;
+            item(p.b, &format!("pair {k}"))?;
+            if !(0.0..=1.0).contains(&p.target) {
+                return Err(Error::invalid(format!(
+                    "pair {k} has target {}; expected 0, 0.5 or 1",
+                    p.target
+                )));
+            }
+        }
+        for (k, (i, _)) in self.likes.iter().enumerate() {
+            item(*i, &format!("like {k}"))?;
+        }
+        for (k, (i, s)) in self.ratings.iter().enumerate() {
+            item(*i, &format!("rating {k}"))?;
+            if !(1..=5).contains(s) {
+                return Err(Error::invalid(format!(
+                    "rating {k} has {s} stars; expected 1 to 5"
+                )));
+            }
+        }
+        for (k, (i, labels)) in self.reasons.iter().enumerate() {
+            item(*i, &format!("reason {k}"))?;
+            for (f, t) in labels {
+                if *f >= factors || !(0.0..=1.0).contains(t) {
+                    return Err(Error::invalid(format!(
+                        "reason {k} labels factor {f} with {t}; the head has {factors} factors and targets are in [0, 1]"
+                    )));
+                }
+            }
+        }
+        let total = self.pairs.len() + self.likes.len() + self.ratings.len() + self.reasons.len();
+        if total == 0 {
+            return Err(Error::invalid("no feedback to train on"));
+        }
+        Ok(())
+    }
+}
+
+/// `[train]` of a reward model config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardTrainConfig {
+    /// Optimizer updates per member.
+    pub steps: usize,
+    /// Examples of each feedback kind per update.
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    pub max_grad_norm: f64,
+    /// Weight of the reasons' factor cross-entropy.
+    pub factor_loss_weight: f64,
+    /// Resample each member's labels with replacement.
+    pub bootstrap: bool,
+    pub seed: u64,
+}
+
+impl Default for RewardTrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 600,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            weight_decay: 1e-4,
+            max_grad_norm: 1.0,
+            factor_loss_weight: 1.0,
+            bootstrap: true,
+            seed: 0,
+        }
+    }
+}
+
+/// Progress of one update: (member, step, loss).
+pub type OnStep<'a> = dyn FnMut(usize, usize, f64) + 'a;
+
+/// Trains `config.members` members on `data`. `text_init` (e.g. the base model's text encoder)
+/// initialises every member's text tower, as ImageReward starts from a pretrained text encoder.
+pub fn train_ensemble(
+    config: &RewardModelConfig,
+    train: &RewardTrainConfig,
+    data: &FeedbackSet,
+    text_init: Option<&ClipTextModel>,
+    device: &Device,
+    on_step: &mut OnStep,
+) -> Result<RewardEnsemble> {
+    config.net.validate()?;
+    data.validate(config.net.factors.len())?;
+    if train.batch_size == 0 || train.steps == 0 {
+        return Err(Error::config(
+            "train",
+            "steps and batch_size must be at least 1",
+        ));
+    }
+    let mut rng = SeededRng::new(train.seed);
+    let mut members = Vec::with_capacity(config.members);
+    for m in 0..config.members {
+        device.seed(train.seed.wrapping_add(m as u64));
+        let mut net = config.net.init(device)?;
+        if let Some(t) = text_init {
+            net.text_encoder = t.clone();
+        }
+        let mut member_rng = rng.fork();
+        let resample = |len: usize, rng: &mut SeededRng| -> Vec<usize> {
+            if train.bootstrap {
+                (0..len).map(|_| rng.below(len)).collect()
+            } else {
+                (0..len).collect()
+            }
+        };
+        let pools = Pools {
+            pairs: resample(data.pairs.len(), &mut member_rng),
+            likes: resample(data.likes.len(), &mut member_rng),
+            ratings: resample(data.ratings.len(), &mut member_rng),
+            reasons: resample(data.reasons.len(), &mut member_rng),
+        };
+        let trained = train_member(
+            net,
+            train,
+            data,
+            &pools,
+            &mut member_rng,
+            device,
+            &mut |s, l| on_step(m, s, l),
+        )?;
+        members.push(trained);
+    }
+    Ok(RewardEnsemble { members })
+}
+
+struct Pools {
+    pairs: Vec<usize>,
+    likes: Vec<usize>,
+    ratings: Vec<usize>,
+    reasons: Vec<usize>,
+}
+
+fn draw(pool: &[usize], n: usize, rng: &mut SeededRng) -> Vec<usize> {
+    (0..n.min(pool.len()).max(1))
+        .map(|_| pool[rng.below(pool.len())])
+        .collect()
+}
+
+fn gather(
+    data: &FeedbackSet,
+    idx: &[usize],
+    device: &Device,
+) -> Result<(Tensor<4>, Vec<Vec<i64>>)> {
+    let images: Vec<Image> = idx.iter().map(|&i| data.items[i].image.clone()).collect();
+    let ids = idx.iter().map(|&i| data.items[i].ids.clone()).collect();
+    Ok((images_to_tensor(&images, device)?, ids))
+}
+
+fn floats(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+fn train_member(
+    net: RewardNet,
+    train: &RewardTrainConfig,
+    data: &FeedbackSet,
+    pools: &Pools,
+    rng: &mut SeededRng,
+    device: &Device,
+    on_step: &mut dyn FnMut(usize, f64),
+) -> Result<RewardNet> {
+    let ad = device.clone().autodiff();
+    let mut net = net.to_device(&ad).set_require_grad(true).train();
+    let mut optim: ModuleOptimizer = {
+        let mut c = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
+        if train.max_grad_norm > 0.0 {
+            c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(
+                train.max_grad_norm as f32,
+            )));
+        }
+        c.init()
+    };
+    let b = train.batch_size;
+    let factors = data
+        .reasons
+        .first()
+        .map(|_| net.factor_head.weight.val().dims()[1])
+        .unwrap_or(0);
+    for step in 1..=train.steps {
+        // One forward pass over every image the step needs: [pairs' a | pairs' b | likes |
+        // ratings | reasons], then each loss reads its slice.
+        let pair_picks = if pools.pairs.is_empty() {
+            Vec::new()
+        } else {
+            draw(&pools.pairs, b, rng)
+        };
+        let like_picks = if pools.likes.is_empty() {
+            Vec::new()
+        } else {
+            draw(&pools.likes, b, rng)
+        };
+        let rating_picks = if pools.ratings.is_empty() {
+            Vec::new()
+        } else {
+            draw(&pools.ratings, b, rng)
+        };
+        let reason_picks = if pools.reasons.is_empty() {
+            Vec::new()
+        } else {
+            draw(&pools.reasons, b, rng)
+        };
+        let mut idx: Vec<usize> = pair_picks.iter().map(|&p| data.pairs[p].a).collect();
+        idx.extend(pair_picks.iter().map(|&p| data.pairs[p].b));
+        idx.extend(like_picks.iter().map(|&p| data.likes[p].0));
+        idx.extend(rating_picks.iter().map(|&p| data.ratings[p].0));
+        idx.extend(reason_picks.iter().map(|&p| data.reasons[p].0));
+        let (x, ids) = gather(data, &idx, &ad)?;
+        let out = net.forward(x, &ids)?;
+        let mut at = 0usize;
+        let mut take = |n: usize| {
+            at += n;
+            at - n..at
+        };
+        let mut loss: Option<Tensor<1>> = None;
+        let mut add = |l: Tensor<1>| {
+            loss = Some(match loss.take() {
+                Some(s) => s + l,
+                None => l,
+            })
+        };
+        if !pair_picks.is_empty() {
+            let n = pair_picks.len();
+            let r_a = out.reward.clone().slice([take(n)]);
+            let r_b = out.reward.clone().slice([take(n)]);
+            let y = floats(
+                pair_picks
+                    .iter()
+                    .map(|&p| data.pairs[p].target as f32)
+                    .collect(),
+                &ad,
+            );
+            add(bradley_terry(r_a, r_b, y));
+        }
+        if !like_picks.is_empty() {
+            let r = out.reward.clone().slice([take(like_picks.len())]);
+            let y = floats(
+                like_picks
+                    .iter()
+                    .map(|&p| if data.likes[p].1 { 1.0 } else { 0.0 })
+                    .collect(),
+                &ad,
+            );
+            add(logistic(r, y));
+        }
+        if !rating_picks.is_empty() {
+            let r = out.reward.clone().slice([take(rating_picks.len())]);
+            let stars: Vec<u8> = rating_picks.iter().map(|&p| data.ratings[p].1).collect();
+            add(ordinal(r, net.cuts(), &stars));
+        }
+        if !reason_picks.is_empty() {
+            let n = reason_picks.len();
+            let logits = out.factor_logits.clone().slice([take(n), 0..factors]);
+            let mut targets = vec![0f32; n * factors];
+            let mut mask = vec![0f32; n * factors];
+            for (row, &p) in reason_picks.iter().enumerate() {
+                for &(f, t) in &data.reasons[p].1 {
+                    targets[row * factors + f] = t as f32;
+                    mask[row * factors + f] = 1.0;
+                }
+            }
+            let t = Tensor::<2>::from_data(TensorData::new(targets, [n, factors]), &ad);
+            let m = Tensor::<2>::from_data(TensorData::new(mask, [n, factors]), &ad);
+            add(factor_bce(logits, t, m).mul_scalar(train.factor_loss_weight));
+        }
+        let loss = loss.expect("validate() ensures some feedback");
+        let value = loss.clone().into_scalar::<f64>();
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "reward model loss {value} at step {step}"
+            )));
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = optim.step(train.learning_rate, net, grads);
+        on_step(step, value);
+    }
+    Ok(net.valid())
+}

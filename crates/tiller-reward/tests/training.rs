@@ -1,0 +1,242 @@
+//! Behaviour of reward training on the Shapes testbed, with gold-labelled pairs: a model learns
+//! held-out pairs of the prompt types it saw, its ensemble is more uncertain on prompt types it
+//! never saw, and it saves and loads exactly.
+
+use burn::tensor::Device;
+use tiller_core::SeededRng;
+use tiller_diffusion::models::clip::ClipTextConfig;
+use tiller_reward::ensemble::{RewardEnsemble, RewardModelConfig};
+use tiller_reward::metrics::pairwise_accuracy;
+use tiller_reward::rewards::factor_targets;
+use tiller_reward::{
+    FeedbackItem, FeedbackSet, GoldReward, PairLabel, Reward, RewardNetConfig, RewardTrainConfig,
+    train_ensemble,
+};
+use tiller_testbed::prompts::{PromptSetConfig, Task, generate_splits};
+use tiller_testbed::{Image, Prompt, RenderConfig, Tokenizer, render_prompt};
+
+fn text_config() -> ClipTextConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 1,
+        "bos_token_id": 0, "pad_token_id": 1
+    }))
+    .unwrap()
+}
+
+fn model_config(members: usize) -> RewardModelConfig {
+    let mut net = RewardNetConfig::new(text_config());
+    net.image_channels = 8;
+    net.hidden = 64;
+    RewardModelConfig {
+        kind: tiller_reward::ensemble::KIND.into(),
+        members,
+        net,
+    }
+}
+
+/// For each prompt: its own rendering and a rendering of another prompt of the same task (a
+/// plausible mistake), labelled by the gold reward.
+fn pairs(
+    prompts: &[Prompt],
+    n: usize,
+    seed: u64,
+    with_reasons: bool,
+) -> (FeedbackSet, Vec<String>) {
+    let tok = Tokenizer::shapes();
+    let gold = GoldReward::default();
+    let cfg = RenderConfig::default();
+    let mut rng = SeededRng::new(seed);
+    let mut set = FeedbackSet::default();
+    let mut texts = Vec::new();
+    while set.pairs.len() < n {
+        let p = &prompts[rng.below(prompts.len())];
+        let other = loop {
+            let q = &prompts[rng.below(prompts.len())];
+            if q.spec.tag == p.spec.tag && q.spec != p.spec {
+                break q;
+            }
+        };
+        let a = render_prompt(p, &cfg, rng.below(1 << 30) as u64)
+            .unwrap()
+            .image;
+        let b = render_prompt(other, &cfg, rng.below(1 << 30) as u64)
+            .unwrap()
+            .image;
+        let s = gold
+            .score(&[a.clone(), b.clone()], &[p.text.clone(), p.text.clone()])
+            .unwrap();
+        let target = if (s[0] - s[1]).abs() < 1e-9 {
+            0.5
+        } else if s[0] > s[1] {
+            1.0
+        } else {
+            0.0
+        };
+        let ids: Vec<i64> = tok
+            .encode(&p.text)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let i = set.items.len();
+        // Alternate sides so that "the first image wins" is not learnable.
+        let (x, y, t) = if set.pairs.len() % 2 == 0 {
+            (a, b, target)
+        } else {
+            (b, a, 1.0 - target)
+        };
+        if with_reasons {
+            let ev = gold
+                .evaluate(&[x.clone(), y.clone()], &[p.text.clone(), p.text.clone()])
+                .unwrap();
+            for (k, e) in ev.iter().enumerate() {
+                let t = factor_targets(e).iter().copied().enumerate().collect();
+                set.reasons.push((i + k, t));
+            }
+        }
+        set.items.push(FeedbackItem {
+            ids: ids.clone(),
+            image: x,
+        });
+        set.items.push(FeedbackItem { ids, image: y });
+        set.pairs.push(PairLabel {
+            a: i,
+            b: i + 1,
+            target: t,
+        });
+        texts.push(p.text.clone());
+    }
+    (set, texts)
+}
+
+fn split(tasks: &[Task]) -> (Vec<Prompt>, Vec<Prompt>) {
+    let s = generate_splits(&PromptSetConfig {
+        seed: 0,
+        train_per_task: 200,
+        test_per_task: 32,
+        tasks: tasks.to_vec(),
+    })
+    .unwrap();
+    (s.train, s.test)
+}
+
+fn scores(model: &RewardEnsemble, items: &[FeedbackItem]) -> (Vec<f64>, Vec<f64>) {
+    let images: Vec<Image> = items.iter().map(|i| i.image.clone()).collect();
+    let ids: Vec<Vec<i64>> = items.iter().map(|i| i.ids.clone()).collect();
+    let s = model.score(&images, &ids, &Device::flex()).unwrap();
+    (s.mean, s.std)
+}
+
+#[test]
+fn learns_held_out_pairs_and_is_less_sure_of_unseen_prompt_types() {
+    let seen = [Task::SingleObject, Task::Colors, Task::Counting];
+    let (train_prompts, test_prompts) = split(&seen);
+    let (train, _) = pairs(&train_prompts, 1500, 1, true);
+    let (test, _) = pairs(&test_prompts, 200, 2, false);
+    let (_, unseen_prompts) = split(&[Task::Position, Task::ColorAttr]);
+    let (unseen, _) = pairs(&unseen_prompts, 100, 3, false);
+
+    let config = model_config(3);
+    let train_cfg = RewardTrainConfig {
+        steps: 300,
+        batch_size: 32,
+        learning_rate: 2e-3,
+        ..Default::default()
+    };
+    let mut last = f64::NAN;
+    let model = train_ensemble(
+        &config,
+        &train_cfg,
+        &train,
+        None,
+        &Device::flex(),
+        &mut |m, s, l| {
+            last = l;
+            if s % 25 == 0 {
+                eprintln!("member {m} step {s} loss {l:.4}");
+            }
+        },
+    )
+    .unwrap();
+    assert!(last.is_finite());
+
+    let (mean, _) = scores(&model, &test.items);
+    let labelled: Vec<(f64, f64, f64)> = test
+        .pairs
+        .iter()
+        .map(|p| (mean[p.a], mean[p.b], p.target))
+        .collect();
+    let acc = pairwise_accuracy(&labelled).unwrap();
+    assert!(acc > 0.62, "held-out pairwise accuracy {acc}");
+
+    let (_, std_seen) = scores(&model, &test.items);
+    let (_, std_unseen) = scores(&model, &unseen.items);
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (a, b) = (avg(&std_seen), avg(&std_unseen));
+    assert!(
+        b > a,
+        "ensemble std on unseen prompt types {b} should exceed seen {a}"
+    );
+}
+
+#[test]
+fn saves_and_loads_exactly() {
+    let dir = std::env::temp_dir().join(format!("tiller-reward-save-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = model_config(2);
+    let d = Device::flex();
+    d.seed(7);
+    let model = RewardEnsemble::init(&config, &d).unwrap();
+    model.save(&dir, &config).unwrap();
+    let (back_cfg, back) = RewardEnsemble::load(&dir, &d).unwrap();
+    assert_eq!(back_cfg, config);
+    let (prompts, _) = split(&[Task::Counting]);
+    let (set, _) = pairs(&prompts, 4, 5, false);
+    let ((m1, s1), (m2, s2)) = (scores(&model, &set.items), scores(&back, &set.items));
+    for (x, y) in m1.iter().chain(&s1).zip(m2.iter().chain(&s2)) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    // A folder of another kind is refused with its path.
+    std::fs::write(
+        dir.join("config.json"),
+        b"{\"kind\": \"x\", \"members\": 1, \"net\": {}}",
+    )
+    .unwrap();
+    let err = RewardEnsemble::load(&dir, &d).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn nan_scores_and_bad_labels_are_errors() {
+    let (prompts, _) = split(&[Task::Counting]);
+    let (mut set, _) = pairs(&prompts, 2, 9, false);
+    set.pairs.push(PairLabel {
+        a: 0,
+        b: 99,
+        target: 1.0,
+    });
+    let err = train_ensemble(
+        &model_config(1),
+        &RewardTrainConfig {
+            steps: 1,
+            ..Default::default()
+        },
+        &set,
+        None,
+        &Device::flex(),
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("pair 2") && err.contains("item 99"), "{err}");
+    set.pairs.pop();
+    set.pairs.push(PairLabel {
+        a: 0,
+        b: 1,
+        target: f64::NAN,
+    });
+    assert!(set.validate(10).is_err());
+}
