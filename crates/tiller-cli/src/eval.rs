@@ -501,9 +501,18 @@ pub struct QuickstartArgs {
 /// against the annotators' agreement; and best-of-N with the learned reward against plain
 /// sampling and against best-of-N with the gold reward. Prints where everything is.
 pub fn quickstart(args: QuickstartArgs) -> Result<()> {
+    // Ancestral sampling (DDIM with eta = 1): the shipped base model is under-trained, and its
+    // deterministic DDIM samples keep residual noise that ancestral steps remove (README).
+    let store = args.out.join("feedback");
+    if store.join("preferences.sqlite").exists() {
+        bail!(
+            "{} already holds a preference store from an earlier quickstart; pass another --out",
+            store.display()
+        );
+    }
     let sampling = SamplingArgs {
         steps: 50,
-        scheduler: "ddim".into(),
+        scheduler: "ddpm".into(),
         guidance: 3.0,
         batch: 32,
         resolution: None,
@@ -544,13 +553,6 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     println!("{}", markdown(&base));
 
     // Feedback on base samples (25 steps: labels need images, not the best images).
-    let store = args.out.join("feedback");
-    if store.join("preferences.sqlite").exists() {
-        bail!(
-            "{} already holds a preference store from an earlier quickstart; pass another --out",
-            store.display()
-        );
-    }
     let fast = SamplingArgs {
         steps: 25,
         ..sampling.clone()

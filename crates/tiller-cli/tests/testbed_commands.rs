@@ -259,3 +259,49 @@ fn kill_nine_then_resume_equals_an_uninterrupted_run() {
     let _ = std::fs::remove_dir_all(&whole);
     let _ = std::fs::remove_dir_all(&killed);
 }
+
+#[test]
+fn quickstart_runs_the_whole_loop_on_the_shipped_base() {
+    let out = scratch("qs-loop");
+    let (ok, text) = tiller(&[
+        "quickstart",
+        "--out",
+        out.to_str().unwrap(),
+        "--per-task",
+        "1",
+        "--feedback-prompts",
+        "4",
+        "--reward-steps",
+        "2",
+        "--best-of",
+        "2",
+    ]);
+    assert!(ok, "{text}");
+    for f in [
+        "renderer/report.md",
+        "base/report.json",
+        "feedback/preferences.sqlite",
+        "reward/model.safetensors",
+        "reward-eval.json",
+        "best-of/report.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing:\n{text}");
+    }
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best-of/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(best["best_of"]["n"], 2, "{best}");
+    // A second run into the same folder refuses to mix stores.
+    let (ok, text) = tiller(&[
+        "quickstart",
+        "--out",
+        out.to_str().unwrap(),
+        "--per-task",
+        "1",
+    ]);
+    assert!(
+        !ok && text.contains("already holds a preference store"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

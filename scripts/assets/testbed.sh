@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The exact commands that produced the shipped testbed assets (assets/testbed-base,
+# assets/testbed-reward) and the README's tables. Each step is a plain `tiller` command; run from
+# the repository root with a release build. Times are on 2 CPU cores.
+set -euo pipefail
+T=${TILLER:-target/release/tiller}
+RUN=${RUN:-runs/testbed-base}
+STEP=${STEP:?set STEP to the checkpoint step that was shipped}
+
+# 1. The base model: train (stopped and resumed freely with --resume latest), then export the EMA
+#    weights of checkpoint $STEP as a diffusers-layout pipeline.
+[ -d "$RUN" ] || $T base train --config configs/testbed-base.toml --out "$RUN"
+$T base export --run "$RUN" --checkpoint "$RUN/checkpoints/step-$(printf %08d "$STEP")" --out assets/testbed-base
+
+# 2. Its evaluation table (ancestral sampling; see the README for why).
+$T eval --model assets/testbed-base --per-task 16 --per-prompt 2 --scheduler ddpm --out runs/eval-base
+
+# 3. Simulated feedback on its samples, the reward ensemble, and their evaluations.
+$T feedback collect --model assets/testbed-base --store runs/prefs --prompts 150 --steps 25 --scheduler ddpm
+$T feedback collect --model assets/testbed-base --store runs/prefs --split test --prompts 50 --seed 1 --steps 25 --scheduler ddpm
+$T reward train --config configs/reward-testbed.toml --store runs/prefs --out assets/testbed-reward
+$T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval.json
+$T eval --model assets/testbed-base --per-task 8 --per-prompt 1 --steps 25 --scheduler ddpm \
+  --best-of 8 --reward assets/testbed-reward --out runs/eval-best-of-8
