@@ -197,8 +197,9 @@ struct Pools {
     reasons: Vec<usize>,
 }
 
+/// A minibatch of at most `n` (with replacement) from `pool`; empty when the pool is.
 fn draw(pool: &[usize], n: usize, rng: &mut SeededRng) -> Vec<usize> {
-    (0..n.min(pool.len()).max(1))
+    (0..n.min(pool.len()))
         .map(|_| pool[rng.below(pool.len())])
         .collect()
 }
@@ -247,26 +248,10 @@ fn train_member(
     for step in 1..=train.steps {
         // One forward pass over every image the step needs: [pairs' a | pairs' b | likes |
         // ratings | reasons], then each loss reads its slice.
-        let pair_picks = if pools.pairs.is_empty() {
-            Vec::new()
-        } else {
-            draw(&pools.pairs, b, rng)
-        };
-        let like_picks = if pools.likes.is_empty() {
-            Vec::new()
-        } else {
-            draw(&pools.likes, b, rng)
-        };
-        let rating_picks = if pools.ratings.is_empty() {
-            Vec::new()
-        } else {
-            draw(&pools.ratings, b, rng)
-        };
-        let reason_picks = if pools.reasons.is_empty() {
-            Vec::new()
-        } else {
-            draw(&pools.reasons, b, rng)
-        };
+        let pair_picks = draw(&pools.pairs, b, rng);
+        let like_picks = draw(&pools.likes, b, rng);
+        let rating_picks = draw(&pools.ratings, b, rng);
+        let reason_picks = draw(&pools.reasons, b, rng);
         let mut idx: Vec<usize> = pair_picks.iter().map(|&p| data.pairs[p].a).collect();
         idx.extend(pair_picks.iter().map(|&p| data.pairs[p].b));
         idx.extend(like_picks.iter().map(|&p| data.likes[p].0));
