@@ -70,6 +70,27 @@ impl SamplingArgs {
     }
 }
 
+/// Best-of-N flags shared by `sample` and `eval`.
+#[derive(Args, Clone)]
+pub struct BestOfArgs {
+    /// Best-of-N: sample N candidates per image and keep the one `--reward` scores highest.
+    #[arg(long, default_value_t = 1)]
+    pub best_of: usize,
+    /// The reward that picks among the candidates: `gold`, `jpeg` or a reward model folder.
+    #[arg(long, default_value = "gold")]
+    pub reward: String,
+}
+
+impl BestOfArgs {
+    /// Plain sampling (best-of-1).
+    pub fn plain() -> Self {
+        Self {
+            best_of: 1,
+            reward: "gold".into(),
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct SampleArgs {
     /// A pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/).
@@ -86,12 +107,8 @@ pub struct SampleArgs {
     n: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Best-of-N: sample N candidates per image and keep the one `--reward` scores highest.
-    #[arg(long, default_value_t = 1)]
-    pub best_of: usize,
-    /// The reward that picks among the candidates: `gold`, `jpeg` or a reward model folder.
-    #[arg(long, default_value = "gold")]
-    pub reward: String,
+    #[command(flatten)]
+    pub selection: BestOfArgs,
     /// Where to write the grid (one row per prompt).
     #[arg(long, default_value = "grid.png")]
     out: PathBuf,
@@ -133,9 +150,9 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         tokenizer.encode(t)?;
     }
     let settings = args.sampling.settings(&pipe)?;
-    let n = args.best_of.max(1);
+    let n = args.selection.best_of.max(1);
     let reward = (n > 1)
-        .then(|| load_reward(&args.reward, &tokenizer, &device))
+        .then(|| load_reward(&args.selection.reward, &tokenizer, &device))
         .transpose()?;
     let seeds: Vec<u64> = (0..(args.n * n) as u64).map(|i| args.seed + i).collect();
     let mut rows = sample_prompts(&pipe, &tokenizer, &texts, &seeds, &settings, &device)?;
@@ -164,12 +181,8 @@ pub struct EvalArgs {
     per_prompt: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Best-of-N: sample N candidates per image and keep the one `--reward` scores highest.
-    #[arg(long, default_value_t = 1)]
-    pub best_of: usize,
-    /// The reward that picks among the candidates: `gold`, `jpeg` or a reward model folder.
-    #[arg(long, default_value = "gold")]
-    pub reward: String,
+    #[command(flatten)]
+    pub selection: BestOfArgs,
     /// Output folder: report.json, report.md, grids/, geneval/.
     #[arg(long)]
     out: PathBuf,
@@ -248,7 +261,7 @@ fn suite(name: &str, per_task: Option<usize>) -> Result<Vec<Prompt>> {
 
 pub fn eval(args: EvalArgs) -> Result<Report> {
     let prompts = suite(&args.suite, args.per_task)?;
-    let n = args.best_of.max(1);
+    let n = args.selection.best_of.max(1);
     let seeds: Vec<u64> = (0..(args.per_prompt * n) as u64)
         .map(|i| args.seed + i)
         .collect();
@@ -286,7 +299,7 @@ pub fn eval(args: EvalArgs) -> Result<Report> {
     let (images, summary) = if n > 1 {
         // One candidate set gives three answers: plain sampling (each group's first candidate),
         // best-of-N by the chosen reward, and best-of-N by the gold reward (the upper bound).
-        let reward = load_reward(&args.reward, &Tokenizer::shapes(), &device)?;
+        let reward = load_reward(&args.selection.reward, &Tokenizer::shapes(), &device)?;
         settings.insert("best_of".into(), format!("{n} by {}", reward.name()));
         let plain: Vec<Vec<Image>> = images
             .iter()
@@ -525,8 +538,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         per_prompt: 2,
         seed: 0,
         out: args.out.join("renderer"),
-        best_of: 1,
-        reward: "gold".into(),
+        selection: BestOfArgs::plain(),
         sampling: sampling.clone(),
     })?;
     println!("{}", markdown(&oracle));
@@ -546,8 +558,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         per_prompt: 2,
         seed: 0,
         out: args.out.join("base"),
-        best_of: 1,
-        reward: "gold".into(),
+        selection: BestOfArgs::plain(),
         sampling: sampling.clone(),
     })?;
     println!("{}", markdown(&base));
@@ -602,8 +613,10 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         per_prompt: 1,
         seed: 0,
         out: args.out.join("best-of"),
-        best_of: args.best_of,
-        reward: reward_dir.display().to_string(),
+        selection: BestOfArgs {
+            best_of: args.best_of,
+            reward: reward_dir.display().to_string(),
+        },
         sampling: fast,
     })?;
     println!("{}", markdown(&best));

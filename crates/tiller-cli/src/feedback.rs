@@ -105,15 +105,15 @@ fn candidate_images(
         return prompts
             .iter()
             .map(|p| {
+                let same_task: Vec<&Prompt> = pool
+                    .iter()
+                    .filter(|q| q.spec.tag == p.spec.tag && q.spec != p.spec)
+                    .collect();
                 (0..per_prompt)
                     .map(|j| {
                         let subject = if j % 2 == 0 {
                             p
                         } else {
-                            let same_task: Vec<&Prompt> = pool
-                                .iter()
-                                .filter(|q| q.spec.tag == p.spec.tag && q.spec != p.spec)
-                                .collect();
                             if same_task.is_empty() {
                                 p
                             } else {
