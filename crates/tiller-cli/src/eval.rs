@@ -121,6 +121,9 @@ pub fn load_pipeline(
     model: &Path,
     device: &burn::tensor::Device,
 ) -> Result<(TextToImage, Tokenizer)> {
+    if crate::align::is_run(model) {
+        return crate::align::load_aligned(model, device);
+    }
     let (pipe, tok_json) = TextToImage::load(model, device)
         .with_context(|| format!("loading the model folder {}", model.display()))?;
     let tokenizer = Tokenizer::from_json(&tok_json, &model.join("tokenizer/tokenizer.json"))?;
@@ -502,17 +505,22 @@ pub struct QuickstartArgs {
     #[arg(long, default_value_t = 48)]
     feedback_prompts: usize,
     /// Reward model updates per ensemble member.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 200)]
     reward_steps: usize,
+    /// DRaFT-K updates of the alignment step (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    align_updates: u64,
     /// N of the best-of-N comparison.
     #[arg(long, default_value_t = 8)]
     best_of: usize,
 }
 
-/// The whole testbed loop so far: the renderer's upper bound; the shipped base model's
-/// evaluation; simulated feedback on base samples; a reward ensemble trained on it and evaluated
-/// against the annotators' agreement; and best-of-N with the learned reward against plain
-/// sampling and against best-of-N with the gold reward. Prints where everything is.
+/// The whole testbed loop: the renderer's upper bound; the shipped base model's evaluation;
+/// simulated feedback on base samples; a reward ensemble trained on it and evaluated against the
+/// annotators' agreement; best-of-N with the learned reward against plain sampling and against
+/// best-of-N with the gold reward; DRaFT-K alignment of the base with that reward, validated
+/// before and after on held-out prompts; and `report.html` with the tables, the curves and the
+/// grids. Prints where everything is.
 pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     // Ancestral sampling (DDIM with eta = 1): the shipped base model is under-trained, and its
     // deterministic DDIM samples keep residual noise that ancestral steps remove (README).
@@ -599,7 +607,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
             format!("train.steps={}", args.reward_steps),
         ],
     })?;
-    crate::reward::eval(crate::reward::EvalArgs {
+    let reward_report = crate::reward::eval(crate::reward::EvalArgs {
         model: reward_dir.clone(),
         store,
         split: "test".into(),
@@ -620,6 +628,175 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         sampling: fast,
     })?;
     println!("{}", markdown(&best));
-    println!("reports: {}", args.out.display());
+
+    // Align: DRaFT-K (K = 1) on the reward model just trained, LoRA on the shipped base.
+    let align_dir = args.out.join("align");
+    let aligned = if args.align_updates > 0 {
+        let s = crate::align::align(crate::align::AlignArgs {
+            config: PathBuf::from("configs/draft-k-testbed.toml"),
+            out: align_dir.clone(),
+            resume: None,
+            overrides: vec![
+                format!("base=\"{}\"", args.model.display()),
+                format!("reward=\"{}\"", reward_dir.display()),
+                format!("train.updates={}", args.align_updates),
+                "log.val_every=0".into(),
+                format!("log.checkpoint_every={}", args.align_updates),
+                "prompts.val_per_task=4".into(),
+            ],
+            stop_after: None,
+        })?;
+        println!("{}", crate::align::summary_markdown(&s));
+        Some(s)
+    } else {
+        None
+    };
+    let html = report_html(&base, &reward_report, &best, aligned.as_ref(), &align_dir)?;
+    tiller_core::fs::atomic_write(&args.out.join("report.html"), html.as_bytes())?;
+    println!("reports: {} (open report.html)", args.out.display());
     Ok(())
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The quickstart's one-page report: Markdown tables rendered as HTML, the alignment curves and
+/// the sample grids (linked relative to the report).
+fn report_html(
+    base: &Report,
+    reward: &crate::reward::RewardReport,
+    best: &Report,
+    aligned: Option<&crate::align::AlignSummary>,
+    align_dir: &Path,
+) -> Result<String> {
+    let table = |rows: &[(String, String)]| {
+        let mut t = String::from("<table><tr><th>metric</th><th>value</th></tr>");
+        for (k, v) in rows {
+            t.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v)));
+        }
+        t + "</table>"
+    };
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    let mut h = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Tiller quickstart</title><style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}img{image-rendering:pixelated;width:256px;margin:4px}</style></head><body><h1>Tiller quickstart: the testbed loop</h1>",
+    );
+    h.push_str("<h2>1. Base model on held-out prompts</h2>");
+    let mut rows: Vec<(String, String)> = base
+        .per_task
+        .iter()
+        .map(|(k, r)| {
+            (
+                k.clone(),
+                format!("{:.3} ({} images)", r.accuracy, r.images),
+            )
+        })
+        .collect();
+    rows.push((
+        "overall (GenEval mean)".into(),
+        format!("{:.3}", base.overall),
+    ));
+    rows.push(("aesthetic".into(), format!("{:.3}", base.aesthetic)));
+    rows.push((
+        "unasked mark rate".into(),
+        format!("{:.3}", base.unasked_mark_rate),
+    ));
+    h.push_str(&table(&rows));
+    h.push_str("<h2>2. Reward model from simulated feedback</h2>");
+    h.push_str(&table(&[
+        ("comparisons".into(), reward.comparisons.to_string()),
+        (
+            "held-out pairwise accuracy".into(),
+            f(reward.pairwise_accuracy),
+        ),
+        (
+            "annotator agreement (ceiling)".into(),
+            f(reward.annotator_agreement),
+        ),
+        ("Spearman with gold reward".into(), f(reward.spearman_gold)),
+        ("ECE".into(), format!("{:.3}", reward.ece)),
+    ]));
+    if let Some(b) = &best.best_of {
+        h.push_str(&format!("<h2>3. Best-of-{}</h2>", b.n));
+        h.push_str(&table(&[
+            ("plain sampling".into(), format!("{:.3}", b.plain_overall)),
+            (
+                format!("best-of-{} by the learned reward", b.n),
+                format!("{:.3}", b.reward_overall),
+            ),
+            (
+                format!("best-of-{} by the gold reward (upper bound)", b.n),
+                format!("{:.3}", b.gold_overall),
+            ),
+        ]));
+    }
+    if let Some(a) = aligned {
+        h.push_str(&format!(
+            "<h2>4. Alignment: {} ({} updates, {} reward queries, {:.0} s)</h2>",
+            a.config.method.name(),
+            a.updates,
+            a.reward_queries,
+            a.wall_s
+        ));
+        h.push_str(
+            "<table><tr><th>validation (held-out prompts)</th><th>before</th><th>after</th></tr>",
+        );
+        for (k, after) in &a.after {
+            let before = a
+                .before
+                .iter()
+                .find(|(b, _)| b == k)
+                .map(|(_, v)| format!("{v:.3}"))
+                .unwrap_or_else(|| "-".into());
+            h.push_str(&format!(
+                "<tr><td>{}</td><td>{before}</td><td>{after:.3}</td></tr>",
+                esc(k)
+            ));
+        }
+        h.push_str("</table>");
+        let points = crate::compare::read_points(align_dir)?;
+        let cmp = crate::compare::Comparison {
+            budget: a.reward_queries,
+            target: None,
+            methods: vec![crate::compare::MethodRun {
+                name: a.config.method.name().into(),
+                run: align_dir.to_path_buf(),
+                points,
+                queries_to_target: None,
+            }],
+        };
+        h.push_str(&crate::compare::svg(&cmp));
+        h.push_str("<p>Validation grids (a row per prompt): before, after.</p>");
+        let mut grids: Vec<String> = std::fs::read_dir(align_dir.join("samples"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.ends_with(".png"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        grids.sort();
+        for g in grids
+            .first()
+            .into_iter()
+            .chain(grids.last().filter(|_| grids.len() > 1))
+        {
+            h.push_str(&format!(
+                "<img src=\"align/samples/{}\" alt=\"{}\">",
+                esc(g),
+                esc(g)
+            ));
+        }
+    }
+    h.push_str("<h2>Base model samples by task</h2>");
+    for task in base.per_task.keys() {
+        h.push_str(&format!(
+            "<figure style=\"display:inline-block\"><img src=\"base/grids/{0}.png\"><figcaption>{0}</figcaption></figure>",
+            esc(task)
+        ));
+    }
+    h.push_str("</body></html>\n");
+    Ok(h)
 }

@@ -1,7 +1,9 @@
 //! `tiller`: the command-line shell over Tiller's libraries. Parse flags, resolve, call the library.
 
+mod align;
 mod base;
 mod bench;
+mod compare;
 mod eval;
 mod feedback;
 mod model_check;
@@ -51,6 +53,10 @@ enum Command {
         #[command(subcommand)]
         command: RewardCommand,
     },
+    /// Align a model with one method (DDPO, Diffusion-DPO, DRaFT-K) on the testbed.
+    Align(align::AlignArgs),
+    /// Run several methods under one reward-query budget and compare them.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Subcommand)]
@@ -140,5 +146,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Quickstart(args) => eval::quickstart(args),
+        Command::Compare(args) => compare::compare(args).map(|_| ()),
+        Command::Align(args) => {
+            let s = align::align(args)?;
+            println!("{}", align::summary_markdown(&s));
+            Ok(())
+        }
     }
 }

@@ -22,27 +22,7 @@ pub fn empty_prompt(tokenizer: &Tokenizer) -> Vec<i64> {
 
 /// Samples [B, 3, H, W] in [-1, 1] back to images (clamped, rounded).
 pub fn tensor_to_images(t: Tensor<4>) -> Result<Vec<Image>> {
-    let [b, c, h, w] = t.dims();
-    if c != 3 {
-        bail!("expected 3 channels, the model produced {c}");
-    }
-    let v = t
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    (0..b)
-        .map(|i| {
-            let mut rgb = vec![0u8; h * w * 3];
-            for ch in 0..3 {
-                for p in 0..h * w {
-                    let x = v[((i * 3 + ch) * h * w) + p];
-                    rgb[p * 3 + ch] = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
-                }
-            }
-            Ok(Image::from_rgb(w, h, rgb)?)
-        })
-        .collect()
+    Ok(tiller_reward::tensor_to_images(t)?)
 }
 
 /// Training batches rendered on the fly from a fixed list of training prompts.

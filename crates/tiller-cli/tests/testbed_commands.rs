@@ -275,9 +275,13 @@ fn quickstart_runs_the_whole_loop_on_the_shipped_base() {
         "2",
         "--best-of",
         "2",
+        "--align-updates",
+        "1",
     ]);
     assert!(ok, "{text}");
     for f in [
+        "report.html",
+        "align/final/pytorch_lora_weights.safetensors",
         "renderer/report.md",
         "base/report.json",
         "feedback/preferences.sqlite",

@@ -196,7 +196,14 @@ pub struct ChainGradients {
     pub images: Tensor<4>,
     /// d loss / d parameters, accumulated over the differentiated steps.
     pub grads: GradientsParams,
+    /// The sum of the per-step penalties (0 without one).
+    pub penalty: f64,
 }
+
+/// A per-step term added to the objective of [`backprop_through_sampling_with`]: called with the
+/// step index, its input x_t (on the autodiff device, with a graph) and the model's step
+/// distribution; returns a one-element tensor (e.g. a weighted KL to a reference model).
+pub type StepPenalty<'a> = dyn FnMut(usize, Tensor<4>, &Gaussian) -> Result<Tensor<1>> + 'a;
 
 /// Gradient of `loss(x_0)` with respect to `model`'s parameters through the last `k` steps of the
 /// chain started at `x_t` (`k = usize::MAX` or any `k >= steps` means all of them), with step-level
@@ -213,6 +220,25 @@ pub fn backprop_through_sampling<M>(
     rng: &mut SeededRng,
     k: usize,
     loss: impl FnOnce(Tensor<4>) -> Tensor<1>,
+) -> Result<ChainGradients>
+where
+    M: Denoiser + Module,
+{
+    backprop_through_sampling_with(model, scheduler, cond, x_t, rng, k, loss, None)
+}
+
+/// [`backprop_through_sampling`] with a per-step `penalty` added to the objective at every
+/// differentiated step: the gradient is that of `loss(x_0) + sum_i penalty_i` with respect to the
+/// parameters through the last `k` steps (the penalty's dependence on x_t flows back too).
+pub fn backprop_through_sampling_with<M>(
+    model: &M,
+    scheduler: &dyn Scheduler,
+    cond: &Conditioning,
+    x_t: Tensor<4>,
+    rng: &mut SeededRng,
+    k: usize,
+    loss: impl FnOnce(Tensor<4>) -> Tensor<1>,
+    mut penalty: Option<&mut StepPenalty<'_>>,
 ) -> Result<ChainGradients>
 where
     M: Denoiser + Module,
@@ -263,6 +289,7 @@ where
         .ok_or_else(|| Error::invalid("loss does not depend on the sample"))?;
     let mut acc = GradientsAccumulator::<M>::new();
     acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    let mut penalty_total = 0.0;
 
     // Backward through the saved steps, last first: recompute one step with a graph, push the
     // vector-Jacobian product <upstream, step(x_i)> back to x_i, keep the parameter gradients.
@@ -270,11 +297,18 @@ where
         let i = first_diff + j;
         let x_in = x_in.autodiff().require_grad();
         let pred = cond_ad.predict(model, x_in.clone(), timesteps[i]);
-        let out = scheduler
-            .step(pred, i, x_in.clone())?
-            .distribution
-            .sample(noise.autodiff());
-        let surrogate = (out * upstream.autodiff()).sum();
+        let dist = scheduler.step(pred, i, x_in.clone())?.distribution;
+        let out = dist.sample(noise.autodiff());
+        let mut surrogate = (out * upstream.autodiff()).sum();
+        if let Some(p) = penalty.as_mut() {
+            let term = p(i, x_in.clone(), &dist)?;
+            let v = term.clone().into_scalar::<f32>() as f64;
+            if !v.is_finite() {
+                return Err(Error::NonFinite(format!("step penalty at step {i} is {v}")));
+            }
+            penalty_total += v;
+            surrogate = surrogate + term.sum();
+        }
         let mut g = surrogate.backward();
         upstream = x_in
             .grad_remove(&mut g)
@@ -286,5 +320,6 @@ where
         loss: loss_value,
         images: x,
         grads: acc.grads(),
+        penalty: penalty_total,
     })
 }

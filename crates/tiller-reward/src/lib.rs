@@ -50,6 +50,34 @@ pub trait DifferentiableReward {
 }
 
 /// Images as a [B, 3, H, W] tensor in [-1, 1]; all must have the same size.
+/// Samples [B, 3, H, W] in [-1, 1] back to images (clamped, rounded): the inverse of
+/// [`images_to_tensor`] up to quantisation.
+pub fn tensor_to_images(t: Tensor<4>) -> Result<Vec<Image>> {
+    let [b, c, h, w] = t.dims();
+    if c != 3 {
+        return Err(Error::invalid(format!(
+            "expected 3 channels, the model produced {c}"
+        )));
+    }
+    let v = t
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::invalid(format!("{e:?}")))?;
+    (0..b)
+        .map(|i| {
+            let mut rgb = vec![0u8; h * w * 3];
+            for ch in 0..3 {
+                for p in 0..h * w {
+                    let x = v[((i * 3 + ch) * h * w) + p];
+                    rgb[p * 3 + ch] = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+                }
+            }
+            Image::from_rgb(w, h, rgb)
+        })
+        .collect()
+}
+
 pub fn images_to_tensor(images: &[Image], device: &Device) -> Result<Tensor<4>> {
     let first = images
         .first()

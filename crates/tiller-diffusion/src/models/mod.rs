@@ -6,6 +6,7 @@
 
 pub mod clip;
 pub mod layers;
+pub mod lora;
 pub mod unet;
 pub mod weights;
 

@@ -108,25 +108,25 @@ fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 /// Tracks the PyTorch-style name of the parameter being visited or mapped.
 #[derive(Default)]
-struct PathTracker {
-    segments: Vec<String>,
+pub(crate) struct PathTracker {
+    pub(crate) segments: Vec<String>,
     /// The container type of each segment ("Struct:Linear", "Vec", "Enum:Projection").
-    containers: Vec<String>,
+    pub(crate) containers: Vec<String>,
 }
 
 impl PathTracker {
-    fn enter(&mut self, name: &str, container: &str) {
+    pub(crate) fn enter(&mut self, name: &str, container: &str) {
         self.segments.push(name.to_string());
         self.containers.push(container.to_string());
     }
 
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         self.segments.pop();
         self.containers.pop();
     }
 
     /// The torch name of the current parameter and whether it is a `Linear` weight (transposed).
-    fn torch_name(&self) -> (String, bool) {
+    pub(crate) fn torch_name(&self) -> (String, bool) {
         let mut parts: Vec<String> = Vec::with_capacity(self.segments.len());
         for (seg, container) in self.segments.iter().zip(&self.containers) {
             if container.starts_with("Enum:") {
@@ -224,7 +224,11 @@ pub fn load_into<M: Module>(
             let mut value =
                 Tensor::<D>::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &device);
             if transposed {
-                value = value.transpose();
+                // Materialised in burn's layout, not left as a transposed view: a checkpoint
+                // record reloads contiguous tensors, and matmul rounding depends on the layout,
+                // so a resumed run would otherwise differ from an uninterrupted one in the last
+                // bits.
+                value = Tensor::<D>::from_data(value.transpose().into_data(), &device);
             }
             let id = param.id;
             param.transform_for_load(value, id)

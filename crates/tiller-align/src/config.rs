@@ -1,0 +1,399 @@
+//! The typed configuration of an alignment run (`tiller align --config <toml>`).
+//!
+//! Every section has defaults; a preset file writes only what differs (overrides only), and
+//! `--set section.key=value` overrides a preset. Unknown keys are errors that list the valid ones.
+//! Method defaults cite the paper or reference code they come from.
+
+use serde::{Deserialize, Serialize};
+use tiller_diffusion::models::lora::LoraConfig;
+use tiller_engine::schedule::LrShape;
+use tiller_testbed::Task;
+
+/// The alignment method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MethodName {
+    /// DDPO (Black et al., ICLR 2024): PPO-clip policy gradient over the denoising chain.
+    Ddpo,
+    /// Diffusion-DPO (Wallace et al., CVPR 2024): DPO on preference pairs from the store.
+    DiffusionDpo,
+    /// DRaFT-K (Clark et al., ICLR 2024): reward backpropagation through the last K steps.
+    DraftK,
+}
+
+impl MethodName {
+    pub const ALL: [MethodName; 3] = [Self::Ddpo, Self::DiffusionDpo, Self::DraftK];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddpo => "ddpo",
+            Self::DiffusionDpo => "diffusion-dpo",
+            Self::DraftK => "draft-k",
+        }
+    }
+}
+
+impl std::str::FromStr for MethodName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown method `{s}`; valid: ddpo, diffusion-dpo, draft-k"))
+    }
+}
+
+/// One alignment run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignConfig {
+    pub method: MethodName,
+    /// The starting pipeline folder (diffusers layout).
+    #[serde(default = "default_base")]
+    pub base: String,
+    /// The reward the method optimises: `gold`, `jpeg` or a reward-model folder. DRaFT-K needs a
+    /// differentiable one (a reward model); Diffusion-DPO reads pairs instead.
+    #[serde(default = "default_reward")]
+    pub reward: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub adapter: AdapterSection,
+    #[serde(default)]
+    pub train: AlignTrainSection,
+    #[serde(default)]
+    pub sampling: SamplingSection,
+    #[serde(default)]
+    pub ddpo: DdpoSection,
+    #[serde(default)]
+    pub dpo: DpoSection,
+    #[serde(default)]
+    pub draft: DraftSection,
+    #[serde(default)]
+    pub prompts: PromptsSection,
+    #[serde(default)]
+    pub log: AlignLogSection,
+}
+
+fn default_base() -> String {
+    "assets/testbed-base".into()
+}
+fn default_reward() -> String {
+    "assets/testbed-reward".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// What is trained: LoRA adapters on the UNet's attention projections, or the whole UNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    Lora,
+    Full,
+}
+
+/// `[adapter]`: LoRA rank 4 on `to_q, to_k, to_v, to_out.0`, as DDPO's and diffusers' DPO scripts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterSection {
+    pub kind: AdapterKind,
+    pub rank: usize,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl Default for AdapterSection {
+    fn default() -> Self {
+        let l = LoraConfig::default();
+        Self {
+            kind: AdapterKind::Lora,
+            rank: l.rank,
+            alpha: l.alpha,
+            target_modules: l.target_modules,
+        }
+    }
+}
+
+impl AdapterSection {
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            target_modules: self.target_modules.clone(),
+        }
+    }
+}
+
+/// `[train]`: the optimiser and the batch. Effective batch = `batch_size * grad_accum`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlignTrainSection {
+    /// Optimizer updates in the run.
+    pub updates: u64,
+    /// Examples per micro-batch (rollouts, pairs or chains).
+    pub batch_size: usize,
+    /// Micro-batches accumulated into one update.
+    pub grad_accum: usize,
+    /// Stop once the loop has spent this many reward queries (rollout scores, reward gradients;
+    /// 0: no budget). Labels bought before training (Diffusion-DPO's comparisons) are capped by
+    /// `dpo.max_comparisons` instead.
+    pub reward_budget: u64,
+    pub learning_rate: f64,
+    pub warmup_steps: u64,
+    pub lr_schedule: LrShape,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (DDPO: 1.0); 0 disables.
+    pub max_grad_norm: f64,
+    /// Weight of the per-step Gaussian KL to the reference model (DPOK / Flow-GRPO style);
+    /// 0 disables. Applies to DDPO (every trained step) and DRaFT-K (every differentiated step);
+    /// Diffusion-DPO is regularised by its own beta.
+    pub kl_weight: f64,
+    /// The run's one seed.
+    pub seed: u64,
+}
+
+impl Default for AlignTrainSection {
+    fn default() -> Self {
+        // ddpo-pytorch config/base.py: Adam lr 3e-4 (LoRA), betas 0.9/0.999, eps 1e-8, wd 1e-4,
+        // max grad norm 1.0.
+        Self {
+            updates: 20,
+            batch_size: 8,
+            grad_accum: 1,
+            reward_budget: 0,
+            learning_rate: 3e-4,
+            warmup_steps: 0,
+            lr_schedule: LrShape::Constant,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 1e-4,
+            max_grad_norm: 1.0,
+            kl_weight: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl AlignTrainSection {
+    pub fn effective_batch(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+}
+
+/// `[sampling]`: the chain used for rollouts, DRaFT's differentiable samples and validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingSection {
+    /// DDIM steps (DDPO: 50 on SD; 20 on the testbed).
+    pub steps: usize,
+    /// DDIM eta; DDPO needs stochastic steps (eta = 1, ddpo-pytorch's default).
+    pub eta: f64,
+    /// Classifier-free guidance scale; 1 = one conditional pass per step.
+    pub guidance: f64,
+}
+
+impl Default for SamplingSection {
+    fn default() -> Self {
+        Self {
+            steps: 20,
+            eta: 1.0,
+            guidance: 3.0,
+        }
+    }
+}
+
+/// `[ddpo]`: ddpo-pytorch `config/base.py` defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DdpoSection {
+    /// PPO ratio clip epsilon (1e-4: the log-prob is a mean over dimensions).
+    pub clip_range: f64,
+    /// Advantages are clipped to +-this.
+    pub adv_clip_max: f64,
+    /// Optimizer passes over each collected batch.
+    pub inner_epochs: usize,
+    /// Fraction of the chain's steps trained on per pass (a random subset, shuffled per update).
+    pub timestep_fraction: f64,
+    /// Normalise rewards per prompt (ddpo-pytorch's `PerPromptStatTracker`) instead of per batch.
+    pub per_prompt_stat_tracking: bool,
+    pub stat_buffer: usize,
+    pub stat_min_count: usize,
+}
+
+impl Default for DdpoSection {
+    fn default() -> Self {
+        Self {
+            clip_range: 1e-4,
+            adv_clip_max: 5.0,
+            inner_epochs: 1,
+            timestep_fraction: 1.0,
+            per_prompt_stat_tracking: true,
+            stat_buffer: 16,
+            stat_min_count: 16,
+        }
+    }
+}
+
+/// `[dpo]`: Diffusion-DPO (SalesforceAIResearch/DiffusionDPO `train.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSection {
+    /// beta in Salesforce's convention `L = -log sigmoid(-beta/2 * (d_theta - d_ref))`, 5000 for
+    /// SD1.5 (diffusers' `beta_dpo = 2500` without the 1/2 is the same objective).
+    pub beta: f64,
+    /// The preference store the pairs come from.
+    pub store: String,
+    /// Its split (`train` or `test`).
+    pub split: String,
+    /// Train on at most this many comparisons (the first in the store; 0: all). `tiller compare`
+    /// sets it to the reward-query budget: each comparison is one query to an annotator.
+    pub max_comparisons: usize,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        Self {
+            beta: 5000.0,
+            store: "runs/prefs".into(),
+            split: "train".into(),
+            max_comparisons: 0,
+        }
+    }
+}
+
+/// `[draft]`: DRaFT-K.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DraftSection {
+    /// Steps differentiated, counted from the end of the chain; K = 1 is the paper's best; 0 means
+    /// all (memory stays one step's graph: step-level recomputation).
+    pub k: usize,
+}
+
+impl Default for DraftSection {
+    fn default() -> Self {
+        Self { k: 1 }
+    }
+}
+
+/// `[prompts]`: the training prompts (the testbed's train split) and the validation prompts (its
+/// held-out test split).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptsSection {
+    pub tasks: Vec<Task>,
+    /// Training prompts per task drawn from the train split.
+    pub train_per_task: usize,
+    /// Validation prompts per task from the held-out test split.
+    pub val_per_task: usize,
+    /// Validation images per prompt (fixed seeds).
+    pub val_per_prompt: usize,
+}
+
+impl Default for PromptsSection {
+    fn default() -> Self {
+        Self {
+            tasks: Task::ALL
+                .iter()
+                .copied()
+                .filter(|t| *t != Task::Unsafe)
+                .collect(),
+            train_per_task: 200,
+            val_per_task: 6,
+            val_per_prompt: 2,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlignLogSection {
+    /// Validate (gold and proxy reward on held-out prompts, a grid) every this many updates
+    /// and at the start and the end; 0: only start and end.
+    pub val_every: u64,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+}
+
+impl Default for AlignLogSection {
+    fn default() -> Self {
+        Self {
+            val_every: 10,
+            checkpoint_every: 10,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+impl AlignConfig {
+    /// Checks what serde cannot; errors name the field.
+    pub fn validate(&self) -> tiller_core::Result<()> {
+        use tiller_core::Error;
+        let t = &self.train;
+        let bad = |field: &str, msg: String| Err(Error::config(field, msg));
+        if t.batch_size == 0 {
+            return bad("train.batch_size", "must be at least 1".into());
+        }
+        if t.grad_accum == 0 {
+            return bad("train.grad_accum", "must be at least 1".into());
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            return bad(
+                "train.learning_rate",
+                format!("must be positive, got {}", t.learning_rate),
+            );
+        }
+        if !(t.kl_weight >= 0.0 && t.kl_weight.is_finite()) {
+            return bad(
+                "train.kl_weight",
+                format!("must be >= 0, got {}", t.kl_weight),
+            );
+        }
+        if self.method == MethodName::DiffusionDpo && t.kl_weight > 0.0 {
+            return bad(
+                "train.kl_weight",
+                "applies to ddpo and draft-k; Diffusion-DPO's KL strength is dpo.beta".into(),
+            );
+        }
+        if self.sampling.steps == 0 {
+            return bad("sampling.steps", "must be at least 1".into());
+        }
+        if self.method == MethodName::Ddpo && self.sampling.eta <= 0.0 {
+            return bad(
+                "sampling.eta",
+                "must be > 0 for ddpo: a deterministic step has no log-probability".into(),
+            );
+        }
+        if !(self.ddpo.timestep_fraction > 0.0 && self.ddpo.timestep_fraction <= 1.0) {
+            return bad("ddpo.timestep_fraction", "must be in (0, 1]".into());
+        }
+        if self.ddpo.inner_epochs == 0 {
+            return bad("ddpo.inner_epochs", "must be at least 1".into());
+        }
+        if self.adapter.kind == AdapterKind::Lora && self.adapter.rank == 0 {
+            return bad("adapter.rank", "must be at least 1".into());
+        }
+        if !(self.dpo.beta > 0.0 && self.dpo.beta.is_finite()) {
+            return bad(
+                "dpo.beta",
+                format!("must be positive, got {}", self.dpo.beta),
+            );
+        }
+        if !matches!(self.dpo.split.as_str(), "train" | "test") {
+            return bad(
+                "dpo.split",
+                format!("must be `train` or `test`, got `{}`", self.dpo.split),
+            );
+        }
+        if self.prompts.tasks.is_empty() {
+            return bad("prompts.tasks", "must name at least one task".into());
+        }
+        Ok(())
+    }
+}

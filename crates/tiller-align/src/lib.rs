@@ -1,0 +1,86 @@
+//! Alignment: one training loop, and each method a loss over a batch.
+//!
+//! The survey's three families need different data: rollouts with per-step log-probabilities
+//! (policy gradient), preference pairs (DPO), and differentiable samples (reward backpropagation).
+//! The loop ([`trainer::align`]) collects what the method asks for ([`Collect`]), scores it,
+//! cuts it into micro-batches, asks the method for each micro-batch's gradients, accumulates,
+//! steps, logs, validates and checkpoints. A method ([`Algorithm`]) is one file in `methods/`
+//! that reads like its paper.
+
+pub mod batch;
+pub mod config;
+pub mod methods;
+pub mod policy;
+pub mod trainer;
+
+pub use batch::{Batch, Collect, Pairs, Prompts, Rollouts, Starts};
+pub use config::{AlignConfig, MethodName};
+pub use policy::Policy;
+pub use trainer::{AlignData, Aligned, align};
+
+use burn::optim::GradientsParams;
+use tiller_core::{Result, SeededRng};
+use tiller_reward::Reward;
+
+/// What a method sees when computing gradients.
+pub struct Context<'a> {
+    pub policy: &'a Policy,
+    /// The reward being optimised (the proxy).
+    pub reward: &'a dyn Reward,
+    /// Weight of the per-step KL to the reference (0: off).
+    pub kl_weight: f64,
+}
+
+/// One micro-batch's contribution.
+pub struct MicroStep {
+    /// d(scale * loss) / d(trainable parameters).
+    pub grads: GradientsParams,
+    /// The (unscaled) loss of this micro-batch.
+    pub loss: f64,
+    /// Method-specific scalars (means over the micro-batch), e.g. `approx_kl`, `implicit_acc`.
+    pub metrics: Vec<(&'static str, f64)>,
+    /// Rewards computed while taking the step (DRaFT: the differentiable reward of its samples).
+    pub rewards: Vec<f64>,
+}
+
+/// An alignment method: which batch it needs, and the gradients of its loss on a micro-batch.
+pub trait Algorithm {
+    fn name(&self) -> &'static str;
+
+    /// The data the loop collects for it.
+    fn collects(&self) -> Collect;
+
+    /// Optimizer updates taken on each collected batch (DDPO's inner epochs); 1 for the rest.
+    fn updates_per_batch(&self) -> usize {
+        1
+    }
+
+    /// Called once per collected batch before its micro-batches (DDPO: advantages). Returns
+    /// scalars to log.
+    fn prepare(
+        &mut self,
+        _batch: &mut Batch,
+        _rng: &mut SeededRng,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        Ok(Vec::new())
+    }
+
+    /// Gradients of `scale * loss` on one micro-batch (`scale` = 1 / accumulation steps, so an
+    /// accumulated update equals one big batch).
+    fn gradients(
+        &mut self,
+        cx: &Context<'_>,
+        batch: &Batch,
+        scale: f64,
+        rng: &mut SeededRng,
+    ) -> Result<MicroStep>;
+
+    /// State to checkpoint beyond the weights (DDPO's per-prompt statistics).
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}

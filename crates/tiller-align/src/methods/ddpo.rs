@@ -1,0 +1,295 @@
+//! DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning", ICLR 2024),
+//! DDPO_IS: PPO's clipped surrogate over the denoising chain.
+//!
+//! Rollouts are sampled with DDIM at eta = 1 and the log-probability of every step taken is kept
+//! (a mean over dimensions: ddpo-pytorch's convention, which is why the clip range is 1e-4).
+//! Rewards become advantages per prompt (ddpo-pytorch `stat_tracking.py`: a buffer of the last
+//! `stat_buffer` rewards per prompt; below `stat_min_count` the batch statistics are used),
+//! `A = (r - mean) / (std + 1e-6)`, clipped to +-`adv_clip_max`. Then for each trained step
+//! (`scripts/train.py` l.539-551):
+//!
+//! ```text
+//! rho = exp(log pi_theta(x_{t-1} | x_t) - log pi_old(x_{t-1} | x_t))
+//! L   = mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))
+//! ```
+//!
+//! with one backward per step, accumulated over the steps (the loss is divided by their number,
+//! as accelerate's accumulation does), and `approx_kl = 1/2 mean((log rho)^2)` and the clip
+//! fraction logged. Defaults: `config/base.py` (see `DdpoSection`).
+//!
+//! One deviation: ddpo-pytorch shuffles the trained steps independently per sample; here one
+//! permutation per update is shared by the batch (our UNet call takes one timestep per batch).
+//! With `timestep_fraction = 1` (the default) both train on every step.
+
+use crate::batch::{Batch, Collect};
+use crate::config::DdpoSection;
+use crate::{Algorithm, Context, MicroStep};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use tiller_core::{Error, Result, SeededRng};
+use tiller_diffusion::LogProbReduction;
+use tiller_diffusion::models::unet::UNet2DConditionModel;
+
+pub struct Ddpo {
+    pub config: DdpoSection,
+    tracker: PerPromptStats,
+}
+
+impl Ddpo {
+    pub fn new(config: DdpoSection) -> Self {
+        let tracker = PerPromptStats::new(config.stat_buffer, config.stat_min_count);
+        Self { config, tracker }
+    }
+}
+
+/// ddpo-pytorch's `PerPromptStatTracker`: per-prompt buffers of recent rewards.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PerPromptStats {
+    buffer: usize,
+    min_count: usize,
+    history: BTreeMap<String, VecDeque<f64>>,
+}
+
+impl PerPromptStats {
+    pub fn new(buffer: usize, min_count: usize) -> Self {
+        Self {
+            buffer,
+            min_count,
+            history: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the batch's rewards and returns each one normalised by its prompt's statistics
+    /// (or the batch's when the prompt has fewer than `min_count` values).
+    pub fn update(&mut self, prompts: &[String], rewards: &[f64]) -> Vec<f64> {
+        let (batch_mean, batch_std) = mean_std(rewards);
+        let mut out = vec![0.0; rewards.len()];
+        let mut by_prompt: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, p) in prompts.iter().enumerate() {
+            by_prompt.entry(p).or_default().push(i);
+        }
+        for (p, idx) in by_prompt {
+            let h = self.history.entry(p.to_string()).or_default();
+            for &i in &idx {
+                h.push_back(rewards[i]);
+                while h.len() > self.buffer.max(1) {
+                    h.pop_front();
+                }
+            }
+            let (m, s) = if h.len() < self.min_count {
+                (batch_mean, batch_std)
+            } else {
+                let v: Vec<f64> = h.iter().copied().collect();
+                mean_std(&v)
+            };
+            for &i in &idx {
+                out[i] = (rewards[i] - m) / (s + 1e-6);
+            }
+        }
+        out
+    }
+}
+
+/// Mean and population standard deviation (numpy's default, as ddpo-pytorch uses).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
+    (m, var.sqrt())
+}
+
+impl Algorithm for Ddpo {
+    fn name(&self) -> &'static str {
+        "ddpo"
+    }
+
+    fn collects(&self) -> Collect {
+        Collect::Rollouts
+    }
+
+    fn updates_per_batch(&self) -> usize {
+        self.config.inner_epochs
+    }
+
+    fn prepare(
+        &mut self,
+        batch: &mut Batch,
+        rng: &mut SeededRng,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        let Batch::Rollouts(r) = batch else {
+            return Err(Error::invalid("ddpo needs rollouts"));
+        };
+        let adv = if self.config.per_prompt_stat_tracking {
+            self.tracker.update(&r.prompts.texts, &r.rewards)
+        } else {
+            let (m, s) = mean_std(&r.rewards);
+            r.rewards.iter().map(|x| (x - m) / (s + 1e-6)).collect()
+        };
+        let c = self.config.adv_clip_max;
+        r.advantages = adv.into_iter().map(|a| a.clamp(-c, c)).collect();
+        // Which steps to train on: a random subset of `timestep_fraction` of the chain.
+        // Only stochastic steps have a log-probability (DDIM's last step may be deterministic).
+        let mut order: Vec<usize> = (0..r.log_probs.len())
+            .filter(|&i| r.log_probs[i].is_some())
+            .collect();
+        let steps = order.len();
+        for i in (1..steps).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let n = ((steps as f64 * self.config.timestep_fraction).round() as usize).clamp(1, steps);
+        order.truncate(n);
+        r.train_steps = order;
+        let (am, _) = mean_std(&r.advantages);
+        Ok(vec![("advantage_mean", am)])
+    }
+
+    fn gradients(
+        &mut self,
+        cx: &Context<'_>,
+        batch: &Batch,
+        scale: f64,
+        _rng: &mut SeededRng,
+    ) -> Result<MicroStep> {
+        let Batch::Rollouts(r) = batch else {
+            return Err(Error::invalid("ddpo needs rollouts"));
+        };
+        let policy = cx.policy;
+        let ad = policy.autodiff_device();
+        let b = r.prompts.len();
+        let cond = policy.conditioning(&r.prompts, &ad);
+        let cond_plain = policy.conditioning(&r.prompts, &policy.device);
+        let adv = Tensor::<1>::from_data(
+            TensorData::new(r.advantages.iter().map(|&a| a as f32).collect(), [b]),
+            &ad,
+        );
+        let eps = self.config.clip_range;
+        let n_steps = r.train_steps.len() as f64;
+        let mut acc = GradientsAccumulator::<UNet2DConditionModel>::new();
+        let (mut loss_sum, mut kl_sum, mut approx_kl, mut clipfrac, mut ratio_sum) =
+            (0.0, 0.0, 0.0, 0.0, 0.0);
+        for &i in &r.train_steps {
+            let t = policy.sampler.timesteps()[i];
+            let x_t = r.latents[i].clone().autodiff();
+            let next = r.latents[i + 1].clone().autodiff();
+            let pred = cond.predict(&policy.unet, x_t.clone(), t);
+            let step = policy.sampler.step(pred, i, x_t.clone())?.distribution;
+            let log_prob = step.log_prob(next, LogProbReduction::Mean)?;
+            let old = r.log_probs[i]
+                .clone()
+                .ok_or_else(|| Error::invalid(format!("step {i} has no log-probability")))?
+                .autodiff();
+            let log_ratio = log_prob - old;
+            let ratio = log_ratio.clone().exp();
+            let unclipped = adv.clone().neg() * ratio.clone();
+            let clipped = adv.clone().neg() * ratio.clone().clamp(1.0 - eps, 1.0 + eps);
+            let mut loss = unclipped.max_pair(clipped).mean();
+            let value = loss.clone().into_scalar::<f64>();
+            if cx.kl_weight > 0.0 {
+                let kl = policy.kl_to_reference(&cond_plain, &step, &x_t, i)?.mean();
+                kl_sum += kl.clone().into_scalar::<f64>();
+                loss = loss + kl * cx.kl_weight;
+            }
+            let lr: Vec<f32> = log_ratio
+                .inner()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| Error::invalid(format!("{e:?}")))?;
+            approx_kl += lr.iter().map(|x| 0.5 * (*x as f64).powi(2)).sum::<f64>() / b as f64;
+            clipfrac += lr
+                .iter()
+                .filter(|x| ((x.exp() as f64) - 1.0).abs() > eps)
+                .count() as f64
+                / b as f64;
+            ratio_sum += lr.iter().map(|x| x.exp() as f64).sum::<f64>() / b as f64;
+            loss_sum += value;
+            let scaled = loss * (scale / n_steps);
+            let g = GradientsParams::from_grads(scaled.backward(), &policy.unet);
+            acc.accumulate(&policy.unet, g);
+        }
+        let mut metrics = vec![
+            ("approx_kl", approx_kl / n_steps),
+            ("clipfrac", clipfrac / n_steps),
+            ("ratio_mean", ratio_sum / n_steps),
+        ];
+        if cx.kl_weight > 0.0 {
+            metrics.push(("kl", kl_sum / n_steps));
+        }
+        Ok(MicroStep {
+            grads: acc.grads(),
+            loss: loss_sum / n_steps,
+            metrics,
+            rewards: Vec::new(),
+        })
+    }
+
+    fn state(&self) -> serde_json::Value {
+        // Rewards as Rust's shortest round-trip text: serde_json's default float parsing is not
+        // exact, and a resumed run must normalise with exactly the same statistics.
+        let history: BTreeMap<&String, Vec<String>> = self
+            .tracker
+            .history
+            .iter()
+            .map(|(k, v)| (k, v.iter().map(|x| format!("{x:?}")).collect()))
+            .collect();
+        serde_json::json!({ "per_prompt_rewards": history })
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let bad = |what: &str| Error::invalid(format!("ddpo state in the checkpoint: {what}"));
+        let map = state
+            .get("per_prompt_rewards")
+            .and_then(|v| v.as_object())
+            .ok_or_else(|| bad("no per_prompt_rewards"))?;
+        let mut history = BTreeMap::new();
+        for (prompt, values) in map {
+            let values = values
+                .as_array()
+                .ok_or_else(|| bad("rewards are not a list"))?;
+            let parsed = values
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .and_then(|t| t.parse::<f64>().ok())
+                        .ok_or_else(|| bad(&format!("reward {v} of `{prompt}`")))
+                })
+                .collect::<Result<VecDeque<f64>>>()?;
+            history.insert(prompt.clone(), parsed);
+        }
+        self.tracker.history = history;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_tracker_uses_batch_statistics_until_min_count() {
+        let mut t = PerPromptStats::new(4, 2);
+        let p = vec!["a".to_string(), "b".to_string()];
+        // One value each: batch mean 2, std 1.
+        let a = t.update(&p, &[1.0, 3.0]);
+        assert!((a[0] + 1.0).abs() < 1e-5 && (a[1] - 1.0).abs() < 1e-5);
+        // Now "a" has [1, 5]: mean 3, std 2 -> (5 - 3) / 2 = 1.
+        let a = t.update(&p[..1], &[5.0]);
+        assert!((a[0] - 1.0).abs() < 1e-5, "{a:?}");
+    }
+
+    #[test]
+    fn buffer_keeps_the_newest_values() {
+        let mut t = PerPromptStats::new(2, 1);
+        let p = vec!["a".to_string()];
+        t.update(&p, &[100.0]);
+        t.update(&p, &[1.0]);
+        // Buffer now [1, 3]: mean 2, std 1.
+        let a = t.update(&p, &[3.0]);
+        assert!((a[0] - 1.0).abs() < 1e-5, "{a:?}");
+    }
+}

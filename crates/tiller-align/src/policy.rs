@@ -1,0 +1,145 @@
+//! The model being aligned, its frozen reference, and the sampler both are read through.
+
+use crate::batch::Prompts;
+use crate::config::{AdapterKind, AdapterSection};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use std::path::Path;
+use tiller_core::{Error, Result, SeededRng};
+use tiller_diffusion::models::lora::{LoraFormat, attach_lora, merge_lora, save_lora};
+use tiller_diffusion::models::save_unet;
+use tiller_diffusion::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use tiller_diffusion::sampling::Conditioning;
+use tiller_diffusion::schedulers::{Scheduler, SchedulerConfig};
+use tiller_diffusion::{Gaussian, LogProbReduction};
+
+/// The trainable UNet on the autodiff device, a frozen copy of the starting weights (the
+/// reference of DPO and of the KL regulariser), and the sampling chain.
+pub struct Policy {
+    /// Trainable (LoRA adapters only, or every weight), on `device.autodiff()`.
+    pub unet: UNet2DConditionModel,
+    /// The starting weights, frozen, on the plain device.
+    pub reference: UNet2DConditionModel,
+    pub unet_config: UNet2DConditionConfig,
+    /// The chain of rollouts and differentiable samples (DDIM with the configured eta).
+    pub sampler: Box<dyn Scheduler>,
+    /// The training noise schedule (add_noise / training targets: Diffusion-DPO).
+    pub noise: Box<dyn Scheduler>,
+    pub guidance: f64,
+    pub adapter: AdapterKind,
+    /// The plain device.
+    pub device: Device,
+}
+
+impl Policy {
+    /// Wraps `base` (on `device`): LoRA adapters attached (initialised from `rng`) or every
+    /// parameter made trainable, then moved to the autodiff device.
+    pub fn new(
+        base: UNet2DConditionModel,
+        unet_config: UNet2DConditionConfig,
+        sampler: Box<dyn Scheduler>,
+        noise: Box<dyn Scheduler>,
+        guidance: f64,
+        adapter: &AdapterSection,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let reference = base.clone();
+        let trainable = match adapter.kind {
+            AdapterKind::Lora => attach_lora(base, &adapter.lora(), rng)?,
+            AdapterKind::Full => base.set_require_grad(true),
+        };
+        // burn 0.22: moving to the autodiff device keeps tensors plain; `train()` puts the
+        // trainable parameters on the graph (adapter factors only, for LoRA).
+        let unet = trainable.to_device(&device.clone().autodiff()).train();
+        Ok(Self {
+            unet,
+            reference,
+            unet_config,
+            sampler,
+            noise,
+            guidance,
+            adapter: adapter.kind,
+            device: device.clone(),
+        })
+    }
+
+    pub fn autodiff_device(&self) -> Device {
+        self.device.clone().autodiff()
+    }
+
+    /// The current weights without a graph, on the plain device.
+    pub fn current(&self) -> UNet2DConditionModel {
+        self.unet.valid()
+    }
+
+    /// The current weights as a plain UNet (adapters merged).
+    pub fn merged(&self) -> UNet2DConditionModel {
+        merge_lora(self.unet.valid())
+    }
+
+    /// The conditioning of `prompts` on `device` (guided when `guidance != 1`).
+    pub fn conditioning(&self, prompts: &Prompts, device: &Device) -> Conditioning {
+        let c = Conditioning::new(prompts.context.clone().to_device(device));
+        if self.guidance != 1.0 {
+            c.with_guidance(prompts.uncond.clone().to_device(device), self.guidance)
+        } else {
+            c
+        }
+    }
+
+    /// The per-step Gaussian KL(pi_theta || pi_ref) at `x_t` (autodiff) for chain step `i`,
+    /// averaged over dimensions, [B]. The reference runs without a graph.
+    pub fn kl_to_reference(
+        &self,
+        cond_plain: &Conditioning,
+        policy_step: &Gaussian,
+        x_t: &Tensor<4>,
+        i: usize,
+    ) -> Result<Tensor<1>> {
+        let t = self.sampler.timesteps()[i];
+        let x_plain = x_t.clone().inner().to_device(&self.device);
+        let pred = cond_plain.predict(&self.reference, x_plain.clone(), t);
+        let reference = self.sampler.step(pred, i, x_plain)?.distribution;
+        let ad = self.autodiff_device();
+        let reference = Gaussian {
+            mean: reference.mean.to_device(&ad),
+            std: reference.std.to_device(&ad),
+        };
+        policy_step.kl(&reference, LogProbReduction::Mean)
+    }
+
+    /// Writes the trained weights: LoRA as `pytorch_lora_weights.safetensors` (diffusers/PEFT
+    /// keys) and `lora_kohya.safetensors` (kohya keys); a full fine-tune as a diffusers `unet/`.
+    pub fn export(&self, folder: &Path) -> Result<()> {
+        std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
+        match self.adapter {
+            AdapterKind::Lora => {
+                let plain = self.current();
+                save_lora(&plain, &folder.join(LORA_PEFT_FILE), LoraFormat::Peft)?;
+                save_lora(&plain, &folder.join(LORA_KOHYA_FILE), LoraFormat::Kohya)
+            }
+            AdapterKind::Full => {
+                save_unet(&folder.join("unet"), &self.unet_config, &self.current())
+            }
+        }
+    }
+}
+
+/// The LoRA file in diffusers' naming (`pipe.load_lora_weights` reads it).
+pub const LORA_PEFT_FILE: &str = "pytorch_lora_weights.safetensors";
+/// The same adapters in kohya's naming (A1111, ComfyUI, sd-scripts).
+pub const LORA_KOHYA_FILE: &str = "lora_kohya.safetensors";
+
+/// Builds the sampler of a run on the pipeline's schedule with the configured eta.
+pub fn sampler_config(pipeline: &SchedulerConfig, eta: f64) -> Result<SchedulerConfig> {
+    match pipeline {
+        SchedulerConfig::Ddim(c) => Ok(SchedulerConfig::Ddim(
+            tiller_diffusion::schedulers::DdimConfig { eta, ..c.clone() },
+        )),
+        other => Err(Error::invalid(format!(
+            "alignment samples with DDIM (eta = {eta}), but the pipeline's scheduler is {:?}",
+            other.kind()
+        ))),
+    }
+}

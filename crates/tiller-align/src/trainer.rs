@@ -1,0 +1,526 @@
+//! The one alignment loop: collect -> score -> loss -> accumulate -> step -> log -> checkpoint.
+//!
+//! Each update collects the method's data for the whole effective batch (`batch_size x
+//! grad_accum`) from the run's one random stream, lets the method prepare it (advantages), then
+//! cuts it into `grad_accum` micro-batches whose gradients (of the loss scaled by
+//! `1 / grad_accum`) are summed, so an accumulated update equals one big batch. AdamW steps with
+//! the scheduled learning rate and gradient-norm clipping. Every update logs loss, learning rate,
+//! reward mean/std (and a TensorBoard histogram), the method's scalars, the reward queries spent
+//! and wall time; validation (held-out prompts, fixed seeds: the caller's hook) runs at the start,
+//! every `log.val_every` updates and at the end. Checkpoints hold the trainable weights with their
+//! parameter ids, the optimizer moments, the random stream and the method's state, written
+//! atomically: `--resume latest` continues exactly as an uninterrupted run. A non-finite loss or
+//! reward stops the run with the update number.
+
+use crate::batch::{Batch, Collect, Pairs, Prompts, Rollouts, Starts};
+use crate::config::AlignConfig;
+use crate::policy::Policy;
+use crate::{Algorithm, Context};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, ModuleOptimizer};
+use burn::store::ModuleRecord;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+use tiller_core::rng::RngState;
+use tiller_core::{Error, Result, SeededRng};
+use tiller_diffusion::LogProbReduction;
+use tiller_diffusion::models::unet::UNet2DConditionModel;
+use tiller_diffusion::sampling::{Record, sample};
+use tiller_engine::checkpoint::{CheckpointStore, Resume, atomic_write};
+use tiller_engine::schedule::LrSchedule;
+use tiller_engine::{MetricsLog, Progress, RunDir};
+use tiller_reward::{Reward, tensor_to_images};
+
+/// One preference pair: the prompt and both images as CHW floats in [-1, 1].
+#[derive(Debug, Clone)]
+pub struct PreferencePair {
+    pub prompt: String,
+    pub chosen: Vec<f32>,
+    pub rejected: Vec<f32>,
+}
+
+/// What the loop trains on.
+pub struct AlignData<'a> {
+    /// Training prompts; each update draws its prompts uniformly from them.
+    pub prompts: Vec<String>,
+    /// Preference pairs (Diffusion-DPO).
+    pub pairs: Vec<PreferencePair>,
+    /// Reward queries spent before training starts (the labels behind `pairs`).
+    pub upfront_queries: u64,
+    /// Text -> the text encoder's hidden states [N, L, D] on the plain device.
+    pub encode: &'a dyn Fn(&[String]) -> Result<Tensor<3>>,
+    /// Image shape [C, H, W].
+    pub image_shape: [usize; 3],
+}
+
+/// Called with the update number and the current weights (adapters merged, plain device);
+/// returns scalars to log under `val/`.
+pub type Validate<'a> = dyn FnMut(u64, &UNet2DConditionModel) -> Result<Vec<(String, f64)>> + 'a;
+
+/// What [`align`] returns.
+pub struct Aligned {
+    pub policy: Policy,
+    pub updates: u64,
+    pub reward_queries: u64,
+    pub wall_s: f64,
+    /// The last validation's scalars.
+    pub last_validation: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlignState {
+    step: u64,
+    rng: RngState,
+    reward_queries: u64,
+    wall_s: f64,
+    method: serde_json::Value,
+}
+
+const MODEL_FILE: &str = "model.bpk";
+const OPTIM_FILE: &str = "optimizer.bpk";
+const STATE_FILE: &str = "state.json";
+
+fn record_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::format(path, e.to_string())
+}
+
+/// Runs (or resumes) an alignment run. `stop_after` ends it after that many updates in this
+/// process (tests of interruption).
+#[allow(clippy::too_many_arguments)]
+pub fn align(
+    run: &RunDir,
+    config: &AlignConfig,
+    policy: Policy,
+    algorithm: &mut dyn Algorithm,
+    reward: &dyn Reward,
+    data: &AlignData<'_>,
+    resume: Option<&Resume>,
+    stop_after: Option<u64>,
+    validate: &mut Validate<'_>,
+) -> Result<Aligned> {
+    let train = &config.train;
+    let store = CheckpointStore::new(run.checkpoints(), config.log.keep_checkpoints);
+    let mut optim: ModuleOptimizer = {
+        let mut c = AdamWConfig::new()
+            .with_beta_1(train.adam_beta1 as f32)
+            .with_beta_2(train.adam_beta2 as f32)
+            .with_epsilon(train.adam_epsilon as f32)
+            .with_weight_decay(train.weight_decay as f32);
+        if train.max_grad_norm > 0.0 {
+            c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(
+                train.max_grad_norm as f32,
+            )));
+        }
+        c.init()
+    };
+    let mut policy = policy;
+    let mut rng = SeededRng::new(train.seed);
+    let mut step = 0u64;
+    let mut queries = data.upfront_queries;
+    let mut wall_before = 0.0;
+    if let Some(resume) = resume {
+        let (s, dir) = store.resolve(resume)?;
+        let p = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let state: AlignState = serde_json::from_str(&text).map_err(|e| record_err(&p, e))?;
+        if state.step != s {
+            return Err(Error::format(
+                &p,
+                format!("step {} but the folder says {s}", state.step),
+            ));
+        }
+        let mp = dir.join(MODEL_FILE);
+        let rec = ModuleRecord::load(&mp).map_err(|e| record_err(&mp, e))?;
+        // As at the start of a run: load into the plain module, then put it on the autodiff
+        // device (loading restores parameter ids, which the optimizer state is keyed by).
+        let ad = policy.autodiff_device();
+        policy = Policy {
+            unet: policy.unet.valid().load_record(rec).to_device(&ad).train(),
+            ..policy
+        };
+        let op = dir.join(OPTIM_FILE);
+        let rec = burn::optim::OptimizerRecord::load(&op).map_err(|e| record_err(&op, e))?;
+        optim = optim.load_record(rec);
+        algorithm.restore(&state.method)?;
+        rng = SeededRng::from_state(&state.rng)?;
+        step = s;
+        queries = state.reward_queries;
+        wall_before = state.wall_s;
+        eprintln!("resumed from {} (update {step})", dir.display());
+    }
+
+    let lr = LrSchedule {
+        peak: train.learning_rate,
+        warmup_steps: train.warmup_steps,
+        total_steps: train.updates,
+        shape: train.lr_schedule,
+    };
+    let mut metrics = MetricsLog::open(run.root(), resume.map(|_| step))?;
+    let per_batch = algorithm.updates_per_batch() as u64;
+    eprintln!(
+        "align {}: {} updates, effective batch {} = {} per micro-batch x {} accumulation{}, lr {:.1e}, reward {}",
+        algorithm.name(),
+        train.updates,
+        train.effective_batch(),
+        train.batch_size,
+        train.grad_accum,
+        if per_batch > 1 {
+            format!(", {per_batch} updates per collected batch")
+        } else {
+            String::new()
+        },
+        train.learning_rate,
+        reward.name(),
+    );
+    let started = Instant::now();
+    let wall = |started: &Instant| wall_before + started.elapsed().as_secs_f64();
+    let mut last_validation = Vec::new();
+    let mut validated_at = None;
+    if resume.is_none() {
+        last_validation = validate(0, &policy.merged())?;
+        log_validation(&mut metrics, 0, &last_validation, queries, 0.0)?;
+        validated_at = Some(0);
+    }
+
+    let mut progress = Progress::new(algorithm.name(), step, train.updates);
+    let mut done_here = 0u64;
+    let upfront = data.upfront_queries;
+    let budget_left =
+        |q: u64| train.reward_budget == 0 || q.saturating_sub(upfront) < train.reward_budget;
+    while step < train.updates && budget_left(queries) && stop_after.is_none_or(|n| done_here < n) {
+        // ---- collect and score the whole effective batch
+        let n = train.effective_batch();
+        let (mut batch, collected_rewards) = collect(
+            algorithm.collects(),
+            &policy,
+            reward,
+            data,
+            n,
+            train.batch_size,
+            &mut rng,
+        )?;
+        queries += collected_rewards.len() as u64;
+        let prepared = algorithm.prepare(&mut batch, &mut rng)?;
+
+        for _ in 0..per_batch {
+            if step >= train.updates || stop_after.is_some_and(|m| done_here >= m) {
+                break;
+            }
+            // ---- micro-batches: gradients of loss / grad_accum, summed
+            let scale = 1.0 / train.grad_accum as f64;
+            let mut acc = GradientsAccumulator::<UNet2DConditionModel>::new();
+            let mut loss = 0.0;
+            let mut sums: Vec<(&'static str, f64)> = Vec::new();
+            let mut step_rewards = collected_rewards.clone();
+            for m in 0..train.grad_accum {
+                let micro = batch.slice(m * train.batch_size..(m + 1) * train.batch_size);
+                let cx = Context {
+                    policy: &policy,
+                    reward,
+                    kl_weight: train.kl_weight,
+                };
+                let out = algorithm.gradients(&cx, &micro, scale, &mut rng)?;
+                if !out.loss.is_finite() {
+                    return Err(Error::NonFinite(format!(
+                        "{} loss {} at update {} (micro-batch {m})",
+                        algorithm.name(),
+                        out.loss,
+                        step + 1
+                    )));
+                }
+                loss += out.loss * scale;
+                for (k, v) in out.metrics {
+                    match sums.iter_mut().find(|(n, _)| *n == k) {
+                        Some((_, s)) => *s += v * scale,
+                        None => sums.push((k, v * scale)),
+                    }
+                }
+                queries += out.rewards.len() as u64;
+                step_rewards.extend(out.rewards);
+                acc.accumulate(&policy.unet, out.grads);
+            }
+            let rate = lr.at(step);
+            policy = Policy {
+                unet: optim.step(rate, policy.unet, acc.grads()),
+                ..policy
+            };
+            step += 1;
+            done_here += 1;
+
+            // ---- log
+            let secs = wall(&started);
+            let mut values: Vec<(&str, f64)> = vec![
+                ("loss", loss),
+                ("lr", rate),
+                ("reward_queries", queries as f64),
+                ("wall_s", secs),
+                (
+                    "samples_per_s",
+                    (done_here as f64 * n as f64) / started.elapsed().as_secs_f64().max(1e-9),
+                ),
+            ];
+            if !step_rewards.is_empty() {
+                let (m, s) = crate::methods::ddpo::mean_std(&step_rewards);
+                values.push(("reward_mean", m));
+                values.push(("reward_std", s));
+                metrics.histogram("reward", step, &step_rewards)?;
+            }
+            values.extend(prepared.iter().copied());
+            values.extend(sums.iter().copied());
+            metrics.log(step, &values)?;
+            let status = match step_rewards.is_empty() {
+                true => format!("loss {loss:.4}"),
+                false => format!(
+                    "loss {loss:.4} reward {:.3}",
+                    step_rewards.iter().sum::<f64>() / step_rewards.len() as f64
+                ),
+            };
+            progress.update(step, &status);
+
+            // ---- validate, checkpoint
+            let last = step == train.updates || !budget_left(queries);
+            if (config.log.val_every > 0 && step.is_multiple_of(config.log.val_every)) || last {
+                last_validation = validate(step, &policy.merged())?;
+                log_validation(
+                    &mut metrics,
+                    step,
+                    &last_validation,
+                    queries,
+                    wall(&started),
+                )?;
+                validated_at = Some(step);
+            }
+            if step.is_multiple_of(config.log.checkpoint_every.max(1)) || last {
+                save_checkpoint(
+                    &store,
+                    step,
+                    &policy,
+                    &optim,
+                    &rng,
+                    queries,
+                    wall(&started),
+                    algorithm,
+                )?;
+            }
+        }
+    }
+    let finished = step >= train.updates || !budget_left(queries);
+    if finished && validated_at != Some(step) {
+        last_validation = validate(step, &policy.merged())?;
+        log_validation(
+            &mut metrics,
+            step,
+            &last_validation,
+            queries,
+            wall(&started),
+        )?;
+    }
+    metrics.flush()?;
+    let wall_s = wall(&started);
+    Ok(Aligned {
+        policy,
+        updates: step,
+        reward_queries: queries,
+        wall_s,
+        last_validation,
+    })
+}
+
+fn log_validation(
+    metrics: &mut MetricsLog,
+    step: u64,
+    values: &[(String, f64)],
+    queries: u64,
+    wall_s: f64,
+) -> Result<()> {
+    let mut v: Vec<(String, f64)> = values
+        .iter()
+        .map(|(k, x)| (format!("val/{k}"), *x))
+        .collect();
+    v.push(("val/reward_queries".into(), queries as f64));
+    v.push(("val/wall_s".into(), wall_s));
+    let refs: Vec<(&str, f64)> = v.iter().map(|(k, x)| (k.as_str(), *x)).collect();
+    metrics.log(step, &refs)
+}
+
+/// Draws `n` prompts (uniformly, with replacement) and encodes them.
+fn draw_prompts(data: &AlignData<'_>, n: usize, rng: &mut SeededRng) -> Result<Prompts> {
+    if data.prompts.is_empty() {
+        return Err(Error::invalid("no training prompts"));
+    }
+    let texts: Vec<String> = (0..n)
+        .map(|_| data.prompts[rng.below(data.prompts.len())].clone())
+        .collect();
+    encode_prompts(data, texts)
+}
+
+fn encode_prompts(data: &AlignData<'_>, texts: Vec<String>) -> Result<Prompts> {
+    let context = (data.encode)(&texts)?;
+    let uncond = (data.encode)(&vec![String::new(); texts.len()])?;
+    Ok(Prompts {
+        texts,
+        context,
+        uncond,
+    })
+}
+
+/// Collects one update's batch of `n` examples; returns it with the rewards spent on it.
+pub fn collect(
+    kind: Collect,
+    policy: &Policy,
+    reward: &dyn Reward,
+    data: &AlignData<'_>,
+    n: usize,
+    micro: usize,
+    rng: &mut SeededRng,
+) -> Result<(Batch, Vec<f64>)> {
+    let [c, h, w] = data.image_shape;
+    let device = &policy.device;
+    match kind {
+        Collect::Rollouts => {
+            let prompts = draw_prompts(data, n, rng)?;
+            let current = policy.current();
+            let steps = policy.sampler.timesteps().len();
+            let mut latents: Vec<Vec<Tensor<4>>> = vec![Vec::new(); steps + 1];
+            let mut log_probs: Vec<Vec<Tensor<1>>> = vec![Vec::new(); steps];
+            let mut stochastic = vec![true; steps];
+            // Sampled in micro-batches: the same batch layout as training, so the first ratio
+            // of an on-policy update is exactly 1.
+            for start in (0..n).step_by(micro.max(1)) {
+                let part = prompts.slice(start..(start + micro).min(n));
+                let cond = policy.conditioning(&part, device);
+                let x_t = rng.normal([part.len(), c, h, w], device);
+                let s = sample(
+                    &current,
+                    policy.sampler.as_ref(),
+                    &cond,
+                    x_t,
+                    rng,
+                    Record::Trajectory(LogProbReduction::Mean),
+                )?;
+                let traj = s.trajectory.expect("recorded");
+                for (i, x) in traj.latents.into_iter().enumerate() {
+                    latents[i].push(x);
+                }
+                for (i, lp) in traj.log_probs.into_iter().enumerate() {
+                    match lp {
+                        Some(lp) => log_probs[i].push(lp),
+                        None => stochastic[i] = false,
+                    }
+                }
+            }
+            if !stochastic.iter().any(|s| *s) {
+                return Err(Error::config(
+                    "sampling.eta",
+                    "rollouts need stochastic steps (eta > 0)",
+                ));
+            }
+            let latents: Vec<Tensor<4>> = latents.into_iter().map(|v| Tensor::cat(v, 0)).collect();
+            let log_probs: Vec<Option<Tensor<1>>> = log_probs
+                .into_iter()
+                .zip(&stochastic)
+                .map(|(v, s)| s.then(|| Tensor::cat(v, 0)))
+                .collect();
+            let images = tensor_to_images(latents[steps].clone())?;
+            let rewards = reward.score(&images, &prompts.texts)?;
+            check_finite(&rewards, reward)?;
+            Ok((
+                Batch::Rollouts(Rollouts {
+                    prompts,
+                    latents,
+                    log_probs,
+                    rewards: rewards.clone(),
+                    advantages: Vec::new(),
+                    train_steps: Vec::new(),
+                }),
+                rewards,
+            ))
+        }
+        Collect::Pairs => {
+            if data.pairs.is_empty() {
+                return Err(Error::invalid(
+                    "no preference pairs (collect feedback into the store first)",
+                ));
+            }
+            let picks: Vec<&PreferencePair> = (0..n)
+                .map(|_| &data.pairs[rng.below(data.pairs.len())])
+                .collect();
+            let prompts = encode_prompts(data, picks.iter().map(|p| p.prompt.clone()).collect())?;
+            let stack = |f: &dyn Fn(&PreferencePair) -> &Vec<f32>| {
+                let v: Vec<f32> = picks.iter().flat_map(|p| f(p).iter().copied()).collect();
+                Tensor::<4>::from_data(TensorData::new(v, [n, c, h, w]), device)
+            };
+            let chosen = stack(&|p| &p.chosen);
+            let rejected = stack(&|p| &p.rejected);
+            let noise = rng.normal([n, c, h, w], device);
+            let num_train = policy.noise.num_train_timesteps();
+            let timesteps = (0..n).map(|_| rng.below(num_train) as f64).collect();
+            Ok((
+                Batch::Pairs(Pairs {
+                    prompts,
+                    chosen,
+                    rejected,
+                    noise,
+                    timesteps,
+                }),
+                Vec::new(),
+            ))
+        }
+        Collect::Starts => {
+            let prompts = draw_prompts(data, n, rng)?;
+            let x_t = rng.normal([n, c, h, w], device);
+            let seed = rng.below(usize::MAX) as u64;
+            Ok((Batch::Starts(Starts { prompts, x_t, seed }), Vec::new()))
+        }
+    }
+}
+
+fn check_finite(rewards: &[f64], reward: &dyn Reward) -> Result<()> {
+    match rewards.iter().position(|r| !r.is_finite()) {
+        Some(i) => Err(Error::NonFinite(format!(
+            "reward `{}` returned {} for sample {i}",
+            reward.name(),
+            rewards[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    store: &CheckpointStore,
+    step: u64,
+    policy: &Policy,
+    optim: &ModuleOptimizer,
+    rng: &SeededRng,
+    reward_queries: u64,
+    wall_s: f64,
+    algorithm: &dyn Algorithm,
+) -> Result<()> {
+    store.save(step, |dir| {
+        let p = dir.join(MODEL_FILE);
+        policy
+            .unet
+            .clone()
+            .into_record()
+            .save(&p)
+            .map_err(|e| record_err(&p, e))?;
+        let p = dir.join(OPTIM_FILE);
+        optim.to_record().save(&p).map_err(|e| record_err(&p, e))?;
+        let state = AlignState {
+            step,
+            rng: rng.state(),
+            reward_queries,
+            wall_s,
+            method: algorithm.state(),
+        };
+        let text =
+            serde_json::to_string_pretty(&state).map_err(|e| Error::invalid(e.to_string()))?;
+        atomic_write(&dir.join(STATE_FILE), text.as_bytes())
+    })?;
+    Ok(())
+}

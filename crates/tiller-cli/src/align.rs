@@ -1,0 +1,494 @@
+//! `tiller align`: one alignment run of any method on the testbed, and loading its result.
+//!
+//! Glue only: resolve the config, load the base pipeline, the reward, the prompts (the testbed's
+//! train split) and, for Diffusion-DPO, the preference pairs from the store; validate on the
+//! held-out test split with fixed seeds (gold accuracy, gold reward, proxy reward, a grid); call
+//! `tiller_align::align`; export the adapters (or the UNet) to `<run>/final/`.
+
+use crate::eval::{load_pipeline, score};
+use crate::reward::load_reward;
+use crate::testbed::{SampleSettings, sample_prompts};
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tiller_align::config::{AdapterKind, MethodName};
+use tiller_align::policy::{LORA_PEFT_FILE, sampler_config};
+use tiller_align::trainer::{AlignData, PreferencePair};
+use tiller_align::{AlignConfig, Policy};
+use tiller_core::SeededRng;
+use tiller_diffusion::models::lora::{load_lora, merge_lora};
+use tiller_diffusion::models::unet::UNet2DConditionModel;
+use tiller_diffusion::pipeline::TextToImage;
+use tiller_engine::{Resume, RunDir};
+use tiller_feedback::{Choice, PreferenceStore, Query, Split, SqliteStore};
+use tiller_reward::{GoldReward, Reward};
+use tiller_testbed::image::decode_png;
+use tiller_testbed::{Image, Prompt, PromptSetConfig, Task, Tokenizer, geneval, prompts};
+
+#[derive(Args, Clone)]
+pub struct AlignArgs {
+    /// The method preset (TOML; overrides of the defaults only).
+    #[arg(long, default_value = "configs/ddpo-testbed.toml")]
+    pub config: PathBuf,
+    /// The run directory.
+    #[arg(long, default_value = "runs/align")]
+    pub out: PathBuf,
+    /// Continue a run: `latest` or a checkpoint folder.
+    #[arg(long)]
+    pub resume: Option<Resume>,
+    /// Override a config value, e.g. `--set train.updates=10` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Stop after this many updates in this process (the run can be resumed).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
+}
+
+/// What a finished `align` reports.
+pub struct AlignSummary {
+    pub config: AlignConfig,
+    pub before: Vec<(String, f64)>,
+    pub after: Vec<(String, f64)>,
+    pub reward_queries: u64,
+    pub wall_s: f64,
+    pub updates: u64,
+}
+
+pub fn align(args: AlignArgs) -> Result<AlignSummary> {
+    // A new run's folder is created only once every input has loaded, so a bad input leaves
+    // nothing behind.
+    let (opened, config, resolved) = match &args.resume {
+        Some(_) => {
+            let (run, text) = RunDir::open(&args.out).with_context(|| {
+                format!("--resume needs an existing run in {}", args.out.display())
+            })?;
+            let config: AlignConfig = toml::from_str(&text).with_context(|| {
+                format!(
+                    "{}: the saved config",
+                    args.out.join("config.toml").display()
+                )
+            })?;
+            (Some(run), config, text)
+        }
+        None => {
+            if args.out.join("config.toml").exists() {
+                bail!(
+                    "{} already holds a run; pass `--resume latest` to continue it or choose another --out",
+                    args.out.display()
+                );
+            }
+            let (config, resolved): (AlignConfig, String) =
+                tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
+            (None, config, resolved)
+        }
+    };
+    config.validate()?;
+    let device = tiller_core::device::parse_device(&config.device)?;
+    let (pipe, tokenizer) = load_pipeline(Path::new(&config.base), &device)?;
+    let reward = load_reward(&config.reward, &tokenizer, &device)?;
+    let splits = prompts::generate_splits(&PromptSetConfig::default())?;
+    let train_prompts = first_per_task(
+        &splits.train,
+        &config.prompts.tasks,
+        config.prompts.train_per_task,
+    );
+    let val_prompts = first_per_task(
+        &splits.test,
+        &config.prompts.tasks,
+        config.prompts.val_per_task,
+    );
+    let (pairs, upfront) = if config.method == MethodName::DiffusionDpo {
+        read_pairs(
+            Path::new(&config.dpo.store),
+            &config.dpo.split,
+            config.dpo.max_comparisons,
+        )?
+    } else {
+        (Vec::new(), 0)
+    };
+
+    let sampler = sampler_config(&pipe.scheduler, config.sampling.eta)?;
+    let mut init_rng = SeededRng::new(config.train.seed ^ 0x10a4_5eed);
+    let policy = Policy::new(
+        pipe.unet.clone(),
+        pipe.unet_config.clone(),
+        sampler.build(config.sampling.steps)?,
+        pipe.scheduler.build(config.sampling.steps)?,
+        config.sampling.guidance,
+        &config.adapter,
+        &mut init_rng,
+        &device,
+    )?;
+    let encode = |texts: &[String]| -> tiller_core::Result<Tensor<3>> {
+        let ids: Vec<Vec<i64>> = texts
+            .iter()
+            .map(|t| Ok(tokenizer.encode(t)?.into_iter().map(i64::from).collect()))
+            .collect::<tiller_core::Result<_>>()?;
+        pipe.encode(&ids, &device)
+    };
+    let res = pipe
+        .resolution()
+        .context("the UNet config has no sample_size")?;
+    let data = AlignData {
+        prompts: train_prompts.iter().map(|p| p.text.clone()).collect(),
+        pairs,
+        upfront_queries: upfront,
+        encode: &encode,
+        image_shape: [pipe.unet_config.in_channels, res, res],
+    };
+    let settings = SampleSettings {
+        scheduler: sampler.clone(),
+        steps: config.sampling.steps,
+        guidance: config.sampling.guidance,
+        batch: 32,
+    };
+    let samples_dir = args.out.join("samples");
+    let proxy_is_gold = config.reward == "gold";
+    let mut validate = |step: u64, unet: &UNet2DConditionModel| {
+        let v = validation(
+            &pipe,
+            unet,
+            &tokenizer,
+            &val_prompts,
+            config.prompts.val_per_prompt,
+            &settings,
+            (!proxy_is_gold).then_some(reward.as_ref()),
+            &device,
+            &samples_dir.join(format!("val-{step:06}.png")),
+        )
+        .map_err(|e| tiller_core::Error::invalid(format!("validation at update {step}: {e:#}")))?;
+        let line: Vec<String> = v.iter().map(|(k, x)| format!("{k} {x:.3}")).collect();
+        eprintln!("validation @ {step}: {}", line.join(", "));
+        Ok(v)
+    };
+    let run = match opened {
+        Some(run) => run,
+        None => RunDir::create(&args.out, &resolved)?,
+    };
+    let mut algorithm = tiller_align::methods::build(&config);
+    let out = tiller_align::align(
+        &run,
+        &config,
+        policy,
+        algorithm.as_mut(),
+        reward.as_ref(),
+        &data,
+        args.resume.as_ref(),
+        args.stop_after,
+        &mut validate,
+    )?;
+    let finished = out.updates >= config.train.updates
+        || (config.train.reward_budget > 0
+            && out.reward_queries.saturating_sub(upfront) >= config.train.reward_budget);
+    if finished {
+        let final_dir = run.root().join("final");
+        let tmp = run.root().join(".final.tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        out.policy.export(&tmp)?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir)?;
+        eprintln!(
+            "aligned weights in {} ({} updates, {} reward queries, {:.0} s); evaluate with `tiller eval --model {}`",
+            final_dir.display(),
+            out.updates,
+            out.reward_queries,
+            out.wall_s,
+            run.root().display()
+        );
+    }
+    let before = read_validation(run.root(), 0)?;
+    Ok(AlignSummary {
+        config,
+        before,
+        after: out.last_validation,
+        reward_queries: out.reward_queries,
+        wall_s: out.wall_s,
+        updates: out.updates,
+    })
+}
+
+/// The first `n` prompts of each task in `tasks` (lists are grouped by task).
+fn first_per_task(list: &[Prompt], tasks: &[Task], n: usize) -> Vec<Prompt> {
+    let mut count: BTreeMap<Task, usize> = BTreeMap::new();
+    list.iter()
+        .filter(|p| tasks.contains(&p.spec.tag))
+        .filter(|p| {
+            let c = count.entry(p.spec.tag).or_default();
+            *c += 1;
+            *c <= n
+        })
+        .cloned()
+        .collect()
+}
+
+/// Non-tie comparisons of `split` as (prompt, chosen, rejected) pixel pairs; also returns how
+/// many comparisons (labels) the store holds for that split, the queries they cost.
+fn read_pairs(
+    store_dir: &Path,
+    split: &str,
+    max_comparisons: usize,
+) -> Result<(Vec<PreferencePair>, u64)> {
+    if !store_dir.join("preferences.sqlite").is_file() {
+        bail!(
+            "dpo.store: {} is not a preference store (no preferences.sqlite); run `tiller feedback collect --store {}` first",
+            store_dir.display(),
+            store_dir.display()
+        );
+    }
+    let store = SqliteStore::open(store_dir).with_context(|| {
+        format!(
+            "dpo.store: opening the preference store {}",
+            store_dir.display()
+        )
+    })?;
+    let split = match split {
+        "train" => Split::Train,
+        _ => Split::Test,
+    };
+    let mut comparisons = store.comparisons(&Query::default().in_split(split))?;
+    if max_comparisons > 0 {
+        comparisons.truncate(max_comparisons);
+    }
+    let mut cache: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    let mut pixels = |id: &tiller_feedback::ImageId| -> Result<Vec<f32>> {
+        if let Some(v) = cache.get(&id.0) {
+            return Ok(v.clone());
+        }
+        let bytes = store.image_bytes(id)?;
+        let image = decode_png(&bytes, Path::new(&id.0))?;
+        let mut v = Vec::new();
+        image.to_chw_floats(&mut v);
+        cache.insert(id.0.clone(), v.clone());
+        Ok(v)
+    };
+    let mut pairs = Vec::new();
+    for c in &comparisons {
+        let (w, l) = match c.choice {
+            Choice::A => (&c.image_a, &c.image_b),
+            Choice::B => (&c.image_b, &c.image_a),
+            Choice::Tie => continue, // Diffusion-DPO drops ties (Salesforce train.py)
+        };
+        let prompt = store.prompt(&c.prompt)?.with_context(|| {
+            format!(
+                "a comparison names prompt {} which is not stored",
+                c.prompt.0
+            )
+        })?;
+        pairs.push(PreferencePair {
+            prompt: prompt.text,
+            chosen: pixels(w)?,
+            rejected: pixels(l)?,
+        });
+    }
+    if pairs.is_empty() {
+        bail!(
+            "dpo.store: {} has no non-tie comparisons in the {split:?} split; run `tiller feedback collect` first",
+            store_dir.display()
+        );
+    }
+    Ok((pairs, comparisons.len() as u64))
+}
+
+/// Gold accuracy (GenEval overall), gold reward and, if given, the proxy reward of `unet` on
+/// the validation prompts with fixed seeds; writes a grid.
+#[allow(clippy::too_many_arguments)]
+fn validation(
+    pipe: &TextToImage,
+    unet: &UNet2DConditionModel,
+    tokenizer: &Tokenizer,
+    prompts: &[Prompt],
+    per_prompt: usize,
+    settings: &SampleSettings,
+    proxy: Option<&dyn Reward>,
+    device: &Device,
+    grid: &Path,
+) -> Result<Vec<(String, f64)>> {
+    let base_unet = pipe.unet.clone();
+    let pipe = TextToImage {
+        unet: unet.clone(),
+        ..pipe.clone()
+    };
+    let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
+    let seeds: Vec<u64> = (0..per_prompt as u64).map(|i| 1_000_000 + i).collect();
+    let images = sample_prompts(&pipe, tokenizer, &texts, &seeds, settings, device)?;
+    let report = score("align", "testbed-test", prompts, &images, BTreeMap::new())?;
+    let flat: Vec<Image> = images.iter().flatten().cloned().collect();
+    let flat_texts: Vec<String> = texts
+        .iter()
+        .flat_map(|t| std::iter::repeat_n(t.clone(), per_prompt))
+        .collect();
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let gold = mean(GoldReward::default().score(&flat, &flat_texts)?);
+    let kl = kl_to_base(&base_unet, unet, &pipe, tokenizer, &texts, settings, device)?;
+    let mut out = vec![
+        ("gold_accuracy".to_string(), report.overall),
+        ("kl_to_base".to_string(), kl),
+        ("gold_reward".to_string(), gold),
+        ("aesthetic".to_string(), report.aesthetic),
+        ("unasked_mark_rate".to_string(), report.unasked_mark_rate),
+    ];
+    if let Some(r) = proxy {
+        out.push((
+            "proxy_reward".to_string(),
+            mean(r.score(&flat, &flat_texts)?),
+        ));
+    }
+    if per_prompt >= 2 {
+        out.push(("diversity".to_string(), diversity(&images)));
+    }
+    if let Some(dir) = grid.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    geneval::write_grid_png(grid, &flat, (per_prompt * 8).min(flat.len()).max(1))?;
+    Ok(out)
+}
+
+/// The `val/` scalars logged at `step` in a run's metrics.jsonl.
+pub fn read_validation(run: &Path, step: u64) -> Result<Vec<(String, f64)>> {
+    let path = run.join("metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["step"].as_u64() == Some(step)
+            && let Some(obj) = v.as_object()
+            && obj.keys().any(|k| k.starts_with("val/"))
+        {
+            return Ok(obj
+                .iter()
+                .filter_map(|(k, x)| {
+                    k.strip_prefix("val/")
+                        .and_then(|k| x.as_f64().map(|x| (k.to_string(), x)))
+                })
+                .collect());
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Whether `folder` is an alignment run (what `tiller eval --model runs/<id>` accepts).
+pub fn is_run(folder: &Path) -> bool {
+    folder.join("config.toml").is_file() && folder.join("final").is_dir()
+}
+
+/// The base pipeline of an alignment run with the run's final weights (LoRA merged).
+pub fn load_aligned(run: &Path, device: &Device) -> Result<(TextToImage, Tokenizer)> {
+    let path = run.join("config.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config: AlignConfig = toml::from_str(&text)
+        .with_context(|| format!("{}: not an alignment run config", path.display()))?;
+    let (mut pipe, tokenizer) = load_pipeline(Path::new(&config.base), device)
+        .with_context(|| format!("the run's base model (`base` in {})", path.display()))?;
+    let final_dir = run.join("final");
+    pipe.unet = match config.adapter.kind {
+        AdapterKind::Lora => {
+            let (unet, _, _) = load_lora(pipe.unet, &final_dir.join(LORA_PEFT_FILE))?;
+            merge_lora(unet)
+        }
+        AdapterKind::Full => {
+            tiller_diffusion::models::load_unet(&final_dir.join("unet"), None, device)?.1
+        }
+    };
+    Ok((pipe, tokenizer))
+}
+
+/// Before/after validation of a run as a Markdown table.
+pub fn summary_markdown(s: &AlignSummary) -> String {
+    let mut out = format!(
+        "# {} on the testbed\n\n{} updates, {} reward queries, {:.0} s\n\n| validation (held-out prompts) | before | after |\n|---|---|---|\n",
+        s.config.method.name(),
+        s.updates,
+        s.reward_queries,
+        s.wall_s
+    );
+    for (k, after) in &s.after {
+        let before = s
+            .before
+            .iter()
+            .find(|(b, _)| b == k)
+            .map(|(_, v)| format!("{v:.3}"))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!("| {k} | {before} | {after:.3} |\n"));
+    }
+    out
+}
+
+/// The KL from the aligned chain to the base model's, per dimension, summed over the chain's
+/// steps and averaged over prompts (one fixed-seed chain per prompt, at most 16): at each step
+/// of the aligned model's own chain, the Gaussian KL between its step and the base model's step
+/// from the same x_t.
+fn kl_to_base(
+    base: &UNet2DConditionModel,
+    aligned: &UNet2DConditionModel,
+    pipe: &TextToImage,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    settings: &SampleSettings,
+    device: &Device,
+) -> Result<f64> {
+    use tiller_diffusion::LogProbReduction;
+    use tiller_diffusion::sampling::Conditioning;
+    let texts = &texts[..texts.len().min(16)];
+    let ids: Vec<Vec<i64>> = texts
+        .iter()
+        .map(|t| crate::testbed::encode(tokenizer, t))
+        .collect::<Result<_>>()?;
+    let n = ids.len();
+    let mut cond = Conditioning::new(pipe.encode(&ids, device)?);
+    if settings.guidance != 1.0 {
+        let empty = crate::testbed::empty_prompt(tokenizer);
+        cond = cond.with_guidance(pipe.encode(&vec![empty; n], device)?, settings.guidance);
+    }
+    let scheduler = settings.scheduler.build(settings.steps)?;
+    let res = pipe
+        .resolution()
+        .context("the UNet config has no sample_size")?;
+    let mut rng = SeededRng::new(2_000_000);
+    let mut x = rng.normal([n, pipe.unet_config.in_channels, res, res], device);
+    let mut total = 0.0;
+    for (i, &t) in scheduler.timesteps().iter().enumerate() {
+        let p = scheduler
+            .step(cond.predict(aligned, x.clone(), t), i, x.clone())?
+            .distribution;
+        let q = scheduler
+            .step(cond.predict(base, x.clone(), t), i, x.clone())?
+            .distribution;
+        if !p.is_deterministic() {
+            total += p
+                .kl(&q, LogProbReduction::Mean)?
+                .mean()
+                .into_scalar::<f64>();
+        }
+        x = p.sample(rng.normal(x.dims(), device));
+    }
+    Ok(total)
+}
+
+/// Mean absolute pixel difference (in [0, 1]) between the images of the same prompt, averaged
+/// over prompts: 0 when every seed gives the same picture.
+fn diversity(images: &[Vec<Image>]) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for imgs in images {
+        for a in 0..imgs.len() {
+            for b in a + 1..imgs.len() {
+                let (x, y) = (imgs[a].data(), imgs[b].data());
+                let d: f64 = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (*p as f64 - *q as f64).abs())
+                    .sum::<f64>()
+                    / (x.len() as f64 * 255.0);
+                sum += d;
+                n += 1;
+            }
+        }
+    }
+    sum / n.max(1) as f64
+}

@@ -1,0 +1,375 @@
+//! `tiller compare`: several methods from the same base, prompts, reward and reward-query
+//! budget; a table and plots of gold and proxy reward against reward queries and wall time, KL to
+//! the base model and diversity, and how many queries each method needs to reach the gold
+//! accuracy DDPO reaches.
+
+use crate::align::{AlignArgs, align};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use tiller_align::{AlignConfig, MethodName};
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Comma-separated methods (each runs `<configs>/<method>-testbed.toml`).
+    #[arg(long, default_value = "ddpo,diffusion-dpo,draft-k")]
+    pub methods: String,
+    /// Reward queries each method may spend: rollout scores (DDPO), reward gradients (DRaFT-K),
+    /// annotator comparisons (Diffusion-DPO trains on at most this many).
+    #[arg(long)]
+    pub budget: u64,
+    /// Also run DDPO and DRaFT-K with this KL-to-base weight (`<method>+kl` rows).
+    #[arg(long)]
+    pub kl: Option<f64>,
+    /// The folder of method presets.
+    #[arg(long, default_value = "configs")]
+    pub configs: PathBuf,
+    /// Override a value in every method's config (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Output folder: one run per method, compare.json, compare.md, compare.svg.
+    #[arg(long, default_value = "runs/compare")]
+    pub out: PathBuf,
+}
+
+/// One validation point of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub update: u64,
+    pub reward_queries: f64,
+    pub wall_s: f64,
+    pub gold_accuracy: f64,
+    pub gold_reward: f64,
+    pub proxy_reward: Option<f64>,
+    pub kl_to_base: Option<f64>,
+    pub diversity: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodRun {
+    pub name: String,
+    pub run: PathBuf,
+    pub points: Vec<Point>,
+    /// Reward queries at the first validation reaching the target (None: never).
+    pub queries_to_target: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub budget: u64,
+    /// The gold accuracy DDPO reaches (its best validation), if DDPO ran and improved.
+    pub target: Option<f64>,
+    pub methods: Vec<MethodRun>,
+}
+
+pub fn compare(args: CompareArgs) -> Result<Comparison> {
+    let mut plan: Vec<(String, MethodName, Vec<String>)> = Vec::new();
+    for m in args
+        .methods
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        let method: MethodName = m.parse().map_err(anyhow::Error::msg)?;
+        plan.push((m.to_string(), method, Vec::new()));
+        if let Some(w) = args.kl
+            && method != MethodName::DiffusionDpo
+        {
+            plan.push((
+                format!("{m}+kl"),
+                method,
+                vec![format!("train.kl_weight={w}")],
+            ));
+        }
+    }
+    if plan.is_empty() {
+        bail!("--methods names no method; valid: ddpo, diffusion-dpo, draft-k");
+    }
+    if args.budget == 0 {
+        bail!("--budget must be at least 1 reward query");
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let mut methods = Vec::new();
+    for (name, method, extra) in plan {
+        let preset = args.configs.join(format!("{}-testbed.toml", method.name()));
+        let mut overrides = args.overrides.clone();
+        overrides.extend(extra);
+        // Read the preset once to size the run to the budget.
+        let (config, _): (AlignConfig, String) =
+            tiller_core::config::from_toml_file_with_overrides(&preset, &overrides)?;
+        let batch = config.train.effective_batch() as u64;
+        let updates = match method {
+            MethodName::DiffusionDpo => {
+                overrides.push(format!("dpo.max_comparisons={}", args.budget));
+                config.train.updates
+            }
+            MethodName::Ddpo => {
+                overrides.push(format!("train.reward_budget={}", args.budget));
+                args.budget.div_ceil(batch) * config.ddpo.inner_epochs as u64
+            }
+            MethodName::DraftK => {
+                overrides.push(format!("train.reward_budget={}", args.budget));
+                args.budget.div_ceil(batch)
+            }
+        };
+        overrides.push(format!("train.updates={updates}"));
+        overrides.push(format!("log.val_every={}", updates.div_ceil(5).max(1)));
+        overrides.push(format!("log.checkpoint_every={}", updates.max(1)));
+        let run = args.out.join(&name);
+        eprintln!(
+            "== compare: {name} ({updates} updates) -> {}",
+            run.display()
+        );
+        align(AlignArgs {
+            config: preset,
+            out: run.clone(),
+            resume: None,
+            overrides,
+            stop_after: None,
+        })
+        .with_context(|| format!("compare: the {name} run"))?;
+        methods.push(MethodRun {
+            name,
+            points: read_points(&run)?,
+            run,
+            queries_to_target: None,
+        });
+    }
+    // The target: DDPO's best gold accuracy, if it improved on its start.
+    let target = methods.iter().find(|m| m.name == "ddpo").and_then(|m| {
+        let start = m.points.first()?.gold_accuracy;
+        let best = m
+            .points
+            .iter()
+            .map(|p| p.gold_accuracy)
+            .fold(f64::MIN, f64::max);
+        (best > start).then_some(best)
+    });
+    if let Some(t) = target {
+        for m in &mut methods {
+            m.queries_to_target = m
+                .points
+                .iter()
+                .skip(1)
+                .find(|p| p.gold_accuracy >= t)
+                .map(|p| p.reward_queries);
+        }
+    }
+    let cmp = Comparison {
+        budget: args.budget,
+        target,
+        methods,
+    };
+    tiller_core::fs::atomic_write(
+        &args.out.join("compare.json"),
+        serde_json::to_string_pretty(&cmp)?.as_bytes(),
+    )?;
+    let md = markdown(&cmp);
+    tiller_core::fs::atomic_write(&args.out.join("compare.md"), md.as_bytes())?;
+    tiller_core::fs::atomic_write(&args.out.join("compare.svg"), svg(&cmp).as_bytes())?;
+    println!("{md}");
+    println!(
+        "comparison written to {} (compare.md, compare.json, compare.svg)",
+        args.out.display()
+    );
+    Ok(cmp)
+}
+
+/// The validation rows of a run's metrics.jsonl.
+pub fn read_points(run: &Path) -> Result<Vec<Point>> {
+    let path = run.join("metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: bad line", path.display()))?;
+        let Some(gold) = v.get("val/gold_accuracy").and_then(|x| x.as_f64()) else {
+            continue;
+        };
+        let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+        out.push(Point {
+            update: v["step"].as_u64().unwrap_or(0),
+            reward_queries: f("val/reward_queries").unwrap_or(0.0),
+            wall_s: f("val/wall_s").unwrap_or(0.0),
+            gold_accuracy: gold,
+            gold_reward: f("val/gold_reward").unwrap_or(f64::NAN),
+            proxy_reward: f("val/proxy_reward"),
+            kl_to_base: f("val/kl_to_base"),
+            diversity: f("val/diversity"),
+        });
+    }
+    Ok(out)
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
+}
+
+pub fn markdown(c: &Comparison) -> String {
+    let mut s = format!(
+        "# Method comparison (budget {} reward queries)\n\nGold accuracy: GenEval-style overall on held-out prompts; proxy: the reward the method optimised. Before -> after.\n\n| method | gold accuracy | gold reward | proxy reward | KL to base | diversity | reward queries | wall s | queries to DDPO's best gold |\n|---|---|---|---|---|---|---|---|---|\n",
+        c.budget
+    );
+    for m in &c.methods {
+        let (Some(a), Some(b)) = (m.points.first(), m.points.last()) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} -> {:.3} | {:.3} -> {:.3} | {} -> {} | {} | {} -> {} | {:.0} | {:.0} | {} |",
+            m.name,
+            a.gold_accuracy,
+            b.gold_accuracy,
+            a.gold_reward,
+            b.gold_reward,
+            opt(a.proxy_reward),
+            opt(b.proxy_reward),
+            opt(b.kl_to_base),
+            opt(a.diversity),
+            opt(b.diversity),
+            b.reward_queries,
+            b.wall_s,
+            match (c.target, m.queries_to_target) {
+                (None, _) => "-".to_string(),
+                (Some(_), Some(q)) => format!("{q:.0}"),
+                (Some(_), None) => "not reached".to_string(),
+            },
+        );
+    }
+    match c.target {
+        Some(t) => {
+            let _ = writeln!(s, "\nTarget: DDPO's best gold accuracy, {t:.3}.");
+            let ddpo = c
+                .methods
+                .iter()
+                .find(|m| m.name == "ddpo")
+                .and_then(|m| m.queries_to_target);
+            for m in c.methods.iter().filter(|m| m.name != "ddpo") {
+                if let (Some(d), Some(q)) = (ddpo, m.queries_to_target) {
+                    let _ = writeln!(
+                        s,
+                        "- {} reaches it with {q:.0} reward queries: {:.1}x fewer than DDPO ({d:.0}).",
+                        m.name,
+                        d / q.max(1.0)
+                    );
+                }
+            }
+        }
+        None => s.push_str(
+            "\nDDPO did not raise gold accuracy within the budget, so there is no target to compare queries against.\n",
+        ),
+    }
+    s
+}
+
+/// Two panels side by side: gold accuracy and proxy reward against reward queries, one line per
+/// method; a third against wall time.
+pub fn svg(c: &Comparison) -> String {
+    const COLORS: [&str; 6] = [
+        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+    ];
+    let (w, h, pad) = (300.0, 220.0, 40.0);
+    type Get = fn(&Point) -> Option<f64>;
+    let panels: [(&str, &str, Get, Get); 3] = [
+        (
+            "gold accuracy",
+            "reward queries",
+            |p| Some(p.reward_queries),
+            |p| Some(p.gold_accuracy),
+        ),
+        (
+            "proxy reward",
+            "reward queries",
+            |p| Some(p.reward_queries),
+            |p| p.proxy_reward,
+        ),
+        (
+            "gold accuracy",
+            "wall time (s)",
+            |p| Some(p.wall_s),
+            |p| Some(p.gold_accuracy),
+        ),
+    ];
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        3.0 * w,
+        h + 30.0
+    );
+    for (k, (title, xlabel, fx, fy)) in panels.iter().enumerate() {
+        let ox = k as f64 * w;
+        let pts: Vec<(f64, f64)> = c
+            .methods
+            .iter()
+            .flat_map(|m| m.points.iter().filter_map(|p| Some((fx(p)?, fy(p)?))))
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let (x0, x1) = bounds(pts.iter().map(|p| p.0));
+        let (y0, y1) = bounds(pts.iter().map(|p| p.1));
+        let sx = |x: f64| ox + pad + (x - x0) / (x1 - x0) * (w - 1.5 * pad);
+        let sy = |y: f64| h - pad + 10.0 - (y - y0) / (y1 - y0) * (h - 1.5 * pad);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"14\" font-weight=\"bold\">{title}</text>\n<text x=\"{}\" y=\"{}\">{xlabel}</text>\n<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>",
+            ox + pad,
+            ox + pad,
+            h + 20.0,
+            ox + pad,
+            pad / 2.0 + 10.0,
+            w - 1.5 * pad,
+            h - 1.5 * pad,
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y1:.3}</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y0:.3}</text><text x=\"{}\" y=\"{}\">{x0:.0}</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x1:.0}</text>",
+            ox + pad - 2.0,
+            sy(y1) + 4.0,
+            ox + pad - 2.0,
+            sy(y0),
+            sx(x0),
+            h + 6.0,
+            sx(x1),
+            h + 6.0,
+        );
+        for (i, m) in c.methods.iter().enumerate() {
+            let line: Vec<String> = m
+                .points
+                .iter()
+                .filter_map(|p| Some((fx(p)?, fy(p)?)))
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .map(|(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
+            let color = COLORS[i % COLORS.len()];
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+                line.join(" ")
+            );
+            if k == 0 {
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>",
+                    ox + pad + 6.0,
+                    pad + 14.0 * (i as f64 + 1.0),
+                    m.name
+                );
+            }
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = v.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+    if hi - lo < 1e-9 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi)
+    }
+}

@@ -1,0 +1,231 @@
+//! LoRA on a tiny UNet: attaching changes nothing until trained; PEFT and kohya files round-trip
+//! to the same outputs; merging equals the adapted model; bad files fail naming the key.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use tiller_core::SeededRng;
+use tiller_diffusion::models::load_unet;
+use tiller_diffusion::models::lora::{
+    LoraConfig, LoraFormat, attach_lora, load_lora, lora_modules, merge_lora, save_lora,
+};
+use tiller_diffusion::models::unet::UNet2DConditionModel;
+use tiller_diffusion::models::weights::{HostTensor, read_safetensors, write_safetensors};
+use tiller_testkit::assert_close;
+
+fn base(device: &Device) -> UNet2DConditionModel {
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-unet-sd2");
+    load_unet(&f, None, device).unwrap().1
+}
+
+fn output(model: &UNet2DConditionModel) -> Vec<f32> {
+    let device = Device::flex();
+    let mut rng = SeededRng::new(3);
+    let x = rng.normal([2, 3, 8, 8], &device);
+    let ctx = rng.normal([2, 4, 32], &device);
+    let t = Tensor::<1>::from_floats([10.0f32, 700.0], &device);
+    model
+        .forward(x, t, ctx)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap()
+}
+
+fn cfg() -> LoraConfig {
+    LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        ..Default::default()
+    }
+}
+
+/// The base with adapters moved off their initialisation by one SGD step (B no longer 0).
+fn trained() -> UNet2DConditionModel {
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let model = attach_lora(base(&device), &cfg(), &mut SeededRng::new(1))
+        .unwrap()
+        .to_device(&ad)
+        .train();
+    let mut rng = SeededRng::new(4);
+    let x = rng.normal([2, 3, 8, 8], &ad);
+    let ctx = rng.normal([2, 4, 32], &ad);
+    let t = Tensor::<1>::from_floats([10.0f32, 700.0], &ad);
+    let loss = model.forward(x, t, ctx).powi_scalar(2).mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut sgd = SgdConfig::new().init();
+    sgd.step(5.0, model, grads).valid()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tiller-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// (name, values) of every adapter factor.
+fn factors(model: &UNet2DConditionModel) -> Vec<(String, Vec<f32>)> {
+    struct V {
+        path: Vec<String>,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            if self.path.iter().any(|s| s == "lora") {
+                let v = p.val().into_data().convert::<f32>().try_into_vec().unwrap();
+                self.out.push((self.path.join("."), v));
+            }
+        }
+    }
+    let mut v = V {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+#[test]
+fn attaching_changes_nothing_and_targets_every_attention_projection() {
+    let device = Device::flex();
+    let plain = base(&device);
+    let before = output(&plain);
+    let adapted = attach_lora(plain, &cfg(), &mut SeededRng::new(1)).unwrap();
+    assert_eq!(
+        output(&adapted),
+        before,
+        "B = 0 must leave the output unchanged"
+    );
+    let modules = lora_modules(&adapted);
+    // 2 down + 1 mid + 3 up attention blocks with self- and cross-attention, 4 projections each.
+    assert!(
+        !modules.is_empty() && modules.len().is_multiple_of(4),
+        "{modules:?}"
+    );
+    for suffix in ["to_q", "to_k", "to_v", "to_out.0"] {
+        assert_eq!(
+            modules.iter().filter(|m| m.ends_with(suffix)).count(),
+            modules.len() / 4,
+            "{suffix}: {modules:?}"
+        );
+    }
+    assert!(modules.contains(&"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".into()));
+    // A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's kaiming-uniform), reproducible from the seed.
+    let f = factors(&adapted);
+    let again = factors(&attach_lora(base(&device), &cfg(), &mut SeededRng::new(1)).unwrap());
+    assert_eq!(f, again);
+    let (name, a) = f.iter().find(|(n, _)| n.ends_with("lora.a")).unwrap();
+    let bound = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(bound > 0.0, "{name}");
+    for (n, v) in &f {
+        if n.ends_with("lora.b") {
+            assert!(v.iter().all(|x| *x == 0.0), "{n} must start at zero");
+        }
+    }
+}
+
+#[test]
+fn peft_and_kohya_files_round_trip_to_the_same_outputs() {
+    let device = Device::flex();
+    let model = trained();
+    let expected = output(&model);
+    assert_ne!(
+        expected,
+        output(&base(&device)),
+        "the step must change the model"
+    );
+    let peft = scratch("peft.safetensors");
+    save_lora(&model, &peft, LoraFormat::Peft).unwrap();
+    let (loaded, cfg_read, format) = load_lora(base(&device), &peft).unwrap();
+    assert_eq!(format, LoraFormat::Peft);
+    assert_eq!((cfg_read.rank, cfg_read.alpha), (2, 4.0));
+    assert_close(output(&loaded), expected.clone(), 1e-5, 1e-6);
+    // PEFT -> kohya -> load.
+    let kohya = scratch("kohya.safetensors");
+    save_lora(&loaded, &kohya, LoraFormat::Kohya).unwrap();
+    let (from_kohya, cfg_k, format) = load_lora(base(&device), &kohya).unwrap();
+    assert_eq!(format, LoraFormat::Kohya);
+    assert_eq!((cfg_k.rank, cfg_k.alpha), (2, 4.0));
+    assert_close(output(&from_kohya), expected, 1e-5, 1e-6);
+    // Key names and shapes as diffusers and kohya write them (to_q: d_in = 8, d_out = 8).
+    let p = read_safetensors(&peft).unwrap();
+    let m = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    assert_eq!(p[&format!("unet.{m}.lora_A.weight")].shape, vec![2, 8]);
+    assert_eq!(p[&format!("unet.{m}.lora_B.weight")].shape, vec![8, 2]);
+    let k = read_safetensors(&kohya).unwrap();
+    let km = format!("lora_unet_{}", m.replace('.', "_"));
+    assert_eq!(k[&format!("{km}.lora_down.weight")].shape, vec![2, 8]);
+    assert_eq!(k[&format!("{km}.lora_up.weight")].shape, vec![8, 2]);
+    assert_eq!(k[&format!("{km}.alpha")].data, vec![4.0]);
+    // The factors are the same numbers in both files.
+    assert_eq!(
+        p[&format!("unet.{m}.lora_A.weight")].data,
+        k[&format!("{km}.lora_down.weight")].data
+    );
+}
+
+#[test]
+fn merged_weights_equal_the_adapted_model() {
+    let model = trained();
+    let expected = output(&model);
+    let merged = merge_lora(model);
+    assert!(lora_modules(&merged).is_empty());
+    assert_close(output(&merged), expected, 1e-5, 1e-6);
+}
+
+#[test]
+fn bad_files_fail_naming_the_key() {
+    let device = Device::flex();
+    let good = scratch("good.safetensors");
+    save_lora(&trained(), &good, LoraFormat::Peft).unwrap();
+    let tensors = read_safetensors(&good).unwrap();
+    let write = |name: &str, t: Vec<(String, HostTensor)>| {
+        let p = scratch(name);
+        let map = t.into_iter().collect();
+        write_safetensors(&p, &map, Default::default()).unwrap();
+        p
+    };
+    let key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight";
+    // An unknown module.
+    let mut t: Vec<(String, HostTensor)> = tensors.clone().into_iter().collect();
+    t.push((
+        "unet.down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight".into(),
+        tensors[key].clone(),
+    ));
+    let err = load_lora(base(&device), &write("unknown.safetensors", t))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("down_blocks.9"), "{err}");
+    // A missing partner.
+    let t: Vec<(String, HostTensor)> = tensors
+        .clone()
+        .into_iter()
+        .filter(|(k, _)| k != key)
+        .collect();
+    let err = load_lora(base(&device), &write("partner.safetensors", t))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("to_q"), "{err}");
+    // A NaN.
+    let mut t: Vec<(String, HostTensor)> = tensors.clone().into_iter().collect();
+    for (k, v) in t.iter_mut() {
+        if k == key {
+            v.data[0] = f32::NAN;
+        }
+    }
+    let err = load_lora(base(&device), &write("nan.safetensors", t))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("to_q"), "{err}");
+}
