@@ -556,3 +556,52 @@ fn draft_k_refuses_a_reward_without_gradients() {
     assert!(err.contains("not differentiable"), "{err}");
     let _ = Batch::len;
 }
+
+#[test]
+fn draft_k_kl_penalty_is_zero_at_the_start_and_grows_with_training() {
+    let d = data(&encode);
+    let fresh = policy(AdapterKind::Lora, 1.0);
+    let mut rng = SeededRng::new(0);
+    let (batch, _) = collect(
+        tiller_align::Collect::Starts,
+        &fresh,
+        &Brightness,
+        &d,
+        2,
+        2,
+        &mut rng,
+    )
+    .unwrap();
+    let kl = |p: &Policy| {
+        let cx = Context {
+            policy: p,
+            reward: &Brightness,
+            kl_weight: 1.0,
+        };
+        let out = DraftK { k: 2 }
+            .gradients(&cx, &batch, 1.0, &mut SeededRng::new(0))
+            .unwrap();
+        out.metrics.iter().find(|(n, _)| *n == "kl").unwrap().1
+    };
+    // Identical to the reference before training (LoRA B = 0).
+    assert!(kl(&fresh).abs() < 1e-9, "{}", kl(&fresh));
+    let config = config(MethodName::DraftK, 6, 1e-2);
+    let dir = scratch("draft-kl");
+    let run = RunDir::create(&dir, &toml::to_string(&config).unwrap()).unwrap();
+    let mut algorithm = tiller_align::methods::build(&config);
+    let mut validate = |_: u64, _: &UNet2DConditionModel| Ok(Vec::new());
+    let out = align(
+        &run,
+        &config,
+        policy(AdapterKind::Lora, 1.0),
+        algorithm.as_mut(),
+        &Brightness,
+        &d,
+        None,
+        None,
+        &mut validate,
+    )
+    .unwrap();
+    assert!(kl(&out.policy) > 1e-9, "{}", kl(&out.policy));
+    let _ = std::fs::remove_dir_all(&dir);
+}

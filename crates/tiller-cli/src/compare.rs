@@ -251,7 +251,8 @@ pub fn markdown(c: &Comparison) -> String {
                 if let (Some(d), Some(q)) = (ddpo, m.queries_to_target) {
                     let _ = writeln!(
                         s,
-                        "- {} reaches it with {q:.0} reward queries: {:.1}x fewer than DDPO ({d:.0}).",
+                        "- {} reaches it with {q:.0} reward queries, DDPO with {d:.0}: queries ratio DDPO / {} = {:.2}.",
+                        m.name,
                         m.name,
                         d / q.max(1.0)
                     );

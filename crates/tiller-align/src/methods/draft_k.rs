@@ -10,7 +10,7 @@
 //! backpropagation, with memory bounded by step-level recomputation
 //! (`tiller_diffusion::sampling::backprop_through_sampling_with`). The reward must be
 //! differentiable (a reward model); the gold evaluator is not. With `train.kl_weight > 0` the
-//! per-step Gaussian KL to the reference model is added at every differentiated step.
+//! per-step Gaussian KL to the reference model is added at every differentiated stochastic step.
 
 use crate::batch::{Batch, Collect};
 use crate::{Algorithm, Context, MicroStep};
@@ -77,6 +77,11 @@ impl Algorithm for DraftK {
         let mut kl_sum = 0.0;
         let mut kl_steps = 0usize;
         let mut penalty = |i: usize, x_in: burn::tensor::Tensor<4>, dist: &Gaussian| {
+            if dist.is_deterministic() {
+                // A deterministic step (DDIM's last with alpha_prev = 1) has no density: both
+                // models' steps are point masses and the KL is not defined; it adds nothing.
+                return Ok(burn::tensor::Tensor::<1>::zeros([1], &x_in.device()));
+            }
             let kl = policy.kl_to_reference(&cond_plain, dist, &x_in, i)?.mean();
             kl_sum += kl.clone().into_scalar::<f64>();
             kl_steps += 1;
