@@ -16,9 +16,8 @@ use crate::batch::{Batch, Collect, Pairs, Prompts, Rollouts, Starts};
 use crate::config::AlignConfig;
 use crate::policy::Policy;
 use crate::{Algorithm, Context};
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, ModuleOptimizer};
 use burn::store::ModuleRecord;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -104,19 +103,13 @@ pub fn align(
 ) -> Result<Aligned> {
     let train = &config.train;
     let store = CheckpointStore::new(run.checkpoints(), config.log.keep_checkpoints);
-    let mut optim: ModuleOptimizer = {
-        let mut c = AdamWConfig::new()
-            .with_beta_1(train.adam_beta1 as f32)
-            .with_beta_2(train.adam_beta2 as f32)
-            .with_epsilon(train.adam_epsilon as f32)
-            .with_weight_decay(train.weight_decay as f32);
-        if train.max_grad_norm > 0.0 {
-            c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(
-                train.max_grad_norm as f32,
-            )));
-        }
-        c.init()
-    };
+    let mut optim: ModuleOptimizer = tiller_engine::optim::adamw(
+        train.adam_beta1,
+        train.adam_beta2,
+        train.adam_epsilon,
+        train.weight_decay,
+        train.max_grad_norm,
+    );
     let mut policy = policy;
     let mut rng = SeededRng::new(train.seed);
     let mut step = 0u64;

@@ -17,9 +17,8 @@ use crate::metrics::MetricsLog;
 use crate::progress::Progress;
 use crate::run_dir::RunDir;
 use crate::schedule::{LrSchedule, LrShape};
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -227,19 +226,13 @@ pub fn train_denoiser(
     sample_hook: &mut dyn FnMut(u64, &TextToImageModules) -> Result<()>,
 ) -> Result<Trained> {
     let store = CheckpointStore::new(run.checkpoints(), log.keep_checkpoints);
-    let mut optim: ModuleOptimizer = {
-        let mut c = AdamWConfig::new()
-            .with_beta_1(train.adam_beta1 as f32)
-            .with_beta_2(train.adam_beta2 as f32)
-            .with_epsilon(train.adam_epsilon as f32)
-            .with_weight_decay(train.weight_decay as f32);
-        if train.max_grad_norm > 0.0 {
-            c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(
-                train.max_grad_norm as f32,
-            )));
-        }
-        c.init()
-    };
+    let mut optim: ModuleOptimizer = crate::optim::adamw(
+        train.adam_beta1,
+        train.adam_beta2,
+        train.adam_epsilon,
+        train.weight_decay,
+        train.max_grad_norm,
+    );
     let mut model = model;
     let mut rng = SeededRng::new(train.seed);
     let mut step = 0u64;

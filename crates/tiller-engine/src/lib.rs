@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod denoiser;
 pub mod ema;
 pub mod metrics;
+pub mod optim;
 pub mod progress;
 pub mod run_dir;
 pub mod schedule;
