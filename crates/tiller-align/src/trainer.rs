@@ -18,17 +18,18 @@ use crate::policy::Policy;
 use crate::{Algorithm, Context};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, ModuleOptimizer};
-use burn::store::ModuleRecord;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use std::time::Instant;
 use tiller_core::rng::RngState;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::LogProbReduction;
 use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_diffusion::sampling::{Record, sample};
-use tiller_engine::checkpoint::{CheckpointStore, Resume, atomic_write};
+use tiller_engine::checkpoint::{
+    CheckpointStore, Resume, load_module, load_optimizer, load_state, save_module, save_optimizer,
+    save_state,
+};
 use tiller_engine::schedule::LrSchedule;
 use tiller_engine::{MetricsLog, Progress, RunDir};
 use tiller_reward::{Reward, tensor_to_images};
@@ -83,10 +84,6 @@ const MODEL_FILE: &str = "model.bpk";
 const OPTIM_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "state.json";
 
-fn record_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::format(path, e.to_string())
-}
-
 /// Runs (or resumes) an alignment run. `stop_after` ends it after that many updates in this
 /// process (tests of interruption).
 #[allow(clippy::too_many_arguments)]
@@ -117,27 +114,16 @@ pub fn align(
     let mut wall_before = 0.0;
     if let Some(resume) = resume {
         let (s, dir) = store.resolve(resume)?;
-        let p = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        let state: AlignState = serde_json::from_str(&text).map_err(|e| record_err(&p, e))?;
-        if state.step != s {
-            return Err(Error::format(
-                &p,
-                format!("step {} but the folder says {s}", state.step),
-            ));
-        }
-        let mp = dir.join(MODEL_FILE);
-        let rec = ModuleRecord::load(&mp).map_err(|e| record_err(&mp, e))?;
+        let state: AlignState = load_state(&dir.join(STATE_FILE), s, |t: &AlignState| t.step)?;
         // As at the start of a run: load into the plain module, then put it on the autodiff
         // device (loading restores parameter ids, which the optimizer state is keyed by).
         let ad = policy.autodiff_device();
+        let unet = load_module(&dir.join(MODEL_FILE), policy.unet.valid())?;
         policy = Policy {
-            unet: policy.unet.valid().load_record(rec).to_device(&ad).train(),
+            unet: unet.to_device(&ad).train(),
             ..policy
         };
-        let op = dir.join(OPTIM_FILE);
-        let rec = burn::optim::OptimizerRecord::load(&op).map_err(|e| record_err(&op, e))?;
-        optim = optim.load_record(rec);
+        optim = load_optimizer(&dir.join(OPTIM_FILE), optim)?;
         algorithm.restore(&state.method)?;
         rng = SeededRng::from_state(&state.rng)?;
         step = s;
@@ -495,15 +481,8 @@ fn save_checkpoint(
     algorithm: &dyn Algorithm,
 ) -> Result<()> {
     store.save(step, |dir| {
-        let p = dir.join(MODEL_FILE);
-        policy
-            .unet
-            .clone()
-            .into_record()
-            .save(&p)
-            .map_err(|e| record_err(&p, e))?;
-        let p = dir.join(OPTIM_FILE);
-        optim.to_record().save(&p).map_err(|e| record_err(&p, e))?;
+        save_module(&dir.join(MODEL_FILE), &policy.unet)?;
+        save_optimizer(&dir.join(OPTIM_FILE), optim)?;
         let state = AlignState {
             step,
             rng: rng.state(),
@@ -511,9 +490,7 @@ fn save_checkpoint(
             wall_s,
             method: algorithm.state(),
         };
-        let text =
-            serde_json::to_string_pretty(&state).map_err(|e| Error::invalid(e.to_string()))?;
-        atomic_write(&dir.join(STATE_FILE), text.as_bytes())
+        save_state(&dir.join(STATE_FILE), &state)
     })?;
     Ok(())
 }

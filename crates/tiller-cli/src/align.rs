@@ -420,10 +420,8 @@ pub fn summary_markdown(s: &AlignSummary) -> String {
     out
 }
 
-/// The KL from the aligned chain to the base model's, per dimension, summed over the chain's
-/// steps and averaged over prompts (one fixed-seed chain per prompt, at most 16): at each step
-/// of the aligned model's own chain, the Gaussian KL between its step and the base model's step
-/// from the same x_t.
+/// [`chain_kl`] of the aligned model to the base on the first 16 validation prompts, one
+/// fixed-seed chain each.
 fn kl_to_base(
     base: &UNet2DConditionModel,
     aligned: &UNet2DConditionModel,
@@ -433,8 +431,7 @@ fn kl_to_base(
     settings: &SampleSettings,
     device: &Device,
 ) -> Result<f64> {
-    use tiller_diffusion::LogProbReduction;
-    use tiller_diffusion::sampling::Conditioning;
+    use tiller_diffusion::sampling::{Conditioning, chain_kl};
     let texts = &texts[..texts.len().min(16)];
     let ids: Vec<Vec<i64>> = texts
         .iter()
@@ -451,24 +448,15 @@ fn kl_to_base(
         .resolution()
         .context("the UNet config has no sample_size")?;
     let mut rng = SeededRng::new(2_000_000);
-    let mut x = rng.normal([n, pipe.unet_config.in_channels, res, res], device);
-    let mut total = 0.0;
-    for (i, &t) in scheduler.timesteps().iter().enumerate() {
-        let p = scheduler
-            .step(cond.predict(aligned, x.clone(), t), i, x.clone())?
-            .distribution;
-        let q = scheduler
-            .step(cond.predict(base, x.clone(), t), i, x.clone())?
-            .distribution;
-        if !p.is_deterministic() {
-            total += p
-                .kl(&q, LogProbReduction::Mean)?
-                .mean()
-                .into_scalar::<f64>();
-        }
-        x = p.sample(rng.normal(x.dims(), device));
-    }
-    Ok(total)
+    let x = rng.normal([n, pipe.unet_config.in_channels, res, res], device);
+    Ok(chain_kl(
+        aligned,
+        base,
+        scheduler.as_ref(),
+        &cond,
+        x,
+        &mut rng,
+    )?)
 }
 
 /// Mean absolute pixel difference (in [0, 1]) between the images of the same prompt, averaged

@@ -20,11 +20,6 @@ pub fn empty_prompt(tokenizer: &Tokenizer) -> Vec<i64> {
     encode(tokenizer, "").expect("the empty prompt always encodes")
 }
 
-/// Samples [B, 3, H, W] in [-1, 1] back to images (clamped, rounded).
-pub fn tensor_to_images(t: Tensor<4>) -> Result<Vec<Image>> {
-    Ok(tiller_reward::tensor_to_images(t)?)
-}
-
 /// Training batches rendered on the fly from a fixed list of training prompts.
 pub struct TestbedData {
     pub prompts: Vec<Prompt>,
@@ -132,7 +127,7 @@ pub fn sample_prompts(
             &mut rng,
             Record::Nothing,
         )?;
-        for ((p, _), img) in chunk.iter().zip(tensor_to_images(s.images)?) {
+        for ((p, _), img) in chunk.iter().zip(tiller_reward::tensor_to_images(s.images)?) {
             out[*p].push(img);
         }
     }

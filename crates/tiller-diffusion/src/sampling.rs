@@ -188,6 +188,40 @@ pub fn sample<M: Denoiser>(
     })
 }
 
+/// The KL from `model`'s chain to `reference`'s, per dimension, summed over the chain's steps and
+/// averaged over the batch: along `model`'s own chain from `x_t` (noise from `rng`, in
+/// [`sample`]'s order), the Gaussian KL between its step and `reference`'s step from the same
+/// x_t. Deterministic steps have no density and add nothing. 0 when the models are equal.
+pub fn chain_kl<M: Denoiser, R: Denoiser>(
+    model: &M,
+    reference: &R,
+    scheduler: &dyn Scheduler,
+    cond: &Conditioning,
+    x_t: Tensor<4>,
+    rng: &mut SeededRng,
+) -> Result<f64> {
+    let shape: [usize; 4] = x_t.dims();
+    let device = x_t.device();
+    let mut x = x_t;
+    let mut total = 0.0;
+    for (i, &t) in scheduler.timesteps().iter().enumerate() {
+        let p = scheduler
+            .step(cond.predict(model, x.clone(), t), i, x.clone())?
+            .distribution;
+        let q = scheduler
+            .step(cond.predict(reference, x.clone(), t), i, x.clone())?
+            .distribution;
+        if !p.is_deterministic() {
+            total += p
+                .kl(&q, LogProbReduction::Mean)?
+                .mean()
+                .into_scalar::<f64>();
+        }
+        x = p.sample(rng.normal(shape, &device));
+    }
+    Ok(total)
+}
+
 /// The result of [`backprop_through_sampling`].
 pub struct ChainGradients {
     /// The loss value at the final sample.

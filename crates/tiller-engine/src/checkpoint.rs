@@ -5,6 +5,9 @@
 //! `checkpoints/latest` pointer replaced (also by rename). A kill at any moment leaves either the
 //! previous complete checkpoint or the new one as `latest`, never a half-written one.
 
+use burn::module::Module;
+use burn::optim::{ModuleOptimizer, OptimizerRecord};
+use burn::store::ModuleRecord;
 use std::path::{Path, PathBuf};
 use tiller_core::{Error, Result};
 
@@ -160,6 +163,65 @@ impl CheckpointStore {
         }
         Ok(())
     }
+}
+
+// ---- the files inside a checkpoint folder, shared by every training loop
+
+fn record_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::format(path, e.to_string())
+}
+
+/// Writes a module's record (weights with their parameter ids) to `path`.
+pub fn save_module<M: Module>(path: &Path, module: &M) -> Result<()> {
+    module
+        .clone()
+        .into_record()
+        .save(path)
+        .map_err(|e| record_err(path, e))
+}
+
+/// Loads `path` (written by [`save_module`]) into `module`, restoring its parameter ids.
+pub fn load_module<M: Module>(path: &Path, module: M) -> Result<M> {
+    let record = ModuleRecord::load(path).map_err(|e| record_err(path, e))?;
+    Ok(module.load_record(record))
+}
+
+/// Writes the optimizer's state (moments, keyed by parameter id) to `path`.
+pub fn save_optimizer(path: &Path, optim: &ModuleOptimizer) -> Result<()> {
+    optim
+        .to_record()
+        .save(path)
+        .map_err(|e| record_err(path, e))
+}
+
+/// Loads `path` (written by [`save_optimizer`]) into `optim`.
+pub fn load_optimizer(path: &Path, optim: ModuleOptimizer) -> Result<ModuleOptimizer> {
+    let record = OptimizerRecord::load(path).map_err(|e| record_err(path, e))?;
+    Ok(optim.load_record(record))
+}
+
+/// Writes a loop's small state file as pretty JSON, atomically.
+pub fn save_state<T: serde::Serialize>(path: &Path, state: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(state).map_err(|e| Error::invalid(e.to_string()))?;
+    atomic_write(path, text.as_bytes())
+}
+
+/// Reads a state file of checkpoint folder `step` and checks it says the same step.
+pub fn load_state<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    step: u64,
+    step_of: impl FnOnce(&T) -> u64,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let state: T = serde_json::from_str(&text).map_err(|e| record_err(path, e))?;
+    let saved = step_of(&state);
+    if saved != step {
+        return Err(Error::format(
+            path,
+            format!("step {saved} but the folder says {step}"),
+        ));
+    }
+    Ok(state)
 }
 
 #[cfg(test)]

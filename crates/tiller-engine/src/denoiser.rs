@@ -11,7 +11,10 @@
 //! weights (with their parameter ids), the optimizer moments, the EMA and the random stream, so a
 //! resumed run computes the same updates as an uninterrupted one.
 
-use crate::checkpoint::{CheckpointStore, Resume};
+use crate::checkpoint::{
+    CheckpointStore, Resume, load_module, load_optimizer, load_state, save_module, save_optimizer,
+    save_state,
+};
 use crate::ema::Ema;
 use crate::metrics::MetricsLog;
 use crate::progress::Progress;
@@ -19,7 +22,6 @@ use crate::run_dir::RunDir;
 use crate::schedule::{LrSchedule, LrShape};
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::store::ModuleRecord;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -159,10 +161,6 @@ pub struct Trained {
     pub last_loss: f64,
 }
 
-fn record_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::format(path, e.to_string())
-}
-
 /// Which weights of a checkpoint to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointWeights {
@@ -199,11 +197,7 @@ pub fn load_checkpoint_weights(
             }
         )));
     }
-    Ok((step, model.load_record(load_record(&path)?)))
-}
-
-fn load_record(path: &Path) -> Result<ModuleRecord> {
-    ModuleRecord::load(path).map_err(|e| record_err(path, e))
+    Ok((step, load_module(&path, model)?))
 }
 
 /// Runs (or resumes) the training loop.
@@ -239,18 +233,9 @@ pub fn train_denoiser(
     let mut restored: Option<(TrainerState, std::path::PathBuf)> = None;
     if let Some(resume) = resume {
         let (s, dir) = store.resolve(resume)?;
-        let state_path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let state: TrainerState =
-            serde_json::from_str(&text).map_err(|e| record_err(&state_path, e))?;
-        if state.step != s {
-            return Err(Error::format(
-                &state_path,
-                format!("step {} but the folder says {s}", state.step),
-            ));
-        }
+        let state: TrainerState = load_state(&dir.join(STATE_FILE), s, |t: &TrainerState| t.step)?;
         // Records restore the saved parameter ids too, which the optimizer state is keyed by.
-        model = model.load_record(load_record(&dir.join(MODEL_FILE))?);
+        model = load_module(&dir.join(MODEL_FILE), model)?;
         rng = SeededRng::from_state(&state.rng)?;
         step = s;
         eprintln!("resumed from {} (step {step})", dir.display());
@@ -262,14 +247,9 @@ pub fn train_denoiser(
     let ad = device.clone().autodiff();
     let mut ema = (train.ema_decay > 0.0).then(|| Ema::new(&model, train.ema_decay));
     if let Some((state, dir)) = &restored {
-        let p = dir.join(OPTIM_FILE);
-        let rec = burn::optim::OptimizerRecord::load(&p).map_err(|e| record_err(&p, e))?;
-        optim = optim.load_record(rec);
+        optim = load_optimizer(&dir.join(OPTIM_FILE), optim)?;
         if let Some(e) = &ema {
-            let m = e
-                .model()
-                .clone()
-                .load_record(load_record(&dir.join(EMA_FILE))?);
+            let m = load_module(&dir.join(EMA_FILE), e.model().clone())?;
             ema = Some(Ema::restore(m, train.ema_decay, state.ema_updates));
         }
     }
@@ -376,30 +356,17 @@ fn save_checkpoint(
     rng: &SeededRng,
 ) -> Result<()> {
     store.save(step, |dir| {
-        let p = dir.join(MODEL_FILE);
-        model
-            .clone()
-            .into_record()
-            .save(&p)
-            .map_err(|e| record_err(&p, e))?;
-        let p = dir.join(OPTIM_FILE);
-        optim.to_record().save(&p).map_err(|e| record_err(&p, e))?;
+        save_module(&dir.join(MODEL_FILE), model)?;
+        save_optimizer(&dir.join(OPTIM_FILE), optim)?;
         if let Some(e) = ema {
-            let p = dir.join(EMA_FILE);
-            e.model()
-                .clone()
-                .into_record()
-                .save(&p)
-                .map_err(|err| record_err(&p, err))?;
+            save_module(&dir.join(EMA_FILE), e.model())?;
         }
         let state = TrainerState {
             step,
             rng: rng.state(),
             ema_updates: ema.map(|e| e.updates()).unwrap_or(0),
         };
-        let text =
-            serde_json::to_string_pretty(&state).map_err(|e| Error::invalid(e.to_string()))?;
-        crate::checkpoint::atomic_write(&dir.join(STATE_FILE), text.as_bytes())
+        save_state(&dir.join(STATE_FILE), &state)
     })?;
     Ok(())
 }

@@ -109,7 +109,8 @@ impl Algorithm for DraftK {
         };
         let out = result?;
         let mean = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
-        let mut metrics = vec![("reward_grad_mean", mean)];
+        // The rewards themselves are logged by the loop (reward_mean / reward_std).
+        let mut metrics = Vec::new();
         if kl_steps > 0 {
             metrics.push(("kl", kl_sum / kl_steps as f64));
         }
