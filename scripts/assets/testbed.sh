@@ -5,7 +5,7 @@
 set -euo pipefail
 T=${TILLER:-target/release/tiller}
 RUN=${RUN:-runs/testbed-base}
-STEP=${STEP:?set STEP to the checkpoint step that was shipped}
+STEP=${STEP:-20000}   # the checkpoint step that was shipped
 
 # 1. The base model: train (stopped and resumed freely with --resume latest), then export the EMA
 #    weights of checkpoint $STEP as a diffusers-layout pipeline.
@@ -16,7 +16,7 @@ $T base export --run "$RUN" --checkpoint "$RUN/checkpoints/step-$(printf %08d "$
 $T eval --model assets/testbed-base --per-task 16 --per-prompt 2 --scheduler ddpm --out runs/eval-base
 
 # 3. Simulated feedback on its samples, the reward ensemble, and their evaluations.
-$T feedback collect --model assets/testbed-base --store runs/prefs --prompts 150 --steps 25 --scheduler ddpm
+$T feedback collect --model assets/testbed-base --store runs/prefs --prompts 300 --steps 25 --scheduler ddpm
 $T feedback collect --model assets/testbed-base --store runs/prefs --split test --prompts 50 --seed 1 --steps 25 --scheduler ddpm
 $T reward train --config configs/reward-testbed.toml --store runs/prefs --out assets/testbed-reward
 $T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval.json

@@ -399,6 +399,41 @@ pub fn load_aligned(run: &Path, device: &Device) -> Result<(TextToImage, Tokeniz
     Ok((pipe, tokenizer))
 }
 
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The alignment run (`runs/<id>`, with `final/` written at its end).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// The pipeline folder to write; must not exist.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `tiller merge`: the run's base with its final LoRA merged into the UNet (or its fully
+/// fine-tuned UNet), written as a diffusers-layout pipeline that `sample`, `eval`, `align --set
+/// base=...` and diffusers itself load like any base model.
+pub fn merge(args: MergeArgs) -> Result<()> {
+    anyhow::ensure!(
+        !args.out.exists(),
+        "--out {} already exists; choose a new folder (nothing was written)",
+        args.out.display()
+    );
+    anyhow::ensure!(
+        is_run(&args.run),
+        "--run {}: not a finished alignment run (needs config.toml and final/)",
+        args.run.display()
+    );
+    let device = tiller_core::device::parse_device("cpu")?;
+    let (pipe, tokenizer) = load_aligned(&args.run, &device)?;
+    crate::base::save_pipeline(&pipe, &args.out, &tokenizer)?;
+    println!(
+        "{} merged into its base, written to {}",
+        args.run.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
 /// Before/after validation of a run as a Markdown table.
 pub fn summary_markdown(s: &AlignSummary) -> String {
     let mut out = format!(

@@ -277,7 +277,11 @@ pub fn export(args: ExportArgs) -> Result<()> {
 }
 
 /// The pipeline folder with the tokenizer's `tokenizer_config.json` beside its `tokenizer.json`.
-fn save_pipeline(pipe: &TextToImage, out: &std::path::Path, tokenizer: &Tokenizer) -> Result<()> {
+pub(crate) fn save_pipeline(
+    pipe: &TextToImage,
+    out: &std::path::Path,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     pipe.save(out, &tokenizer.to_json())?;
     tiller_core::fs::atomic_write(
         &out.join("tokenizer/tokenizer_config.json"),

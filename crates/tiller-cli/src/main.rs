@@ -57,6 +57,8 @@ enum Command {
     Align(align::AlignArgs),
     /// Run several methods under one reward-query budget and compare them.
     Compare(compare::CompareArgs),
+    /// Merge an alignment run's LoRA into its base and write a diffusers-layout pipeline.
+    Merge(align::MergeArgs),
 }
 
 #[derive(Subcommand)]
@@ -147,6 +149,7 @@ fn main() -> Result<()> {
         }
         Command::Quickstart(args) => eval::quickstart(args),
         Command::Compare(args) => compare::compare(args).map(|_| ()),
+        Command::Merge(args) => align::merge(args),
         Command::Align(args) => {
             let s = align::align(args)?;
             println!("{}", align::summary_markdown(&s));

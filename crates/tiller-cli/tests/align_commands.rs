@@ -83,11 +83,47 @@ fn align_exports_lora_and_eval_reads_the_run() {
     ]);
     assert!(ok, "{text}");
     assert!(out.join("report.json").exists());
+    // `merge` writes base + merged LoRA as a pipeline folder that evaluates to the same report.
+    let merged = scratch("align-merged");
+    let merged_s = merged.to_str().unwrap();
+    let (ok, text) = tiller(&["merge", "--run", run_s, "--out", merged_s]);
+    assert!(ok, "{text}");
+    assert!(
+        merged
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .exists()
+    );
+    let (ok, text) = tiller(&["merge", "--run", run_s, "--out", merged_s]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    let out2 = scratch("align-eval-merged");
+    let (ok, text) = tiller(&[
+        "eval",
+        "--model",
+        merged_s,
+        "--per-task",
+        "1",
+        "--per-prompt",
+        "1",
+        "--steps",
+        "3",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let report = |d: &PathBuf| -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("report.json")).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("model");
+        v
+    };
+    assert_eq!(report(&out), report(&out2));
     // The same folder again without --resume is refused.
     let (ok, text) = tiller(&args);
     assert!(!ok, "{text}");
     let _ = std::fs::remove_dir_all(&run);
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&merged);
+    let _ = std::fs::remove_dir_all(&out2);
 }
 
 #[test]
