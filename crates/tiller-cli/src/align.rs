@@ -413,11 +413,7 @@ pub struct MergeArgs {
 /// fine-tuned UNet), written as a diffusers-layout pipeline that `sample`, `eval`, `align --set
 /// base=...` and diffusers itself load like any base model.
 pub fn merge(args: MergeArgs) -> Result<()> {
-    anyhow::ensure!(
-        !args.out.exists(),
-        "--out {} already exists; choose a new folder (nothing was written)",
-        args.out.display()
-    );
+    crate::ensure_new_out(&args.out)?;
     anyhow::ensure!(
         is_run(&args.run),
         "--run {}: not a finished alignment run (needs config.toml and final/)",

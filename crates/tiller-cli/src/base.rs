@@ -236,11 +236,7 @@ pub struct ExportArgs {
 /// `tiller base export`: a checkpoint's weights (EMA by default, as `base train` exports at its
 /// end) as a pipeline folder, e.g. to ship or evaluate a run before its last step.
 pub fn export(args: ExportArgs) -> Result<()> {
-    anyhow::ensure!(
-        !args.out.exists(),
-        "--out {} already exists; choose a new folder (nothing was written)",
-        args.out.display()
-    );
+    crate::ensure_new_out(&args.out)?;
     let (run, text) = RunDir::open(&args.run)
         .with_context(|| format!("--run {} is not a training run", args.run.display()))?;
     let config: BaseConfig = toml::from_str(&text).with_context(|| {

@@ -106,6 +106,16 @@ enum ModelCommand {
     },
 }
 
+/// Commands that write a new folder refuse an existing one, before any work and before writing.
+pub(crate) fn ensure_new_out(out: &std::path::Path) -> Result<()> {
+    anyhow::ensure!(
+        !out.exists(),
+        "--out {} already exists; choose a new folder (nothing was written)",
+        out.display()
+    );
+    Ok(())
+}
+
 fn args_out(args: &eval::EvalArgs) -> PathBuf {
     args.out().to_path_buf()
 }

@@ -180,12 +180,7 @@ pub fn read_feedback(
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    if args.out.exists() {
-        bail!(
-            "--out {} already exists; choose a new folder (nothing was written)",
-            args.out.display()
-        );
-    }
+    crate::ensure_new_out(&args.out)?;
     let (file, resolved): (RewardFile, String) =
         tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
     let device = tiller_core::device::parse_device(&file.device)?;

@@ -66,23 +66,30 @@ fn align_exports_lora_and_eval_reads_the_run() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"val/gold_accuracy\""), "{metrics}");
     assert!(metrics.contains("\"reward_queries\""), "{metrics}");
-    // The run evaluates like any model folder.
+    // The run evaluates like any model folder; the report without its `model` field.
+    let eval_small = |model: &str, out: &PathBuf| -> serde_json::Value {
+        let (ok, text) = tiller(&[
+            "eval",
+            "--model",
+            model,
+            "--per-task",
+            "1",
+            "--per-prompt",
+            "1",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        v.as_object_mut().unwrap().remove("model");
+        v
+    };
     let out = scratch("align-eval");
-    let (ok, text) = tiller(&[
-        "eval",
-        "--model",
-        run_s,
-        "--per-task",
-        "1",
-        "--per-prompt",
-        "1",
-        "--steps",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{text}");
-    assert!(out.join("report.json").exists());
+    let run_report = eval_small(run_s, &out);
     // `merge` writes base + merged LoRA as a pipeline folder that evaluates to the same report.
     let merged = scratch("align-merged");
     let merged_s = merged.to_str().unwrap();
@@ -96,27 +103,7 @@ fn align_exports_lora_and_eval_reads_the_run() {
     let (ok, text) = tiller(&["merge", "--run", run_s, "--out", merged_s]);
     assert!(!ok && text.contains("already exists"), "{text}");
     let out2 = scratch("align-eval-merged");
-    let (ok, text) = tiller(&[
-        "eval",
-        "--model",
-        merged_s,
-        "--per-task",
-        "1",
-        "--per-prompt",
-        "1",
-        "--steps",
-        "3",
-        "--out",
-        out2.to_str().unwrap(),
-    ]);
-    assert!(ok, "{text}");
-    let report = |d: &PathBuf| -> serde_json::Value {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(d.join("report.json")).unwrap()).unwrap();
-        v.as_object_mut().unwrap().remove("model");
-        v
-    };
-    assert_eq!(report(&out), report(&out2));
+    assert_eq!(run_report, eval_small(merged_s, &out2));
     // The same folder again without --resume is refused.
     let (ok, text) = tiller(&args);
     assert!(!ok, "{text}");
