@@ -92,8 +92,12 @@ proptest! {
         prop_assert_eq!(t.len(), n);
         prop_assert!(t.windows(2).all(|w| w[0] > w[1]), "{:?}", t);
         prop_assert!(t[0] < big_n);
-        if spacing != TimestepSpacing::Leading {
-            prop_assert_eq!(t[0], big_n - 1);
+        match spacing {
+            TimestepSpacing::Trailing => prop_assert_eq!(t[0], big_n - 1),
+            // numpy's `linspace(0, N - 1, n)`, as diffusers computes it: one point is the start.
+            TimestepSpacing::Linspace if n == 1 => prop_assert_eq!(&t, &vec![0]),
+            TimestepSpacing::Linspace => prop_assert_eq!(t[0], big_n - 1),
+            TimestepSpacing::Leading => {}
         }
     }
 }
