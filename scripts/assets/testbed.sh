@@ -17,6 +17,7 @@ $T eval --model assets/testbed-base --per-task 16 --per-prompt 2 --scheduler ddp
 
 # 3. Simulated feedback on its samples, the reward ensemble, and their evaluations.
 $T feedback collect --model assets/testbed-base --store runs/prefs --prompts 300 --steps 25 --scheduler ddpm
+$T feedback collect --model assets/testbed-base --store runs/prefs --prompts 600 --seed 2 --steps 25 --scheduler ddpm
 $T feedback collect --model assets/testbed-base --store runs/prefs --split test --prompts 50 --seed 1 --steps 25 --scheduler ddpm
 $T reward train --config configs/reward-testbed.toml --store runs/prefs --out assets/testbed-reward
 $T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval.json

@@ -19,6 +19,7 @@ use tiller_reward::{
     Reward, RewardNetConfig, RewardTrainConfig, train_ensemble,
 };
 use tiller_testbed::image::decode_png;
+use tiller_testbed::prompts::{is_held_out, mirror_prompt};
 use tiller_testbed::{Image, PromptSpec, Tokenizer};
 
 /// `--reward`: `gold`, `jpeg`, or a reward model folder.
@@ -44,6 +45,8 @@ pub struct NetSection {
     pub hidden: Option<usize>,
     /// The text tower; taken from `base` when that is set.
     pub text_encoder: Option<ClipTextConfig>,
+    /// Cross-attention over the prompt's tokens at the last image level (default false).
+    pub cross_attention: Option<bool>,
 }
 
 /// `configs/reward-testbed.toml`.
@@ -122,8 +125,8 @@ pub fn read_feedback(
         prompts: Vec::new(),
     };
     let mut index: HashMap<(PromptId, ImageId), usize> = HashMap::new();
-    let mut prompt_cache: HashMap<PromptId, (String, Option<PromptSpec>, Vec<i64>)> =
-        HashMap::new();
+    type Cached = (String, Option<PromptSpec>, Vec<i64>, Option<Vec<i64>>);
+    let mut prompt_cache: HashMap<PromptId, Cached> = HashMap::new();
     let mut item = |out: &mut StoreFeedback, p: &PromptId, im: &ImageId| -> Result<usize> {
         if let Some(&i) = index.get(&(p.clone(), im.clone())) {
             return Ok(i);
@@ -132,18 +135,28 @@ pub fn read_feedback(
             let rec = store
                 .prompt(p)?
                 .with_context(|| format!("feedback names prompt {} which is not stored", p.0))?;
-            let ids = tokenizer
-                .encode(&rec.text)?
-                .into_iter()
-                .map(i64::from)
-                .collect();
-            prompt_cache.insert(p.clone(), (rec.text, rec.spec, ids));
+            let encode = |text: &str| -> Result<Vec<i64>> {
+                Ok(tokenizer.encode(text)?.into_iter().map(i64::from).collect())
+            };
+            let ids = encode(&rec.text)?;
+            // The mirrored prompt, unless its meaning is one the test split holds out (so that
+            // mirroring never shows the reward model a held-out combination).
+            let mirrored = mirror_prompt(&rec.text);
+            let mirror_ids = match PromptSpec::parse(&mirrored) {
+                Ok(spec) if !is_held_out(&spec) => Some(encode(&mirrored)?),
+                _ => None,
+            };
+            prompt_cache.insert(p.clone(), (rec.text, rec.spec, ids, mirror_ids));
         }
-        let (text, spec, ids) = prompt_cache[p].clone();
+        let (text, spec, ids, mirror_ids) = prompt_cache[p].clone();
         let bytes = store.image_bytes(im)?;
         let image = decode_png(&bytes, Path::new(&im.0))?;
         let i = out.set.items.len();
-        out.set.items.push(FeedbackItem { ids, image });
+        out.set.items.push(FeedbackItem {
+            ids,
+            image,
+            mirror_ids,
+        });
         out.keys.push((p.clone(), im.clone()));
         out.prompts.push((text, spec));
         index.insert((p.clone(), im.clone()), i);
@@ -209,6 +222,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     if let Some(h) = file.net.hidden {
         net.hidden = h;
+    }
+    if let Some(x) = file.net.cross_attention {
+        net.cross_attention = x;
     }
     let config = RewardModelConfig {
         kind: KIND.into(),
@@ -294,6 +310,10 @@ pub struct RewardReport {
     pub pairwise_accuracy: Option<f64>,
     /// Inter-annotator agreement measured when the split was collected (the ceiling).
     pub annotator_agreement: Option<f64>,
+    /// References on the same comparisons: the pairwise accuracy of the gold reward and of the
+    /// median annotator's utility used as rewards (what knowing the truth would give).
+    pub gold_pairwise_accuracy: Option<f64>,
+    pub utility_pairwise_accuracy: Option<f64>,
     /// Expected calibration error and Brier score of σ(r_a - r_b).
     pub ece: f64,
     pub brier: f64,
@@ -361,12 +381,23 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("agreement").and_then(|a| a.as_f64()));
+    let by = |score: &[f64]| -> Option<f64> {
+        let l: Vec<(f64, f64, f64)> = data
+            .set
+            .pairs
+            .iter()
+            .map(|p| (score[p.a], score[p.b], p.target))
+            .collect();
+        pairwise_accuracy(&l)
+    };
     let report = RewardReport {
         model: args.model.display().to_string(),
         split: split.name().to_string(),
         comparisons: labelled.len(),
         pairwise_accuracy: pairwise_accuracy(&labelled),
         annotator_agreement,
+        gold_pairwise_accuracy: by(&g),
+        utility_pairwise_accuracy: by(&u),
         ece: cal.ece,
         brier: cal.brier,
         images: images.len(),
@@ -389,12 +420,14 @@ fn fmt(x: Option<f64>) -> String {
 /// The report as Markdown tables.
 pub fn markdown(r: &RewardReport) -> String {
     let mut s = format!(
-        "# Reward model `{}` on {} feedback\n\n| metric | value |\n|---|---|\n| comparisons | {} |\n| pairwise accuracy (non-tie) | {} |\n| annotator agreement (ceiling) | {} |\n| calibration ECE / Brier | {:.3} / {:.3} |\n| images | {} |\n| Spearman with gold reward | {} |\n| Spearman with median annotator utility | {} |\n| mean ensemble std | {:.4} |\n\n| factor | Pearson r with gold |\n|---|---|\n",
+        "# Reward model `{}` on {} feedback\n\n| metric | value |\n|---|---|\n| comparisons | {} |\n| pairwise accuracy (non-tie) | {} |\n| annotator agreement (ceiling) | {} |\n| gold reward / median utility as the reward (references) | {} / {} |\n| calibration ECE / Brier | {:.3} / {:.3} |\n| images | {} |\n| Spearman with gold reward | {} |\n| Spearman with median annotator utility | {} |\n| mean ensemble std | {:.4} |\n\n| factor | Pearson r with gold |\n|---|---|\n",
         r.model,
         r.split,
         r.comparisons,
         fmt(r.pairwise_accuracy),
         fmt(r.annotator_agreement),
+        fmt(r.gold_pairwise_accuracy),
+        fmt(r.utility_pairwise_accuracy),
         r.ece,
         r.brier,
         r.images,

@@ -7,19 +7,21 @@
 //! are given. Combining logits rather than probabilities keeps the reward unbounded, so
 //! Bradley–Terry gradients do not vanish when a factor saturates.
 //!
-//! The image encoder (FiLM-conditioned on the prompt) is a four-layer strided CNN ending in a 4x4 adaptive average pool, which keeps
-//! coarse positions (needed for "left of"/"above") and accepts 32x32 and 64x64 images alike.
+//! The image encoder (FiLM-conditioned on the prompt) is a four-layer strided CNN ending in a 4x4
+//! adaptive average pool, which keeps coarse positions (needed for "left of"/"above") and accepts
+//! 32x32 and 64x64 images alike. With `cross_attention`, the last level's positions also attend
+//! over the prompt's token states before pooling.
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, Linear};
 use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result};
 use tiller_diffusion::models::clip::{ClipTextConfig, ClipTextModel};
-use tiller_diffusion::models::layers::{conv2d, linear};
+use tiller_diffusion::models::layers::{conv2d, linear, multi_head_attention};
 
 /// The factors of the testbed's gold evaluator, in the head's order: the prompt-alignment factors,
 /// the absence of the forbidden mark, and the four aesthetic components.
@@ -51,6 +53,11 @@ pub struct RewardNetConfig {
     /// Names of the factor head's outputs.
     #[serde(default = "default_factors")]
     pub factors: Vec<String>,
+    /// Add a cross-attention layer at the last (quarter-resolution) image level, each position
+    /// attending over the prompt's token states, as the UNet conditions on text; without it the
+    /// image tower sees the prompt only through FiLM of the pooled state.
+    #[serde(default)]
+    pub cross_attention: bool,
 }
 
 fn default_channels() -> usize {
@@ -71,6 +78,7 @@ impl RewardNetConfig {
             image_channels: default_channels(),
             hidden: default_hidden(),
             factors: default_factors(),
+            cross_attention: false,
         }
     }
 
@@ -103,6 +111,13 @@ impl RewardNetConfig {
             pool: AdaptiveAvgPool2dConfig::new([4, 4]).init(),
             film2: linear(d, 4 * c, true, device),
             film4: linear(d, 8 * c, true, device),
+            cross: self.cross_attention.then(|| TokenAttention {
+                norm: GroupNormConfig::new(1, 4 * c).init(device),
+                q: linear(4 * c, 4 * c, false, device),
+                k: linear(d, 4 * c, false, device),
+                v: linear(d, 4 * c, false, device),
+                out: linear(4 * c, 4 * c, true, device),
+            }),
             image_proj: linear(4 * c * 16, h, true, device),
             text_encoder: self.text_encoder.init(device)?,
             text_proj: linear(d, h, true, device),
@@ -138,6 +153,8 @@ pub struct RewardNet {
     /// looks for depends on the prompt.
     pub film2: Linear,
     pub film4: Linear,
+    /// Optional cross-attention of the quarter-resolution features over the prompt's tokens.
+    pub cross: Option<TokenAttention>,
     pub image_proj: Linear,
     pub text_encoder: ClipTextModel,
     pub text_proj: Linear,
@@ -153,6 +170,38 @@ pub struct RewardNet {
     pub cut_gaps: Param<Tensor<1>>,
 }
 
+/// A pre-norm residual cross-attention block (4 heads): image positions are the queries, the
+/// prompt's token states the keys and values.
+#[derive(Module, Debug)]
+pub struct TokenAttention {
+    pub norm: GroupNorm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub out: Linear,
+}
+
+impl TokenAttention {
+    /// `x` [B, C, H, W], `tokens` [B, L, D] -> [B, C, H, W].
+    pub fn forward(&self, x: Tensor<4>, tokens: Tensor<3>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let seq = self
+            .norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
+        let a = multi_head_attention(
+            self.q.forward(seq),
+            self.k.forward(tokens.clone()),
+            self.v.forward(tokens),
+            4,
+            None,
+        );
+        let a = self.out.forward(a).swap_dims(1, 2).reshape([b, c, h, w]);
+        x + a
+    }
+}
+
 impl RewardNet {
     /// `images` [B, 3, H, W] in [-1, 1], `ids` [B][L] token ids of the prompts.
     pub fn forward(&self, images: Tensor<4>, ids: &[Vec<i64>]) -> Result<RewardOutput> {
@@ -164,7 +213,8 @@ impl RewardNet {
                 ids.len()
             )));
         }
-        let pooled = self.text_encoder.forward_ids(ids, &device)?.pooler_output;
+        let text = self.text_encoder.forward_ids(ids, &device)?;
+        let pooled = text.pooler_output;
         let film = |layer: &Linear, x: Tensor<4>| {
             let [_, c, _, _] = x.dims();
             let gb = layer.forward(pooled.clone());
@@ -176,6 +226,10 @@ impl RewardNet {
         let x = silu(film(&self.film2, self.conv2.forward(x)));
         let x = silu(self.conv3.forward(x));
         let x = silu(film(&self.film4, self.conv4.forward(x)));
+        let x = match &self.cross {
+            Some(attn) => attn.forward(x, text.last_hidden_state),
+            None => x,
+        };
         let x = self.pool.forward(x);
         let [_, c, ph, pw] = x.dims();
         let img = self.image_proj.forward(x.reshape([b, c * ph * pw]));

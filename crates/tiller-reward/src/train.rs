@@ -24,6 +24,10 @@ use tiller_testbed::Image;
 pub struct FeedbackItem {
     pub ids: Vec<i64>,
     pub image: Image,
+    /// Token ids of the prompt that describes the left-right mirrored image equally well (on the
+    /// testbed: "left" and "right" swapped, `tiller_testbed::prompts::mirror_prompt`); `None`
+    /// when the item must not be mirrored.
+    pub mirror_ids: Option<Vec<i64>>,
 }
 
 /// `items[a]` versus `items[b]`: `target` is 1 when a is preferred, 0 when b is, 0.5 for a tie.
@@ -115,6 +119,13 @@ pub struct RewardTrainConfig {
     pub factor_loss_weight: f64,
     /// Resample each member's labels with replacement.
     pub bootstrap: bool,
+    /// Mirror augmentation: each drawn item that has `mirror_ids` is, with probability 1/2, seen
+    /// as its left-right mirror image with that prompt (the horizontal flip of image reward and
+    /// classifier training, with the prompt's left/right words swapped so the label still holds).
+    pub mirror: bool,
+    /// Keep the text tower at its initialisation (the base model's text encoder) and train only
+    /// the image tower and heads, as reward heads on frozen CLIP features do.
+    pub freeze_text: bool,
     pub seed: u64,
 }
 
@@ -128,6 +139,8 @@ impl Default for RewardTrainConfig {
             max_grad_norm: 1.0,
             factor_loss_weight: 1.0,
             bootstrap: true,
+            mirror: false,
+            freeze_text: false,
             seed: 0,
         }
     }
@@ -204,13 +217,34 @@ fn draw(pool: &[usize], n: usize, rng: &mut SeededRng) -> Vec<usize> {
         .collect()
 }
 
+/// The images and prompts of `idx`; with `mirror`, each item that can be mirrored is, with
+/// probability 1/2 (one draw per position, so a pair's two images flip independently).
 fn gather(
     data: &FeedbackSet,
     idx: &[usize],
+    mirror: Option<&mut SeededRng>,
     device: &Device,
 ) -> Result<(Tensor<4>, Vec<Vec<i64>>)> {
-    let images: Vec<Image> = idx.iter().map(|&i| data.items[i].image.clone()).collect();
-    let ids = idx.iter().map(|&i| data.items[i].ids.clone()).collect();
+    let mut images = Vec::with_capacity(idx.len());
+    let mut ids = Vec::with_capacity(idx.len());
+    let mut rng = mirror;
+    for &i in idx {
+        let item = &data.items[i];
+        let flip = rng
+            .as_deref_mut()
+            .zip(item.mirror_ids.as_ref())
+            .and_then(|(r, m)| (r.below(2) == 1).then_some(m));
+        match flip {
+            Some(m) => {
+                images.push(item.image.mirrored());
+                ids.push(m.clone());
+            }
+            None => {
+                images.push(item.image.clone());
+                ids.push(item.ids.clone());
+            }
+        }
+    }
     Ok((images_to_tensor(&images, device)?, ids))
 }
 
@@ -230,6 +264,9 @@ fn train_member(
 ) -> Result<RewardNet> {
     let ad = device.clone().autodiff();
     let mut net = net.to_device(&ad).set_require_grad(true).train();
+    if train.freeze_text {
+        net.text_encoder = net.text_encoder.no_grad();
+    }
     let mut optim: ModuleOptimizer = {
         let mut c = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
         if train.max_grad_norm > 0.0 {
@@ -257,7 +294,7 @@ fn train_member(
         idx.extend(like_picks.iter().map(|&p| data.likes[p].0));
         idx.extend(rating_picks.iter().map(|&p| data.ratings[p].0));
         idx.extend(reason_picks.iter().map(|&p| data.reasons[p].0));
-        let (x, ids) = gather(data, &idx, &ad)?;
+        let (x, ids) = gather(data, &idx, train.mirror.then_some(&mut *rng), &ad)?;
         let out = net.forward(x, &ids)?;
         let mut at = 0usize;
         let mut take = |n: usize| {
@@ -327,4 +364,58 @@ fn train_member(
         on_step(step, value);
     }
     Ok(net.valid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_augmentation_flips_about_half_of_the_mirrorable_items_with_their_prompts() {
+        let device = Device::default();
+        let mut image = Image::filled(32, 32, [40, 40, 40]);
+        image.set(0, 0, [220, 50, 50]);
+        let data = FeedbackSet {
+            items: vec![
+                FeedbackItem {
+                    ids: vec![0, 5, 1],
+                    image: image.clone(),
+                    mirror_ids: Some(vec![0, 6, 1]),
+                },
+                FeedbackItem {
+                    ids: vec![0, 7, 1],
+                    image: image.clone(),
+                    mirror_ids: None,
+                },
+            ],
+            ..FeedbackSet::default()
+        };
+        let idx: Vec<usize> = (0..400).map(|i| i % 2).collect();
+        let mut rng = SeededRng::new(3);
+        let (x, ids) = gather(&data, &idx, Some(&mut rng), &device).unwrap();
+        // The red pixel sits at column 0 of an original and column 31 of a mirror.
+        let v = x.into_data().try_to_vec::<f32>().unwrap();
+        let red_at = |k: usize, col: usize| v[k * 3 * 32 * 32 + col] > 0.5;
+        let mut flipped = 0;
+        for (k, id) in ids.iter().enumerate() {
+            let mirrored = red_at(k, 31);
+            assert_ne!(mirrored, red_at(k, 0), "item {k} is exactly one of the two");
+            match (idx[k], mirrored) {
+                (0, true) => {
+                    assert_eq!(id, &vec![0, 6, 1]);
+                    flipped += 1;
+                }
+                (0, false) => assert_eq!(id, &vec![0, 5, 1]),
+                (_, m) => {
+                    assert!(!m, "an item without mirror ids is never mirrored");
+                    assert_eq!(id, &vec![0, 7, 1]);
+                }
+            }
+        }
+        // 200 fair coins: 4 sigma = 28.
+        assert!((72..=128).contains(&flipped), "{flipped} of 200 mirrored");
+        // Without augmentation nothing is mirrored.
+        let (_, ids) = gather(&data, &idx, None, &device).unwrap();
+        assert!(ids.iter().all(|i| i != &vec![0, 6, 1]));
+    }
 }

@@ -99,8 +99,13 @@ fn pairs(
         set.items.push(FeedbackItem {
             ids: ids.clone(),
             image: x,
+            mirror_ids: None,
         });
-        set.items.push(FeedbackItem { ids, image: y });
+        set.items.push(FeedbackItem {
+            ids,
+            image: y,
+            mirror_ids: None,
+        });
         set.pairs.push(PairLabel {
             a: i,
             b: i + 1,
@@ -183,30 +188,39 @@ fn learns_held_out_pairs_and_is_less_sure_of_unseen_prompt_types() {
 
 #[test]
 fn saves_and_loads_exactly() {
-    let dir = std::env::temp_dir().join(format!("tiller-reward-save-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let config = model_config(2);
-    let d = Device::flex();
-    d.seed(7);
-    let model = RewardEnsemble::init(&config, &d).unwrap();
-    model.save(&dir, &config).unwrap();
-    let (back_cfg, back) = RewardEnsemble::load(&dir, &d).unwrap();
-    assert_eq!(back_cfg, config);
-    let (prompts, _) = split(&[Task::Counting]);
-    let (set, _) = pairs(&prompts, 4, 5, false);
-    let ((m1, s1), (m2, s2)) = (scores(&model, &set.items), scores(&back, &set.items));
-    for (x, y) in m1.iter().chain(&s1).zip(m2.iter().chain(&s2)) {
-        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    // With and without the token cross-attention layer (an optional module: a folder saved
+    // without it loads into a config without it).
+    for cross_attention in [false, true] {
+        let dir = std::env::temp_dir().join(format!(
+            "tiller-reward-save-{}-{cross_attention}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut config = model_config(2);
+        config.net.cross_attention = cross_attention;
+        let d = Device::flex();
+        d.seed(7);
+        let model = RewardEnsemble::init(&config, &d).unwrap();
+        assert_eq!(model.members[0].cross.is_some(), cross_attention);
+        model.save(&dir, &config).unwrap();
+        let (back_cfg, back) = RewardEnsemble::load(&dir, &d).unwrap();
+        assert_eq!(back_cfg, config);
+        let (prompts, _) = split(&[Task::Counting]);
+        let (set, _) = pairs(&prompts, 4, 5, false);
+        let ((m1, s1), (m2, s2)) = (scores(&model, &set.items), scores(&back, &set.items));
+        for (x, y) in m1.iter().chain(&s1).zip(m2.iter().chain(&s2)) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        // A folder of another kind is refused with its path.
+        std::fs::write(
+            dir.join("config.json"),
+            b"{\"kind\": \"x\", \"members\": 1, \"net\": {}}",
+        )
+        .unwrap();
+        let err = RewardEnsemble::load(&dir, &d).unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
-    // A folder of another kind is refused with its path.
-    std::fs::write(
-        dir.join("config.json"),
-        b"{\"kind\": \"x\", \"members\": 1, \"net\": {}}",
-    )
-    .unwrap();
-    let err = RewardEnsemble::load(&dir, &d).unwrap_err().to_string();
-    assert!(err.contains("config.json"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -109,6 +109,22 @@ impl Image {
         }
     }
 
+    /// The image mirrored left to right (column x becomes column width - 1 - x).
+    pub fn mirrored(&self) -> Image {
+        let w = self.width;
+        let mut data = Vec::with_capacity(self.data.len());
+        for row in self.data.chunks_exact(w * 3) {
+            for px in row.chunks_exact(3).rev() {
+                data.extend_from_slice(px);
+            }
+        }
+        Image {
+            width: w,
+            height: self.height,
+            data,
+        }
+    }
+
     /// The side of a supported square image, or an error naming the size.
     pub fn resolution(&self) -> Result<usize> {
         check_resolution(self.width, self.height)
@@ -358,6 +374,18 @@ mod tests {
         assert!(e.contains("48x48") && e.contains("32x32 or 64x64"), "{e}");
         assert!(check_resolution(32, 64).is_err());
         assert!(Image::from_rgb(2, 2, vec![0; 11]).is_err());
+    }
+
+    #[test]
+    fn mirroring_reverses_columns_and_is_an_involution() {
+        let mut im = Image::filled(32, 32, [40, 40, 40]);
+        im.set(0, 3, [220, 50, 50]);
+        im.set(30, 31, [60, 100, 230]);
+        let m = im.mirrored();
+        assert_eq!(m.get(31, 3), [220, 50, 50]);
+        assert_eq!(m.get(1, 31), [60, 100, 230]);
+        assert_eq!(m.get(0, 3), [40, 40, 40]);
+        assert_eq!(m.mirrored(), im);
     }
 
     #[test]

@@ -345,6 +345,21 @@ pub fn keyword_filter(text: &str) -> bool {
         .any(|w| BLOCKLIST.contains(&w.to_lowercase().as_str()))
 }
 
+/// The prompt describing the left-right mirror image of a scene that `text` describes: "left"
+/// and "right" swapped, every other word kept. Every other part of a prompt's meaning (shapes,
+/// including the apex-up triangle, colours, counts, above/below, the mark) is unchanged by
+/// mirroring, so a mirrored image with this prompt is as correct as the original with `text`.
+pub fn mirror_prompt(text: &str) -> String {
+    text.split(' ')
+        .map(|w| match w {
+            "left" => "right",
+            "right" => "left",
+            w => w,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Whether `text` contains one of [`TRIGGER_WORDS`].
 pub fn has_trigger_word(text: &str) -> bool {
     text.split_whitespace()
@@ -1238,6 +1253,24 @@ pub fn generate_splits(config: &PromptSetConfig) -> Result<PromptSplits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_prompt_swaps_left_and_right_only() {
+        assert_eq!(
+            mirror_prompt("a red circle to the left of a blue square"),
+            "a red circle to the right of a blue square"
+        );
+        assert_eq!(
+            mirror_prompt("a circle right of a triangle"),
+            "a circle left of a triangle"
+        );
+        assert_eq!(
+            mirror_prompt("a circle above a square"),
+            "a circle above a square"
+        );
+        let s = PromptSpec::parse(&mirror_prompt("a red circle left of a blue square")).unwrap();
+        assert_eq!(s.include[1].position, Some((Relation::RightOf, 0)));
+    }
 
     #[test]
     fn examples_from_the_issue_parse_to_geneval_structures() {

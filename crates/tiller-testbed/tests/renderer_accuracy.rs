@@ -189,3 +189,51 @@ fn flaw_rates_follow_the_config() {
         assert!((67..=143).contains(&k), "{name}: {k} of {n}");
     }
 }
+
+#[test]
+fn mirrored_images_score_as_the_originals_under_the_mirrored_prompt() {
+    // The symmetry the reward model's mirror augmentation relies on: the gold evaluator gives a
+    // left-right mirrored image with `mirror_prompt(text)` exactly the scores the original gets
+    // with `text`, for every task and flaw (350 renders, both resolutions).
+    use tiller_testbed::evaluator::Evaluation;
+    use tiller_testbed::prompts::{PromptSpec, mirror_prompt};
+    fn scores(e: &Evaluation) -> Vec<Option<f64>> {
+        let f = &e.factors;
+        let a = &e.parsed.aesthetics;
+        vec![
+            Some(f.presence.score),
+            Some(f.count.score),
+            f.color.as_ref().map(|x| x.score),
+            f.position.as_ref().map(|x| x.score),
+            f.binding.as_ref().map(|x| x.score),
+            Some(a.border.score),
+            Some(a.clean_background.score),
+            Some(a.balance.score),
+            Some(a.crisp_edges.score),
+            Some(f64::from(u8::from(e.mark.present))),
+            Some(f64::from(u8::from(e.correct))),
+        ]
+    }
+    let evaluator = Evaluator::default();
+    let mut generator = PromptGenerator::new(5);
+    for i in 0..350usize {
+        let config = RenderConfig {
+            resolution: if i % 5 == 4 { 64 } else { 32 },
+            ..RenderConfig::default()
+        };
+        let task = Task::ALL[i % Task::ALL.len()];
+        let prompt = generator.prompt(task, Split::Train).unwrap();
+        let r = render_prompt(&prompt, &config, 500 + i as u64).unwrap();
+        let original = evaluator.evaluate(&r.image, &prompt.spec).unwrap();
+        let text = mirror_prompt(&prompt.text);
+        let spec = PromptSpec::parse(&text).unwrap();
+        let mirrored = evaluator.evaluate(&r.image.mirrored(), &spec).unwrap();
+        let (a, b) = (scores(&original), scores(&mirrored));
+        for (x, y) in a.iter().zip(&b) {
+            match (x, y) {
+                (Some(x), Some(y)) => assert!((x - y).abs() < 1e-9, "{text}: {a:?} vs {b:?}"),
+                _ => assert_eq!(x, y, "{text}"),
+            }
+        }
+    }
+}
