@@ -347,12 +347,15 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     let images: Vec<Image> = data.set.items.iter().map(|i| i.image.clone()).collect();
     let texts: Vec<String> = data.prompts.iter().map(|(t, _)| t.clone()).collect();
     let scored = reward.score_with_uncertainty(&images, &texts)?;
-    let labelled: Vec<(f64, f64, f64)> = data
-        .set
-        .pairs
-        .iter()
-        .map(|p| (scored.mean[p.a], scored.mean[p.b], p.target))
-        .collect();
+    // Each comparison as (score of a, score of b, target) under a per-image score.
+    let labelled_by = |score: &[f64]| -> Vec<(f64, f64, f64)> {
+        data.set
+            .pairs
+            .iter()
+            .map(|p| (score[p.a], score[p.b], p.target))
+            .collect()
+    };
+    let labelled = labelled_by(&scored.mean);
     let cal = calibration(&labelled, 10);
     let gold = GoldReward::default();
     let median = TasteWeights::default();
@@ -381,23 +384,14 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("agreement").and_then(|a| a.as_f64()));
-    let by = |score: &[f64]| -> Option<f64> {
-        let l: Vec<(f64, f64, f64)> = data
-            .set
-            .pairs
-            .iter()
-            .map(|p| (score[p.a], score[p.b], p.target))
-            .collect();
-        pairwise_accuracy(&l)
-    };
     let report = RewardReport {
         model: args.model.display().to_string(),
         split: split.name().to_string(),
         comparisons: labelled.len(),
         pairwise_accuracy: pairwise_accuracy(&labelled),
         annotator_agreement,
-        gold_pairwise_accuracy: by(&g),
-        utility_pairwise_accuracy: by(&u),
+        gold_pairwise_accuracy: pairwise_accuracy(&labelled_by(&g)),
+        utility_pairwise_accuracy: pairwise_accuracy(&labelled_by(&u)),
         ece: cal.ece,
         brier: cal.brier,
         images: images.len(),

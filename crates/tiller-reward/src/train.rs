@@ -222,15 +222,14 @@ fn draw(pool: &[usize], n: usize, rng: &mut SeededRng) -> Vec<usize> {
 fn gather(
     data: &FeedbackSet,
     idx: &[usize],
-    mirror: Option<&mut SeededRng>,
+    mut mirror: Option<&mut SeededRng>,
     device: &Device,
 ) -> Result<(Tensor<4>, Vec<Vec<i64>>)> {
     let mut images = Vec::with_capacity(idx.len());
     let mut ids = Vec::with_capacity(idx.len());
-    let mut rng = mirror;
     for &i in idx {
         let item = &data.items[i];
-        let flip = rng
+        let flip = mirror
             .as_deref_mut()
             .zip(item.mirror_ids.as_ref())
             .and_then(|(r, m)| (r.below(2) == 1).then_some(m));

@@ -254,3 +254,51 @@ fn nan_scores_and_bad_labels_are_errors() {
     });
     assert!(set.validate(10).is_err());
 }
+
+#[test]
+fn a_frozen_text_tower_stays_at_its_initialisation() {
+    let (prompts, _) = split(&[Task::Counting]);
+    let (set, _) = pairs(&prompts, 16, 9, false);
+    let config = model_config(1);
+    let d = Device::flex();
+    d.seed(11);
+    let text = config.net.text_encoder.init(&d).unwrap();
+    let probe = vec![set.items[0].ids.clone()];
+    let encode = |t: &tiller_diffusion::models::clip::ClipTextModel| -> Vec<f32> {
+        t.forward_ids(&probe, &d)
+            .unwrap()
+            .last_hidden_state
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let before = encode(&text);
+    for freeze_text in [true, false] {
+        let train_cfg = RewardTrainConfig {
+            steps: 3,
+            batch_size: 8,
+            freeze_text,
+            ..Default::default()
+        };
+        let model = train_ensemble(
+            &config,
+            &train_cfg,
+            &set,
+            Some(&text),
+            &d,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let after = encode(&model.members[0].text_encoder);
+        let moved = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        if freeze_text {
+            assert_eq!(moved, 0.0, "the frozen text tower changed by {moved}");
+        } else {
+            assert!(moved > 1e-6, "a trained text tower should move");
+        }
+    }
+}
