@@ -61,15 +61,14 @@ pub fn align(args: AlignArgs) -> Result<AlignSummary> {
     // nothing behind.
     let (opened, config, resolved) = match &args.resume {
         Some(_) => {
-            let (run, text) = RunDir::open(&args.out).with_context(|| {
-                format!("--resume needs an existing run in {}", args.out.display())
-            })?;
-            let config: AlignConfig = toml::from_str(&text).with_context(|| {
-                format!(
-                    "{}: the saved config",
-                    args.out.join("config.toml").display()
-                )
-            })?;
+            // `--set train.updates=N` extends a run; anything that would change what its
+            // finished updates meant is refused.
+            let (run, config, text) = RunDir::open_with_overrides::<AlignConfig>(
+                &args.out,
+                &args.overrides,
+                &["train.updates", "log."],
+            )
+            .with_context(|| format!("--resume needs an existing run in {}", args.out.display()))?;
             (Some(run), config, text)
         }
         None => {

@@ -107,6 +107,9 @@ pub struct TrainArgs {
     seed: Option<u64>,
 }
 
+/// The config keys `--set` may change when resuming a base run.
+const RESUME_EXTENDABLE: &[&str] = &["train.steps", "log."];
+
 pub fn train(args: TrainArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
     if let Some(seed) = args.seed {
@@ -114,15 +117,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let (run, config) = match &args.resume {
         Some(_) => {
-            let (run, text) = RunDir::open(&args.out).with_context(|| {
-                format!("--resume needs an existing run in {}", args.out.display())
-            })?;
-            let config: BaseConfig = toml::from_str(&text).with_context(|| {
-                format!(
-                    "{}: the saved config",
-                    args.out.join("config.toml").display()
-                )
-            })?;
+            // `--set train.steps=N` extends a finished run (diffusers' scripts allow a larger
+            // `max_train_steps` on resume): the cosine schedule is recomputed over the new total.
+            let (run, config, _) =
+                RunDir::open_with_overrides::<BaseConfig>(&args.out, &overrides, RESUME_EXTENDABLE)
+                    .with_context(|| {
+                        format!("--resume needs an existing run in {}", args.out.display())
+                    })?;
             (run, config)
         }
         None => {

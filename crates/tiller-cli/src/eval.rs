@@ -523,7 +523,10 @@ pub struct QuickstartArgs {
 /// grids. Prints where everything is.
 pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     // Ancestral sampling (DDIM with eta = 1): the shipped base model is under-trained, and its
-    // deterministic DDIM samples keep residual noise that ancestral steps remove (README).
+    // deterministic DDIM samples keep residual noise that ancestral steps remove (README). Every
+    // stage samples with 25 steps (the README's base table uses 50), so the base table, the
+    // feedback images and best-of-N's plain row are drawn alike and the loop fits in 10 minutes.
+    let mut timer = StageTimer::start();
     let store = args.out.join("feedback");
     if store.join("preferences.sqlite").exists() {
         bail!(
@@ -532,7 +535,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         );
     }
     let sampling = SamplingArgs {
-        steps: 50,
+        steps: 25,
         scheduler: "ddpm".into(),
         guidance: 3.0,
         batch: 32,
@@ -550,6 +553,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         sampling: sampling.clone(),
     })?;
     println!("{}", markdown(&oracle));
+    timer.stage("renderer evaluation");
     if !args.model.join("model_index.json").exists() {
         println!(
             "No base model at {} yet: only the renderer (the upper bound any model can reach) was scored.",
@@ -570,12 +574,9 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         sampling: sampling.clone(),
     })?;
     println!("{}", markdown(&base));
+    timer.stage("base evaluation");
 
-    // Feedback on base samples (25 steps: labels need images, not the best images).
-    let fast = SamplingArgs {
-        steps: 25,
-        ..sampling.clone()
-    };
+    // Feedback on base samples.
     for (split, prompts, seed) in [
         ("train", args.feedback_prompts, 0),
         ("test", args.feedback_prompts.div_ceil(2), 1),
@@ -593,9 +594,10 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
             budget: None,
             panel_seed: 0,
             seed,
-            sampling: fast.clone(),
+            sampling: sampling.clone(),
         })?;
     }
+    timer.stage("simulated feedback");
     let reward_dir = args.out.join("reward");
     crate::reward::train(crate::reward::TrainArgs {
         config: PathBuf::from("configs/reward-testbed.toml"),
@@ -614,6 +616,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         out: Some(args.out.join("reward-eval.json")),
         device: "cpu".into(),
     })?;
+    timer.stage("reward model (train + eval)");
     let best = eval(EvalArgs {
         model,
         suite: "testbed-test".into(),
@@ -625,9 +628,10 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
             best_of: args.best_of,
             reward: reward_dir.display().to_string(),
         },
-        sampling: fast,
+        sampling,
     })?;
     println!("{}", markdown(&best));
+    timer.stage("best-of-N evaluation");
 
     // Align: DRaFT-K (K = 1) on the reward model just trained, LoRA on the shipped base.
     let align_dir = args.out.join("align");
@@ -647,14 +651,57 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
             stop_after: None,
         })?;
         println!("{}", crate::align::summary_markdown(&s));
+        timer.stage("alignment (DRaFT-K)");
         Some(s)
     } else {
         None
     };
-    let html = report_html(&base, &reward_report, &best, aligned.as_ref(), &align_dir)?;
+    let html = report_html(
+        &base,
+        &reward_report,
+        &best,
+        aligned.as_ref(),
+        &align_dir,
+        &timer.stages,
+    )?;
     tiller_core::fs::atomic_write(&args.out.join("report.html"), html.as_bytes())?;
+    println!("{}", timer.markdown());
     println!("reports: {} (open report.html)", args.out.display());
     Ok(())
+}
+
+/// Wall time of each quickstart stage, printed at the end and shown in the report.
+struct StageTimer {
+    stages: Vec<(String, f64)>,
+    last: std::time::Instant,
+}
+
+impl StageTimer {
+    fn start() -> Self {
+        Self {
+            stages: Vec::new(),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Ends the current stage: the time since the previous stage ended (or the timer started).
+    fn stage(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64();
+        eprintln!("quickstart: {name} took {secs:.0} s");
+        self.stages.push((name.into(), secs));
+        self.last = now;
+    }
+
+    fn markdown(&self) -> String {
+        let mut t = String::from("| stage | wall time |\n|---|---|\n");
+        for (k, s) in &self.stages {
+            t.push_str(&format!("| {k} | {s:.0} s |\n"));
+        }
+        let total: f64 = self.stages.iter().map(|(_, s)| s).sum();
+        t.push_str(&format!("| **total** | {total:.0} s |\n"));
+        t
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -671,6 +718,7 @@ fn report_html(
     best: &Report,
     aligned: Option<&crate::align::AlignSummary>,
     align_dir: &Path,
+    timings: &[(String, f64)],
 ) -> Result<String> {
     let table = |rows: &[(String, String)]| {
         let mut t = String::from("<table><tr><th>metric</th><th>value</th></tr>");
@@ -790,6 +838,14 @@ fn report_html(
             ));
         }
     }
+    let total: f64 = timings.iter().map(|(_, s)| s).sum();
+    let mut rows: Vec<(String, String)> = timings
+        .iter()
+        .map(|(k, s)| (k.clone(), format!("{s:.0} s")))
+        .collect();
+    rows.push(("total".into(), format!("{total:.0} s")));
+    h.push_str("<h2>Wall time by stage</h2>");
+    h.push_str(&table(&rows));
     h.push_str("<h2>Base model samples by task</h2>");
     for task in base.per_task.keys() {
         h.push_str(&format!(

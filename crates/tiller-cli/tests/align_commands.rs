@@ -50,6 +50,17 @@ fn align_exports_lora_and_eval_reads_the_run() {
         !run.join("final").exists(),
         "an interrupted run has no final weights"
     );
+    // Resuming may not change what the finished update meant.
+    let (ok, text) = tiller(&[
+        "align",
+        "--out",
+        run_s,
+        "--resume",
+        "latest",
+        "--set",
+        "train.learning_rate=1.0",
+    ]);
+    assert!(!ok && text.contains("train.learning_rate"), "{text}");
     let (ok, text) = tiller(&["align", "--out", run_s, "--resume", "latest"]);
     assert!(ok, "{text}");
     assert!(text.contains("resumed from"), "{text}");

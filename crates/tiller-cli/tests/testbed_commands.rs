@@ -62,6 +62,34 @@ fn base_train_then_sample_and_eval() {
     // Resuming a finished run is a no-op that still writes the pipeline.
     let (ok, text) = tiller(&["base", "train", "--out", run_s, "--resume", "latest"]);
     assert!(ok && text.contains("resumed from"), "{text}");
+    // On resume, --set may extend the run, and nothing else: a refused key names itself and
+    // leaves the saved config as it was; an extension trains on and records the new total.
+    let (ok, text) = tiller(&[
+        "base",
+        "train",
+        "--out",
+        run_s,
+        "--resume",
+        "latest",
+        "--set",
+        "train.learning_rate=1.0",
+    ]);
+    assert!(!ok && text.contains("train.learning_rate"), "{text}");
+    assert_eq!(before, std::fs::read(run.join("config.toml")).unwrap());
+    let (ok, text) = tiller(&[
+        "base",
+        "train",
+        "--out",
+        run_s,
+        "--resume",
+        "latest",
+        "--set",
+        "train.steps=3",
+    ]);
+    assert!(ok && text.contains("resumed from"), "{text}");
+    assert!(run.join("checkpoints/step-00000003").exists(), "{text}");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("steps = 3"), "{saved}");
 
     let pipe = run.join("pipeline");
     let grid = run.join("grid.png");

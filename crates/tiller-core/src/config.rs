@@ -29,8 +29,18 @@ pub fn from_toml_file_with_overrides<T: DeserializeOwned + serde::Serialize>(
     overrides: &[String],
 ) -> Result<(T, String)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    from_toml_str_with_overrides(&text, path, overrides)
+}
+
+/// [`from_toml_file_with_overrides`] on text already read from `path` (a run's saved config,
+/// say); `path` names it in errors.
+pub fn from_toml_str_with_overrides<T: DeserializeOwned + serde::Serialize>(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+) -> Result<(T, String)> {
     let mut value: toml::Table =
-        toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        toml::from_str(text).map_err(|e| Error::format(path, e.to_string()))?;
     for o in overrides {
         apply_override(&mut value, o)?;
     }
@@ -39,6 +49,13 @@ pub fn from_toml_file_with_overrides<T: DeserializeOwned + serde::Serialize>(
     })?;
     let resolved = toml::to_string(&typed).map_err(|e| Error::invalid(e.to_string()))?;
     Ok((typed, resolved))
+}
+
+/// The key of a `key.path=value` override.
+pub fn override_key(o: &str) -> Result<&str> {
+    o.split_once('=')
+        .map(|(k, _)| k.trim())
+        .ok_or_else(|| Error::config(o, "expected key.path=value"))
 }
 
 fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
