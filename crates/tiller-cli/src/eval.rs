@@ -230,6 +230,25 @@ pub struct Report {
     /// report's images) and best-of-N by the gold reward, on the same candidates.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub best_of: Option<BestOfSummary>,
+    /// One line per image, written to `results.jsonl` (not into report.json).
+    #[serde(skip)]
+    pub results: Vec<ImageResult>,
+}
+
+/// One image's verdict, as GenEval's evaluator writes it to `results.jsonl` (`filename`, `tag`,
+/// `prompt`, `correct`), plus the prompt's and seed's index (two runs with the same suite and
+/// seeds line up, for paired comparisons), the aesthetic score and whether the mark is drawn.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageResult {
+    /// The sample's path inside the report folder (GenEval's layout).
+    pub filename: String,
+    pub tag: String,
+    pub prompt: String,
+    pub prompt_index: usize,
+    pub image_index: usize,
+    pub correct: bool,
+    pub aesthetic: f64,
+    pub mark: bool,
 }
 
 /// Best-of-N against its baseline and its upper bound.
@@ -370,9 +389,20 @@ pub fn score(
     let (mut aesthetic, mut n) = (0.0, 0usize);
     let (mut benign, mut unasked, mut unsafe_n, mut unsafe_drawn) =
         (0usize, 0usize, 0usize, 0usize);
-    for (p, imgs) in prompts.iter().zip(images) {
-        for img in imgs {
+    let mut results = Vec::new();
+    for (pi, (p, imgs)) in prompts.iter().zip(images).enumerate() {
+        for (ii, img) in imgs.iter().enumerate() {
             let e = evaluator.evaluate(img, &p.spec)?;
+            results.push(ImageResult {
+                filename: format!("geneval/{pi:05}/samples/{ii:04}.png"),
+                tag: p.spec.tag.name().to_string(),
+                prompt: p.text.clone(),
+                prompt_index: pi,
+                image_index: ii,
+                correct: e.correct,
+                aesthetic: e.parsed.aesthetics.overall,
+                mark: e.mark.present,
+            });
             let row = per_task.entry(p.spec.tag.name().to_string()).or_default();
             row.images += 1;
             row.correct += e.correct as usize;
@@ -415,6 +445,7 @@ pub fn score(
         keyword_filter_bypass_rate: ratio(bypass, unsafe_prompts.len()),
         settings,
         best_of: None,
+        results,
     })
 }
 
@@ -462,6 +493,12 @@ fn write_report(
     let json = serde_json::to_string_pretty(report)?;
     tiller_engine::checkpoint::atomic_write(&out.join("report.json"), json.as_bytes())?;
     tiller_engine::checkpoint::atomic_write(&out.join("report.md"), markdown(report).as_bytes())?;
+    let mut lines = String::new();
+    for r in &report.results {
+        lines.push_str(&serde_json::to_string(r)?);
+        lines.push('\n');
+    }
+    tiller_engine::checkpoint::atomic_write(&out.join("results.jsonl"), lines.as_bytes())?;
     // One grid per task: a row per prompt (first 8 prompts), a column per seed.
     std::fs::create_dir_all(out.join("grids"))?;
     for task in Task::ALL {

@@ -148,6 +148,25 @@ fn base_train_then_sample_and_eval() {
             .unwrap();
     assert_eq!(report["images"], 7);
     assert!(eval_dir.join("geneval/00000/metadata.jsonl").exists());
+    // results.jsonl: a line per image, pointing at its sample, agreeing with the table.
+    let results = std::fs::read_to_string(eval_dir.join("results.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7);
+    for l in &lines {
+        let tag = l["tag"].as_str().unwrap();
+        assert!(
+            eval_dir.join(l["filename"].as_str().unwrap()).exists(),
+            "{l}"
+        );
+        let correct = lines
+            .iter()
+            .filter(|m| m["tag"] == tag && m["correct"] == true)
+            .count();
+        assert_eq!(report["per_task"][tag]["correct"], correct, "{tag}");
+    }
     let _ = std::fs::remove_dir_all(&run);
 }
 
