@@ -7,6 +7,7 @@ mod compare;
 mod eval;
 mod feedback;
 mod model_check;
+mod paired;
 mod reward;
 mod testbed;
 
@@ -59,6 +60,9 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Merge an alignment run's LoRA into its base and write a diffusers-layout pipeline.
     Merge(align::MergeArgs),
+    /// Compare two `tiller eval` folders image by image (same prompts and seeds): each task's
+    /// accuracy difference with a paired standard error, and a sign test on the discordant images.
+    Paired(paired::PairedArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,6 +164,7 @@ fn main() -> Result<()> {
         Command::Quickstart(args) => eval::quickstart(args),
         Command::Compare(args) => compare::compare(args).map(|_| ()),
         Command::Merge(args) => align::merge(args),
+        Command::Paired(args) => paired::run(args),
         Command::Align(args) => {
             let s = align::align(args)?;
             println!("{}", align::summary_markdown(&s));
