@@ -23,3 +23,15 @@ $T reward train --config configs/reward-testbed.toml --store runs/prefs --out as
 $T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval.json
 $T eval --model assets/testbed-base --per-task 8 --per-prompt 1 --steps 25 --scheduler ddpm \
   --best-of 8 --reward assets/testbed-reward --out runs/eval-best-of-8
+
+# 4. The alignment comparison on these assets, the KL-regularised DRaFT-K run, and every run's
+#    final weights on the whole held-out suite, paired image by image with the base.
+$T compare --budget 480 --set prompts.val_per_task=12 --out runs/compare
+$T align --config configs/draft-k-testbed.toml --out runs/compare-kl-v2/draft-k+kl \
+  --set train.kl_weight=0.1 --set train.reward_budget=480 --set train.updates=30 \
+  --set log.val_every=6 --set log.checkpoint_every=30 --set prompts.val_per_task=12
+$T eval --model assets/testbed-base --per-prompt 1 --scheduler ddpm --steps 20 --out runs/eval-full/base
+for m in ddpo diffusion-dpo draft-k; do
+  $T eval --model runs/compare/$m --per-prompt 1 --scheduler ddpm --steps 20 --out runs/eval-full/$m
+  $T paired runs/eval-full/base runs/eval-full/$m
+done
