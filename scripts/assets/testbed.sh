@@ -12,8 +12,12 @@ STEP=${STEP:-20000}   # the checkpoint step that was shipped
 [ -d "$RUN" ] || $T base train --config configs/testbed-base.toml --out "$RUN"
 $T base export --run "$RUN" --checkpoint "$RUN/checkpoints/step-$(printf %08d "$STEP")" --out assets/testbed-base
 
-# 2. Its evaluation table (ancestral sampling; see the README for why).
-$T eval --model assets/testbed-base --per-task 16 --per-prompt 2 --scheduler ddpm --out runs/eval-base
+# 2. Its evaluation table: ancestral sampling with the step count chosen on training prompts
+#    (the README has why), then the whole held-out suite.
+for n in 10 20 30 50; do
+  $T eval --suite testbed-train --per-task 16 --per-prompt 2 --scheduler ddpm --steps $n --out runs/sweep-train/steps-$n
+done
+$T eval --model assets/testbed-base --scheduler ddpm --steps 30 --out runs/eval-base
 
 # 3. Simulated feedback on its samples, the reward ensemble, and their evaluations.
 $T feedback collect --model assets/testbed-base --store runs/prefs --prompts 300 --steps 25 --scheduler ddpm
