@@ -67,8 +67,7 @@ pub fn align(args: AlignArgs) -> Result<AlignSummary> {
                 &args.out,
                 &args.overrides,
                 &["train.updates", "log."],
-            )
-            .with_context(|| format!("--resume needs an existing run in {}", args.out.display()))?;
+            )?;
             (Some(run), config, text)
         }
         None => {

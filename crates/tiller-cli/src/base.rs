@@ -119,11 +119,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
         Some(_) => {
             // `--set train.steps=N` extends a finished run (diffusers' scripts allow a larger
             // `max_train_steps` on resume): the cosine schedule is recomputed over the new total.
-            let (run, config, _) =
-                RunDir::open_with_overrides::<BaseConfig>(&args.out, &overrides, RESUME_EXTENDABLE)
-                    .with_context(|| {
-                        format!("--resume needs an existing run in {}", args.out.display())
-                    })?;
+            let (run, config, _) = RunDir::open_with_overrides::<BaseConfig>(
+                &args.out,
+                &overrides,
+                RESUME_EXTENDABLE,
+            )?;
             (run, config)
         }
         None => {

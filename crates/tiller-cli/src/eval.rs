@@ -561,7 +561,7 @@ pub struct QuickstartArgs {
 pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     // Ancestral sampling (DDIM with eta = 1): the shipped base model is under-trained, and its
     // deterministic DDIM samples keep residual noise that ancestral steps remove (README). Every
-    // stage samples with 25 steps (the README's base table uses 50), so the base table, the
+    // stage samples with 25 steps (the README's full-suite table uses 30), so the base table, the
     // feedback images and best-of-N's plain row are drawn alike and the loop fits in 10 minutes.
     let mut timer = StageTimer::start();
     let store = args.out.join("feedback");
@@ -699,7 +699,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         &best,
         aligned.as_ref(),
         &align_dir,
-        &timer.stages,
+        &timer,
     )?;
     tiller_core::fs::atomic_write(&args.out.join("report.html"), html.as_bytes())?;
     println!("{}", timer.markdown());
@@ -735,9 +735,12 @@ impl StageTimer {
         for (k, s) in &self.stages {
             t.push_str(&format!("| {k} | {s:.0} s |\n"));
         }
-        let total: f64 = self.stages.iter().map(|(_, s)| s).sum();
-        t.push_str(&format!("| **total** | {total:.0} s |\n"));
+        t.push_str(&format!("| **total** | {:.0} s |\n", self.total()));
         t
+    }
+
+    fn total(&self) -> f64 {
+        self.stages.iter().map(|(_, s)| s).sum()
     }
 }
 
@@ -755,7 +758,7 @@ fn report_html(
     best: &Report,
     aligned: Option<&crate::align::AlignSummary>,
     align_dir: &Path,
-    timings: &[(String, f64)],
+    timings: &StageTimer,
 ) -> Result<String> {
     let table = |rows: &[(String, String)]| {
         let mut t = String::from("<table><tr><th>metric</th><th>value</th></tr>");
@@ -875,12 +878,12 @@ fn report_html(
             ));
         }
     }
-    let total: f64 = timings.iter().map(|(_, s)| s).sum();
     let mut rows: Vec<(String, String)> = timings
+        .stages
         .iter()
         .map(|(k, s)| (k.clone(), format!("{s:.0} s")))
         .collect();
-    rows.push(("total".into(), format!("{total:.0} s")));
+    rows.push(("total".into(), format!("{:.0} s", timings.total())));
     h.push_str("<h2>Wall time by stage</h2>");
     h.push_str(&table(&rows));
     h.push_str("<h2>Base model samples by task</h2>");

@@ -33,7 +33,8 @@ struct Line {
     correct: bool,
 }
 
-fn read(dir: &Path) -> Result<BTreeMap<(usize, usize), Line>> {
+/// A `tiller eval` folder's `results.jsonl`; an image listed twice is an error.
+fn read(dir: &Path) -> Result<Verdicts> {
     let path = dir.join("results.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -45,7 +46,13 @@ fn read(dir: &Path) -> Result<BTreeMap<(usize, usize), Line>> {
     for (i, l) in text.lines().enumerate() {
         let line: Line = serde_json::from_str(l)
             .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-        out.insert((line.prompt_index, line.image_index), line);
+        let key = (line.prompt_index, line.image_index);
+        if out
+            .insert(key, (line.tag, line.prompt, line.correct))
+            .is_some()
+        {
+            bail!("{}: line {} repeats image {key:?}", path.display(), i + 1);
+        }
     }
     Ok(out)
 }
@@ -133,13 +140,7 @@ pub fn sign_test(x: usize, n: usize) -> f64 {
 }
 
 pub fn run(args: PairedArgs) -> Result<()> {
-    let load = |d: &Path| -> Result<Verdicts> {
-        Ok(read(d)?
-            .into_iter()
-            .map(|(k, l)| (k, (l.tag, l.prompt, l.correct)))
-            .collect())
-    };
-    let rows = compare_results(&load(&args.a)?, &load(&args.b)?)?;
+    let rows = compare_results(&read(&args.a)?, &read(&args.b)?)?;
     println!(
         "# `{}` (A) vs `{}` (B), paired by prompt and seed\n",
         args.a.display(),
@@ -230,6 +231,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("4 and 1 images"), "{e}");
+    }
+
+    #[test]
+    fn results_files_that_are_missing_or_repeat_an_image_are_errors() {
+        let dir = std::env::temp_dir().join(format!("tiller-paired-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = read(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("results.jsonl") && e.contains("tiller eval"),
+            "{e}"
+        );
+        let line = r#"{"filename":"f","tag":"colors","prompt":"a red circle","prompt_index":0,"image_index":0,"correct":true,"aesthetic":0.5,"mark":false}"#;
+        std::fs::write(dir.join("results.jsonl"), format!("{line}\n")).unwrap();
+        assert_eq!(read(&dir).unwrap().len(), 1);
+        std::fs::write(dir.join("results.jsonl"), format!("{line}\n{line}\n")).unwrap();
+        let e = read(&dir).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("repeats"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! resumes, and bad input fails with a named cause.
 
 mod common;
-use common::tiller;
+use common::{resume_with_set, tiller};
 
 use std::path::PathBuf;
 
@@ -51,15 +51,7 @@ fn align_exports_lora_and_eval_reads_the_run() {
         "an interrupted run has no final weights"
     );
     // Resuming may not change what the finished update meant.
-    let (ok, text) = tiller(&[
-        "align",
-        "--out",
-        run_s,
-        "--resume",
-        "latest",
-        "--set",
-        "train.learning_rate=1.0",
-    ]);
+    let (ok, text) = resume_with_set(&["align"], run_s, "train.learning_rate=1.0");
     assert!(!ok && text.contains("train.learning_rate"), "{text}");
     let (ok, text) = tiller(&["align", "--out", run_s, "--resume", "latest"]);
     assert!(ok, "{text}");

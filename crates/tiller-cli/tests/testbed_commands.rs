@@ -2,7 +2,7 @@
 //! has what it should, a resumed run continues, and bad input fails with a named cause.
 
 mod common;
-use common::tiller;
+use common::{resume_with_set, tiller};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,28 +64,10 @@ fn base_train_then_sample_and_eval() {
     assert!(ok && text.contains("resumed from"), "{text}");
     // On resume, --set may extend the run, and nothing else: a refused key names itself and
     // leaves the saved config as it was; an extension trains on and records the new total.
-    let (ok, text) = tiller(&[
-        "base",
-        "train",
-        "--out",
-        run_s,
-        "--resume",
-        "latest",
-        "--set",
-        "train.learning_rate=1.0",
-    ]);
+    let (ok, text) = resume_with_set(&["base", "train"], run_s, "train.learning_rate=1.0");
     assert!(!ok && text.contains("train.learning_rate"), "{text}");
     assert_eq!(before, std::fs::read(run.join("config.toml")).unwrap());
-    let (ok, text) = tiller(&[
-        "base",
-        "train",
-        "--out",
-        run_s,
-        "--resume",
-        "latest",
-        "--set",
-        "train.steps=3",
-    ]);
+    let (ok, text) = resume_with_set(&["base", "train"], run_s, "train.steps=3");
     assert!(ok && text.contains("resumed from"), "{text}");
     assert!(run.join("checkpoints/step-00000003").exists(), "{text}");
     let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();

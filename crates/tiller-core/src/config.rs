@@ -53,16 +53,18 @@ pub fn from_toml_str_with_overrides<T: DeserializeOwned + serde::Serialize>(
 
 /// The key of a `key.path=value` override.
 pub fn override_key(o: &str) -> Result<&str> {
+    split_override(o).map(|(k, _)| k)
+}
+
+/// `key.path=value` as (trimmed key, raw value).
+fn split_override(o: &str) -> Result<(&str, &str)> {
     o.split_once('=')
-        .map(|(k, _)| k.trim())
+        .map(|(k, v)| (k.trim(), v))
         .ok_or_else(|| Error::config(o, "expected key.path=value"))
 }
 
 fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
-    let (key, raw) = o
-        .split_once('=')
-        .ok_or_else(|| Error::config(o, "expected key.path=value"))?;
-    let key = key.trim();
+    let (key, raw) = split_override(o)?;
     let value = parse_literal(raw.trim());
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts

@@ -61,7 +61,12 @@ impl RunDir {
         overrides: &[String],
         extendable: &[&str],
     ) -> Result<(Self, T, String)> {
-        let (dir, text) = Self::open(root)?;
+        let (dir, text) = Self::open(root).map_err(|e| {
+            Error::invalid(format!(
+                "--resume needs an existing run in {}: {e}",
+                root.display()
+            ))
+        })?;
         let path = root.join(CONFIG_FILE);
         for o in overrides {
             let key = tiller_core::config::override_key(o)?;

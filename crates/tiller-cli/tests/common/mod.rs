@@ -18,3 +18,11 @@ pub fn tiller(args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// Resumes the run in `out` of `command` (`["base", "train"]`, `["align"]`) with one `--set`.
+#[allow(dead_code)] // not every test binary resumes runs
+pub fn resume_with_set(command: &[&str], out: &str, set: &str) -> (bool, String) {
+    let mut args = command.to_vec();
+    args.extend_from_slice(&["--out", out, "--resume", "latest", "--set", set]);
+    tiller(&args)
+}
