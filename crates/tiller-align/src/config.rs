@@ -135,6 +135,13 @@ pub struct AlignTrainSection {
     pub batch_size: usize,
     /// Micro-batches accumulated into one update.
     pub grad_accum: usize,
+    /// Rollouts (or DRaFT chains) per drawn prompt: each update draws `effective batch /
+    /// images_per_prompt` prompts and samples each this many times, side by side (flow_grpo's
+    /// `num_image_per_prompt`, TRL GRPO's `num_generations`). 1 (ddpo-pytorch) draws every
+    /// rollout's prompt independently. With groups, DDPO's per-prompt statistics compare images
+    /// of one prompt even when prompts rarely repeat across updates (set `ddpo.stat_min_count`
+    /// to the group size). Must divide the effective batch.
+    pub images_per_prompt: usize,
     /// Stop once the loop has spent this many reward queries (rollout scores, reward gradients;
     /// 0: no budget). Labels bought before training (Diffusion-DPO's comparisons) are capped by
     /// `dpo.max_comparisons` instead.
@@ -164,6 +171,7 @@ impl Default for AlignTrainSection {
             updates: 20,
             batch_size: 8,
             grad_accum: 1,
+            images_per_prompt: 1,
             reward_budget: 0,
             learning_rate: 3e-4,
             warmup_steps: 0,
@@ -342,6 +350,16 @@ impl AlignConfig {
         }
         if t.grad_accum == 0 {
             return bad("train.grad_accum", "must be at least 1".into());
+        }
+        if t.images_per_prompt == 0 || !t.effective_batch().is_multiple_of(t.images_per_prompt) {
+            return bad(
+                "train.images_per_prompt",
+                format!(
+                    "must be at least 1 and divide the effective batch {} (batch_size x grad_accum), got {}",
+                    t.effective_batch(),
+                    t.images_per_prompt
+                ),
+            );
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             return bad(

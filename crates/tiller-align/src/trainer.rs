@@ -141,12 +141,17 @@ pub fn align(
     let mut metrics = MetricsLog::open(run.root(), resume.map(|_| step))?;
     let per_batch = algorithm.updates_per_batch() as u64;
     eprintln!(
-        "align {}: {} updates, effective batch {} = {} per micro-batch x {} accumulation{}, lr {:.1e}, reward {}",
+        "align {}: {} updates, effective batch {} = {} per micro-batch x {} accumulation{}{}, lr {:.1e}, reward {}",
         algorithm.name(),
         train.updates,
         train.effective_batch(),
         train.batch_size,
         train.grad_accum,
+        match (algorithm.collects(), train.images_per_prompt) {
+            (Collect::Rollouts | Collect::Starts, k) if k > 1 =>
+                format!(" ({} prompts x {k} images)", train.effective_batch() / k),
+            _ => String::new(),
+        },
         if per_batch > 1 {
             format!(", {per_batch} updates per collected batch")
         } else {
@@ -179,6 +184,7 @@ pub fn align(
             reward,
             data,
             n,
+            train.images_per_prompt,
             train.batch_size,
             &mut rng,
         )?;
@@ -326,13 +332,23 @@ fn log_validation(
     metrics.log(step, &refs)
 }
 
-/// Draws `n` prompts (uniformly, with replacement) and encodes them.
-fn draw_prompts(data: &AlignData<'_>, n: usize, rng: &mut SeededRng) -> Result<Prompts> {
+/// Draws `n / group` prompts (uniformly, with replacement), repeats each `group` times side by
+/// side, and encodes them.
+fn draw_prompts(
+    data: &AlignData<'_>,
+    n: usize,
+    group: usize,
+    rng: &mut SeededRng,
+) -> Result<Prompts> {
     if data.prompts.is_empty() {
         return Err(Error::invalid("no training prompts"));
     }
-    let texts: Vec<String> = (0..n)
-        .map(|_| data.prompts[rng.below(data.prompts.len())].clone())
+    let group = group.max(1);
+    let texts: Vec<String> = (0..n / group)
+        .flat_map(|_| {
+            let p = &data.prompts[rng.below(data.prompts.len())];
+            std::iter::repeat_n(p.clone(), group)
+        })
         .collect();
     encode_prompts(data, texts)
 }
@@ -347,13 +363,15 @@ fn encode_prompts(data: &AlignData<'_>, texts: Vec<String>) -> Result<Prompts> {
     })
 }
 
-/// Collects one update's batch of `n` examples; returns it with the rewards spent on it.
+/// Collects one update's batch of `n` examples (rollouts and chains: `group` per drawn prompt,
+/// side by side); returns it with the rewards spent on it.
 pub fn collect(
     kind: Collect,
     policy: &Policy,
     reward: &dyn Reward,
     data: &AlignData<'_>,
     n: usize,
+    group: usize,
     micro: usize,
     rng: &mut SeededRng,
 ) -> Result<(Batch, Vec<f64>)> {
@@ -361,7 +379,7 @@ pub fn collect(
     let device = &policy.device;
     match kind {
         Collect::Rollouts => {
-            let prompts = draw_prompts(data, n, rng)?;
+            let prompts = draw_prompts(data, n, group, rng)?;
             let current = policy.current();
             let steps = policy.sampler.timesteps().len();
             let mut latents: Vec<Vec<Tensor<4>>> = vec![Vec::new(); steps + 1];
@@ -450,7 +468,7 @@ pub fn collect(
             ))
         }
         Collect::Starts => {
-            let prompts = draw_prompts(data, n, rng)?;
+            let prompts = draw_prompts(data, n, group, rng)?;
             let x_t = rng.normal([n, c, h, w], device);
             let seed = rng.below(usize::MAX) as u64;
             Ok((Batch::Starts(Starts { prompts, x_t, seed }), Vec::new()))

@@ -182,6 +182,7 @@ fn ddpo_first_ratio_on_fresh_rollouts_is_exactly_one() {
         &Brightness,
         &d,
         4,
+        1,
         4,
         &mut rng,
     )
@@ -213,6 +214,46 @@ fn ddpo_first_ratio_on_fresh_rollouts_is_exactly_one() {
     assert_eq!(get("clipfrac"), 0.0);
 }
 
+#[test]
+fn rollouts_come_in_groups_of_images_per_prompt() {
+    let policy = policy(AdapterKind::Lora, 1.0);
+    let enc = encode;
+    let d = data(&enc);
+    let mut rng = SeededRng::new(3);
+    let (batch, rewards) = collect(
+        tiller_align::Collect::Rollouts,
+        &policy,
+        &Brightness,
+        &d,
+        6,
+        3,
+        2,
+        &mut rng,
+    )
+    .unwrap();
+    let tiller_align::Batch::Rollouts(r) = batch else {
+        panic!("rollouts expected")
+    };
+    let t = &r.prompts.texts;
+    assert_eq!(t.len(), 6);
+    assert!(
+        t[0] == t[1] && t[1] == t[2] && t[3] == t[4] && t[4] == t[5],
+        "{t:?}"
+    );
+    // One prompt, three images: different noise, so different rewards.
+    assert!(
+        rewards[0] != rewards[1] && rewards[1] != rewards[2],
+        "{rewards:?}"
+    );
+    // The group must divide the effective batch; the error names the field.
+    let mut c = config(MethodName::Ddpo, 1, 1e-3);
+    c.train.images_per_prompt = 3;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("train.images_per_prompt"), "{err}");
+    c.train.images_per_prompt = 4;
+    c.validate().unwrap();
+}
+
 /// Gradients of one batch of 4 versus 4 accumulated micro-batches of 1 (scale 1/4).
 fn check_accumulation(algorithm: &mut dyn Algorithm, kind: tiller_align::Collect) {
     let policy = policy(AdapterKind::Lora, 2.0);
@@ -220,7 +261,7 @@ fn check_accumulation(algorithm: &mut dyn Algorithm, kind: tiller_align::Collect
     let policy = {
         let d = data(&encode);
         let mut rng = SeededRng::new(11);
-        let (batch, _) = collect(kind, &policy, &Brightness, &d, 4, 4, &mut rng).unwrap();
+        let (batch, _) = collect(kind, &policy, &Brightness, &d, 4, 1, 4, &mut rng).unwrap();
         let mut batch = batch;
         algorithm.prepare(&mut batch, &mut rng).unwrap();
         let cx = Context {
@@ -238,7 +279,7 @@ fn check_accumulation(algorithm: &mut dyn Algorithm, kind: tiller_align::Collect
     };
     let d = data(&encode);
     let mut rng = SeededRng::new(5);
-    let (mut batch, _) = collect(kind, &policy, &Brightness, &d, 4, 1, &mut rng).unwrap();
+    let (mut batch, _) = collect(kind, &policy, &Brightness, &d, 4, 1, 1, &mut rng).unwrap();
     algorithm.prepare(&mut batch, &mut rng).unwrap();
     let cx = Context {
         policy: &policy,
@@ -512,6 +553,7 @@ fn diffusion_dpo_learns_held_out_preferences() {
             &Brightness,
             &test,
             16,
+            1,
             16,
             &mut SeededRng::new(9),
         )
@@ -555,6 +597,7 @@ fn draft_k_refuses_a_reward_without_gradients() {
         &Flat,
         &d,
         2,
+        1,
         2,
         &mut rng,
     )
@@ -584,6 +627,7 @@ fn draft_k_kl_penalty_is_zero_at_the_start_and_grows_with_training() {
         &Brightness,
         &d,
         2,
+        1,
         2,
         &mut rng,
     )

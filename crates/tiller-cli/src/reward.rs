@@ -16,7 +16,7 @@ use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
 use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
     FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
-    Reward, RewardNetConfig, RewardTrainConfig, train_ensemble,
+    Reward, RewardNetConfig, RewardTrainConfig, TextPool, train_ensemble,
 };
 use tiller_testbed::image::decode_png;
 use tiller_testbed::prompts::{is_held_out, mirror_prompt};
@@ -47,6 +47,8 @@ pub struct NetSection {
     pub text_encoder: Option<ClipTextConfig>,
     /// Cross-attention over the prompt's tokens at the last image level (default false).
     pub cross_attention: Option<bool>,
+    /// The prompt summary: `eos` (CLIP's pooled output, default) or `mean` (mean token state).
+    pub text_pool: Option<TextPool>,
 }
 
 /// `configs/reward-testbed.toml`.
@@ -222,6 +224,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     if let Some(h) = file.net.hidden {
         net.hidden = h;
+    }
+    if let Some(p) = file.net.text_pool {
+        net.text_pool = p;
     }
     if let Some(x) = file.net.cross_attention {
         net.cross_attention = x;

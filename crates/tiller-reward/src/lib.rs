@@ -26,7 +26,7 @@ use tiller_core::{Error, Result};
 use tiller_testbed::Image;
 
 pub use ensemble::{RewardEnsemble, RewardModelConfig};
-pub use net::{FACTORS, RewardNet, RewardNetConfig};
+pub use net::{FACTORS, RewardNet, RewardNetConfig, TextPool};
 pub use rewards::{GoldReward, GoldWeights, JpegCompressibility, LearnedReward, WeightedSum};
 pub use train::{FeedbackItem, FeedbackSet, PairLabel, RewardTrainConfig, train_ensemble};
 

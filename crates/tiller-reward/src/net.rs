@@ -17,7 +17,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear};
 use burn::tensor::activation::{silu, softplus};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result};
 use tiller_diffusion::models::clip::{ClipTextConfig, ClipTextModel};
@@ -58,6 +58,22 @@ pub struct RewardNetConfig {
     /// image tower sees the prompt only through FiLM of the pooled state.
     #[serde(default)]
     pub cross_attention: bool,
+    /// How the prompt is summarised for FiLM and the joint MLP: `eos`, the end-of-text token's
+    /// state (CLIP's pooler output), or `mean`, the mean of the states up to and including it.
+    #[serde(default)]
+    pub text_pool: TextPool,
+}
+
+/// The prompt summary the reward network conditions on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextPool {
+    /// CLIP's pooled output: the end-of-text token's final state.
+    #[default]
+    Eos,
+    /// The mean of the final states of the prompt's tokens (start token to end-of-text), which
+    /// varies more additively with the words than the single end-of-text state.
+    Mean,
 }
 
 fn default_channels() -> usize {
@@ -79,6 +95,7 @@ impl RewardNetConfig {
             hidden: default_hidden(),
             factors: default_factors(),
             cross_attention: false,
+            text_pool: TextPool::Eos,
         }
     }
 
@@ -120,6 +137,7 @@ impl RewardNetConfig {
             }),
             image_proj: linear(4 * c * 16, h, true, device),
             text_encoder: self.text_encoder.init(device)?,
+            text_pool: self.text_pool,
             text_proj: linear(d, h, true, device),
             joint1: linear(3 * h, h, true, device),
             joint2: linear(h, h, true, device),
@@ -157,6 +175,9 @@ pub struct RewardNet {
     pub cross: Option<TokenAttention>,
     pub image_proj: Linear,
     pub text_encoder: ClipTextModel,
+    /// The prompt summary (not a parameter).
+    #[module(skip)]
+    pub text_pool: TextPool,
     pub text_proj: Linear,
     pub joint1: Linear,
     pub joint2: Linear,
@@ -214,7 +235,23 @@ impl RewardNet {
             )));
         }
         let text = self.text_encoder.forward_ids(ids, &device)?;
-        let pooled = text.pooler_output;
+        let pooled = match self.text_pool {
+            TextPool::Eos => text.pooler_output,
+            TextPool::Mean => {
+                let [_, l, d] = text.last_hidden_state.dims();
+                let ends = self.text_encoder.pool_positions(ids);
+                let weights: Vec<f32> = ends
+                    .iter()
+                    .flat_map(|&e| {
+                        (0..l).map(move |i| if i <= e { 1.0 / (e + 1) as f32 } else { 0.0 })
+                    })
+                    .collect();
+                let w = Tensor::<3>::from_data(TensorData::new(weights, [b, l, 1]), &device);
+                (text.last_hidden_state.clone() * w)
+                    .sum_dim(1)
+                    .reshape([b, d])
+            }
+        };
         let film = |layer: &Linear, x: Tensor<4>| {
             let [_, c, _, _] = x.dims();
             let gb = layer.forward(pooled.clone());

@@ -10,7 +10,7 @@ use tiller_reward::metrics::pairwise_accuracy;
 use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
     FeedbackItem, FeedbackSet, GoldReward, PairLabel, Reward, RewardNetConfig, RewardTrainConfig,
-    train_ensemble,
+    TextPool, train_ensemble,
 };
 use tiller_testbed::prompts::{PromptSetConfig, Task, generate_splits};
 use tiller_testbed::{Image, Prompt, RenderConfig, Tokenizer, render_prompt};
@@ -189,8 +189,9 @@ fn learns_held_out_pairs_and_is_less_sure_of_unseen_prompt_types() {
 #[test]
 fn saves_and_loads_exactly() {
     // With and without the token cross-attention layer (an optional module: a folder saved
-    // without it loads into a config without it).
-    for cross_attention in [false, true] {
+    // without it loads into a config without it), and with either prompt summary (a setting,
+    // not a weight: it must come back from config.json).
+    for (cross_attention, text_pool) in [(false, TextPool::Eos), (true, TextPool::Mean)] {
         let dir = std::env::temp_dir().join(format!(
             "tiller-reward-save-{}-{cross_attention}",
             std::process::id()
@@ -198,10 +199,12 @@ fn saves_and_loads_exactly() {
         let _ = std::fs::remove_dir_all(&dir);
         let mut config = model_config(2);
         config.net.cross_attention = cross_attention;
+        config.net.text_pool = text_pool;
         let d = Device::flex();
         d.seed(7);
         let model = RewardEnsemble::init(&config, &d).unwrap();
         assert_eq!(model.members[0].cross.is_some(), cross_attention);
+        assert_eq!(model.members[0].text_pool, text_pool);
         model.save(&dir, &config).unwrap();
         let (back_cfg, back) = RewardEnsemble::load(&dir, &d).unwrap();
         assert_eq!(back_cfg, config);
@@ -301,4 +304,36 @@ fn a_frozen_text_tower_stays_at_its_initialisation() {
             assert!(moved > 1e-6, "a trained text tower should move");
         }
     }
+}
+
+#[test]
+fn mean_pooling_averages_the_prompt_tokens_only() {
+    let d = Device::flex();
+    d.seed(3);
+    let mut config = RewardNetConfig::new(text_config());
+    config.image_channels = 4;
+    config.hidden = 16;
+    config.text_pool = TextPool::Mean;
+    let mut net = config.init(&d).unwrap();
+    let image = SeededRng::new(5).normal([1, 3, 32, 32], &d);
+    // eos (= pad) is id 1: the same prompt padded to two lengths.
+    let short = vec![vec![0i64, 5, 7, 1, 1]];
+    let long = vec![vec![0i64, 5, 7, 1, 1, 1, 1, 1, 1, 1]];
+    let score = |net: &tiller_reward::RewardNet, ids: &[Vec<i64>]| -> f32 {
+        net.forward(image.clone(), ids)
+            .unwrap()
+            .reward
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()[0]
+    };
+    let (a, b) = (score(&net, &short), score(&net, &long));
+    assert!((a - b).abs() < 1e-5, "padding changed the mean: {a} vs {b}");
+    // A different word before the end changes it; the end-of-text summary of the same weights
+    // is a different number.
+    let other = score(&net, &[vec![0i64, 5, 9, 1, 1]]);
+    assert!((a - other).abs() > 1e-6, "{a} vs {other}");
+    net.text_pool = TextPool::Eos;
+    let eos = score(&net, &short);
+    assert!((a - eos).abs() > 1e-6, "mean {a} equals eos {eos}");
 }

@@ -5,7 +5,13 @@
 //! (a mean over dimensions: ddpo-pytorch's convention, which is why the clip range is 1e-4).
 //! Rewards become advantages per prompt (ddpo-pytorch `stat_tracking.py`: a buffer of the last
 //! `stat_buffer` rewards per prompt; below `stat_min_count` the batch statistics are used),
-//! `A = (r - mean) / (std + 1e-6)`, clipped to +-`adv_clip_max`. Then for each trained step
+//! `A = (r - mean) / (std + 1e-6)`, clipped to +-`adv_clip_max`. ddpo-pytorch's prompt sets are
+//! small (45 animals), so every prompt soon has its 16 values; with the testbed's 1200 training
+//! prompts a prompt rarely repeats, the batch statistics stand in, and the advantage then mostly
+//! says which *prompt* was easy rather than which *image* was good. Sampling
+//! `train.images_per_prompt` images of each drawn prompt side by side with `stat_min_count` set
+//! to that group size gives every rollout a comparison within its own prompt (flow_grpo's
+//! grouping, `num_image_per_prompt`). Then for each trained step
 //! (`scripts/train.py` l.539-551):
 //!
 //! ```text

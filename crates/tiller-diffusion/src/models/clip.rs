@@ -290,9 +290,17 @@ impl ClipTextModel {
                 )));
             }
         }
-        // Pooling position: first eos token, or with the legacy eos id 2 the largest id
-        // (transformers' rule for configs saved before the eos id was used).
-        let pool: Vec<usize> = input_ids
+        let pool = self.pool_positions(input_ids);
+        let flat: Vec<i64> = input_ids.iter().flatten().copied().collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, l]), device);
+        Ok(self.forward(ids, &pool))
+    }
+
+    /// Each row's pooling position: its first end-of-text token, or with the legacy eos id 2 the
+    /// largest id (transformers' rule for configs saved before the eos id was used); the last
+    /// position when a row has none.
+    pub fn pool_positions(&self, input_ids: &[Vec<i64>]) -> Vec<usize> {
+        input_ids
             .iter()
             .map(|row| {
                 if self.eos_token_id == 2 {
@@ -304,13 +312,10 @@ impl ClipTextModel {
                 } else {
                     row.iter()
                         .position(|&id| id == self.eos_token_id)
-                        .unwrap_or(l - 1)
+                        .unwrap_or(row.len().saturating_sub(1))
                 }
             })
-            .collect();
-        let flat: Vec<i64> = input_ids.iter().flatten().copied().collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, l]), device);
-        Ok(self.forward(ids, &pool))
+            .collect()
     }
 
     /// input_ids: [B, L]; pool_positions: the index pooled for each row -> outputs.
