@@ -23,6 +23,9 @@ $T eval --model assets/testbed-base --scheduler ddpm --steps 30 --out runs/eval-
 $T feedback collect --model assets/testbed-base --store runs/prefs --prompts 300 --steps 25 --scheduler ddpm
 $T feedback collect --model assets/testbed-base --store runs/prefs --prompts 600 --seed 2 --steps 25 --scheduler ddpm
 $T feedback collect --model assets/testbed-base --store runs/prefs --split test --prompts 50 --seed 1 --steps 25 --scheduler ddpm
+# 150 more held-out prompts (900 comparisons), so that reward variants can be told apart
+# (README: "A four times larger held-out set").
+$T feedback collect --model assets/testbed-base --store runs/prefs --split test --prompts 150 --seed 3 --steps 25 --scheduler ddpm --agreement-pairs 600
 $T reward train --config configs/reward-testbed.toml --store runs/prefs --out assets/testbed-reward
 $T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval.json
 $T eval --model assets/testbed-base --per-task 8 --per-prompt 1 --steps 25 --scheduler ddpm \

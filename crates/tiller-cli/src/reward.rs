@@ -331,6 +331,18 @@ pub struct RewardReport {
     pub factor_correlation: Vec<(String, Option<f64>)>,
     /// The ensemble's mean standard deviation over the split's images.
     pub mean_uncertainty: f64,
+    /// The pairwise accuracies by the compared prompt's task: where the reward fails.
+    pub per_task: Vec<TaskPairwise>,
+}
+
+/// Pairwise accuracy (non-tie) of the reward and the two references on one task's comparisons.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskPairwise {
+    pub task: String,
+    pub comparisons: usize,
+    pub pairwise_accuracy: Option<f64>,
+    pub gold_pairwise_accuracy: Option<f64>,
+    pub utility_pairwise_accuracy: Option<f64>,
 }
 
 pub fn eval(args: EvalArgs) -> Result<RewardReport> {
@@ -364,12 +376,13 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     let cal = calibration(&labelled, 10);
     let gold = GoldReward::default();
     let median = TasteWeights::default();
-    let (mut g, mut u, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut g, mut u, mut targets, mut tasks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (img, (text, spec)) in images.iter().zip(&data.prompts) {
         let spec = match spec {
             Some(s) => s.clone(),
             None => PromptSpec::parse(text)?,
         };
+        tasks.push(spec.tag.name());
         let e = gold.evaluator.evaluate(img, &spec)?;
         g.push(gold.weights.of(&e));
         u.push(utility(&median, &e)?);
@@ -382,6 +395,30 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
             let pred: Vec<f64> = scored.factors.iter().map(|f| f[k]).collect();
             let truth: Vec<f64> = targets.iter().map(|t| t[k]).collect();
             (name.to_string(), pearson(&pred, &truth))
+        })
+        .collect();
+    let mut task_names: Vec<&str> = tasks.clone();
+    task_names.sort_unstable();
+    task_names.dedup();
+    let per_task = task_names
+        .into_iter()
+        .map(|task| {
+            let of = |score: &[f64]| -> Vec<(f64, f64, f64)> {
+                data.set
+                    .pairs
+                    .iter()
+                    .filter(|p| tasks[p.a] == task)
+                    .map(|p| (score[p.a], score[p.b], p.target))
+                    .collect()
+            };
+            let mine = of(&scored.mean);
+            TaskPairwise {
+                task: task.to_string(),
+                comparisons: mine.len(),
+                pairwise_accuracy: pairwise_accuracy(&mine),
+                gold_pairwise_accuracy: pairwise_accuracy(&of(&g)),
+                utility_pairwise_accuracy: pairwise_accuracy(&of(&u)),
+            }
         })
         .collect();
     let agreement_path = args.store.join(format!("agreement-{}.json", split.name()));
@@ -404,6 +441,7 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         spearman_utility: spearman(&scored.mean, &u),
         factor_correlation,
         mean_uncertainty: scored.std.iter().sum::<f64>() / scored.std.len().max(1) as f64,
+        per_task,
     };
     println!("{}", markdown(&report));
     if let Some(out) = &args.out {
@@ -436,6 +474,17 @@ pub fn markdown(r: &RewardReport) -> String {
     );
     for (name, c) in &r.factor_correlation {
         s.push_str(&format!("| {name} | {} |\n", fmt(*c)));
+    }
+    s.push_str("\n| task | comparisons | pairwise accuracy | gold reward | median utility |\n|---|---|---|---|---|\n");
+    for t in &r.per_task {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            t.task,
+            t.comparisons,
+            fmt(t.pairwise_accuracy),
+            fmt(t.gold_pairwise_accuracy),
+            fmt(t.utility_pairwise_accuracy)
+        ));
     }
     s
 }

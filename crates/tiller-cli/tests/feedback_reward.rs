@@ -114,6 +114,14 @@ fn collect_train_eval_and_best_of() {
     assert!(r["pairwise_accuracy"].as_f64().is_some(), "{r}");
     assert_eq!(r["annotator_agreement"], agreement["agreement"]);
     assert_eq!(r["factor_correlation"].as_array().unwrap().len(), 10);
+    // The per-task rows split the comparisons between them.
+    let per_task = r["per_task"].as_array().unwrap();
+    assert!(!per_task.is_empty(), "{r}");
+    let split: u64 = per_task
+        .iter()
+        .map(|t| t["comparisons"].as_u64().unwrap())
+        .sum();
+    assert_eq!(split, r["comparisons"].as_u64().unwrap(), "{r}");
 
     // Best-of-4: plain sampling, the learned reward's pick and the gold reward's pick from the
     // same candidates; the gold pick is an upper bound on both.
