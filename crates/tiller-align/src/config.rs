@@ -140,7 +140,8 @@ pub struct AlignTrainSection {
     /// `num_image_per_prompt`, TRL GRPO's `num_generations`). 1 (ddpo-pytorch) draws every
     /// rollout's prompt independently. With groups, DDPO's per-prompt statistics compare images
     /// of one prompt even when prompts rarely repeat across updates (set `ddpo.stat_min_count`
-    /// to the group size). Must divide the effective batch.
+    /// to the group size). Must divide the effective batch; refused for Diffusion-DPO, which
+    /// samples nothing.
     pub images_per_prompt: usize,
     /// Stop once the loop has spent this many reward queries (rollout scores, reward gradients;
     /// 0: no budget). Labels bought before training (Diffusion-DPO's comparisons) are capped by
@@ -371,6 +372,13 @@ impl AlignConfig {
             return bad(
                 "train.kl_weight",
                 format!("must be >= 0, got {}", t.kl_weight),
+            );
+        }
+        if self.method == MethodName::DiffusionDpo && t.images_per_prompt > 1 {
+            return bad(
+                "train.images_per_prompt",
+                "applies to ddpo and draft-k, which sample; Diffusion-DPO's pairs come from the store"
+                    .into(),
             );
         }
         if self.method == MethodName::DiffusionDpo && t.kl_weight > 0.0 {

@@ -147,10 +147,9 @@ pub fn align(
         train.effective_batch(),
         train.batch_size,
         train.grad_accum,
-        match (algorithm.collects(), train.images_per_prompt) {
-            (Collect::Rollouts | Collect::Starts, k) if k > 1 =>
-                format!(" ({} prompts x {k} images)", train.effective_batch() / k),
-            _ => String::new(),
+        match train.images_per_prompt {
+            1 => String::new(),
+            k => format!(" ({} prompts x {k} images)", train.effective_batch() / k),
         },
         if per_batch > 1 {
             format!(", {per_batch} updates per collected batch")

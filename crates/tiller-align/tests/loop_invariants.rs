@@ -252,6 +252,11 @@ fn rollouts_come_in_groups_of_images_per_prompt() {
     assert!(err.contains("train.images_per_prompt"), "{err}");
     c.train.images_per_prompt = 4;
     c.validate().unwrap();
+    // Diffusion-DPO samples nothing: a group size there is refused, not ignored.
+    let mut c = config(MethodName::DiffusionDpo, 1, 1e-3);
+    c.train.images_per_prompt = 4;
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("train.images_per_prompt"), "{err}");
 }
 
 /// Gradients of one batch of 4 versus 4 accumulated micro-batches of 1 (scale 1/4).
