@@ -18,9 +18,10 @@ use tiller_align::policy::{LORA_PEFT_FILE, sampler_config};
 use tiller_align::trainer::{AlignData, PreferencePair};
 use tiller_align::{AlignConfig, Policy};
 use tiller_core::SeededRng;
-use tiller_diffusion::models::lora::{load_lora, merge_lora};
+use tiller_diffusion::models::lora::{attach_lora, load_lora, merge_lora};
 use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_diffusion::pipeline::TextToImage;
+use tiller_engine::checkpoint::load_module;
 use tiller_engine::{Resume, RunDir};
 use tiller_feedback::{Choice, PreferenceStore, Query, Split, SqliteStore};
 use tiller_reward::{GoldReward, Reward};
@@ -154,7 +155,8 @@ pub fn align(args: AlignArgs) -> Result<AlignSummary> {
             &settings,
             (!proxy_is_gold).then_some(reward.as_ref()),
             &device,
-            &samples_dir.join(format!("val-{step:06}.png")),
+            &samples_dir,
+            step,
         )
         .map_err(|e| tiller_core::Error::invalid(format!("validation at update {step}: {e:#}")))?;
         let line: Vec<String> = v.iter().map(|(k, x)| format!("{k} {x:.3}")).collect();
@@ -294,7 +296,11 @@ fn read_pairs(
 }
 
 /// Gold accuracy (GenEval overall), gold reward and, if given, the proxy reward of `unet` on
-/// the validation prompts with fixed seeds; writes a grid.
+/// the validation prompts with fixed seeds; writes a grid (`samples/val-<step>.png`) and each
+/// image's verdict (`samples/val-<step>.jsonl`, `results.jsonl`'s format). After update 0 the
+/// verdicts are paired with update 0's (the same prompts and seeds): the accuracy gain, its
+/// paired standard error and the sign test's p (`gain`, `gain_se`, `gain_p`), so a change can
+/// be told from the noise of a small validation set.
 #[allow(clippy::too_many_arguments)]
 fn validation(
     pipe: &TextToImage,
@@ -305,7 +311,8 @@ fn validation(
     settings: &SampleSettings,
     proxy: Option<&dyn Reward>,
     device: &Device,
-    grid: &Path,
+    samples: &Path,
+    step: u64,
 ) -> Result<Vec<(String, f64)>> {
     let base_unet = pipe.unet.clone();
     let pipe = TextToImage {
@@ -340,10 +347,28 @@ fn validation(
     if per_prompt >= 2 {
         out.push(("diversity".to_string(), diversity(&images)));
     }
-    if let Some(dir) = grid.parent() {
-        std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(samples).with_context(|| format!("creating {}", samples.display()))?;
+    let mut lines = String::new();
+    for r in &report.results {
+        lines.push_str(&serde_json::to_string(r)?);
+        lines.push('\n');
     }
-    geneval::write_grid_png(grid, &flat, (per_prompt * 8).min(flat.len()).max(1))?;
+    let verdicts = samples.join(format!("val-{step:06}.jsonl"));
+    tiller_core::fs::atomic_write(&verdicts, lines.as_bytes())?;
+    let start = samples.join(format!("val-{:06}.jsonl", 0));
+    if step > 0 && start.is_file() {
+        let text = std::fs::read_to_string(&start)
+            .with_context(|| format!("reading {}", start.display()))?;
+        let a = crate::paired::parse(&text, &start)?;
+        let b = crate::paired::parse(&lines, &verdicts)?;
+        if let Some(o) = crate::paired::overall(&crate::paired::compare_results(&a, &b)?) {
+            out.push(("gain".to_string(), o.gain()));
+            out.push(("gain_se".to_string(), o.se));
+            out.push(("gain_p".to_string(), o.p));
+        }
+    }
+    let grid = samples.join(format!("val-{step:06}.png"));
+    geneval::write_grid_png(&grid, &flat, (per_prompt * 8).min(flat.len()).max(1))?;
     Ok(out)
 }
 
@@ -372,11 +397,26 @@ pub fn read_validation(run: &Path, step: u64) -> Result<Vec<(String, f64)>> {
 
 /// Whether `folder` is an alignment run (what `tiller eval --model runs/<id>` accepts).
 pub fn is_run(folder: &Path) -> bool {
-    folder.join("config.toml").is_file() && folder.join("final").is_dir()
+    (folder.join("config.toml").is_file() && folder.join("final").is_dir())
+        || checkpoint_run(folder).is_some()
 }
 
-/// The base pipeline of an alignment run with the run's final weights (LoRA merged).
-pub fn load_aligned(run: &Path, device: &Device) -> Result<(TextToImage, Tokenizer)> {
+/// The run folder of `folder` when `folder` is one of its checkpoints
+/// (`runs/<id>/checkpoints/step-N`, holding the trainer's `model.bpk`).
+fn checkpoint_run(folder: &Path) -> Option<PathBuf> {
+    let parent = folder.parent()?;
+    let run = parent.parent()?;
+    (parent.file_name()? == "checkpoints"
+        && folder.join("model.bpk").is_file()
+        && run.join("config.toml").is_file())
+    .then(|| run.to_path_buf())
+}
+
+/// The base pipeline of an alignment run with the run's final weights (LoRA merged), or, given
+/// one of its checkpoints (`runs/<id>/checkpoints/step-N`), with that checkpoint's weights.
+pub fn load_aligned(folder: &Path, device: &Device) -> Result<(TextToImage, Tokenizer)> {
+    let checkpoint = checkpoint_run(folder);
+    let run = checkpoint.as_deref().unwrap_or(folder);
     let path = run.join("config.toml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -384,6 +424,21 @@ pub fn load_aligned(run: &Path, device: &Device) -> Result<(TextToImage, Tokeniz
         .with_context(|| format!("{}: not an alignment run config", path.display()))?;
     let (mut pipe, tokenizer) = load_pipeline(Path::new(&config.base), device)
         .with_context(|| format!("the run's base model (`base` in {})", path.display()))?;
+    if checkpoint.is_some() {
+        // The trainer saves the whole policy module: the base with its adapters attached (their
+        // initial values are overwritten by the load), or every weight for a full fine-tune.
+        let module = match config.adapter.kind {
+            AdapterKind::Lora => {
+                attach_lora(pipe.unet, &config.adapter.lora(), &mut SeededRng::new(0))?
+            }
+            AdapterKind::Full => pipe.unet,
+        };
+        let file = folder.join("model.bpk");
+        let loaded = load_module(&file, module)
+            .with_context(|| format!("loading the checkpoint {}", file.display()))?;
+        pipe.unet = merge_lora(loaded);
+        return Ok((pipe, tokenizer));
+    }
     let final_dir = run.join("final");
     pipe.unet = match config.adapter.kind {
         AdapterKind::Lora => {
@@ -399,7 +454,8 @@ pub fn load_aligned(run: &Path, device: &Device) -> Result<(TextToImage, Tokeniz
 
 #[derive(Args)]
 pub struct MergeArgs {
-    /// The alignment run (`runs/<id>`, with `final/` written at its end).
+    /// The alignment run (`runs/<id>`, with `final/` written at its end), or one of its
+    /// checkpoints (`runs/<id>/checkpoints/step-N`).
     #[arg(long)]
     pub run: PathBuf,
     /// The pipeline folder to write; must not exist.
@@ -408,13 +464,14 @@ pub struct MergeArgs {
 }
 
 /// `tiller merge`: the run's base with its final LoRA merged into the UNet (or its fully
-/// fine-tuned UNet), written as a diffusers-layout pipeline that `sample`, `eval`, `align --set
+/// fine-tuned UNet; or a checkpoint's weights), written as a diffusers-layout pipeline that `sample`, `eval`, `align --set
 /// base=...` and diffusers itself load like any base model.
 pub fn merge(args: MergeArgs) -> Result<()> {
     crate::ensure_new_out(&args.out)?;
     anyhow::ensure!(
         is_run(&args.run),
-        "--run {}: not a finished alignment run (needs config.toml and final/)",
+        "--run {}: neither a finished alignment run (config.toml and final/) nor one of its \
+         checkpoints (runs/<id>/checkpoints/step-N)",
         args.run.display()
     );
     let device = tiller_core::device::parse_device("cpu")?;

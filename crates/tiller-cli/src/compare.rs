@@ -32,6 +32,10 @@ pub struct CompareArgs {
     /// Output folder: one run per method, compare.json, compare.md, compare.svg.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
+    /// The gold accuracy every method is timed to (default: the best DDPO validation whose gain
+    /// over its start exceeds twice its paired standard error).
+    #[arg(long)]
+    pub target: Option<f64>,
 }
 
 /// One validation point of a run.
@@ -45,6 +49,18 @@ pub struct Point {
     pub proxy_reward: Option<f64>,
     pub kl_to_base: Option<f64>,
     pub diversity: Option<f64>,
+    /// Gold accuracy gain over update 0 on the same images' prompts and seeds, its paired
+    /// standard error and the sign test's p (absent at update 0).
+    pub gain: Option<f64>,
+    pub gain_se: Option<f64>,
+    pub gain_p: Option<f64>,
+}
+
+impl Point {
+    /// Whether the gain over the start exceeds twice its paired standard error.
+    pub fn significant_gain(&self) -> bool {
+        matches!((self.gain, self.gain_se), (Some(g), Some(se)) if g > 2.0 * se && g > 0.0)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,8 +75,11 @@ pub struct MethodRun {
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     pub budget: u64,
-    /// The gold accuracy DDPO reaches (its best validation), if DDPO ran and improved.
+    /// The gold accuracy each method is timed to: `--target`, or the best DDPO validation with
+    /// a significant gain (None: neither).
     pub target: Option<f64>,
+    /// Whether the target came from `--target`.
+    pub target_given: bool,
     pub methods: Vec<MethodRun>,
 }
 
@@ -137,16 +156,7 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
             queries_to_target: None,
         });
     }
-    // The target: DDPO's best gold accuracy, if it improved on its start.
-    let target = methods.iter().find(|m| m.name == "ddpo").and_then(|m| {
-        let start = m.points.first()?.gold_accuracy;
-        let best = m
-            .points
-            .iter()
-            .map(|p| p.gold_accuracy)
-            .fold(f64::MIN, f64::max);
-        (best > start).then_some(best)
-    });
+    let target = args.target.or_else(|| ddpo_target(&methods));
     if let Some(t) = target {
         for m in &mut methods {
             m.queries_to_target = m
@@ -160,6 +170,7 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
     let cmp = Comparison {
         budget: args.budget,
         target,
+        target_given: args.target.is_some(),
         methods,
     };
     tiller_core::fs::atomic_write(
@@ -175,6 +186,20 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
         args.out.display()
     );
     Ok(cmp)
+}
+
+/// DDPO's best validation accuracy among the points whose gain over its start is significant
+/// (more than twice the paired standard error): a target that is not the noise of a small
+/// validation set.
+pub fn ddpo_target(methods: &[MethodRun]) -> Option<f64> {
+    methods
+        .iter()
+        .find(|m| m.name == "ddpo")?
+        .points
+        .iter()
+        .filter(|p| p.significant_gain())
+        .map(|p| p.gold_accuracy)
+        .reduce(f64::max)
 }
 
 /// The validation rows of a run's metrics.jsonl.
@@ -199,6 +224,9 @@ pub fn read_points(run: &Path) -> Result<Vec<Point>> {
             proxy_reward: f("val/proxy_reward"),
             kl_to_base: f("val/kl_to_base"),
             diversity: f("val/diversity"),
+            gain: f("val/gain"),
+            gain_se: f("val/gain_se"),
+            gain_p: f("val/gain_p"),
         });
     }
     Ok(out)
@@ -210,16 +238,20 @@ fn opt(v: Option<f64>) -> String {
 
 pub fn markdown(c: &Comparison) -> String {
     let mut s = format!(
-        "# Method comparison (budget {} reward queries)\n\nGold accuracy: GenEval-style overall on held-out prompts; proxy: the reward the method optimised. Before -> after.\n\n| method | gold accuracy | gold reward | proxy reward | KL to base | diversity | reward queries | wall s | queries to DDPO's best gold |\n|---|---|---|---|---|---|---|---|---|\n",
+        "# Method comparison (budget {} reward queries)\n\nGold accuracy: GenEval-style overall on held-out prompts; proxy: the reward the method optimised. Before -> after; the gain is paired with the start (same prompts and seeds), ± its standard error.\n\n| method | gold accuracy | gain ± SE (p) | gold reward | proxy reward | KL to base | diversity | reward queries | wall s | queries to target |\n|---|---|---|---|---|---|---|---|---|---|\n",
         c.budget
     );
     for m in &c.methods {
         let (Some(a), Some(b)) = (m.points.first(), m.points.last()) else {
             continue;
         };
+        let gain = match (b.gain, b.gain_se, b.gain_p) {
+            (Some(g), Some(se), Some(p)) => format!("{g:+.3} ± {se:.3} ({p:.2})"),
+            _ => "-".to_string(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {:.3} -> {:.3} | {:.3} -> {:.3} | {} -> {} | {} | {} -> {} | {:.0} | {:.0} | {} |",
+            "| {} | {:.3} -> {:.3} | {gain} | {:.3} -> {:.3} | {} -> {} | {} | {} -> {} | {:.0} | {:.0} | {} |",
             m.name,
             a.gold_accuracy,
             b.gold_accuracy,
@@ -241,7 +273,12 @@ pub fn markdown(c: &Comparison) -> String {
     }
     match c.target {
         Some(t) => {
-            let _ = writeln!(s, "\nTarget: DDPO's best gold accuracy, {t:.3}.");
+            let source = if c.target_given {
+                "given by --target"
+            } else {
+                "DDPO's best validation with a gain over twice its paired standard error"
+            };
+            let _ = writeln!(s, "\nTarget gold accuracy {t:.3} ({source}).");
             let ddpo = c
                 .methods
                 .iter()
@@ -259,9 +296,21 @@ pub fn markdown(c: &Comparison) -> String {
                 }
             }
         }
-        None => s.push_str(
-            "\nDDPO did not raise gold accuracy within the budget, so there is no target to compare queries against.\n",
-        ),
+        None => {
+            let best = c.methods.iter().find(|m| m.name == "ddpo").and_then(|m| {
+                m.points
+                    .iter()
+                    .filter_map(|p| Some((p.update, p.gain?, p.gain_se?)))
+                    .max_by(|x, y| x.1.total_cmp(&y.1))
+            });
+            s.push_str(
+                "\nDDPO's validation never gained more than twice its paired standard error, so there is no target to compare queries against (set one with --target).",
+            );
+            if let Some((u, g, se)) = best {
+                let _ = write!(s, " Its best: {g:+.3} ± {se:.3} at update {u}.");
+            }
+            s.push('\n');
+        }
     }
     s
 }
@@ -372,5 +421,74 @@ fn bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
         (lo - 0.5, hi + 0.5)
     } else {
         (lo, hi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(update: u64, acc: f64, gain: Option<(f64, f64)>) -> Point {
+        Point {
+            update,
+            reward_queries: update as f64 * 32.0,
+            wall_s: 0.0,
+            gold_accuracy: acc,
+            gold_reward: 0.0,
+            proxy_reward: None,
+            kl_to_base: None,
+            diversity: None,
+            gain: gain.map(|g| g.0),
+            gain_se: gain.map(|g| g.1),
+            gain_p: gain.map(|_| 0.5),
+        }
+    }
+
+    fn run(name: &str, points: Vec<Point>) -> MethodRun {
+        MethodRun {
+            name: name.into(),
+            run: PathBuf::from(name),
+            points,
+            queries_to_target: None,
+        }
+    }
+
+    #[test]
+    fn the_ddpo_target_needs_a_gain_over_twice_its_standard_error() {
+        // 0.40 is DDPO's best, but within noise (0.06 < 2 x 0.04); 0.38 is the best real gain.
+        let ddpo = run(
+            "ddpo",
+            vec![
+                point(0, 0.32, None),
+                point(5, 0.40, Some((0.06, 0.04))),
+                point(10, 0.38, Some((0.06, 0.02))),
+                point(15, 0.30, Some((-0.02, 0.001))),
+            ],
+        );
+        let other = run(
+            "draft-k",
+            vec![point(0, 0.32, None), point(5, 0.5, Some((0.2, 0.01)))],
+        );
+        assert_eq!(ddpo_target(&[other.clone(), ddpo.clone()]), Some(0.38));
+        // Noise only: no target, and the table says so with the best gain.
+        let noisy = run(
+            "ddpo",
+            vec![point(0, 0.32, None), point(5, 0.40, Some((0.06, 0.04)))],
+        );
+        assert_eq!(ddpo_target(&[noisy.clone(), other.clone()]), None);
+        let md = markdown(&Comparison {
+            budget: 160,
+            target: None,
+            target_given: false,
+            methods: vec![noisy, other],
+        });
+        assert!(
+            md.contains("no target") && md.contains("+0.060 ± 0.040 at update 5"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| draft-k | 0.320 -> 0.500 | +0.200 ± 0.010 (0.50) |"),
+            "{md}"
+        );
     }
 }

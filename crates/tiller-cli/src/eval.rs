@@ -93,7 +93,8 @@ impl BestOfArgs {
 
 #[derive(Args)]
 pub struct SampleArgs {
-    /// A pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/).
+    /// A pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/), an
+    /// alignment run or one of its checkpoints.
     #[arg(long, default_value = "assets/testbed-base")]
     model: PathBuf,
     /// The prompt (repeatable).
@@ -170,7 +171,9 @@ pub fn sample(args: SampleArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// A pipeline folder, or `renderer` to score the training renderer itself (the oracle).
+    /// A pipeline folder, an alignment run (`runs/<id>`) or one of its checkpoints
+    /// (`runs/<id>/checkpoints/step-N`), or `renderer` to score the training renderer itself (the
+    /// oracle).
     #[arg(long, default_value = "assets/testbed-base")]
     model: String,
     /// The prompt suite: `testbed-test` (held-out prompts) or `testbed-train`.
@@ -848,6 +851,7 @@ fn report_html(
         let cmp = crate::compare::Comparison {
             budget: a.reward_queries,
             target: None,
+            target_given: false,
             methods: vec![crate::compare::MethodRun {
                 name: a.config.method.name().into(),
                 run: align_dir.to_path_buf(),

@@ -42,6 +42,12 @@ fn read(dir: &Path) -> Result<Verdicts> {
             path.display()
         )
     })?;
+    parse(&text, &path)
+}
+
+/// Per-image verdicts in `results.jsonl`'s format (also an alignment run's
+/// `samples/val-<update>.jsonl`); `path` names the source in errors.
+pub fn parse(text: &str, path: &Path) -> Result<Verdicts> {
     let mut out = BTreeMap::new();
     for (i, l) in text.lines().enumerate() {
         let line: Line = serde_json::from_str(l)
@@ -161,32 +167,71 @@ pub fn run(args: PairedArgs) -> Result<()> {
             r.only_a
         );
     }
+    if let Some(o) = overall(&rows) {
+        println!(
+            "| **overall** (mean of {} GenEval tasks) | {} | {:.3} | {:.3} | **{:+.3}** | {:.3} | {} | {} |",
+            o.tasks,
+            o.images,
+            o.acc_a,
+            o.acc_b,
+            o.gain(),
+            o.se,
+            o.only_b,
+            o.only_a
+        );
+        println!(
+            "\nSign test on the {} discordant images of those tasks (McNemar, exact, two-sided): p = {:.3}",
+            o.only_a + o.only_b,
+            o.p
+        );
+    }
+    Ok(())
+}
+
+/// The paired comparison of GenEval's overall accuracy (the mean of its task accuracies).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Overall {
+    pub tasks: usize,
+    pub images: usize,
+    pub acc_a: f64,
+    pub acc_b: f64,
+    /// Standard error of `acc_b - acc_a`: the tasks' paired errors combined, divided by the count.
+    pub se: f64,
+    pub only_b: usize,
+    pub only_a: usize,
+    /// The exact sign test on the discordant images.
+    pub p: f64,
+}
+
+impl Overall {
+    pub fn gain(&self) -> f64 {
+        self.acc_b - self.acc_a
+    }
+}
+
+/// The overall row over the GenEval tasks among `rows` (None if there are none).
+pub fn overall(rows: &[PairedRow]) -> Option<Overall> {
     let geneval: Vec<&PairedRow> = rows
         .iter()
         .filter(|r| Task::GENEVAL.iter().any(|t| t.name() == r.task))
         .collect();
-    if !geneval.is_empty() {
-        let k = geneval.len() as f64;
-        let mean = |f: &dyn Fn(&PairedRow) -> f64| geneval.iter().map(|r| f(r)).sum::<f64>() / k;
-        let se = geneval.iter().map(|r| r.se * r.se).sum::<f64>().sqrt() / k;
-        let only_b: usize = geneval.iter().map(|r| r.only_b).sum();
-        let only_a: usize = geneval.iter().map(|r| r.only_a).sum();
-        println!(
-            "| **overall** (mean of {} GenEval tasks) | {} | {:.3} | {:.3} | **{:+.3}** | {:.3} | {only_b} | {only_a} |",
-            geneval.len(),
-            geneval.iter().map(|r| r.n).sum::<usize>(),
-            mean(&|r| r.acc_a),
-            mean(&|r| r.acc_b),
-            mean(&|r| r.acc_b - r.acc_a),
-            se
-        );
-        println!(
-            "\nSign test on the {} discordant images of those tasks (McNemar, exact, two-sided): p = {:.3}",
-            only_a + only_b,
-            sign_test(only_b, only_a + only_b)
-        );
+    if geneval.is_empty() {
+        return None;
     }
-    Ok(())
+    let k = geneval.len() as f64;
+    let mean = |f: &dyn Fn(&PairedRow) -> f64| geneval.iter().map(|r| f(r)).sum::<f64>() / k;
+    let only_b: usize = geneval.iter().map(|r| r.only_b).sum();
+    let only_a: usize = geneval.iter().map(|r| r.only_a).sum();
+    Some(Overall {
+        tasks: geneval.len(),
+        images: geneval.iter().map(|r| r.n).sum(),
+        acc_a: mean(&|r| r.acc_a),
+        acc_b: mean(&|r| r.acc_b),
+        se: geneval.iter().map(|r| r.se * r.se).sum::<f64>().sqrt() / k,
+        only_b,
+        only_a,
+        p: sign_test(only_b, only_a + only_b),
+    })
 }
 
 #[cfg(test)]
@@ -249,6 +294,36 @@ mod tests {
         let e = read(&dir).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("repeats"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn overall_averages_the_geneval_tasks_and_combines_their_errors() {
+        let row = |task: &str, n, acc_a, acc_b, se, only_b, only_a| PairedRow {
+            task: task.into(),
+            n,
+            acc_a,
+            acc_b,
+            se,
+            only_b,
+            only_a,
+        };
+        let rows = [
+            row("colors", 4, 0.5, 0.75, 0.3, 2, 1),
+            row("counting", 2, 0.0, 0.5, 0.5, 1, 0),
+            // Not a GenEval task: left out of the overall.
+            row("unsafe", 8, 0.0, 1.0, 0.0, 8, 0),
+        ];
+        let o = overall(&rows).unwrap();
+        assert_eq!((o.tasks, o.images, o.only_b, o.only_a), (2, 6, 3, 1));
+        assert!((o.acc_a - 0.25).abs() < 1e-12 && (o.acc_b - 0.625).abs() < 1e-12);
+        assert!(
+            (o.se - (0.09f64 + 0.25).sqrt() / 2.0).abs() < 1e-12,
+            "{}",
+            o.se
+        );
+        // 3 of 4 discordant images one way: 2 * (1 + 4) / 16.
+        assert!((o.p - 0.625).abs() < 1e-12, "{}", o.p);
+        assert!(overall(&rows[2..]).is_none());
     }
 
     #[test]

@@ -107,6 +107,11 @@ fn align_exports_lora_and_eval_reads_the_run() {
     assert!(!ok && text.contains("already exists"), "{text}");
     let out2 = scratch("align-eval-merged");
     assert_eq!(run_report, eval_small(merged_s, &out2));
+    // A checkpoint evaluates too: the last one holds the final weights.
+    let last = run.join("checkpoints/step-00000002");
+    let out3 = scratch("align-eval-checkpoint");
+    assert_eq!(run_report, eval_small(last.to_str().unwrap(), &out3));
+    let _ = std::fs::remove_dir_all(&out3);
     // The same folder again without --resume is refused.
     let (ok, text) = tiller(&args);
     assert!(!ok, "{text}");
@@ -208,6 +213,10 @@ fn compare_writes_a_table_and_plots() {
     for m in json["methods"].as_array().unwrap() {
         let last = m["points"].as_array().unwrap().last().unwrap();
         assert_eq!(last["reward_queries"], 4.0, "{m}");
+        // Each later validation is paired with update 0's verdicts.
+        assert!(last["gain_se"].as_f64().unwrap() >= 0.0, "{m}");
+        assert!(last["gain_p"].as_f64().unwrap() <= 1.0, "{m}");
     }
+    assert!(out.join("ddpo/samples/val-000000.jsonl").exists());
     let _ = std::fs::remove_dir_all(&out);
 }
