@@ -123,6 +123,10 @@ pub struct RewardTrainConfig {
     /// as its left-right mirror image with that prompt (the horizontal flip of image reward and
     /// classifier training, with the prompt's left/right words swapped so the label still holds).
     pub mirror: bool,
+    /// Translation augmentation: each drawn image is shifted by a whole number of pixels drawn
+    /// uniformly from `[-shift, shift]` along each axis, the uncovered edge repeated (the random
+    /// crop of image classifiers). Relative positions, counts and colours are unchanged; 0: off.
+    pub shift: usize,
     /// Keep the text tower at its initialisation (the base model's text encoder) and train only
     /// the image tower and heads, as reward heads on frozen CLIP features do.
     pub freeze_text: bool,
@@ -140,6 +144,7 @@ impl Default for RewardTrainConfig {
             factor_loss_weight: 1.0,
             bootstrap: true,
             mirror: false,
+            shift: 0,
             freeze_text: false,
             seed: 0,
         }
@@ -218,11 +223,13 @@ fn draw(pool: &[usize], n: usize, rng: &mut SeededRng) -> Vec<usize> {
 }
 
 /// The images and prompts of `idx`; with `mirror`, each item that can be mirrored is, with
-/// probability 1/2 (one draw per position, so a pair's two images flip independently).
+/// probability 1/2 (one draw per position, so a pair's two images flip independently); with
+/// `shift > 0`, each image is then translated by up to `shift` pixels per axis.
 fn gather(
     data: &FeedbackSet,
     idx: &[usize],
     mut mirror: Option<&mut SeededRng>,
+    shift: Option<(usize, &mut SeededRng)>,
     device: &Device,
 ) -> Result<(Tensor<4>, Vec<Vec<i64>>)> {
     let mut images = Vec::with_capacity(idx.len());
@@ -242,6 +249,13 @@ fn gather(
                 images.push(item.image.clone());
                 ids.push(item.ids.clone());
             }
+        }
+    }
+    if let Some((s, rng)) = shift {
+        for im in &mut images {
+            let mut d = || rng.below(2 * s + 1) as i64 - s as i64;
+            let (dx, dy) = (d(), d());
+            *im = im.shifted(dx, dy);
         }
     }
     Ok((images_to_tensor(&images, device)?, ids))
@@ -293,7 +307,14 @@ fn train_member(
         idx.extend(like_picks.iter().map(|&p| data.likes[p].0));
         idx.extend(rating_picks.iter().map(|&p| data.ratings[p].0));
         idx.extend(reason_picks.iter().map(|&p| data.reasons[p].0));
-        let (x, ids) = gather(data, &idx, train.mirror.then_some(&mut *rng), &ad)?;
+        let mut shift_rng = (train.shift > 0).then(|| rng.fork());
+        let (x, ids) = gather(
+            data,
+            &idx,
+            train.mirror.then_some(&mut *rng),
+            shift_rng.as_mut().map(|r| (train.shift, r)),
+            &ad,
+        )?;
         let out = net.forward(x, &ids)?;
         let mut at = 0usize;
         let mut take = |n: usize| {
@@ -391,7 +412,7 @@ mod tests {
         };
         let idx: Vec<usize> = (0..400).map(|i| i % 2).collect();
         let mut rng = SeededRng::new(3);
-        let (x, ids) = gather(&data, &idx, Some(&mut rng), &device).unwrap();
+        let (x, ids) = gather(&data, &idx, Some(&mut rng), None, &device).unwrap();
         // The red pixel sits at column 0 of an original and column 31 of a mirror.
         let v = x.into_data().try_to_vec::<f32>().unwrap();
         let red_at = |k: usize, col: usize| v[k * 3 * 32 * 32 + col] > 0.5;
@@ -414,7 +435,42 @@ mod tests {
         // 200 fair coins: 4 sigma = 28.
         assert!((72..=128).contains(&flipped), "{flipped} of 200 mirrored");
         // Without augmentation nothing is mirrored.
-        let (_, ids) = gather(&data, &idx, None, &device).unwrap();
+        let (_, ids) = gather(&data, &idx, None, None, &device).unwrap();
         assert!(ids.iter().all(|i| i != &vec![0, 6, 1]));
+    }
+
+    #[test]
+    fn shift_augmentation_moves_each_image_by_at_most_the_shift() {
+        let device = Device::default();
+        let mut image = Image::filled(32, 32, [40, 40, 40]);
+        image.set(10, 20, [220, 50, 50]);
+        let data = FeedbackSet {
+            items: vec![FeedbackItem {
+                ids: vec![0, 5, 1],
+                image,
+                mirror_ids: None,
+            }],
+            ..FeedbackSet::default()
+        };
+        let idx = vec![0; 300];
+        let mut rng = SeededRng::new(5);
+        let (x, ids) = gather(&data, &idx, None, Some((2, &mut rng)), &device).unwrap();
+        assert!(ids.iter().all(|i| i == &vec![0, 5, 1]), "prompts unchanged");
+        let v = x.into_data().try_to_vec::<f32>().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for k in 0..idx.len() {
+            // The red channel plane of image k: exactly one red pixel, within 2 of (10, 20).
+            let plane = &v[k * 3 * 32 * 32..k * 3 * 32 * 32 + 32 * 32];
+            let red: Vec<usize> = (0..32 * 32).filter(|&i| plane[i] > 0.5).collect();
+            assert_eq!(red.len(), 1, "image {k}");
+            let (x, y) = ((red[0] % 32) as i64, (red[0] / 32) as i64);
+            assert!(
+                (x - 10).abs() <= 2 && (y - 20).abs() <= 2,
+                "image {k} at ({x}, {y})"
+            );
+            seen.insert((x, y));
+        }
+        // 300 draws of 25 equally likely offsets: every offset appears.
+        assert_eq!(seen.len(), 25);
     }
 }

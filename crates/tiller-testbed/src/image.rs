@@ -109,6 +109,27 @@ impl Image {
         }
     }
 
+    /// The image translated by `(dx, dy)` pixels (right and down when positive), the uncovered
+    /// border filled by repeating the nearest edge pixel: pixel (x, y) of the result is pixel
+    /// (clamp(x - dx), clamp(y - dy)) of `self`.
+    pub fn shifted(&self, dx: i64, dy: i64) -> Image {
+        let (w, h) = (self.width as i64, self.height as i64);
+        let mut data = Vec::with_capacity(self.data.len());
+        for y in 0..h {
+            let sy = (y - dy).clamp(0, h - 1);
+            for x in 0..w {
+                let sx = (x - dx).clamp(0, w - 1);
+                let i = ((sy * w + sx) * 3) as usize;
+                data.extend_from_slice(&self.data[i..i + 3]);
+            }
+        }
+        Image {
+            width: self.width,
+            height: self.height,
+            data,
+        }
+    }
+
     /// The image mirrored left to right (column x becomes column width - 1 - x).
     pub fn mirrored(&self) -> Image {
         let w = self.width;
@@ -374,6 +395,24 @@ mod tests {
         assert!(e.contains("48x48") && e.contains("32x32 or 64x64"), "{e}");
         assert!(check_resolution(32, 64).is_err());
         assert!(Image::from_rgb(2, 2, vec![0; 11]).is_err());
+    }
+
+    #[test]
+    fn shifting_moves_pixels_and_repeats_the_edge() {
+        let mut im = Image::filled(4, 3, [0, 0, 0]);
+        im.set(1, 1, [255, 0, 0]);
+        im.set(0, 2, [0, 0, 255]);
+        let s = im.shifted(2, -1);
+        assert_eq!((s.width, s.height), (4, 3));
+        // The red pixel moves right 2 and up 1.
+        assert_eq!(s.get(3, 0), [255, 0, 0]);
+        assert_eq!(s.get(3, 2), [0, 0, 0]);
+        // Columns 0 and 1 repeat the old column 0; the bottom row repeats the old bottom row.
+        assert_eq!(s.get(0, 1), [0, 0, 255]);
+        assert_eq!(s.get(1, 1), [0, 0, 255]);
+        assert_eq!(s.get(2, 2), [0, 0, 255]);
+        assert_eq!(s.get(2, 0), [0, 0, 0]);
+        assert_eq!(im.shifted(0, 0), im);
     }
 
     #[test]
