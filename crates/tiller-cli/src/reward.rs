@@ -16,7 +16,7 @@ use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
 use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
     FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
-    Reward, RewardNetConfig, RewardTrainConfig, TextPool, train_ensemble,
+    RegionLabel, Reward, RewardNetConfig, RewardTrainConfig, TextPool, train_ensemble,
 };
 use tiller_testbed::image::decode_png;
 use tiller_testbed::prompts::{is_held_out, mirror_prompt};
@@ -49,6 +49,8 @@ pub struct NetSection {
     pub cross_attention: Option<bool>,
     /// The prompt summary: `eos` (CLIP's pooled output, default) or `mean` (mean token state).
     pub text_pool: Option<TextPool>,
+    /// A region head trained from region marks (default false).
+    pub region_head: Option<bool>,
 }
 
 /// `configs/reward-testbed.toml`.
@@ -115,7 +117,7 @@ fn factor_index(label: FactorLabel) -> usize {
         .expect("every label has a factor")
 }
 
-/// Reads every comparison, like, rating and reason of `split` into a [`FeedbackSet`].
+/// Reads every comparison, like, rating, reason and region mark of `split` into a [`FeedbackSet`].
 pub fn read_feedback(
     store: &SqliteStore,
     split: Split,
@@ -191,6 +193,25 @@ pub fn read_feedback(
         }
         out.set.reasons.push((i, targets));
     }
+    for m in store.region_marks(&q)? {
+        let i = item(&mut out, &m.prompt, &m.image)?;
+        let im = &out.set.items[i].image;
+        if (m.mask.width() as usize, m.mask.height() as usize) != (im.width(), im.height()) {
+            anyhow::bail!(
+                "a region mark on image {} is {}x{}, the image {}x{}",
+                m.image.0,
+                m.mask.width(),
+                m.mask.height(),
+                im.width(),
+                im.height()
+            );
+        }
+        out.set.regions.push(RegionLabel {
+            item: i,
+            factor: factor_index(m.factor),
+            mask: m.mask.to_bools(),
+        });
+    }
     Ok(out)
 }
 
@@ -231,6 +252,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(x) = file.net.cross_attention {
         net.cross_attention = x;
     }
+    if let Some(x) = file.net.region_head {
+        net.region_head = x;
+    }
     let config = RewardModelConfig {
         kind: KIND.into(),
         members: file.members,
@@ -240,13 +264,19 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let store = SqliteStore::open(&args.store)?;
     let data = read_feedback(&store, Split::Train, &tokenizer)?;
     eprintln!(
-        "reward train: {} members x {} steps on {} comparisons, {} likes, {} ratings, {} reasons ({} images)",
+        "reward train: {} members x {} steps on {} comparisons, {} likes, {} ratings, {} reasons, {} region marks{} ({} images)",
         config.members,
         file.train.steps,
         data.set.pairs.len(),
         data.set.likes.len(),
         data.set.ratings.len(),
         data.set.reasons.len(),
+        data.set.regions.len(),
+        if config.net.region_head || data.set.regions.is_empty() {
+            ""
+        } else {
+            " (unused: no net.region_head)"
+        },
         data.set.items.len()
     );
     let mut progress = tiller_engine::progress::Progress::new(

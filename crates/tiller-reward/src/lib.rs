@@ -28,7 +28,9 @@ use tiller_testbed::Image;
 pub use ensemble::{RewardEnsemble, RewardModelConfig};
 pub use net::{FACTORS, RewardNet, RewardNetConfig, TextPool};
 pub use rewards::{GoldReward, GoldWeights, JpegCompressibility, LearnedReward, WeightedSum};
-pub use train::{FeedbackItem, FeedbackSet, PairLabel, RewardTrainConfig, train_ensemble};
+pub use train::{
+    FeedbackItem, FeedbackSet, PairLabel, RegionLabel, RewardTrainConfig, train_ensemble,
+};
 
 /// A reward: one score per (image, prompt), higher is better.
 pub trait Reward {

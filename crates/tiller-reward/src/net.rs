@@ -21,7 +21,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result};
 use tiller_diffusion::models::clip::{ClipTextConfig, ClipTextModel};
-use tiller_diffusion::models::layers::{conv2d, linear, multi_head_attention};
+use tiller_diffusion::models::layers::{conv1x1, conv2d, linear, multi_head_attention};
 
 /// The factors of the testbed's gold evaluator, in the head's order: the prompt-alignment factors,
 /// the absence of the forbidden mark, and the four aesthetic components.
@@ -62,6 +62,12 @@ pub struct RewardNetConfig {
     /// state (CLIP's pooler output), or `mean`, the mean of the states up to and including it.
     #[serde(default)]
     pub text_pool: TextPool,
+    /// A region head: a 1x1 convolution of the quarter-resolution (prompt-conditioned) features
+    /// giving one logit per factor and cell, the probability that the cell shows that factor's
+    /// problem; trained from region marks as RichHF (Liang et al. 2024) trains its heatmaps, so
+    /// that the image tower learns where a flaw is and not only that there is one.
+    #[serde(default)]
+    pub region_head: bool,
 }
 
 /// The prompt summary the reward network conditions on.
@@ -96,6 +102,7 @@ impl RewardNetConfig {
             factors: default_factors(),
             cross_attention: false,
             text_pool: TextPool::Eos,
+            region_head: false,
         }
     }
 
@@ -135,6 +142,7 @@ impl RewardNetConfig {
                 v: linear(d, 4 * c, false, device),
                 out: linear(4 * c, 4 * c, true, device),
             }),
+            region: self.region_head.then(|| conv2d(4 * c, f, 1, 1, device)),
             image_proj: linear(4 * c * 16, h, true, device),
             text_encoder: self.text_encoder.init(device)?,
             text_pool: self.text_pool,
@@ -157,6 +165,9 @@ pub struct RewardOutput {
     pub reward: Tensor<1>,
     /// Factor logits f [B, F].
     pub factor_logits: Tensor<2>,
+    /// With a region head: per-cell factor logits [B, F, H/4, W/4] (a flaw of factor k in the
+    /// cell).
+    pub region_logits: Option<Tensor<4>>,
 }
 
 #[derive(Module, Debug)]
@@ -173,6 +184,8 @@ pub struct RewardNet {
     pub film4: Linear,
     /// Optional cross-attention of the quarter-resolution features over the prompt's tokens.
     pub cross: Option<TokenAttention>,
+    /// Optional per-cell factor logits of the quarter-resolution features (region marks).
+    pub region: Option<Conv2d>,
     pub image_proj: Linear,
     pub text_encoder: ClipTextModel,
     /// The prompt summary (not a parameter).
@@ -267,6 +280,7 @@ impl RewardNet {
             Some(attn) => attn.forward(x, text.last_hidden_state),
             None => x,
         };
+        let region_logits = self.region.as_ref().map(|r| conv1x1(r, x.clone()));
         let x = self.pool.forward(x);
         let [_, c, ph, pw] = x.dims();
         let img = self.image_proj.forward(x.reshape([b, c * ph * pw]));
@@ -281,6 +295,7 @@ impl RewardNet {
         Ok(RewardOutput {
             reward,
             factor_logits,
+            region_logits,
         })
     }
 

@@ -50,6 +50,17 @@ pub struct FeedbackSet {
     /// (item, [(factor index, target in [0, 1])]): 1 when the factor is fine, 0 when a reason says
     /// it is wrong.
     pub reasons: Vec<(usize, Vec<(usize, f64)>)>,
+    /// Region marks: the pixels of an item's image that show a factor's problem.
+    pub regions: Vec<RegionLabel>,
+}
+
+/// One region mark: `mask[y * width + x]` is true where `items[item]`'s image shows the
+/// problem of factor `factor` (the item image's size).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionLabel {
+    pub item: usize,
+    pub factor: usize,
+    pub mask: Vec<bool>,
 }
 
 impl FeedbackSet {
@@ -95,7 +106,24 @@ impl FeedbackSet {
                 }
             }
         }
-        let total = self.pairs.len() + self.likes.len() + self.ratings.len() + self.reasons.len();
+        for (k, r) in self.regions.iter().enumerate() {
+            item(r.item, &format!("region mark {k}"))?;
+            let im = &self.items[r.item].image;
+            if r.factor >= factors || r.mask.len() != im.width() * im.height() {
+                return Err(Error::invalid(format!(
+                    "region mark {k} marks factor {} with {} pixels; the head has {factors} factors and the image {}x{} pixels",
+                    r.factor,
+                    r.mask.len(),
+                    im.width(),
+                    im.height()
+                )));
+            }
+        }
+        let total = self.pairs.len()
+            + self.likes.len()
+            + self.ratings.len()
+            + self.reasons.len()
+            + self.regions.len();
         if total == 0 {
             return Err(Error::invalid("no feedback to train on"));
         }
@@ -127,6 +155,9 @@ pub struct RewardTrainConfig {
     /// uniformly from `[-shift, shift]` along each axis, the uncovered edge repeated (the random
     /// crop of image classifiers). Relative positions, counts and colours are unchanged; 0: off.
     pub shift: usize,
+    /// Weight of the region marks' per-cell cross-entropy (used when the network has a region
+    /// head, `net.region_head`).
+    pub region_loss_weight: f64,
     /// Keep the text tower at its initialisation (the base model's text encoder) and train only
     /// the image tower and heads, as reward heads on frozen CLIP features do.
     pub freeze_text: bool,
@@ -145,6 +176,7 @@ impl Default for RewardTrainConfig {
             bootstrap: true,
             mirror: false,
             shift: 0,
+            region_loss_weight: 1.0,
             freeze_text: false,
             seed: 0,
         }
@@ -193,6 +225,7 @@ pub fn train_ensemble(
             likes: resample(data.likes.len(), &mut member_rng),
             ratings: resample(data.ratings.len(), &mut member_rng),
             reasons: resample(data.reasons.len(), &mut member_rng),
+            regions: resample(data.regions.len(), &mut member_rng),
         };
         let trained = train_member(
             net,
@@ -213,6 +246,7 @@ struct Pools {
     likes: Vec<usize>,
     ratings: Vec<usize>,
     reasons: Vec<usize>,
+    regions: Vec<usize>,
 }
 
 /// A minibatch of at most `n` (with replacement) from `pool`; empty when the pool is.
@@ -222,19 +256,47 @@ fn draw(pool: &[usize], n: usize, rng: &mut SeededRng) -> Vec<usize> {
         .collect()
 }
 
+/// How [`gather`] augmented one image: mirrored, then shifted by (dx, dy).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Augment {
+    mirrored: bool,
+    dx: i64,
+    dy: i64,
+}
+
+impl Augment {
+    /// The same transform applied to a `w x h` mask (uncovered pixels unmarked).
+    fn mask(&self, mask: &[bool], w: usize, h: usize) -> Vec<bool> {
+        let mut out = vec![false; w * h];
+        for y in 0..h as i64 {
+            for x in 0..w as i64 {
+                let (sx, sy) = (x - self.dx, y - self.dy);
+                if sx < 0 || sy < 0 || sx >= w as i64 || sy >= h as i64 {
+                    continue;
+                }
+                let sx = if self.mirrored { w as i64 - 1 - sx } else { sx };
+                out[(y * w as i64 + x) as usize] = mask[(sy * w as i64 + sx) as usize];
+            }
+        }
+        out
+    }
+}
+
 /// The images and prompts of `idx`; with `mirror`, each item that can be mirrored is, with
 /// probability 1/2 (one draw per position, so a pair's two images flip independently); with
-/// `shift > 0`, each image is then translated by up to `shift` pixels per axis.
+/// `shift > 0`, each image is then translated by up to `shift` pixels per axis. Also returns
+/// each position's transform (for region masks).
 fn gather(
     data: &FeedbackSet,
     idx: &[usize],
     mut mirror: Option<&mut SeededRng>,
     shift: Option<(usize, &mut SeededRng)>,
     device: &Device,
-) -> Result<(Tensor<4>, Vec<Vec<i64>>)> {
+) -> Result<(Tensor<4>, Vec<Vec<i64>>, Vec<Augment>)> {
     let mut images = Vec::with_capacity(idx.len());
     let mut ids = Vec::with_capacity(idx.len());
-    for &i in idx {
+    let mut augments = vec![Augment::default(); idx.len()];
+    for (pos, &i) in idx.iter().enumerate() {
         let item = &data.items[i];
         let flip = mirror
             .as_deref_mut()
@@ -244,6 +306,7 @@ fn gather(
             Some(m) => {
                 images.push(item.image.mirrored());
                 ids.push(m.clone());
+                augments[pos].mirrored = true;
             }
             None => {
                 images.push(item.image.clone());
@@ -252,13 +315,33 @@ fn gather(
         }
     }
     if let Some((s, rng)) = shift {
-        for im in &mut images {
+        for (im, a) in images.iter_mut().zip(&mut augments) {
             let mut d = || rng.below(2 * s + 1) as i64 - s as i64;
             let (dx, dy) = (d(), d());
             *im = im.shifted(dx, dy);
+            (a.dx, a.dy) = (dx, dy);
         }
     }
-    Ok((images_to_tensor(&images, device)?, ids))
+    Ok((images_to_tensor(&images, device)?, ids, augments))
+}
+
+/// The fraction of marked pixels in each of `cw x ch` equal cells of a `w x h` mask, row-major
+/// (the soft per-cell target of a region head whose features are `cw x ch`).
+fn cell_fractions(mask: &[bool], w: usize, h: usize, cw: usize, ch: usize) -> Vec<f32> {
+    let (sx, sy) = (w / cw, h / ch);
+    let mut out = Vec::with_capacity(cw * ch);
+    for cy in 0..ch {
+        for cx in 0..cw {
+            let mut k = 0usize;
+            for y in cy * sy..(cy + 1) * sy {
+                for x in cx * sx..(cx + 1) * sx {
+                    k += mask[y * w + x] as usize;
+                }
+            }
+            out.push(k as f32 / (sx * sy) as f32);
+        }
+    }
+    out
 }
 
 fn floats(v: Vec<f32>, device: &Device) -> Tensor<1> {
@@ -307,8 +390,15 @@ fn train_member(
         idx.extend(like_picks.iter().map(|&p| data.likes[p].0));
         idx.extend(rating_picks.iter().map(|&p| data.ratings[p].0));
         idx.extend(reason_picks.iter().map(|&p| data.reasons[p].0));
+        // Region marks train only a region head.
+        let region_picks = if net.region.is_some() {
+            draw(&pools.regions, b, rng)
+        } else {
+            Vec::new()
+        };
+        idx.extend(region_picks.iter().map(|&p| data.regions[p].item));
         let mut shift_rng = (train.shift > 0).then(|| rng.fork());
-        let (x, ids) = gather(
+        let (x, ids, augments) = gather(
             data,
             &idx,
             train.mirror.then_some(&mut *rng),
@@ -372,6 +462,31 @@ fn train_member(
             let m = Tensor::<2>::from_data(TensorData::new(mask, [n, factors]), &ad);
             add(factor_bce(logits, t, m).mul_scalar(train.factor_loss_weight));
         }
+        if !region_picks.is_empty() {
+            let n = region_picks.len();
+            let rows = take(n);
+            let first = rows.start;
+            let logits = out
+                .region_logits
+                .clone()
+                .expect("region picks are drawn only with a region head")
+                .slice([rows]);
+            let [_, f, ch, cw] = logits.dims();
+            let mut onehot = vec![0f32; n * f];
+            let mut cells = Vec::with_capacity(n * ch * cw);
+            for (row, &p) in region_picks.iter().enumerate() {
+                let r = &data.regions[p];
+                onehot[row * f + r.factor] = 1.0;
+                let im = &data.items[r.item].image;
+                let (w, h) = (im.width(), im.height());
+                let mask = augments[first + row].mask(&r.mask, w, h);
+                cells.extend(cell_fractions(&mask, w, h, cw, ch));
+            }
+            let onehot = Tensor::<4>::from_data(TensorData::new(onehot, [n, f, 1, 1]), &ad);
+            let picked = (logits * onehot).sum_dim(1).reshape([n * ch * cw]);
+            let target = floats(cells, &ad);
+            add(logistic(picked, target).mul_scalar(train.region_loss_weight));
+        }
         let loss = loss.expect("validate() ensures some feedback");
         let value = loss.clone().into_scalar::<f64>();
         if !value.is_finite() {
@@ -412,7 +527,7 @@ mod tests {
         };
         let idx: Vec<usize> = (0..400).map(|i| i % 2).collect();
         let mut rng = SeededRng::new(3);
-        let (x, ids) = gather(&data, &idx, Some(&mut rng), None, &device).unwrap();
+        let (x, ids, _) = gather(&data, &idx, Some(&mut rng), None, &device).unwrap();
         // The red pixel sits at column 0 of an original and column 31 of a mirror.
         let v = x.into_data().try_to_vec::<f32>().unwrap();
         let red_at = |k: usize, col: usize| v[k * 3 * 32 * 32 + col] > 0.5;
@@ -435,8 +550,38 @@ mod tests {
         // 200 fair coins: 4 sigma = 28.
         assert!((72..=128).contains(&flipped), "{flipped} of 200 mirrored");
         // Without augmentation nothing is mirrored.
-        let (_, ids) = gather(&data, &idx, None, None, &device).unwrap();
+        let (_, ids, _) = gather(&data, &idx, None, None, &device).unwrap();
         assert!(ids.iter().all(|i| i != &vec![0, 6, 1]));
+    }
+
+    #[test]
+    fn masks_follow_the_mirror_and_cells_average_them() {
+        // A 4x4 mask with (0, 1) marked: mirrored it is (3, 1); shifted by (-1, 1) then (2, 2).
+        let mut mask = vec![false; 16];
+        mask[4] = true;
+        let at = |m: &[bool]| m.iter().position(|b| *b);
+        let a = Augment {
+            mirrored: true,
+            dx: 0,
+            dy: 0,
+        };
+        assert_eq!(at(&a.mask(&mask, 4, 4)), Some(4 + 3));
+        let a = Augment {
+            mirrored: true,
+            dx: -1,
+            dy: 1,
+        };
+        assert_eq!(at(&a.mask(&mask, 4, 4)), Some(2 * 4 + 2));
+        // Shifted out of the frame: nothing marked.
+        let a = Augment {
+            mirrored: false,
+            dx: -1,
+            dy: 0,
+        };
+        assert_eq!(at(&a.mask(&mask, 4, 4)), None);
+        // 2x2 cells of 2x2 pixels: (0, 1) and (1, 1) both lie in the top-left cell.
+        mask[5] = true;
+        assert_eq!(cell_fractions(&mask, 4, 4, 2, 2), vec![0.5, 0.0, 0.0, 0.0]);
     }
 
     #[test]
@@ -454,7 +599,7 @@ mod tests {
         };
         let idx = vec![0; 300];
         let mut rng = SeededRng::new(5);
-        let (x, ids) = gather(&data, &idx, None, Some((2, &mut rng)), &device).unwrap();
+        let (x, ids, augments) = gather(&data, &idx, None, Some((2, &mut rng)), &device).unwrap();
         assert!(ids.iter().all(|i| i == &vec![0, 5, 1]), "prompts unchanged");
         let v = x.into_data().try_to_vec::<f32>().unwrap();
         let mut seen = std::collections::BTreeSet::new();
@@ -468,6 +613,12 @@ mod tests {
                 (x - 10).abs() <= 2 && (y - 20).abs() <= 2,
                 "image {k} at ({x}, {y})"
             );
+            // The reported transform is the one applied, and moves a mask the same way.
+            assert_eq!((augments[k].dx, augments[k].dy), (x - 10, y - 20));
+            let mut mask = vec![false; 32 * 32];
+            mask[20 * 32 + 10] = true;
+            let moved = augments[k].mask(&mask, 32, 32);
+            assert!(moved[red[0]] && moved.iter().filter(|m| **m).count() == 1);
             seen.insert((x, y));
         }
         // 300 draws of 25 equally likely offsets: every offset appears.

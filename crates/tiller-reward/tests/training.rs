@@ -9,8 +9,8 @@ use tiller_reward::ensemble::{RewardEnsemble, RewardModelConfig};
 use tiller_reward::metrics::pairwise_accuracy;
 use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
-    FeedbackItem, FeedbackSet, GoldReward, PairLabel, Reward, RewardNetConfig, RewardTrainConfig,
-    TextPool, train_ensemble,
+    FeedbackItem, FeedbackSet, GoldReward, PairLabel, RegionLabel, Reward, RewardNetConfig,
+    RewardTrainConfig, TextPool, train_ensemble,
 };
 use tiller_testbed::prompts::{PromptSetConfig, Task, generate_splits};
 use tiller_testbed::{Image, Prompt, RenderConfig, Tokenizer, render_prompt};
@@ -187,11 +187,88 @@ fn learns_held_out_pairs_and_is_less_sure_of_unseen_prompt_types() {
 }
 
 #[test]
+fn a_region_head_learns_where_the_marked_flaw_is() {
+    // A red square at a random place on a grey image, marked as factor 3's flaw: from region
+    // marks alone the head learns to put that factor's highest logit on the square's cell.
+    let mut rng = SeededRng::new(11);
+    let square = |rng: &mut SeededRng| -> (Image, Vec<bool>, usize) {
+        let mut im = Image::filled(32, 32, [128, 128, 128]);
+        let mut mask = vec![false; 32 * 32];
+        let (cx, cy) = (rng.below(8), rng.below(8));
+        for y in 4 * cy..4 * cy + 4 {
+            for x in 4 * cx..4 * cx + 4 {
+                im.set(x, y, [220, 40, 40]);
+                mask[y * 32 + x] = true;
+            }
+        }
+        (im, mask, cy * 8 + cx)
+    };
+    let ids = vec![0i64, 5, 1];
+    let mut set = FeedbackSet::default();
+    for i in 0..200 {
+        let (image, mask, _) = square(&mut rng);
+        set.items.push(FeedbackItem {
+            ids: ids.clone(),
+            image,
+            mirror_ids: None,
+        });
+        set.regions.push(RegionLabel {
+            item: i,
+            factor: 3,
+            mask,
+        });
+    }
+    let mut config = model_config(1);
+    config.net.region_head = true;
+    let cfg = RewardTrainConfig {
+        steps: 120,
+        batch_size: 32,
+        learning_rate: 3e-3,
+        mirror: true,
+        shift: 2,
+        ..Default::default()
+    };
+    let model = train_ensemble(
+        &config,
+        &cfg,
+        &set,
+        None,
+        &Device::flex(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let test: Vec<(Image, Vec<bool>, usize)> = (0..50).map(|_| square(&mut rng)).collect();
+    let images: Vec<Image> = test.iter().map(|t| t.0.clone()).collect();
+    let x = tiller_reward::images_to_tensor(&images, &Device::flex()).unwrap();
+    let out = model.members[0]
+        .forward(x, &vec![ids.clone(); test.len()])
+        .unwrap();
+    let logits = out.region_logits.unwrap();
+    assert_eq!(logits.dims(), [50, 10, 8, 8]);
+    let v = logits.into_data().try_to_vec::<f32>().unwrap();
+    let hits = test
+        .iter()
+        .enumerate()
+        .filter(|(k, t)| {
+            let channel = &v[(k * 10 + 3) * 64..(k * 10 + 4) * 64];
+            let best = (0..64)
+                .max_by(|&a, &b| channel[a].total_cmp(&channel[b]))
+                .unwrap();
+            best == t.2
+        })
+        .count();
+    eprintln!("region head: {hits} of 50 squares found");
+    assert!(hits >= 40, "{hits} of 50");
+}
+
+#[test]
 fn saves_and_loads_exactly() {
     // With and without the token cross-attention layer (an optional module: a folder saved
     // without it loads into a config without it), and with either prompt summary (a setting,
     // not a weight: it must come back from config.json).
-    for (cross_attention, text_pool) in [(false, TextPool::Eos), (true, TextPool::Mean)] {
+    for (cross_attention, text_pool, region_head) in
+        [(false, TextPool::Eos, false), (true, TextPool::Mean, true)]
+    {
         let dir = std::env::temp_dir().join(format!(
             "tiller-reward-save-{}-{cross_attention}",
             std::process::id()
@@ -200,11 +277,13 @@ fn saves_and_loads_exactly() {
         let mut config = model_config(2);
         config.net.cross_attention = cross_attention;
         config.net.text_pool = text_pool;
+        config.net.region_head = region_head;
         let d = Device::flex();
         d.seed(7);
         let model = RewardEnsemble::init(&config, &d).unwrap();
         assert_eq!(model.members[0].cross.is_some(), cross_attention);
         assert_eq!(model.members[0].text_pool, text_pool);
+        assert_eq!(model.members[0].region.is_some(), region_head);
         model.save(&dir, &config).unwrap();
         let (back_cfg, back) = RewardEnsemble::load(&dir, &d).unwrap();
         assert_eq!(back_cfg, config);
