@@ -88,6 +88,29 @@ fn collect_train_eval_and_best_of() {
     let (ok, text) = tiller(&train);
     assert!(ok, "{text}");
     assert!(model.join("model.safetensors").exists() && model.join("config.json").exists());
+    // The collected region marks are read; without a region head the start line says they
+    // go unused, with one they train it.
+    assert!(
+        text.contains("region marks (unused: no net.region_head)"),
+        "{text}"
+    );
+    let regional = dir.join("reward-region");
+    let mut with_head = train.to_vec();
+    with_head[7] = regional.to_str().unwrap();
+    with_head.extend(["--set", "net.region_head=true"]);
+    let (ok, text) = tiller(&with_head);
+    assert!(ok, "{text}");
+    let marks: usize = text
+        .split(" region marks")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(marks > 0 && !text.contains("unused"), "{text}");
+    assert_eq!(
+        json(&regional.join("config.json"))["net"]["region_head"],
+        true
+    );
     // The folder is never overwritten.
     let before = std::fs::read(model.join("model.safetensors")).unwrap();
     let (ok, text) = tiller(&train);
