@@ -80,7 +80,8 @@ struct AlignState {
     method: serde_json::Value,
 }
 
-const MODEL_FILE: &str = "model.bpk";
+/// The policy module's record in each checkpoint folder (`tiller eval` loads it from a checkpoint).
+pub const MODEL_FILE: &str = "model.bpk";
 const OPTIM_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "state.json";
 

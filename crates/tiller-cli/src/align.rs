@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tiller_align::config::{AdapterKind, MethodName};
 use tiller_align::policy::{LORA_PEFT_FILE, sampler_config};
-use tiller_align::trainer::{AlignData, PreferencePair};
+use tiller_align::trainer::{AlignData, MODEL_FILE, PreferencePair};
 use tiller_align::{AlignConfig, Policy};
 use tiller_core::SeededRng;
 use tiller_diffusion::models::lora::{attach_lora, load_lora, merge_lora};
@@ -353,14 +353,16 @@ fn validation(
         lines.push_str(&serde_json::to_string(r)?);
         lines.push('\n');
     }
-    let verdicts = samples.join(format!("val-{step:06}.jsonl"));
-    tiller_core::fs::atomic_write(&verdicts, lines.as_bytes())?;
+    tiller_core::fs::atomic_write(
+        &samples.join(format!("val-{step:06}.jsonl")),
+        lines.as_bytes(),
+    )?;
     let start = samples.join(format!("val-{:06}.jsonl", 0));
     if step > 0 && start.is_file() {
         let text = std::fs::read_to_string(&start)
             .with_context(|| format!("reading {}", start.display()))?;
         let a = crate::paired::parse(&text, &start)?;
-        let b = crate::paired::parse(&lines, &verdicts)?;
+        let b = crate::paired::verdicts(&report.results);
         if let Some(o) = crate::paired::overall(&crate::paired::compare_results(&a, &b)?) {
             out.push(("gain".to_string(), o.gain()));
             out.push(("gain_se".to_string(), o.se));
@@ -407,7 +409,7 @@ fn checkpoint_run(folder: &Path) -> Option<PathBuf> {
     let parent = folder.parent()?;
     let run = parent.parent()?;
     (parent.file_name()? == "checkpoints"
-        && folder.join("model.bpk").is_file()
+        && folder.join(MODEL_FILE).is_file()
         && run.join("config.toml").is_file())
     .then(|| run.to_path_buf())
 }
@@ -433,7 +435,7 @@ pub fn load_aligned(folder: &Path, device: &Device) -> Result<(TextToImage, Toke
             }
             AdapterKind::Full => pipe.unet,
         };
-        let file = folder.join("model.bpk");
+        let file = folder.join(MODEL_FILE);
         let loaded = load_module(&file, module)
             .with_context(|| format!("loading the checkpoint {}", file.display()))?;
         pipe.unet = merge_lora(loaded);

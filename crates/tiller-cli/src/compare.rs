@@ -59,7 +59,7 @@ pub struct Point {
 impl Point {
     /// Whether the gain over the start exceeds twice its paired standard error.
     pub fn significant_gain(&self) -> bool {
-        matches!((self.gain, self.gain_se), (Some(g), Some(se)) if g > 2.0 * se && g > 0.0)
+        matches!((self.gain, self.gain_se), (Some(g), Some(se)) if g > 2.0 * se)
     }
 }
 

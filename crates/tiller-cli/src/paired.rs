@@ -45,6 +45,19 @@ fn read(dir: &Path) -> Result<Verdicts> {
     parse(&text, &path)
 }
 
+/// The verdicts of a report's images (what its `results.jsonl` holds).
+pub fn verdicts(results: &[crate::eval::ImageResult]) -> Verdicts {
+    results
+        .iter()
+        .map(|r| {
+            (
+                (r.prompt_index, r.image_index),
+                (r.tag.clone(), r.prompt.clone(), r.correct),
+            )
+        })
+        .collect()
+}
+
 /// Per-image verdicts in `results.jsonl`'s format (also an alignment run's
 /// `samples/val-<update>.jsonl`); `path` names the source in errors.
 pub fn parse(text: &str, path: &Path) -> Result<Verdicts> {
