@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use tiller_diffusion::models::lora::LoraConfig;
+use tiller_engine::optim::ClipScope;
 use tiller_engine::schedule::LrShape;
 use tiller_testbed::Task;
 
@@ -154,8 +155,11 @@ pub struct AlignTrainSection {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub weight_decay: f64,
-    /// Global gradient-norm clip (DDPO: 1.0); 0 disables.
+    /// Gradient-norm clip (DDPO: 1.0); 0 disables.
     pub max_grad_norm: f64,
+    /// `global` (torch's `clip_grad_norm_`, as accelerate applies it; the default) or
+    /// `per_tensor` (burn's optimizer clipping, this loop's behaviour before 2026-11-29).
+    pub grad_clip: ClipScope,
     /// Weight of the per-step Gaussian KL to the reference model (DPOK / Flow-GRPO style);
     /// 0 disables. Applies to DDPO (every trained step) and DRaFT-K (every differentiated step);
     /// Diffusion-DPO is regularised by its own beta.
@@ -182,6 +186,7 @@ impl Default for AlignTrainSection {
             adam_epsilon: 1e-8,
             weight_decay: 1e-4,
             max_grad_norm: 1.0,
+            grad_clip: ClipScope::Global,
             kl_weight: 0.0,
             seed: 0,
         }

@@ -4,9 +4,13 @@
 //! grad_accum`) from the run's one random stream, lets the method prepare it (advantages), then
 //! cuts it into `grad_accum` micro-batches whose gradients (of the loss scaled by
 //! `1 / grad_accum`) are summed, so an accumulated update equals one big batch. AdamW steps with
-//! the scheduled learning rate and gradient-norm clipping. Every update logs loss, learning rate,
-//! reward mean/std (and a TensorBoard histogram), the method's scalars, the reward queries spent
-//! and wall time; validation (held-out prompts, fixed seeds: the caller's hook) runs at the start,
+//! the scheduled learning rate and gradient-norm clipping (global, as torch's `clip_grad_norm_`,
+//! unless `train.grad_clip = "per_tensor"`). Every update logs loss, the gradient norm before
+//! clipping, learning rate, reward mean/std (and a TensorBoard histogram), the method's scalars,
+//! the reward queries spent and wall time; with `grad_accum > 1` also the gradient noise scale's
+//! two terms (`grad_signal_sq`, `grad_noise_trace`: McCandlish et al. 2018, from the micro-batch
+//! and the accumulated gradients), whose ratio says how many examples a step needs before its
+//! signal outweighs its noise. Validation (held-out prompts, fixed seeds: the caller's hook) runs at the start,
 //! every `log.val_every` updates and at the end. Checkpoints hold the trainable weights with their
 //! parameter ids, the optimizer moments, the random stream and the method's state, written
 //! atomically: `--resume latest` continues exactly as an uninterrupted run. A non-finite loss or
@@ -107,6 +111,7 @@ pub fn align(
         train.adam_epsilon,
         train.weight_decay,
         train.max_grad_norm,
+        train.grad_clip,
     );
     let mut policy = policy;
     let mut rng = SeededRng::new(train.seed);
@@ -201,6 +206,7 @@ pub fn align(
             let mut loss = 0.0;
             let mut sums: Vec<(&'static str, f64)> = Vec::new();
             let mut step_rewards = collected_rewards.clone();
+            let mut micro_sq = 0.0;
             for m in 0..train.grad_accum {
                 let micro = batch.slice(m * train.batch_size..(m + 1) * train.batch_size);
                 let cx = Context {
@@ -226,11 +232,23 @@ pub fn align(
                 }
                 queries += out.rewards.len() as u64;
                 step_rewards.extend(out.rewards);
+                if train.grad_accum > 1 {
+                    // The micro-batch's own mean gradient is `out.grads / scale`.
+                    let norm = tiller_engine::optim::grad_norm(&policy.unet, &out.grads) / scale;
+                    micro_sq += norm * norm / train.grad_accum as f64;
+                }
                 acc.accumulate(&policy.unet, out.grads);
             }
+            let mut grads = acc.grads();
+            let grad_norm = tiller_engine::optim::clip_gradients(
+                &policy.unet,
+                &mut grads,
+                train.max_grad_norm,
+                train.grad_clip,
+            );
             let rate = lr.at(step);
             policy = Policy {
-                unet: optim.step(rate, policy.unet, acc.grads()),
+                unet: optim.step(rate, policy.unet, grads),
                 ..policy
             };
             step += 1;
@@ -240,6 +258,7 @@ pub fn align(
             let secs = wall(&started);
             let mut values: Vec<(&str, f64)> = vec![
                 ("loss", loss),
+                ("grad_norm", grad_norm),
                 ("lr", rate),
                 ("reward_queries", queries as f64),
                 ("wall_s", secs),
@@ -253,6 +272,18 @@ pub fn align(
                 values.push(("reward_mean", m));
                 values.push(("reward_std", s));
                 metrics.histogram("reward", step, &step_rewards)?;
+            }
+            if train.grad_accum > 1 {
+                // The gradient noise scale's two terms (McCandlish et al. 2018), in examples
+                // (rollouts, pairs or samples) per batch.
+                let (signal, trace) = tiller_engine::optim::noise_terms(
+                    micro_sq,
+                    grad_norm * grad_norm,
+                    train.batch_size as f64,
+                    n as f64,
+                );
+                values.push(("grad_signal_sq", signal));
+                values.push(("grad_noise_trace", trace));
             }
             values.extend(prepared.iter().copied());
             values.extend(sums.iter().copied());

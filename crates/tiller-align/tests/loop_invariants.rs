@@ -73,7 +73,7 @@ fn base(
     tiller_diffusion::models::unet::UNet2DConditionConfig,
     UNet2DConditionModel,
 ) {
-    let f = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let f = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
         .join("../tiller-diffusion/tests/fixtures/tiny-unet-sd2");
     load_unet(&f, None, device).unwrap()
 }

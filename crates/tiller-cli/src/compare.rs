@@ -3,7 +3,7 @@
 //! the base model and diversity, and how many queries each method needs to reach the gold
 //! accuracy DDPO reaches.
 
-use crate::align::{AlignArgs, align};
+use crate::align::{AlignArgs, NoiseScale, align, describe_noise, read_noise_scale};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
@@ -36,6 +36,12 @@ pub struct CompareArgs {
     /// over its start exceeds twice its paired standard error).
     #[arg(long)]
     pub target: Option<f64>,
+    /// Cut each method's batch into this many accumulated micro-batches, so that every run
+    /// measures its gradient noise scale (McCandlish et al. 2018) from the micro-batch and the
+    /// whole-batch gradients. The updates are those of the uncut batch (accumulation equals one
+    /// big batch; tested). 0 or 1: the presets' micro-batches as they are.
+    #[arg(long, default_value_t = 0)]
+    pub micro_batches: usize,
 }
 
 /// One validation point of a run.
@@ -70,6 +76,10 @@ pub struct MethodRun {
     pub points: Vec<Point>,
     /// Reward queries at the first validation reaching the target (None: never).
     pub queries_to_target: Option<f64>,
+    /// The run's gradient noise scale (runs with accumulated micro-batches).
+    pub noise_scale: Option<NoiseScale>,
+    /// Examples per update.
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -119,6 +129,15 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
         let (config, _): (AlignConfig, String) =
             tiller_core::config::from_toml_file_with_overrides(&preset, &overrides)?;
         let batch = config.train.effective_batch() as u64;
+        let k = args.micro_batches;
+        if k > 1 && config.train.grad_accum == 1 {
+            let b = config.train.batch_size;
+            if !b.is_multiple_of(k) {
+                bail!("--micro-batches {k}: {name}'s train.batch_size {b} is not a multiple of it");
+            }
+            overrides.push(format!("train.batch_size={}", b / k));
+            overrides.push(format!("train.grad_accum={k}"));
+        }
         let updates = match method {
             MethodName::DiffusionDpo => {
                 overrides.push(format!("dpo.max_comparisons={}", args.budget));
@@ -152,8 +171,10 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
         methods.push(MethodRun {
             name,
             points: read_points(&run)?,
+            noise_scale: read_noise_scale(&run)?,
             run,
             queries_to_target: None,
+            batch: batch as usize,
         });
     }
     let target = args.target.or_else(|| ddpo_target(&methods));
@@ -312,6 +333,37 @@ pub fn markdown(c: &Comparison) -> String {
             s.push('\n');
         }
     }
+    let scales: Vec<(&MethodRun, &NoiseScale)> = c
+        .methods
+        .iter()
+        .filter_map(|m| m.noise_scale.as_ref().map(|n| (m, n)))
+        .collect();
+    if !scales.is_empty() {
+        s.push_str("\nGradient noise scale (McCandlish et al. 2018: the examples per update at which a step's signal equals its noise), in each method's own examples (rollouts, pairs, reward gradients):\n");
+        for (m, n) in &scales {
+            let _ = writeln!(s, "- {}: {}.", m.name, describe_noise(n, m.batch));
+        }
+        let find = |name: &str| scales.iter().find(|(m, _)| m.name == name).map(|x| x.1);
+        if let (Some(d), Some(k)) = (find("ddpo"), find("draft-k"))
+            && d.b_lower.is_finite()
+            && k.b_upper.is_finite()
+        {
+            let _ = writeln!(
+                s,
+                "- DDPO needs at least {:.1} times as many examples per update as DRaFT-K for the same share of signal (DDPO's lower bound over DRaFT-K's upper bound, 95% each){}.",
+                d.b_lower / k.b_upper,
+                if k.signal_sq > 2.0 * k.signal_se {
+                    format!(
+                        "; {:.0} times against DRaFT-K's estimate of {:.0}",
+                        d.b_lower / k.b_simple,
+                        k.b_simple
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
     s
 }
 
@@ -450,6 +502,8 @@ mod tests {
             run: PathBuf::from(name),
             points,
             queries_to_target: None,
+            noise_scale: None,
+            batch: 32,
         }
     }
 
@@ -488,6 +542,35 @@ mod tests {
         );
         assert!(
             md.contains("| draft-k | 0.320 -> 0.500 | +0.200 ± 0.010 (0.50) |"),
+            "{md}"
+        );
+        assert!(!md.contains("noise scale"), "{md}");
+    }
+
+    #[test]
+    fn noise_scales_are_compared_by_their_bounds() {
+        use crate::align::noise_scale;
+        // DRaFT-K: signal 2, 1, 2, 1 (mean 1.5, se 0.2887), noise 150: B_simple 100, upper bound
+        // 150 / (1.5 - 0.5774) = 162.6. DDPO: signal 1, -1, 1, -1 (se 0.5774), noise 1000: lower
+        // bound 1000 / 1.1547 = 866.0. Ratios: 866.0 / 162.6 = 5.3 and 866.0 / 100 = 8.7 -> 9.
+        let mut ddpo = run("ddpo", vec![point(0, 0.32, None)]);
+        ddpo.noise_scale = noise_scale(&[1.0, -1.0, 1.0, -1.0], &[1000.0; 4]);
+        let mut draft = run("draft-k", vec![point(0, 0.32, None)]);
+        draft.noise_scale = noise_scale(&[2.0, 1.0, 2.0, 1.0], &[150.0; 4]);
+        let md = markdown(&Comparison {
+            budget: 160,
+            target: None,
+            target_given: false,
+            methods: vec![ddpo, draft],
+        });
+        assert!(md.contains("- ddpo: no gradient signal measurable over 4 updates: B_simple is at least 866 examples"), "{md}");
+        assert!(
+            md.contains("- draft-k: gradient noise scale B_simple = 100 examples"),
+            "{md}"
+        );
+        assert!(
+            md.contains("at least 5.3 times")
+                && md.contains("; 9 times against DRaFT-K's estimate of 100"),
             "{md}"
         );
     }

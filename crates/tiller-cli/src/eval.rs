@@ -857,6 +857,8 @@ fn report_html(
                 run: align_dir.to_path_buf(),
                 points,
                 queries_to_target: None,
+                noise_scale: a.noise_scale,
+                batch: a.config.train.effective_batch(),
             }],
         };
         h.push_str(&crate::compare::svg(&cmp));

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use tiller_diffusion::models::weights::{HostTensor, read_safetensors, write_safetensors};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tiller-diffusion/tests/fixtures")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("../tiller-diffusion/tests/fixtures")
 }
 
 fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> f32 {

@@ -241,7 +241,9 @@ fn kill_nine_then_resume_equals_an_uninterrupted_run() {
 
     let killed = scratch("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tiller"))
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .current_dir(
+            Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../.."),
+        )
         .args(args(killed.to_str().unwrap()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -15,7 +15,8 @@ use tiller_diffusion::models::weights::{HostTensor, read_safetensors, write_safe
 use tiller_testkit::assert_close;
 
 fn base(device: &Device) -> UNet2DConditionModel {
-    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-unet-sd2");
+    let f = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("tests/fixtures/tiny-unet-sd2");
     load_unet(&f, None, device).unwrap().1
 }
 

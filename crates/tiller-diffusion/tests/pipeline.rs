@@ -10,7 +10,8 @@ use tiller_diffusion::schedulers::{DdimConfig, SchedulerConfig};
 #[test]
 fn save_and_load_a_pipeline_folder() {
     let device = Device::flex();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixtures = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("tests/fixtures");
     let (unet_config, unet) = load_unet(&fixtures.join("tiny-unet-sd1"), None, &device).unwrap();
     let (text_config, text_encoder) =
         load_clip_text(&fixtures.join("tiny-clip"), None, &device).unwrap();

@@ -18,7 +18,8 @@ use tiller_diffusion::{LogProbReduction, Scheduler};
 use tiller_testkit::assert_close;
 
 fn unet(device: &Device) -> UNet2DConditionModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-unet-sd2");
+    let dir = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("tests/fixtures/tiny-unet-sd2");
     load_unet(&dir, None, device).unwrap().1
 }
 

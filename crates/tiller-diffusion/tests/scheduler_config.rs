@@ -13,7 +13,7 @@ use tiller_diffusion::schedulers::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
         .join("tests/fixtures/schedulers")
         .join(name)
 }

@@ -108,7 +108,8 @@ impl Tensors {
 }
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("tests/fixtures/schedulers")
 }
 
 /// The fixed stand-in network of the golden loops: 0.5 x + 0.1 inputs.model_output.

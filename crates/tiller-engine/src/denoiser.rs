@@ -82,8 +82,11 @@ pub struct TrainSection {
     pub adam_epsilon: f64,
     /// Decoupled weight decay (AdamW).
     pub weight_decay: f64,
-    /// Gradients are rescaled so their global L2 norm is at most this; 0 disables clipping.
+    /// Gradient-norm clip (see `grad_clip` for over what); 0 disables clipping.
     pub max_grad_norm: f64,
+    /// `global` (torch's `clip_grad_norm_`, the default) or `per_tensor` (burn's optimizer
+    /// clipping; how the shipped testbed base was trained).
+    pub grad_clip: crate::optim::ClipScope,
     /// EMA decay (0 disables EMA).
     pub ema_decay: f64,
     /// Probability that an example's prompt is replaced by the empty prompt.
@@ -105,6 +108,7 @@ impl Default for TrainSection {
             adam_epsilon: 1e-8,
             weight_decay: 1e-2,
             max_grad_norm: 1.0,
+            grad_clip: crate::optim::ClipScope::Global,
             ema_decay: 0.9999,
             cond_dropout: 0.1,
             seed: 0,
@@ -226,6 +230,7 @@ pub fn train_denoiser(
         train.adam_epsilon,
         train.weight_decay,
         train.max_grad_norm,
+        train.grad_clip,
     );
     let mut model = model;
     let mut rng = SeededRng::new(train.seed);
@@ -268,7 +273,7 @@ pub fn train_denoiser(
     let mut progress = Progress::new("train", step, train.steps);
     let mut last_loss = f64::NAN;
     let mut done_here = 0u64;
-    let (mut loss_sum, mut loss_n) = (0.0, 0u64);
+    let (mut loss_sum, mut loss_n, mut norm_sum) = (0.0, 0u64, 0.0);
     let started = std::time::Instant::now();
 
     while step < train.steps && stop_after.is_none_or(|n| done_here < n) {
@@ -299,7 +304,9 @@ pub fn train_denoiser(
                 step + 1
             )));
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let norm =
+            crate::optim::clip_gradients(&model, &mut grads, train.max_grad_norm, train.grad_clip);
         let rate = lr.at(step);
         model = optim.step(rate, model, grads);
         if let Some(e) = ema.as_mut() {
@@ -310,6 +317,7 @@ pub fn train_denoiser(
         last_loss = value;
         loss_sum += value;
         loss_n += 1;
+        norm_sum += norm;
 
         // ---- log, sample, checkpoint
         if step.is_multiple_of(log.every.max(1)) || step == train.steps {
@@ -318,6 +326,7 @@ pub fn train_denoiser(
                 step,
                 &[
                     ("loss", loss_sum / loss_n as f64),
+                    ("grad_norm", norm_sum / loss_n as f64),
                     ("lr", rate),
                     (
                         "images_per_s",
@@ -325,7 +334,7 @@ pub fn train_denoiser(
                     ),
                 ],
             )?;
-            (loss_sum, loss_n) = (0.0, 0);
+            (loss_sum, loss_n, norm_sum) = (0.0, 0, 0.0);
         }
         progress.update(step, &format!("loss {value:.4} lr {rate:.2e}"));
         if log.sample_every > 0 && step.is_multiple_of(log.sample_every) {

@@ -46,7 +46,8 @@ impl DenoiserData for Noise {
 }
 
 fn modules(device: &Device) -> TextToImageModules {
-    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tiller-diffusion/tests/fixtures");
+    let f = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("../tiller-diffusion/tests/fixtures");
     TextToImageModules {
         text_encoder: load_clip_text(&f.join("tiny-clip"), None, device)
             .unwrap()

@@ -17,6 +17,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::clip::ClipTextModel;
+use tiller_engine::optim::{ClipScope, clip_gradients};
 use tiller_testbed::Image;
 
 /// One labelled image with its prompt's token ids.
@@ -141,8 +142,11 @@ pub struct RewardTrainConfig {
     pub batch_size: usize,
     pub learning_rate: f64,
     pub weight_decay: f64,
-    /// Global gradient-norm clip (0: off).
+    /// Gradient-norm clip (0: off), over all gradients together or per tensor (`grad_clip`).
     pub max_grad_norm: f64,
+    /// `global` (torch's `clip_grad_norm_`, the default) or `per_tensor` (burn's; how the shipped
+    /// testbed reward was trained).
+    pub grad_clip: ClipScope,
     /// Weight of the reasons' factor cross-entropy.
     pub factor_loss_weight: f64,
     /// Resample each member's labels with replacement.
@@ -172,6 +176,7 @@ impl Default for RewardTrainConfig {
             learning_rate: 1e-3,
             weight_decay: 1e-4,
             max_grad_norm: 1.0,
+            grad_clip: ClipScope::Global,
             factor_loss_weight: 1.0,
             bootstrap: true,
             mirror: false,
@@ -363,9 +368,10 @@ fn train_member(
     if train.freeze_text {
         net.text_encoder = net.text_encoder.no_grad();
     }
+    // burn's AdamW defaults (betas 0.9 / 0.999, epsilon 1e-5).
     let mut optim: ModuleOptimizer = {
         let mut c = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
-        if train.max_grad_norm > 0.0 {
+        if train.grad_clip == ClipScope::PerTensor && train.max_grad_norm > 0.0 {
             c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(
                 train.max_grad_norm as f32,
             )));
@@ -494,7 +500,8 @@ fn train_member(
                 "reward model loss {value} at step {step}"
             )));
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &net);
+        clip_gradients(&net, &mut grads, train.max_grad_norm, train.grad_clip);
         net = optim.step(train.learning_rate, net, grads);
         on_step(step, value);
     }

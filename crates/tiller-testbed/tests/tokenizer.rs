@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use tiller_testbed::tokenizer::Tokenizer;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
         .join("tests/fixtures")
         .join(name)
 }

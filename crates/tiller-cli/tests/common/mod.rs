@@ -6,7 +6,9 @@ use std::process::Command;
 /// Runs `tiller args...` from the repository root; returns success and stdout + stderr.
 pub fn tiller(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tiller"))
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .current_dir(
+            Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../.."),
+        )
         .env("RUST_BACKTRACE", "0")
         .args(args)
         .output()
