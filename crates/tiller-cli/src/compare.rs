@@ -39,7 +39,8 @@ pub struct CompareArgs {
     /// Cut each method's batch into this many accumulated micro-batches, so that every run
     /// measures its gradient noise scale (McCandlish et al. 2018) from the micro-batch and the
     /// whole-batch gradients. The updates are those of the uncut batch (accumulation equals one
-    /// big batch; tested). 0 or 1: the presets' micro-batches as they are.
+    /// big batch; tested). 0 or 1, or a preset that already accumulates: its micro-batches as
+    /// they are.
     #[arg(long, default_value_t = 0)]
     pub micro_batches: usize,
 }
@@ -119,13 +120,12 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
     if args.budget == 0 {
         bail!("--budget must be at least 1 reward query");
     }
-    std::fs::create_dir_all(&args.out)?;
-    let mut methods = Vec::new();
+    // Every preset is read, sized to the budget and checked before anything runs or is written.
+    let mut runs = Vec::new();
     for (name, method, extra) in plan {
         let preset = args.configs.join(format!("{}-testbed.toml", method.name()));
         let mut overrides = args.overrides.clone();
         overrides.extend(extra);
-        // Read the preset once to size the run to the budget.
         let (config, _): (AlignConfig, String) =
             tiller_core::config::from_toml_file_with_overrides(&preset, &overrides)?;
         let batch = config.train.effective_batch() as u64;
@@ -155,6 +155,11 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
         overrides.push(format!("train.updates={updates}"));
         overrides.push(format!("log.val_every={}", updates.div_ceil(5).max(1)));
         overrides.push(format!("log.checkpoint_every={}", updates.max(1)));
+        runs.push((name, preset, overrides, updates, batch as usize));
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let mut methods = Vec::new();
+    for (name, preset, overrides, updates, batch) in runs {
         let run = args.out.join(&name);
         eprintln!(
             "== compare: {name} ({updates} updates) -> {}",
@@ -174,7 +179,7 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
             noise_scale: read_noise_scale(&run)?,
             run,
             queries_to_target: None,
-            batch: batch as usize,
+            batch,
         });
     }
     let target = args.target.or_else(|| ddpo_target(&methods));

@@ -180,6 +180,8 @@ fn compare_writes_a_table_and_plots() {
         "ddpo,draft-k",
         "--budget",
         "4",
+        "--micro-batches",
+        "2",
         "--out",
         out.to_str().unwrap(),
     ];
@@ -218,5 +220,32 @@ fn compare_writes_a_table_and_plots() {
         assert!(last["gain_p"].as_f64().unwrap() <= 1.0, "{m}");
     }
     assert!(out.join("ddpo/samples/val-000000.jsonl").exists());
+    // `--micro-batches 2` ran each update as 2 x 1 accumulated, so every run measured its
+    // gradient noise scale over its 2 updates.
+    for m in json["methods"].as_array().unwrap() {
+        assert_eq!(m["noise_scale"]["updates"], 2, "{m}");
+    }
+    assert!(md.contains("Gradient noise scale"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
+
+    // A batch the micro-batches do not divide is refused before anything is written.
+    let bad = scratch("compare-bad");
+    let (ok, text) = tiller(&[
+        "compare",
+        "--methods",
+        "ddpo",
+        "--budget",
+        "4",
+        "--micro-batches",
+        "3",
+        "--set",
+        "train.batch_size=2",
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("train.batch_size 2 is not a multiple"),
+        "{text}"
+    );
+    assert!(!bad.exists());
 }

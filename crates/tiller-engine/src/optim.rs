@@ -13,6 +13,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 
 /// What a gradient-norm threshold applies to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,20 +61,28 @@ pub fn clip_gradients<M: Module>(
     }
 }
 
-/// The global L2 norm of `module`'s gradients in `grads` (parameters without one are skipped).
+/// The global L2 norm of `module`'s gradients in `grads` (parameters without one are skipped;
+/// a parameter used in two places counts once, as in [`clip_global_norm`]).
 pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
     struct SumSquares<'a> {
         grads: &'a GradientsParams,
         sum: f64,
+        done: HashSet<ParamId>,
     }
     impl ModuleVisitor for SumSquares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.get::<D>(param.id) {
+            if let Some(g) = self.grads.get::<D>(param.id)
+                && self.done.insert(param.id)
+            {
                 self.sum += g.square().sum().into_scalar::<f64>();
             }
         }
     }
-    let mut v = SumSquares { grads, sum: 0.0 };
+    let mut v = SumSquares {
+        grads,
+        sum: 0.0,
+        done: HashSet::new(),
+    };
     module.visit(&mut v);
     v.sum.sqrt()
 }
@@ -89,24 +98,22 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
         struct Scale<'a> {
             grads: &'a mut GradientsParams,
             factor: f64,
-            done: Vec<ParamId>,
+            done: HashSet<ParamId>,
         }
         impl ModuleVisitor for Scale<'_> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
                 // A parameter shared between two places is visited twice: scale it once.
-                if self.done.contains(&param.id) {
-                    return;
-                }
-                if let Some(g) = self.grads.remove::<D>(param.id) {
+                if self.done.insert(param.id)
+                    && let Some(g) = self.grads.remove::<D>(param.id)
+                {
                     self.grads.register(param.id, g * self.factor);
-                    self.done.push(param.id);
                 }
             }
         }
         module.visit(&mut Scale {
             grads,
             factor,
-            done: Vec::new(),
+            done: HashSet::new(),
         });
     }
     norm

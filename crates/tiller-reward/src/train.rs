@@ -10,14 +10,13 @@ use crate::ensemble::{RewardEnsemble, RewardModelConfig};
 use crate::images_to_tensor;
 use crate::losses::{bradley_terry, factor_bce, logistic, ordinal};
 use crate::net::RewardNet;
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::clip::ClipTextModel;
-use tiller_engine::optim::{ClipScope, clip_gradients};
+use tiller_engine::optim::{ClipScope, adamw, clip_gradients};
 use tiller_testbed::Image;
 
 /// One labelled image with its prompt's token ids.
@@ -368,16 +367,15 @@ fn train_member(
     if train.freeze_text {
         net.text_encoder = net.text_encoder.no_grad();
     }
-    // burn's AdamW defaults (betas 0.9 / 0.999, epsilon 1e-5).
-    let mut optim: ModuleOptimizer = {
-        let mut c = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
-        if train.grad_clip == ClipScope::PerTensor && train.max_grad_norm > 0.0 {
-            c = c.with_grad_clipping(Some(GradientClippingConfig::Norm(
-                train.max_grad_norm as f32,
-            )));
-        }
-        c.init()
-    };
+    // burn's AdamW defaults (betas 0.9 / 0.999, epsilon 1e-5), which the shipped reward used.
+    let mut optim: ModuleOptimizer = adamw(
+        0.9,
+        0.999,
+        1e-5,
+        train.weight_decay,
+        train.max_grad_norm,
+        train.grad_clip,
+    );
     let b = train.batch_size;
     let factors = data
         .reasons
