@@ -73,6 +73,9 @@ enum FeedbackCommand {
 
 #[derive(Subcommand)]
 enum RewardCommand {
+    /// Contrastive (CLIP-style) pretraining of the reward network's towers on captioned renderer
+    /// drawings; `init = <folder>` in a reward config starts training from them.
+    Pretrain(reward::PretrainArgs),
     /// Train a reward ensemble on the store's training-split feedback.
     Train(reward::TrainArgs),
     /// Held-out accuracy against the annotator ceiling, calibration and correlation with the truth.
@@ -148,6 +151,9 @@ fn main() -> Result<()> {
         Command::Feedback {
             command: FeedbackCommand::Collect(args),
         } => feedback::collect(args).map(|_| ()),
+        Command::Reward {
+            command: RewardCommand::Pretrain(args),
+        } => reward::pretrain(args),
         Command::Reward {
             command: RewardCommand::Train(args),
         } => reward::train(args),

@@ -1,5 +1,6 @@
-//! `tiller reward train` and `tiller reward eval`: reward models from the preference store, and
-//! how close they get to the annotators and to the truth. Also the `--reward` flag's parser that
+//! `tiller reward pretrain`, `tiller reward train` and `tiller reward eval`: reward models from the
+//! preference store (optionally on contrastively pretrained towers), and how close they get to the
+//! annotators and to the truth. Also the `--reward` flag's parser that
 //! `sample` and `eval` use for best-of-N.
 
 use anyhow::{Context, Result, bail};
@@ -8,19 +9,21 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tiller_core::SeededRng;
 use tiller_diffusion::models::clip::{ClipTextConfig, ClipTextModel};
 use tiller_feedback::annotator::{TasteWeights, utility};
 use tiller_feedback::{FactorLabel, ImageId, PreferenceStore, PromptId, Query, Split, SqliteStore};
-use tiller_reward::ensemble::{KIND, RewardModelConfig};
+use tiller_reward::ensemble::{KIND, RewardEnsemble, RewardModelConfig};
 use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
 use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
-    FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
-    RegionLabel, Reward, RewardNetConfig, RewardTrainConfig, TextPool, train_ensemble,
+    Captioned, FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward,
+    PairLabel, PretrainConfig, RegionLabel, Reward, RewardNet, RewardNetConfig, RewardTrainConfig,
+    TextPool, train_ensemble_from,
 };
 use tiller_testbed::image::decode_png;
 use tiller_testbed::prompts::{is_held_out, mirror_prompt};
-use tiller_testbed::{Image, PromptSpec, Tokenizer};
+use tiller_testbed::{Image, PromptGenerator, PromptSpec, RenderConfig, Task, Tokenizer};
 
 /// `--reward`: `gold`, `jpeg`, or a reward model folder.
 pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
@@ -65,6 +68,13 @@ pub struct RewardFile {
     pub net: NetSection,
     #[serde(default)]
     pub train: RewardTrainConfig,
+    /// A folder written by `tiller reward pretrain`: every member starts from its contrastively
+    /// pretrained image and text towers (its heads are the member's own).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    /// Contrastive image-text pretraining, used by `tiller reward pretrain`.
+    #[serde(default)]
+    pub pretrain: PretrainConfig,
     #[serde(default = "cpu")]
     pub device: String,
 }
@@ -84,6 +94,19 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Override a config value, e.g. `--set train.steps=100` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct PretrainArgs {
+    #[arg(long, default_value = "configs/reward-testbed.toml")]
+    pub config: PathBuf,
+    /// The folder to write (a one-member reward model holding the pretrained towers); must not
+    /// exist.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Override a config value, e.g. `--set pretrain.steps=100` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
 }
@@ -215,15 +238,16 @@ pub fn read_feedback(
     Ok(out)
 }
 
-pub fn train(args: TrainArgs) -> Result<()> {
-    crate::ensure_new_out(&args.out)?;
-    let (file, resolved): (RewardFile, String) =
-        tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
-    let device = tiller_core::device::parse_device(&file.device)?;
+/// The network a reward config describes, and the text encoder of its `base` when it names one.
+fn resolve_net(
+    file: &RewardFile,
+    config_path: &Path,
+    device: &Device,
+) -> Result<(RewardNetConfig, Option<ClipTextModel>)> {
     let (text_config, text_init): (ClipTextConfig, Option<ClipTextModel>) = match &file.base {
         Some(base) => {
             let (c, m) =
-                tiller_diffusion::models::load_clip_text(&base.join("text_encoder"), None, &device)
+                tiller_diffusion::models::load_clip_text(&base.join("text_encoder"), None, device)
                     .with_context(|| {
                         format!("base = {}: loading its text encoder", base.display())
                     })?;
@@ -233,7 +257,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             file.net.text_encoder.clone().with_context(|| {
                 format!(
                     "{}: set `base` (a pipeline folder) or [net.text_encoder]",
-                    args.config.display()
+                    config_path.display()
                 )
             })?,
             None,
@@ -255,6 +279,196 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if let Some(x) = file.net.region_head {
         net.region_head = x;
     }
+    Ok((net, text_init))
+}
+
+/// Writes `model` into a temporary sibling of `out` with `extra` files, then renames it: a crash
+/// leaves no half model at `out`.
+fn write_model_folder(
+    out: &Path,
+    model: &RewardEnsemble,
+    config: &RewardModelConfig,
+    extra: &[(&str, &[u8])],
+) -> Result<()> {
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("reward")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    model.save(&tmp, config)?;
+    for (name, bytes) in extra {
+        tiller_core::fs::atomic_write(&tmp.join(name), bytes)?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("moving the model to {}", out.display()))
+}
+
+/// `tiller reward pretrain`: CLIP-style contrastive pretraining of the reward network's image
+/// and text towers on the training renderer's drawings of training-split prompts (no feedback,
+/// no gold evaluator), written as a one-member reward model folder that `init` in a reward config
+/// starts every member from.
+pub fn pretrain(args: PretrainArgs) -> Result<()> {
+    crate::ensure_new_out(&args.out)?;
+    let (file, resolved): (RewardFile, String) =
+        tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
+    file.pretrain.validate()?;
+    let device = tiller_core::device::parse_device(&file.device)?;
+    let (net_config, text_init) = resolve_net(&file, &args.config, &device)?;
+    device.seed(file.pretrain.seed);
+    let mut net = net_config.init(&device)?;
+    if let Some(t) = text_init {
+        net.text_encoder = t;
+    }
+    let tokenizer = Tokenizer::shapes();
+    let render = RenderConfig::default();
+    let draw = |split: tiller_testbed::Split,
+                n: usize,
+                rng: &mut SeededRng|
+     -> tiller_core::Result<Vec<Captioned>> {
+        let mut prompts = PromptGenerator::new(rng.below(usize::MAX) as u64);
+        (0..n)
+            .map(|_| {
+                let task = Task::ALL[rng.below(Task::ALL.len())];
+                let prompt = prompts.prompt(task, split)?;
+                let drawn =
+                    tiller_testbed::render_prompt(&prompt, &render, rng.below(usize::MAX) as u64)?;
+                let ids = tokenizer
+                    .encode(&prompt.text)?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect();
+                let meaning = serde_json::to_string(&prompt.spec)
+                    .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
+                Ok(Captioned {
+                    image: drawn.image,
+                    ids,
+                    meaning,
+                })
+            })
+            .collect()
+    };
+    let mut batch = |n: usize, rng: &mut SeededRng| draw(tiller_testbed::Split::Train, n, rng);
+    let p = &file.pretrain;
+    eprintln!(
+        "reward pretrain: {} updates of {} captioned renderer drawings (training-split prompts), temperature {}",
+        p.steps, p.batch_size, p.temperature
+    );
+    let mut progress = tiller_engine::progress::Progress::new("pretrain", 0, p.steps as u64);
+    let mut log = String::new();
+    let (mut loss_avg, mut acc_avg) = (f64::NAN, f64::NAN);
+    let net = tiller_reward::pretrain(net, p, &mut batch, &device, &mut |s, l, a| {
+        // Exponential moving averages for the progress line; every step goes to the log.
+        let k = 0.05;
+        loss_avg = if loss_avg.is_nan() {
+            l
+        } else {
+            loss_avg + k * (l - loss_avg)
+        };
+        acc_avg = if acc_avg.is_nan() {
+            a
+        } else {
+            acc_avg + k * (a - acc_avg)
+        };
+        log.push_str(&format!(
+            "{{\"step\":{s},\"loss\":{l:.6},\"retrieval_accuracy\":{a:.4}}}\n"
+        ));
+        progress.update(
+            s as u64,
+            &format!("loss {loss_avg:.4} in-batch retrieval {acc_avg:.3}"),
+        );
+    })?;
+    // Retrieval on fresh drawings, in batches of the training size: of training-split meanings,
+    // and of held-out ones (test-split prompts: unseen colour-shape pairs, counts, relations).
+    let retrieval = |split: tiller_testbed::Split, seed: u64| -> Result<f64> {
+        let mut rng = SeededRng::new(seed);
+        let mut sum = 0.0;
+        let batches = 8;
+        for _ in 0..batches {
+            let items = draw(split, p.batch_size, &mut rng)?;
+            let images: Vec<Image> = items.iter().map(|c| c.image.clone()).collect();
+            let ids: Vec<Vec<i64>> = items.iter().map(|c| c.ids.clone()).collect();
+            let meanings: Vec<&str> = items.iter().map(|c| c.meaning.as_str()).collect();
+            let u = net.image_embedding(tiller_reward::images_to_tensor(&images, &device)?);
+            let v = net.text_embedding(&ids, &device)?;
+            sum += tiller_reward::pretrain::retrieval_accuracy(u, v, &meanings)?;
+        }
+        Ok(sum / batches as f64)
+    };
+    let seen = retrieval(tiller_testbed::Split::Train, p.seed.wrapping_add(1_000_003))?;
+    let unseen = retrieval(tiller_testbed::Split::Test, p.seed.wrapping_add(2_000_003))?;
+    let summary = serde_json::json!({
+        "steps": p.steps,
+        "batch_size": p.batch_size,
+        "retrieval_train_prompts": seen,
+        "retrieval_test_prompts": unseen,
+    });
+    let config = RewardModelConfig {
+        kind: KIND.into(),
+        members: 1,
+        net: net_config,
+    };
+    let model = RewardEnsemble { members: vec![net] };
+    write_model_folder(
+        &args.out,
+        &model,
+        &config,
+        &[
+            ("pretrain.toml", resolved.as_bytes()),
+            ("pretrain.jsonl", log.as_bytes()),
+            ("pretrain.json", summary.to_string().as_bytes()),
+        ],
+    )?;
+    println!(
+        "pretrained towers written to {} (training loss {loss_avg:.4}); in-batch retrieval accuracy on {} fresh drawings: {seen:.3} for training prompts, {unseen:.3} for held-out (test-split) prompts",
+        args.out.display(),
+        8 * p.batch_size
+    );
+    Ok(())
+}
+
+/// The pretrained towers of `init` (a `tiller reward pretrain` folder), checked against `net`.
+fn load_towers(init: &Path, net: &RewardNetConfig, device: &Device) -> Result<RewardNet> {
+    let (c, model) = RewardEnsemble::load(init, device)
+        .with_context(|| format!("init = {}: not a pretrained reward folder", init.display()))?;
+    if c.net.text_encoder != net.text_encoder
+        || c.net.image_channels != net.image_channels
+        || c.net.hidden != net.hidden
+    {
+        bail!(
+            "init = {}: its towers have image_channels {}, hidden {} and {} text encoder; this config has image_channels {}, hidden {} and {} one",
+            init.display(),
+            c.net.image_channels,
+            c.net.hidden,
+            if c.net.text_encoder == net.text_encoder {
+                "the same"
+            } else {
+                "another"
+            },
+            net.image_channels,
+            net.hidden,
+            if c.net.text_encoder == net.text_encoder {
+                "the same"
+            } else {
+                "another"
+            },
+        );
+    }
+    model
+        .members
+        .into_iter()
+        .next()
+        .with_context(|| format!("init = {}: no member", init.display()))
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    crate::ensure_new_out(&args.out)?;
+    let (file, resolved): (RewardFile, String) =
+        tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
+    let device = tiller_core::device::parse_device(&file.device)?;
+    let (net, text_init) = resolve_net(&file, &args.config, &device)?;
+    let towers = match &file.init {
+        Some(init) => Some(load_towers(init, &net, &device)?),
+        None => None,
+    };
     let config = RewardModelConfig {
         kind: KIND.into(),
         members: file.members,
@@ -286,30 +500,24 @@ pub fn train(args: TrainArgs) -> Result<()> {
     );
     let steps = file.train.steps;
     let mut last = f64::NAN;
-    let model = train_ensemble(
+    let model = train_ensemble_from(
         &config,
         &file.train,
         &data.set,
         text_init.as_ref(),
+        towers.as_ref(),
         &device,
         &mut |m, s, l| {
             last = l;
             progress.update((m * steps + s) as u64, &format!("member {m} loss {l:.4}"));
         },
     )?;
-    // Write into a temporary sibling, then rename: a crash leaves no half model at --out.
-    let tmp = args.out.with_file_name(format!(
-        ".{}.tmp",
-        args.out
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("reward")
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    model.save(&tmp, &config)?;
-    tiller_core::fs::atomic_write(&tmp.join("train.toml"), resolved.as_bytes())?;
-    std::fs::rename(&tmp, &args.out)
-        .with_context(|| format!("moving the model to {}", args.out.display()))?;
+    write_model_folder(
+        &args.out,
+        &model,
+        &config,
+        &[("train.toml", resolved.as_bytes())],
+    )?;
     println!(
         "reward model written to {} (last loss {last:.4})",
         args.out.display()

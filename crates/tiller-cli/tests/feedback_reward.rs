@@ -111,6 +111,56 @@ fn collect_train_eval_and_best_of() {
         json(&regional.join("config.json"))["net"]["region_head"],
         true
     );
+    // Contrastive pretraining of the towers, then training from them (`init`).
+    let towers = dir.join("towers");
+    let cfg = config.to_str().unwrap();
+    let (ok, text) = tiller(&[
+        "reward",
+        "pretrain",
+        "--config",
+        cfg,
+        "--out",
+        towers.to_str().unwrap(),
+        "--set",
+        "pretrain.steps=3",
+        "--set",
+        "pretrain.batch_size=8",
+    ]);
+    assert!(ok, "{text}");
+    let log = std::fs::read_to_string(towers.join("pretrain.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    assert_eq!(json(&towers.join("config.json"))["members"], 1);
+    let init = format!("init={}", towers.display());
+    let mut from_towers = train.to_vec();
+    let warm = dir.join("reward-init");
+    from_towers[7] = warm.to_str().unwrap();
+    from_towers.extend(["--set", &init]);
+    let (ok, text) = tiller(&from_towers);
+    assert!(ok, "{text}");
+    assert!(warm.join("model.safetensors").exists());
+    // Towers of another shape, and a batch without negatives, are refused by name.
+    let bad = dir.join("reward-bad");
+    let mut mismatched = from_towers.clone();
+    mismatched[7] = bad.to_str().unwrap();
+    mismatched.extend(["--set", "net.hidden=8"]);
+    let (ok, text) = tiller(&mismatched);
+    assert!(
+        !ok && text.contains("init =") && text.contains("hidden 16"),
+        "{text}"
+    );
+    assert!(!bad.exists());
+    let (ok, text) = tiller(&[
+        "reward",
+        "pretrain",
+        "--config",
+        cfg,
+        "--out",
+        dir.join("towers-bad").to_str().unwrap(),
+        "--set",
+        "pretrain.batch_size=1",
+    ]);
+    assert!(!ok && text.contains("pretrain.batch_size"), "{text}");
+    assert!(!dir.join("towers-bad").exists());
     // The folder is never overwritten.
     let before = std::fs::read(model.join("model.safetensors")).unwrap();
     let (ok, text) = tiller(&train);

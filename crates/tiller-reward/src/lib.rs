@@ -18,6 +18,7 @@ pub mod ensemble;
 pub mod losses;
 pub mod metrics;
 pub mod net;
+pub mod pretrain;
 pub mod rewards;
 pub mod train;
 
@@ -27,9 +28,11 @@ use tiller_testbed::Image;
 
 pub use ensemble::{RewardEnsemble, RewardModelConfig};
 pub use net::{FACTORS, RewardNet, RewardNetConfig, TextPool};
+pub use pretrain::{Captioned, PretrainConfig, pretrain};
 pub use rewards::{GoldReward, GoldWeights, JpegCompressibility, LearnedReward, WeightedSum};
 pub use train::{
     FeedbackItem, FeedbackSet, PairLabel, RegionLabel, RewardTrainConfig, train_ensemble,
+    train_ensemble_from,
 };
 
 /// A reward: one score per (image, prompt), higher is better.

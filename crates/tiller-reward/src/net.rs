@@ -237,17 +237,10 @@ impl TokenAttention {
 }
 
 impl RewardNet {
-    /// `images` [B, 3, H, W] in [-1, 1], `ids` [B][L] token ids of the prompts.
-    pub fn forward(&self, images: Tensor<4>, ids: &[Vec<i64>]) -> Result<RewardOutput> {
-        let device = images.device();
-        let [b, ..] = images.dims();
-        if ids.len() != b {
-            return Err(Error::invalid(format!(
-                "{b} images but {} prompts",
-                ids.len()
-            )));
-        }
-        let text = self.text_encoder.forward_ids(ids, &device)?;
+    /// The prompt summary [B, D] (`text_pool`) and the token states [B, L, D].
+    fn encode_text(&self, ids: &[Vec<i64>], device: &Device) -> Result<(Tensor<2>, Tensor<3>)> {
+        let b = ids.len();
+        let text = self.text_encoder.forward_ids(ids, device)?;
         let pooled = match self.text_pool {
             TextPool::Eos => text.pooler_output,
             TextPool::Mean => {
@@ -259,25 +252,94 @@ impl RewardNet {
                         (0..l).map(move |i| if i <= e { 1.0 / (e + 1) as f32 } else { 0.0 })
                     })
                     .collect();
-                let w = Tensor::<3>::from_data(TensorData::new(weights, [b, l, 1]), &device);
+                let w = Tensor::<3>::from_data(TensorData::new(weights, [b, l, 1]), device);
                 (text.last_hidden_state.clone() * w)
                     .sum_dim(1)
                     .reshape([b, d])
             }
         };
-        let film = |layer: &Linear, x: Tensor<4>| {
-            let [_, c, _, _] = x.dims();
-            let gb = layer.forward(pooled.clone());
-            let gamma = gb.clone().slice([0..b, 0..c]).reshape([b, c, 1, 1]);
-            let beta = gb.slice([0..b, c..2 * c]).reshape([b, c, 1, 1]);
-            x.clone() * gamma + x + beta
+        Ok((pooled, text.last_hidden_state))
+    }
+
+    /// The four convolutions [B, 4C, H/4, W/4], FiLM-conditioned on `pooled` when given (the
+    /// identity without it, as in contrastive pretraining).
+    fn image_tower(&self, images: Tensor<4>, pooled: Option<&Tensor<2>>) -> Tensor<4> {
+        let film = |layer: &Linear, x: Tensor<4>| match pooled {
+            Some(p) => {
+                let [b, c, _, _] = x.dims();
+                let gb = layer.forward(p.clone());
+                let gamma = gb.clone().slice([0..b, 0..c]).reshape([b, c, 1, 1]);
+                let beta = gb.slice([0..b, c..2 * c]).reshape([b, c, 1, 1]);
+                x.clone() * gamma + x + beta
+            }
+            None => x,
         };
         let x = silu(self.conv1.forward(images));
         let x = silu(film(&self.film2, self.conv2.forward(x)));
         let x = silu(self.conv3.forward(x));
-        let x = silu(film(&self.film4, self.conv4.forward(x)));
+        silu(film(&self.film4, self.conv4.forward(x)))
+    }
+
+    /// The image tower's embedding [B, hidden] without the prompt (FiLM off, no cross-attention):
+    /// the image side of contrastive pretraining ([`crate::pretrain`]).
+    pub fn image_embedding(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = self.pool.forward(self.image_tower(images, None));
+        let [b, c, ph, pw] = x.dims();
+        self.image_proj.forward(x.reshape([b, c * ph * pw]))
+    }
+
+    /// The text tower's embedding [B, hidden]: the text side of contrastive pretraining.
+    pub fn text_embedding(&self, ids: &[Vec<i64>], device: &Device) -> Result<Tensor<2>> {
+        let (pooled, _) = self.encode_text(ids, device)?;
+        Ok(self.text_proj.forward(pooled))
+    }
+
+    /// This network with `pretrained`'s towers (convolutions, `image_proj`, the text encoder and
+    /// `text_proj`) and its own freshly initialised heads; FiLM is zeroed so that the pretrained
+    /// image features pass through unchanged until preference training learns a modulation.
+    /// The two networks must have the same shape.
+    pub fn adopt_towers(mut self, pretrained: &RewardNet) -> Result<Self> {
+        let shapes = |n: &RewardNet| {
+            (
+                n.conv1.weight.val().dims(),
+                n.conv4.weight.val().dims(),
+                n.image_proj.weight.val().dims(),
+                n.text_proj.weight.val().dims(),
+            )
+        };
+        if shapes(&self) != shapes(pretrained) {
+            return Err(Error::invalid(format!(
+                "the pretrained towers have shapes {:?}, this network {:?} (image_channels and hidden must match)",
+                shapes(pretrained),
+                shapes(&self)
+            )));
+        }
+        self.conv1 = pretrained.conv1.clone();
+        self.conv2 = pretrained.conv2.clone();
+        self.conv3 = pretrained.conv3.clone();
+        self.conv4 = pretrained.conv4.clone();
+        self.image_proj = pretrained.image_proj.clone();
+        self.text_encoder = pretrained.text_encoder.clone();
+        self.text_proj = pretrained.text_proj.clone();
+        self.film2 = zeroed(self.film2);
+        self.film4 = zeroed(self.film4);
+        Ok(self)
+    }
+
+    /// `images` [B, 3, H, W] in [-1, 1], `ids` [B][L] token ids of the prompts.
+    pub fn forward(&self, images: Tensor<4>, ids: &[Vec<i64>]) -> Result<RewardOutput> {
+        let device = images.device();
+        let [b, ..] = images.dims();
+        if ids.len() != b {
+            return Err(Error::invalid(format!(
+                "{b} images but {} prompts",
+                ids.len()
+            )));
+        }
+        let (pooled, tokens) = self.encode_text(ids, &device)?;
+        let x = self.image_tower(images, Some(&pooled));
         let x = match &self.cross {
-            Some(attn) => attn.forward(x, text.last_hidden_state),
+            Some(attn) => attn.forward(x, tokens),
             None => x,
         };
         let region_logits = self.region.as_ref().map(|r| conv1x1(r, x.clone()));
@@ -310,4 +372,12 @@ impl RewardNet {
     pub fn combination_weights(&self) -> Tensor<1> {
         softplus(self.factor_weights.val(), 1.0)
     }
+}
+
+/// A linear layer with every weight and bias set to zero.
+fn zeroed(mut layer: Linear) -> Linear {
+    let w = layer.weight.val();
+    layer.weight = Param::from_tensor(w.zeros_like());
+    layer.bias = layer.bias.map(|b| Param::from_tensor(b.val().zeros_like()));
+    layer
 }

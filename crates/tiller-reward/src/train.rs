@@ -200,6 +200,20 @@ pub fn train_ensemble(
     device: &Device,
     on_step: &mut OnStep,
 ) -> Result<RewardEnsemble> {
+    train_ensemble_from(config, train, data, text_init, None, device, on_step)
+}
+
+/// [`train_ensemble`], every member starting from `towers`' pretrained image and text towers
+/// ([`crate::pretrain`], [`RewardNet::adopt_towers`]) when given; the heads are each member's own.
+pub fn train_ensemble_from(
+    config: &RewardModelConfig,
+    train: &RewardTrainConfig,
+    data: &FeedbackSet,
+    text_init: Option<&ClipTextModel>,
+    towers: Option<&RewardNet>,
+    device: &Device,
+    on_step: &mut OnStep,
+) -> Result<RewardEnsemble> {
     config.net.validate()?;
     data.validate(config.net.factors.len())?;
     if train.batch_size == 0 || train.steps == 0 {
@@ -215,6 +229,9 @@ pub fn train_ensemble(
         let mut net = config.net.init(device)?;
         if let Some(t) = text_init {
             net.text_encoder = t.clone();
+        }
+        if let Some(t) = towers {
+            net = net.adopt_towers(t)?;
         }
         let mut member_rng = rng.fork();
         let resample = |len: usize, rng: &mut SeededRng| -> Vec<usize> {

@@ -1,0 +1,295 @@
+//! Contrastive image-text pretraining of a reward network's towers, as CLIP (Radford et al. 2021)
+//! is pretrained before PickScore, HPSv2 and ImageRewards' BLIP are fine-tuned on preferences.
+//!
+//! Every published reward model starts from towers that have seen far more captioned images than
+//! there are preference labels; trained from scratch on a few thousand comparisons, ours had to
+//! learn what a "green triangle" looks like from the comparisons alone. Here the image tower
+//! (the convolutions and `image_proj`, with FiLM off: CLIP's towers see only their own input) and
+//! the text tower (`text_encoder` and `text_proj`) are trained with CLIP's symmetric InfoNCE loss
+//! on captioned images supplied by the caller. On the testbed these are the training renderer's
+//! drawings of training-split prompts, the world's "web alt-text": no annotator, no gold evaluator.
+//!
+//! Loss (CLIP's pseudocode, §2.3 of the paper): with L2-normalised embeddings `u_i` (image) and
+//! `v_j` (text) and temperature τ, logits `s_ij = u_i · v_j / τ`; the loss is the mean of the
+//! row-wise (image → text) and column-wise (text → image) cross-entropies. CLIP's targets are the
+//! diagonal; here items of one batch may share a meaning (two drawings of "a red circle"), so each
+//! row's target is uniform over the columns of its meaning (and likewise for columns), which is
+//! the diagonal when meanings are distinct. The temperature is fixed (CLIP learns it from 0.07;
+//! with batches of ~100 a fixed value is simpler and we found no need to learn it).
+//!
+//! After pretraining, [`RewardNet::adopt_towers`] copies the towers into a fresh reward network
+//! (heads initialised anew, FiLM zeroed so it starts as the identity), and preference training
+//! proceeds as before.
+
+use crate::images_to_tensor;
+use crate::net::RewardNet;
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use tiller_core::{Error, Result, SeededRng};
+use tiller_engine::optim::{ClipScope, adamw, clip_gradients};
+use tiller_testbed::Image;
+
+/// One captioned image.
+#[derive(Debug, Clone)]
+pub struct Captioned {
+    pub image: Image,
+    /// The caption's token ids.
+    pub ids: Vec<i64>,
+    /// The caption's meaning: items of a batch with equal meanings are positives of each other.
+    pub meaning: String,
+}
+
+/// `[pretrain]` of a reward model config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    /// Optimizer updates.
+    pub steps: usize,
+    /// Captioned images per update (CLIP: 32 768; the in-batch negatives).
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Gradient-norm clip (0: off).
+    pub max_grad_norm: f64,
+    pub grad_clip: ClipScope,
+    /// The softmax temperature τ (CLIP's initial value, 0.07).
+    pub temperature: f64,
+    pub seed: u64,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch_size: 96,
+            learning_rate: 1e-3,
+            weight_decay: 1e-4,
+            max_grad_norm: 1.0,
+            grad_clip: ClipScope::Global,
+            temperature: 0.07,
+            seed: 0,
+        }
+    }
+}
+
+impl PretrainConfig {
+    /// Checks every field; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::config("pretrain.steps", "must be at least 1"));
+        }
+        if self.batch_size < 2 {
+            return Err(Error::config(
+                "pretrain.batch_size",
+                "needs at least 2 (the other items of a batch are the negatives)",
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Error::config(
+                "pretrain.temperature",
+                format!("must be positive, got {}", self.temperature),
+            ));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(Error::config(
+                "pretrain.learning_rate",
+                format!("must be positive, got {}", self.learning_rate),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The target matrix [B, B] (rows sum to 1): row i is uniform over the items sharing i's meaning.
+/// Symmetric, so it serves the text → image direction too.
+pub fn meaning_targets(meanings: &[&str]) -> Vec<f32> {
+    let b = meanings.len();
+    let mut t = vec![0f32; b * b];
+    for i in 0..b {
+        let same: Vec<usize> = (0..b).filter(|&j| meanings[j] == meanings[i]).collect();
+        for &j in &same {
+            t[i * b + j] = 1.0 / same.len() as f32;
+        }
+    }
+    t
+}
+
+/// CLIP's symmetric InfoNCE loss: `image` and `text` [B, D] embeddings (normalised here),
+/// `targets` [B, B] from [`meaning_targets`], temperature `tau`.
+pub fn clip_loss(image: Tensor<2>, text: Tensor<2>, targets: Tensor<2>, tau: f64) -> Tensor<1> {
+    let u = l2_normalize(image);
+    let v = l2_normalize(text);
+    let logits = u.matmul(v.transpose()).div_scalar(tau);
+    let [b, _] = logits.dims();
+    let rows = (log_softmax(logits.clone(), 1) * targets.clone())
+        .sum()
+        .neg();
+    let cols = (log_softmax(logits, 0) * targets).sum().neg();
+    (rows + cols).div_scalar(2.0 * b as f64)
+}
+
+fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
+    x / norm
+}
+
+/// The fraction of images whose most similar caption in the batch has their meaning
+/// (retrieval top-1 accuracy, in-batch).
+pub fn retrieval_accuracy(image: Tensor<2>, text: Tensor<2>, meanings: &[&str]) -> Result<f64> {
+    let sim = l2_normalize(image).matmul(l2_normalize(text).transpose());
+    let [b, _] = sim.dims();
+    let v = sim
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::invalid(format!("{e:?}")))?;
+    let hits = (0..b)
+        .filter(|&i| {
+            let row = &v[i * b..(i + 1) * b];
+            let best = (0..b)
+                .max_by(|&x, &y| row[x].total_cmp(&row[y]))
+                .expect("b >= 1");
+            meanings[best] == meanings[i]
+        })
+        .count();
+    Ok(hits as f64 / b as f64)
+}
+
+/// Progress of one update: (step, loss, in-batch retrieval accuracy).
+pub type OnPretrainStep<'a> = dyn FnMut(usize, f64, f64) + 'a;
+
+/// Pretrains `net`'s towers for `config.steps` updates; `batch(n, rng)` supplies `n` captioned
+/// images per update. Returns the network with its towers trained (heads untouched).
+pub fn pretrain(
+    net: RewardNet,
+    config: &PretrainConfig,
+    batch: &mut dyn FnMut(usize, &mut SeededRng) -> Result<Vec<Captioned>>,
+    device: &Device,
+    on_step: &mut OnPretrainStep,
+) -> Result<RewardNet> {
+    config.validate()?;
+    let mut rng = SeededRng::new(config.seed);
+    let ad = device.clone().autodiff();
+    let mut net = net.to_device(&ad).set_require_grad(true).train();
+    let mut optim: ModuleOptimizer = adamw(
+        0.9,
+        0.999,
+        1e-5,
+        config.weight_decay,
+        config.max_grad_norm,
+        config.grad_clip,
+    );
+    for step in 1..=config.steps {
+        let items = batch(config.batch_size, &mut rng)?;
+        let b = items.len();
+        if b < 2 {
+            return Err(Error::invalid(format!(
+                "pretraining step {step} got {b} captioned images; need at least 2"
+            )));
+        }
+        let images: Vec<Image> = items.iter().map(|c| c.image.clone()).collect();
+        let ids: Vec<Vec<i64>> = items.iter().map(|c| c.ids.clone()).collect();
+        let meanings: Vec<&str> = items.iter().map(|c| c.meaning.as_str()).collect();
+        let x = images_to_tensor(&images, &ad)?;
+        let u = net.image_embedding(x);
+        let v = net.text_embedding(&ids, &ad)?;
+        let targets =
+            Tensor::<2>::from_data(TensorData::new(meaning_targets(&meanings), [b, b]), &ad);
+        let loss = clip_loss(u.clone(), v.clone(), targets, config.temperature);
+        let value = loss.clone().into_scalar::<f64>();
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "pretraining loss {value} at step {step}"
+            )));
+        }
+        let acc = retrieval_accuracy(u.detach(), v.detach(), &meanings)?;
+        let mut grads = GradientsParams::from_grads(loss.backward(), &net);
+        clip_gradients(&net, &mut grads, config.max_grad_norm, config.grad_clip);
+        net = optim.step(config.learning_rate, net, grads);
+        on_step(step, value, acc);
+    }
+    Ok(net.valid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v, shape), &Device::default())
+    }
+
+    #[test]
+    fn targets_spread_over_items_of_one_meaning() {
+        let t = meaning_targets(&["a", "b", "a"]);
+        assert_eq!(t, vec![0.5, 0.0, 0.5, 0.0, 1.0, 0.0, 0.5, 0.0, 0.5]);
+    }
+
+    #[test]
+    fn clip_loss_matches_the_hand_computed_value() {
+        // Two items, orthonormal embeddings matched: s = [[1, 0], [0, 1]] / τ with τ = 0.5, so
+        // each row and column is log-softmax([2, 0]) and the loss is -log(e² / (e² + 1)).
+        let u = t2(vec![3.0, 0.0, 0.0, 2.0], [2, 2]); // normalised by the loss
+        let v = t2(vec![1.0, 0.0, 0.0, 1.0], [2, 2]);
+        let targets = t2(meaning_targets(&["x", "y"]), [2, 2]);
+        let loss = clip_loss(u.clone(), v.clone(), targets, 0.5).into_scalar::<f64>();
+        let want = -(2f64.exp() / (2f64.exp() + 1.0)).ln();
+        assert!((loss - want).abs() < 1e-6, "{loss} vs {want}");
+        // Swapped captions: each row's target has logit 0 against 2.
+        let swapped = t2(vec![0.0, 1.0, 1.0, 0.0], [2, 2]);
+        let loss = clip_loss(u, v, swapped, 0.5).into_scalar::<f64>();
+        let want = -(1.0 / (2f64.exp() + 1.0)).ln();
+        assert!((loss - want).abs() < 1e-6, "{loss} vs {want}");
+    }
+
+    #[test]
+    fn clip_loss_with_a_shared_meaning_is_the_soft_cross_entropy() {
+        // Items 0 and 2 share a meaning. Every entry of s: u_i · v_j / τ; the row target is
+        // uniform over {0, 2}. Computed here in f64 from the same definition.
+        let uf = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]];
+        let vf = [[0.8, 0.6], [1.0, 0.0], [0.6, -0.8]];
+        let tau = 0.25;
+        let m = ["p", "q", "p"];
+        let tgt = meaning_targets(&m);
+        let s = |i: usize, j: usize| (uf[i][0] * vf[j][0] + uf[i][1] * vf[j][1]) / tau;
+        let lse = |xs: Vec<f64>| {
+            let mx = xs.iter().cloned().fold(f64::MIN, f64::max);
+            mx + xs.iter().map(|x| (x - mx).exp()).sum::<f64>().ln()
+        };
+        let mut want = 0.0;
+        for i in 0..3 {
+            let row = lse((0..3).map(|j| s(i, j)).collect());
+            let col = lse((0..3).map(|j| s(j, i)).collect());
+            for j in 0..3 {
+                want -= tgt[i * 3 + j] as f64 * (s(i, j) - row);
+                want -= tgt[j * 3 + i] as f64 * (s(j, i) - col);
+            }
+        }
+        want /= 6.0;
+        let flat = |x: [[f64; 2]; 3]| x.iter().flatten().map(|v| *v as f32).collect::<Vec<_>>();
+        let loss = clip_loss(
+            t2(flat(uf), [3, 2]),
+            t2(flat(vf), [3, 2]),
+            t2(tgt.clone(), [3, 3]),
+            tau,
+        )
+        .into_scalar::<f64>();
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+    }
+
+    #[test]
+    fn retrieval_counts_an_image_right_when_its_best_caption_shares_its_meaning() {
+        let u = t2(vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0], [3, 2]);
+        let v = t2(vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.1], [3, 2]);
+        // Images 0 and 2 are the same picture, closest to caption 0; image 1 to caption 1. With
+        // meanings [a, b, a] image 2's best caption (0) shares its meaning: all right.
+        let acc = retrieval_accuracy(u.clone(), v.clone(), &["a", "b", "a"]).unwrap();
+        assert!((acc - 1.0).abs() < 1e-12);
+        // With three meanings image 2 retrieves caption 0, another meaning: 2 of 3.
+        let acc = retrieval_accuracy(u, v, &["a", "b", "c"]).unwrap();
+        assert!((acc - 2.0 / 3.0).abs() < 1e-12, "{acc}");
+    }
+}
