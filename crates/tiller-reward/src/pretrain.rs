@@ -1,5 +1,5 @@
 //! Contrastive image-text pretraining of a reward network's towers, as CLIP (Radford et al. 2021)
-//! is pretrained before PickScore, HPSv2 and ImageRewards' BLIP are fine-tuned on preferences.
+//! is pretrained before PickScore, HPSv2 and ImageReward's BLIP are fine-tuned on preferences.
 //!
 //! Every published reward model starts from towers that have seen far more captioned images than
 //! there are preference labels; trained from scratch on a few thousand comparisons, ours had to
@@ -9,13 +9,13 @@
 //! on captioned images supplied by the caller. On the testbed these are the training renderer's
 //! drawings of training-split prompts, the world's "web alt-text": no annotator, no gold evaluator.
 //!
-//! Loss (CLIP's pseudocode, §2.3 of the paper): with L2-normalised embeddings `u_i` (image) and
+//! Loss (the pseudocode of CLIP's Figure 3): with L2-normalised embeddings `u_i` (image) and
 //! `v_j` (text) and temperature τ, logits `s_ij = u_i · v_j / τ`; the loss is the mean of the
 //! row-wise (image → text) and column-wise (text → image) cross-entropies. CLIP's targets are the
 //! diagonal; here items of one batch may share a meaning (two drawings of "a red circle"), so each
 //! row's target is uniform over the columns of its meaning (and likewise for columns), which is
-//! the diagonal when meanings are distinct. The temperature is fixed (CLIP learns it from 0.07;
-//! with batches of ~100 a fixed value is simpler and we found no need to learn it).
+//! the diagonal when meanings are distinct. The temperature is a fixed setting (CLIP learns it,
+//! starting from 0.07, the default here); a learned temperature is not implemented.
 //!
 //! After pretraining, [`RewardNet::adopt_towers`] copies the towers into a fresh reward network
 //! (heads initialised anew, FiLM zeroed so it starts as the identity), and preference training
