@@ -15,15 +15,16 @@ use tiller_feedback::annotator::{TasteWeights, utility};
 use tiller_feedback::{FactorLabel, ImageId, PreferenceStore, PromptId, Query, Split, SqliteStore};
 use tiller_reward::ensemble::{KIND, RewardEnsemble, RewardModelConfig};
 use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
+use tiller_reward::pretrain::batch_retrieval;
 use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
-    Captioned, FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward,
-    PairLabel, PretrainConfig, RegionLabel, Reward, RewardNet, RewardNetConfig, RewardTrainConfig,
-    TextPool, train_ensemble_from,
+    FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
+    PretrainConfig, RegionLabel, Reward, RewardNet, RewardNetConfig, RewardTrainConfig, TextPool,
+    renderer_captions, train_ensemble_from,
 };
 use tiller_testbed::image::decode_png;
 use tiller_testbed::prompts::{is_held_out, mirror_prompt};
-use tiller_testbed::{Image, PromptGenerator, PromptSpec, RenderConfig, Task, Tokenizer};
+use tiller_testbed::{Image, PromptSpec, RenderConfig, Task, Tokenizer};
 
 /// `--reward`: `gold`, `jpeg`, or a reward model folder.
 pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
@@ -310,7 +311,6 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
     crate::ensure_new_out(&args.out)?;
     let (file, resolved): (RewardFile, String) =
         tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
-    file.pretrain.validate()?;
     let device = tiller_core::device::parse_device(&file.device)?;
     let (net_config, text_init) = resolve_net(&file, &args.config, &device)?;
     device.seed(file.pretrain.seed);
@@ -320,31 +320,8 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
     }
     let tokenizer = Tokenizer::shapes();
     let render = RenderConfig::default();
-    let draw = |split: tiller_testbed::Split,
-                n: usize,
-                rng: &mut SeededRng|
-     -> tiller_core::Result<Vec<Captioned>> {
-        let mut prompts = PromptGenerator::new(rng.below(usize::MAX) as u64);
-        (0..n)
-            .map(|_| {
-                let task = Task::ALL[rng.below(Task::ALL.len())];
-                let prompt = prompts.prompt(task, split)?;
-                let drawn =
-                    tiller_testbed::render_prompt(&prompt, &render, rng.below(usize::MAX) as u64)?;
-                let ids = tokenizer
-                    .encode(&prompt.text)?
-                    .into_iter()
-                    .map(i64::from)
-                    .collect();
-                let meaning = serde_json::to_string(&prompt.spec)
-                    .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
-                Ok(Captioned {
-                    image: drawn.image,
-                    ids,
-                    meaning,
-                })
-            })
-            .collect()
+    let draw = |split: tiller_testbed::Split, n: usize, rng: &mut SeededRng| {
+        renderer_captions(&Task::ALL, split, n, rng, &tokenizer, &render)
     };
     let mut batch = |n: usize, rng: &mut SeededRng| draw(tiller_testbed::Split::Train, n, rng);
     let p = &file.pretrain;
@@ -384,12 +361,7 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
         let batches = 8;
         for _ in 0..batches {
             let items = draw(split, p.batch_size, &mut rng)?;
-            let images: Vec<Image> = items.iter().map(|c| c.image.clone()).collect();
-            let ids: Vec<Vec<i64>> = items.iter().map(|c| c.ids.clone()).collect();
-            let meanings: Vec<&str> = items.iter().map(|c| c.meaning.as_str()).collect();
-            let u = net.image_embedding(tiller_reward::images_to_tensor(&images, &device)?);
-            let v = net.text_embedding(&ids, &device)?;
-            sum += tiller_reward::pretrain::retrieval_accuracy(u, v, &meanings)?;
+            sum += batch_retrieval(&net, &items, &device)?;
         }
         Ok(sum / batches as f64)
     };
@@ -429,26 +401,19 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
 fn load_towers(init: &Path, net: &RewardNetConfig, device: &Device) -> Result<RewardNet> {
     let (c, model) = RewardEnsemble::load(init, device)
         .with_context(|| format!("init = {}: not a pretrained reward folder", init.display()))?;
-    if c.net.text_encoder != net.text_encoder
-        || c.net.image_channels != net.image_channels
-        || c.net.hidden != net.hidden
-    {
+    let same_text = c.net.text_encoder == net.text_encoder;
+    if !same_text || c.net.image_channels != net.image_channels || c.net.hidden != net.hidden {
         bail!(
-            "init = {}: its towers have image_channels {}, hidden {} and {} text encoder; this config has image_channels {}, hidden {} and {} one",
+            "init = {}: its towers have image_channels {}, hidden {}; this config has image_channels {}, hidden {}{}",
             init.display(),
             c.net.image_channels,
             c.net.hidden,
-            if c.net.text_encoder == net.text_encoder {
-                "the same"
-            } else {
-                "another"
-            },
             net.image_channels,
             net.hidden,
-            if c.net.text_encoder == net.text_encoder {
-                "the same"
+            if same_text {
+                ""
             } else {
-                "another"
+                ", and the text encoders differ"
             },
         );
     }

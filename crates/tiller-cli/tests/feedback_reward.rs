@@ -113,19 +113,21 @@ fn collect_train_eval_and_best_of() {
     );
     // Contrastive pretraining of the towers, then training from them (`init`).
     let towers = dir.join("towers");
-    let cfg = config.to_str().unwrap();
-    let (ok, text) = tiller(&[
-        "reward",
-        "pretrain",
-        "--config",
-        cfg,
-        "--out",
-        towers.to_str().unwrap(),
-        "--set",
-        "pretrain.steps=3",
-        "--set",
-        "pretrain.batch_size=8",
-    ]);
+    let pretrain = |out: &std::path::Path, batch: &str| {
+        tiller(&[
+            "reward",
+            "pretrain",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "pretrain.steps=3",
+            "--set",
+            batch,
+        ])
+    };
+    let (ok, text) = pretrain(&towers, "pretrain.batch_size=8");
     assert!(ok, "{text}");
     let log = std::fs::read_to_string(towers.join("pretrain.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3, "{log}");
@@ -149,16 +151,7 @@ fn collect_train_eval_and_best_of() {
         "{text}"
     );
     assert!(!bad.exists());
-    let (ok, text) = tiller(&[
-        "reward",
-        "pretrain",
-        "--config",
-        cfg,
-        "--out",
-        dir.join("towers-bad").to_str().unwrap(),
-        "--set",
-        "pretrain.batch_size=1",
-    ]);
+    let (ok, text) = pretrain(&dir.join("towers-bad"), "pretrain.batch_size=1");
     assert!(!ok && text.contains("pretrain.batch_size"), "{text}");
     assert!(!dir.join("towers-bad").exists());
     // The folder is never overwritten.

@@ -28,7 +28,7 @@ use tiller_testbed::Image;
 
 pub use ensemble::{RewardEnsemble, RewardModelConfig};
 pub use net::{FACTORS, RewardNet, RewardNetConfig, TextPool};
-pub use pretrain::{Captioned, PretrainConfig, pretrain};
+pub use pretrain::{Captioned, PretrainConfig, pretrain, renderer_captions};
 pub use rewards::{GoldReward, GoldWeights, JpegCompressibility, LearnedReward, WeightedSum};
 pub use train::{
     FeedbackItem, FeedbackSet, PairLabel, RegionLabel, RewardTrainConfig, train_ensemble,

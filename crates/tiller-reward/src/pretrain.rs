@@ -30,7 +30,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_engine::optim::{ClipScope, adamw, clip_gradients};
-use tiller_testbed::Image;
+use tiller_testbed::{Image, PromptGenerator, RenderConfig, Split, Task, Tokenizer};
 
 /// One captioned image.
 #[derive(Debug, Clone)]
@@ -40,6 +40,43 @@ pub struct Captioned {
     pub ids: Vec<i64>,
     /// The caption's meaning: items of a batch with equal meanings are positives of each other.
     pub meaning: String,
+}
+
+/// `n` captioned drawings on the testbed: each a random prompt of a random task of `tasks` from
+/// `split`, drawn by the training renderer and captioned with its own prompt (meaning: the
+/// prompt's spec as JSON). Everything is drawn from `rng`.
+pub fn renderer_captions(
+    tasks: &[Task],
+    split: Split,
+    n: usize,
+    rng: &mut SeededRng,
+    tokenizer: &Tokenizer,
+    render: &RenderConfig,
+) -> Result<Vec<Captioned>> {
+    if tasks.is_empty() {
+        return Err(Error::invalid("no tasks to draw captioned images from"));
+    }
+    let mut prompts = PromptGenerator::new(rng.below(usize::MAX) as u64);
+    (0..n)
+        .map(|_| {
+            let task = tasks[rng.below(tasks.len())];
+            let prompt = prompts.prompt(task, split)?;
+            let drawn =
+                tiller_testbed::render_prompt(&prompt, render, rng.below(usize::MAX) as u64)?;
+            let ids = tokenizer
+                .encode(&prompt.text)?
+                .into_iter()
+                .map(i64::from)
+                .collect();
+            let meaning =
+                serde_json::to_string(&prompt.spec).map_err(|e| Error::invalid(e.to_string()))?;
+            Ok(Captioned {
+                image: drawn.image,
+                ids,
+                meaning,
+            })
+        })
+        .collect()
 }
 
 /// `[pretrain]` of a reward model config.
@@ -158,6 +195,25 @@ pub fn retrieval_accuracy(image: Tensor<2>, text: Tensor<2>, meanings: &[&str]) 
     Ok(hits as f64 / b as f64)
 }
 
+/// A batch as the towers take it: images [B, 3, H, W], token ids, meanings.
+type Unpacked<'a> = (Tensor<4>, Vec<Vec<i64>>, Vec<&'a str>);
+
+/// The images (on `device`), token ids and meanings of `items`.
+fn unpack<'a>(items: &'a [Captioned], device: &Device) -> Result<Unpacked<'a>> {
+    let images: Vec<Image> = items.iter().map(|c| c.image.clone()).collect();
+    let ids = items.iter().map(|c| c.ids.clone()).collect();
+    let meanings = items.iter().map(|c| c.meaning.as_str()).collect();
+    Ok((images_to_tensor(&images, device)?, ids, meanings))
+}
+
+/// `net`'s in-batch retrieval accuracy ([`retrieval_accuracy`]) on `items`.
+pub fn batch_retrieval(net: &RewardNet, items: &[Captioned], device: &Device) -> Result<f64> {
+    let (x, ids, meanings) = unpack(items, device)?;
+    let u = net.image_embedding(x);
+    let v = net.text_embedding(&ids, device)?;
+    retrieval_accuracy(u, v, &meanings)
+}
+
 /// Progress of one update: (step, loss, in-batch retrieval accuracy).
 pub type OnPretrainStep<'a> = dyn FnMut(usize, f64, f64) + 'a;
 
@@ -190,10 +246,7 @@ pub fn pretrain(
                 "pretraining step {step} got {b} captioned images; need at least 2"
             )));
         }
-        let images: Vec<Image> = items.iter().map(|c| c.image.clone()).collect();
-        let ids: Vec<Vec<i64>> = items.iter().map(|c| c.ids.clone()).collect();
-        let meanings: Vec<&str> = items.iter().map(|c| c.meaning.as_str()).collect();
-        let x = images_to_tensor(&images, &ad)?;
+        let (x, ids, meanings) = unpack(&items, &ad)?;
         let u = net.image_embedding(x);
         let v = net.text_embedding(&ids, &ad)?;
         let targets =

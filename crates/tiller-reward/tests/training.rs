@@ -417,39 +417,21 @@ fn mean_pooling_averages_the_prompt_tokens_only() {
     assert!((a - eos).abs() > 1e-6, "mean {a} equals eos {eos}");
 }
 
-/// `n` captioned renderer drawings of `tasks`' training prompts (meaning = the spec's JSON).
+/// `n` captioned renderer drawings of `tasks`' training prompts.
 fn captioned(tasks: &[Task], n: usize, rng: &mut SeededRng) -> Vec<tiller_reward::Captioned> {
-    let tok = Tokenizer::shapes();
-    let cfg = RenderConfig::default();
-    let mut prompts = tiller_testbed::PromptGenerator::new(rng.below(1 << 30) as u64);
-    (0..n)
-        .map(|_| {
-            let task = tasks[rng.below(tasks.len())];
-            let p = prompts.prompt(task, tiller_testbed::Split::Train).unwrap();
-            tiller_reward::Captioned {
-                image: render_prompt(&p, &cfg, rng.below(1 << 30) as u64)
-                    .unwrap()
-                    .image,
-                ids: tok
-                    .encode(&p.text)
-                    .unwrap()
-                    .into_iter()
-                    .map(i64::from)
-                    .collect(),
-                meaning: serde_json::to_string(&p.spec).unwrap(),
-            }
-        })
-        .collect()
+    tiller_reward::renderer_captions(
+        tasks,
+        tiller_testbed::Split::Train,
+        n,
+        rng,
+        &Tokenizer::shapes(),
+        &RenderConfig::default(),
+    )
+    .unwrap()
 }
 
 fn retrieval(net: &tiller_reward::RewardNet, batch: &[tiller_reward::Captioned]) -> f64 {
-    let d = Device::flex();
-    let images: Vec<Image> = batch.iter().map(|c| c.image.clone()).collect();
-    let ids: Vec<Vec<i64>> = batch.iter().map(|c| c.ids.clone()).collect();
-    let meanings: Vec<&str> = batch.iter().map(|c| c.meaning.as_str()).collect();
-    let u = net.image_embedding(tiller_reward::images_to_tensor(&images, &d).unwrap());
-    let v = net.text_embedding(&ids, &d).unwrap();
-    tiller_reward::pretrain::retrieval_accuracy(u, v, &meanings).unwrap()
+    tiller_reward::pretrain::batch_retrieval(net, batch, &Device::flex()).unwrap()
 }
 
 #[test]
@@ -463,7 +445,7 @@ fn contrastive_pretraining_learns_to_match_drawings_with_their_captions() {
     let held_out = captioned(&tasks, 64, &mut SeededRng::new(99));
     let before = retrieval(&net, &held_out);
     let config = tiller_reward::PretrainConfig {
-        steps: 700,
+        steps: 1000,
         batch_size: 48,
         learning_rate: 3e-3,
         temperature: 0.1,
@@ -483,8 +465,10 @@ fn contrastive_pretraining_learns_to_match_drawings_with_their_captions() {
     let tail: f64 = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;
     eprintln!("loss {head:.3} -> {tail:.3}, retrieval {before:.3} -> {after:.3}");
     assert!(tail < head - 0.5, "loss {head:.3} -> {tail:.3}");
-    // Untrained, an image retrieves a caption of its meaning about as often as chance (0.125
-    // measured); trained, most of the time on drawings it never saw (0.78 measured).
+    // Untrained, an image retrieves a caption of its meaning about as often as chance (0.016
+    // measured); trained, most of the time on drawings it never saw (0.953 measured). The
+    // device generator is global, so a test seeding it at the same moment can change the
+    // initialisation (0.078 -> 0.531 after 700 updates was seen once): 1000 updates leave margin.
     assert!(
         before < 0.2 && after > 0.5,
         "retrieval {before:.3} -> {after:.3}"
