@@ -15,7 +15,7 @@ use tiller_feedback::annotator::{TasteWeights, utility};
 use tiller_feedback::{FactorLabel, ImageId, PreferenceStore, PromptId, Query, Split, SqliteStore};
 use tiller_reward::ensemble::{KIND, RewardEnsemble, RewardModelConfig};
 use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
-use tiller_reward::pretrain::batch_retrieval;
+use tiller_reward::pretrain::{batch_retrieval, caption_pairs, minimal_pair_accuracy};
 use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
     FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
@@ -55,6 +55,8 @@ pub struct NetSection {
     pub text_pool: Option<TextPool>,
     /// A region head trained from region marks (default false).
     pub region_head: Option<bool>,
+    /// The towers' caption match (cosine, learned scale) added to the reward (default false).
+    pub caption_match: Option<bool>,
 }
 
 /// `configs/reward-testbed.toml`.
@@ -280,6 +282,9 @@ fn resolve_net(
     if let Some(x) = file.net.region_head {
         net.region_head = x;
     }
+    if let Some(x) = file.net.caption_match {
+        net.caption_match = x;
+    }
     Ok((net, text_init))
 }
 
@@ -320,14 +325,23 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
     }
     let tokenizer = Tokenizer::shapes();
     let render = RenderConfig::default();
-    let draw = |split: tiller_testbed::Split, n: usize, rng: &mut SeededRng| {
-        renderer_captions(&Task::ALL, split, n, rng, &tokenizer, &render)
-    };
-    let mut batch = |n: usize, rng: &mut SeededRng| draw(tiller_testbed::Split::Train, n, rng);
     let p = &file.pretrain;
+    let draw = |split: tiller_testbed::Split, n: usize, hard: bool, rng: &mut SeededRng| {
+        renderer_captions(&Task::ALL, split, n, hard, rng, &tokenizer, &render)
+    };
+    let mut batch = |n: usize, rng: &mut SeededRng| {
+        draw(tiller_testbed::Split::Train, n, p.hard_negatives, rng)
+    };
     eprintln!(
-        "reward pretrain: {} updates of {} captioned renderer drawings (training-split prompts), temperature {}",
-        p.steps, p.batch_size, p.temperature
+        "reward pretrain: {} updates of {} captioned renderer drawings (training-split prompts{}), temperature {}",
+        p.steps,
+        p.batch_size,
+        if p.hard_negatives {
+            ", half of them minimal edits of the other half"
+        } else {
+            ""
+        },
+        p.temperature
     );
     let mut progress = tiller_engine::progress::Progress::new("pretrain", 0, p.steps as u64);
     let mut log = String::new();
@@ -360,18 +374,34 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
         let mut sum = 0.0;
         let batches = 8;
         for _ in 0..batches {
-            let items = draw(split, p.batch_size, &mut rng)?;
+            let items = draw(split, p.batch_size, false, &mut rng)?;
             sum += batch_retrieval(&net, &items, &device)?;
         }
         Ok(sum / batches as f64)
     };
     let seen = retrieval(tiller_testbed::Split::Train, p.seed.wrapping_add(1_000_003))?;
     let unseen = retrieval(tiller_testbed::Split::Test, p.seed.wrapping_add(2_000_003))?;
+    // Minimal pairs (a prompt and a one-binding edit, each drawn): does each image prefer its own
+    // caption, and each caption its own image?
+    let pairs = |split: tiller_testbed::Split, seed: u64| -> Result<(f64, f64)> {
+        let mut rng = SeededRng::new(seed);
+        let pairs = caption_pairs(&Task::ALL, split, 512, &mut rng, &tokenizer, &render)?;
+        Ok(minimal_pair_accuracy(&net, &pairs, &device)?)
+    };
+    let (seen_image, seen_text) =
+        pairs(tiller_testbed::Split::Train, p.seed.wrapping_add(3_000_003))?;
+    let (unseen_image, unseen_text) =
+        pairs(tiller_testbed::Split::Test, p.seed.wrapping_add(4_000_003))?;
     let summary = serde_json::json!({
         "steps": p.steps,
         "batch_size": p.batch_size,
+        "hard_negatives": p.hard_negatives,
         "retrieval_train_prompts": seen,
         "retrieval_test_prompts": unseen,
+        "minimal_pairs_image_train_prompts": seen_image,
+        "minimal_pairs_text_train_prompts": seen_text,
+        "minimal_pairs_image_test_prompts": unseen_image,
+        "minimal_pairs_text_test_prompts": unseen_text,
     });
     let config = RewardModelConfig {
         kind: KIND.into(),
@@ -390,7 +420,7 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
         ],
     )?;
     println!(
-        "pretrained towers written to {} (training loss {loss_avg:.4}); in-batch retrieval accuracy on {} fresh drawings: {seen:.3} for training prompts, {unseen:.3} for held-out (test-split) prompts",
+        "pretrained towers written to {} (training loss {loss_avg:.4}); in-batch retrieval accuracy on {} fresh drawings: {seen:.3} for training prompts, {unseen:.3} for held-out (test-split) prompts; minimal pairs (512 each, image / text side): {seen_image:.3} / {seen_text:.3} for training prompts, {unseen_image:.3} / {unseen_text:.3} for held-out prompts",
         args.out.display(),
         8 * p.batch_size
     );
@@ -536,6 +566,11 @@ pub struct RewardReport {
     pub mean_uncertainty: f64,
     /// The pairwise accuracies by the compared prompt's task: where the reward fails.
     pub per_task: Vec<TaskPairwise>,
+    /// The towers' caption match (cosine of image and prompt embeddings, the contrastive
+    /// pretraining objective; not the reward) used as the reward: its pairwise accuracy on the
+    /// same comparisons and its Spearman correlation with the gold reward.
+    pub caption_match_pairwise_accuracy: Option<f64>,
+    pub caption_match_spearman_gold: Option<f64>,
 }
 
 /// Pairwise accuracy (non-tie) of the reward and the two references on one task's comparisons.
@@ -567,6 +602,7 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     let images: Vec<Image> = data.set.items.iter().map(|i| i.image.clone()).collect();
     let texts: Vec<String> = data.prompts.iter().map(|(t, _)| t.clone()).collect();
     let scored = reward.score_with_uncertainty(&images, &texts)?;
+    let matched = reward.caption_match(&images, &texts)?;
     // Each comparison as (score of a, score of b, target) under a per-image score.
     let labelled_by = |score: &[f64]| -> Vec<(f64, f64, f64)> {
         data.set
@@ -645,6 +681,8 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         factor_correlation,
         mean_uncertainty: scored.std.iter().sum::<f64>() / scored.std.len().max(1) as f64,
         per_task,
+        caption_match_pairwise_accuracy: pairwise_accuracy(&labelled_by(&matched)),
+        caption_match_spearman_gold: spearman(&matched, &g),
     };
     println!("{}", markdown(&report));
     if let Some(out) = &args.out {
@@ -660,7 +698,7 @@ fn fmt(x: Option<f64>) -> String {
 /// The report as Markdown tables.
 pub fn markdown(r: &RewardReport) -> String {
     let mut s = format!(
-        "# Reward model `{}` on {} feedback\n\n| metric | value |\n|---|---|\n| comparisons | {} |\n| pairwise accuracy (non-tie) | {} |\n| annotator agreement (ceiling) | {} |\n| gold reward / median utility as the reward (references) | {} / {} |\n| calibration ECE / Brier | {:.3} / {:.3} |\n| images | {} |\n| Spearman with gold reward | {} |\n| Spearman with median annotator utility | {} |\n| mean ensemble std | {:.4} |\n\n| factor | Pearson r with gold |\n|---|---|\n",
+        "# Reward model `{}` on {} feedback\n\n| metric | value |\n|---|---|\n| comparisons | {} |\n| pairwise accuracy (non-tie) | {} |\n| annotator agreement (ceiling) | {} |\n| gold reward / median utility as the reward (references) | {} / {} |\n| calibration ECE / Brier | {:.3} / {:.3} |\n| images | {} |\n| Spearman with gold reward | {} |\n| Spearman with median annotator utility | {} |\n| mean ensemble std | {:.4} |\n| the towers' caption match as the reward: pairwise / Spearman with gold | {} / {} |\n\n| factor | Pearson r with gold |\n|---|---|\n",
         r.model,
         r.split,
         r.comparisons,
@@ -673,7 +711,9 @@ pub fn markdown(r: &RewardReport) -> String {
         r.images,
         fmt(r.spearman_gold),
         fmt(r.spearman_utility),
-        r.mean_uncertainty
+        r.mean_uncertainty,
+        fmt(r.caption_match_pairwise_accuracy),
+        fmt(r.caption_match_spearman_gold)
     );
     for (name, c) in &r.factor_correlation {
         s.push_str(&format!("| {name} | {} |\n", fmt(*c)));

@@ -124,6 +124,8 @@ fn collect_train_eval_and_best_of() {
             "--set",
             "pretrain.steps=3",
             "--set",
+            "pretrain.hard_negatives=true",
+            "--set",
             batch,
         ])
     };
@@ -132,14 +134,27 @@ fn collect_train_eval_and_best_of() {
     let log = std::fs::read_to_string(towers.join("pretrain.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3, "{log}");
     assert_eq!(json(&towers.join("config.json"))["members"], 1);
+    let summary = json(&towers.join("pretrain.json"));
+    assert_eq!(summary["hard_negatives"], true);
+    for key in [
+        "minimal_pairs_image_train_prompts",
+        "minimal_pairs_text_test_prompts",
+    ] {
+        let v = summary[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}: {v}");
+    }
     let init = format!("init={}", towers.display());
     let mut from_towers = train.to_vec();
     let warm = dir.join("reward-init");
     from_towers[7] = warm.to_str().unwrap();
-    from_towers.extend(["--set", &init]);
+    from_towers.extend(["--set", &init, "--set", "net.caption_match=true"]);
     let (ok, text) = tiller(&from_towers);
     assert!(ok, "{text}");
     assert!(warm.join("model.safetensors").exists());
+    assert_eq!(
+        json(&warm.join("config.json"))["net"]["caption_match"],
+        true
+    );
     // Towers of another shape, and a batch without negatives, are refused by name.
     let bad = dir.join("reward-bad");
     let mut mismatched = from_towers.clone();
@@ -180,6 +195,8 @@ fn collect_train_eval_and_best_of() {
     assert!(r["pairwise_accuracy"].as_f64().is_some(), "{r}");
     assert_eq!(r["annotator_agreement"], agreement["agreement"]);
     assert_eq!(r["factor_correlation"].as_array().unwrap().len(), 10);
+    let matched = r["caption_match_pairwise_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&matched), "{r}");
     // The per-task rows split the comparisons between them.
     let per_task = r["per_task"].as_array().unwrap();
     assert!(!per_task.is_empty(), "{r}");

@@ -119,6 +119,23 @@ impl RewardEnsemble {
         Ok(ScoredBatch { mean, std, factors })
     }
 
+    /// The members' mean caption match ([`RewardNet::caption_match`]) per image.
+    pub fn caption_match(
+        &self,
+        images: &[Image],
+        ids: &[Vec<i64>],
+        device: &Device,
+    ) -> Result<Vec<f64>> {
+        let x = images_to_tensor(images, device)?;
+        let mut sum = vec![0.0; images.len()];
+        for m in &self.members {
+            for (s, c) in sum.iter_mut().zip(to_vec(m.caption_match(x.clone(), ids)?)) {
+                *s += c / self.members.len() as f64;
+            }
+        }
+        Ok(sum)
+    }
+
     /// Writes `config.json` and `model.safetensors` into `folder` (each atomically).
     pub fn save(&self, folder: &Path, config: &RewardModelConfig) -> Result<()> {
         save_folder(folder, config, self, WEIGHTS_STEM)

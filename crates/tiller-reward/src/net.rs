@@ -68,6 +68,13 @@ pub struct RewardNetConfig {
     /// that the image tower learns where a flaw is and not only that there is one.
     #[serde(default)]
     pub region_head: bool,
+    /// Add the towers' caption match to the reward: `exp(s) · cos(image, prompt)` with the image
+    /// embedded without the prompt (FiLM off) and a learned logit scale `s` starting at
+    /// ln(1/0.07), CLIP's; this is PickScore's whole reward (Kirstain et al. 2023), here beside
+    /// the factor head. Useful with contrastively pretrained towers (`init`), whose caption
+    /// match already ranks images of one prompt.
+    #[serde(default)]
+    pub caption_match: bool,
 }
 
 /// The prompt summary the reward network conditions on.
@@ -103,6 +110,7 @@ impl RewardNetConfig {
             cross_attention: false,
             text_pool: TextPool::Eos,
             region_head: false,
+            caption_match: false,
         }
     }
 
@@ -154,6 +162,9 @@ impl RewardNetConfig {
             bias: Param::from_tensor(Tensor::zeros([1], device)),
             cut_first: Param::from_tensor(Tensor::from_floats([-1.5f32], device)),
             cut_gaps: Param::from_tensor(Tensor::zeros([3], device)),
+            match_scale: self
+                .caption_match
+                .then(|| Param::from_tensor(Tensor::from_floats([(1.0f32 / 0.07).ln()], device))),
         })
     }
 }
@@ -202,6 +213,8 @@ pub struct RewardNet {
     /// them ordered).
     pub cut_first: Param<Tensor<1>>,
     pub cut_gaps: Param<Tensor<1>>,
+    /// With `caption_match`: the log of the caption match's scale in the reward.
+    pub match_scale: Option<Param<Tensor<1>>>,
 }
 
 /// A pre-norm residual cross-attention block (4 heads): image positions are the queries, the
@@ -294,6 +307,18 @@ impl RewardNet {
         Ok(self.text_proj.forward(pooled))
     }
 
+    /// The towers' caption match [B]: the cosine similarity of each image's embedding (FiLM off)
+    /// with its own prompt's, the quantity contrastive pretraining trains (CLIPScore, Hessel et
+    /// al. 2021, without its rescaling). Not part of the reward; `reward eval` reports how well
+    /// it ranks the annotators' pairs.
+    pub fn caption_match(&self, images: Tensor<4>, ids: &[Vec<i64>]) -> Result<Tensor<1>> {
+        let device = images.device();
+        let [b, ..] = images.dims();
+        let u = crate::pretrain::l2_normalize(self.image_embedding(images));
+        let v = crate::pretrain::l2_normalize(self.text_embedding(ids, &device)?);
+        Ok((u * v).sum_dim(1).reshape([b]))
+    }
+
     /// This network with `pretrained`'s towers (convolutions, `image_proj`, the text encoder and
     /// `text_proj`) and its own freshly initialised heads; FiLM is zeroed so that the pretrained
     /// image features pass through unchanged until preference training learns a modulation.
@@ -337,6 +362,7 @@ impl RewardNet {
             )));
         }
         let (pooled, tokens) = self.encode_text(ids, &device)?;
+        let images_plain = images.clone();
         let x = self.image_tower(images, Some(&pooled));
         let x = match &self.cross {
             Some(attn) => attn.forward(x, tokens),
@@ -347,13 +373,19 @@ impl RewardNet {
         let [_, c, ph, pw] = x.dims();
         let img = self.image_proj.forward(x.reshape([b, c * ph * pw]));
         let txt = self.text_proj.forward(pooled);
+        let txt_plain = txt.clone();
         let joint = Tensor::cat(vec![img.clone(), txt.clone(), img * txt], 1);
         let h = silu(self.joint1.forward(joint));
         let h = silu(self.joint2.forward(h));
         let factor_logits = self.factor_head.forward(h);
         let [_, f] = factor_logits.dims();
         let w = softplus(self.factor_weights.val(), 1.0).reshape([1, f]);
-        let reward = (factor_logits.clone() * w).sum_dim(1).reshape([b]) + self.bias.val();
+        let mut reward = (factor_logits.clone() * w).sum_dim(1).reshape([b]) + self.bias.val();
+        if let Some(scale) = &self.match_scale {
+            let u = crate::pretrain::l2_normalize(self.image_embedding(images_plain));
+            let v = crate::pretrain::l2_normalize(txt_plain);
+            reward = reward + (u * v).sum_dim(1).reshape([b]) * scale.val().exp();
+        }
         Ok(RewardOutput {
             reward,
             factor_logits,

@@ -30,7 +30,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_engine::optim::{ClipScope, adamw, clip_gradients};
-use tiller_testbed::{Image, PromptGenerator, RenderConfig, Split, Task, Tokenizer};
+use tiller_testbed::{Image, Prompt, PromptGenerator, RenderConfig, Split, Task, Tokenizer};
 
 /// One captioned image.
 #[derive(Debug, Clone)]
@@ -44,11 +44,17 @@ pub struct Captioned {
 
 /// `n` captioned drawings on the testbed: each a random prompt of a random task of `tasks` from
 /// `split`, drawn by the training renderer and captioned with its own prompt (meaning: the
-/// prompt's spec as JSON). Everything is drawn from `rng`.
+/// prompt's spec as JSON). With `hard_negatives`, items come in pairs: a prompt and a minimal
+/// edit of it from the same split ([`tiller_testbed::prompts::minimal_edits`]: one colour,
+/// shape, count or relation changed, or two swapped), each drawn, so that every batch holds
+/// captions that differ in one binding and the loss must tell them apart (NegCLIP's hard
+/// negatives, Yuksekgonul et al. 2023, here on both the text and the image side). Everything is
+/// drawn from `rng`.
 pub fn renderer_captions(
     tasks: &[Task],
     split: Split,
     n: usize,
+    hard_negatives: bool,
     rng: &mut SeededRng,
     tokenizer: &Tokenizer,
     render: &RenderConfig,
@@ -56,27 +62,84 @@ pub fn renderer_captions(
     if tasks.is_empty() {
         return Err(Error::invalid("no tasks to draw captioned images from"));
     }
+    if hard_negatives {
+        let mut out: Vec<Captioned> = caption_pairs(tasks, split, n / 2, rng, tokenizer, render)?
+            .into_iter()
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        if n % 2 == 1 {
+            out.extend(renderer_captions(
+                tasks, split, 1, false, rng, tokenizer, render,
+            )?);
+        }
+        return Ok(out);
+    }
     let mut prompts = PromptGenerator::new(rng.below(usize::MAX) as u64);
     (0..n)
         .map(|_| {
             let task = tasks[rng.below(tasks.len())];
             let prompt = prompts.prompt(task, split)?;
-            let drawn =
-                tiller_testbed::render_prompt(&prompt, render, rng.below(usize::MAX) as u64)?;
-            let ids = tokenizer
-                .encode(&prompt.text)?
-                .into_iter()
-                .map(i64::from)
-                .collect();
-            let meaning =
-                serde_json::to_string(&prompt.spec).map_err(|e| Error::invalid(e.to_string()))?;
-            Ok(Captioned {
-                image: drawn.image,
-                ids,
-                meaning,
-            })
+            draw_captioned(&prompt, rng, tokenizer, render)
         })
         .collect()
+}
+
+/// `n` minimal pairs: a random prompt of a random task of `tasks` from `split` that has a
+/// minimal edit in the split, and one such edit, each drawn by the training renderer.
+pub fn caption_pairs(
+    tasks: &[Task],
+    split: Split,
+    n: usize,
+    rng: &mut SeededRng,
+    tokenizer: &Tokenizer,
+    render: &RenderConfig,
+) -> Result<Vec<(Captioned, Captioned)>> {
+    if tasks.is_empty() {
+        return Err(Error::invalid("no tasks to draw captioned images from"));
+    }
+    let mut prompts = PromptGenerator::new(rng.below(usize::MAX) as u64);
+    let mut out = Vec::with_capacity(n);
+    let mut misses = 0;
+    while out.len() < n {
+        let task = tasks[rng.below(tasks.len())];
+        let prompt = prompts.prompt(task, split)?;
+        match prompts.minimal_edit(&prompt.spec, split)? {
+            Some(edit) => out.push((
+                draw_captioned(&prompt, rng, tokenizer, render)?,
+                draw_captioned(&edit, rng, tokenizer, render)?,
+            )),
+            None => {
+                misses += 1;
+                if misses > 1000 + 100 * n {
+                    return Err(Error::invalid(format!(
+                        "no prompt of {tasks:?} in the {split:?} split has a minimal edit"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `prompt` drawn by the renderer, captioned with its text (meaning: its spec as JSON).
+fn draw_captioned(
+    prompt: &Prompt,
+    rng: &mut SeededRng,
+    tokenizer: &Tokenizer,
+    render: &RenderConfig,
+) -> Result<Captioned> {
+    let drawn = tiller_testbed::render_prompt(prompt, render, rng.below(usize::MAX) as u64)?;
+    let ids = tokenizer
+        .encode(&prompt.text)?
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let meaning = serde_json::to_string(&prompt.spec).map_err(|e| Error::invalid(e.to_string()))?;
+    Ok(Captioned {
+        image: drawn.image,
+        ids,
+        meaning,
+    })
 }
 
 /// `[pretrain]` of a reward model config.
@@ -94,6 +157,9 @@ pub struct PretrainConfig {
     pub grad_clip: ClipScope,
     /// The softmax temperature τ (CLIP's initial value, 0.07).
     pub temperature: f64,
+    /// Half of every batch are minimal edits of the other half's captions, each drawn
+    /// ([`renderer_captions`]; NegCLIP's hard negatives). Off in CLIP.
+    pub hard_negatives: bool,
     pub seed: u64,
 }
 
@@ -107,6 +173,7 @@ impl Default for PretrainConfig {
             max_grad_norm: 1.0,
             grad_clip: ClipScope::Global,
             temperature: 0.07,
+            hard_negatives: false,
             seed: 0,
         }
     }
@@ -168,7 +235,7 @@ pub fn clip_loss(image: Tensor<2>, text: Tensor<2>, targets: Tensor<2>, tau: f64
     (rows + cols).div_scalar(2.0 * b as f64)
 }
 
-fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+pub(crate) fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
     let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
     x / norm
 }
@@ -212,6 +279,49 @@ pub fn batch_retrieval(net: &RewardNet, items: &[Captioned], device: &Device) ->
     let u = net.image_embedding(x);
     let v = net.text_embedding(&ids, device)?;
     retrieval_accuracy(u, v, &meanings)
+}
+
+/// How well `net` tells minimal pairs apart (Winoground's scores, Thrush et al. 2022): the
+/// fraction of images more similar to their own caption than to the pair's other caption, and
+/// the fraction of captions more similar to their own image than to the pair's other image.
+pub fn minimal_pair_accuracy(
+    net: &RewardNet,
+    pairs: &[(Captioned, Captioned)],
+    device: &Device,
+) -> Result<(f64, f64)> {
+    if pairs.is_empty() {
+        return Err(Error::invalid("no minimal pairs to score"));
+    }
+    let items: Vec<Captioned> = pairs
+        .iter()
+        .flat_map(|(a, b)| [a.clone(), b.clone()])
+        .collect();
+    let (x, ids, _) = unpack(&items, device)?;
+    let u = l2_normalize(net.image_embedding(x));
+    let v = l2_normalize(net.text_embedding(&ids, device)?);
+    let n = pairs.len();
+    let cross = |a: Tensor<2>, b: Tensor<2>| -> Result<Vec<f32>> {
+        // Per pair the 2x2 block [image i, caption j], flattened.
+        let d = a.dims()[1];
+        let a = a.reshape([n, 2, d]);
+        let b = b.reshape([n, 2, d]).swap_dims(1, 2);
+        a.matmul(b)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| Error::invalid(format!("{e:?}")))
+    };
+    let s = cross(u, v)?;
+    let (mut image_hits, mut text_hits) = (0usize, 0usize);
+    for p in 0..n {
+        let [s00, s01, s10, s11] = [s[4 * p], s[4 * p + 1], s[4 * p + 2], s[4 * p + 3]];
+        image_hits += usize::from(s00 > s01) + usize::from(s11 > s10);
+        text_hits += usize::from(s00 > s10) + usize::from(s11 > s01);
+    }
+    Ok((
+        image_hits as f64 / (2 * n) as f64,
+        text_hits as f64 / (2 * n) as f64,
+    ))
 }
 
 /// Progress of one update: (step, loss, in-batch retrieval accuracy).

@@ -265,6 +265,21 @@ impl LearnedReward {
         check_finite(&self.name, &all.mean)?;
         Ok(all)
     }
+
+    /// The members' mean caption match per image ([`RewardEnsemble::caption_match`]), in
+    /// batches of 64.
+    pub fn caption_match(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>> {
+        check_lengths(images, prompts)?;
+        let mut all = Vec::with_capacity(images.len());
+        for (ims, ps) in images.chunks(64).zip(prompts.chunks(64)) {
+            all.extend(
+                self.ensemble
+                    .caption_match(ims, &self.ids(ps)?, &self.device)?,
+            );
+        }
+        check_finite(&self.name, &all)?;
+        Ok(all)
+    }
 }
 
 impl Reward for LearnedReward {

@@ -423,6 +423,7 @@ fn captioned(tasks: &[Task], n: usize, rng: &mut SeededRng) -> Vec<tiller_reward
         tasks,
         tiller_testbed::Split::Train,
         n,
+        false,
         rng,
         &Tokenizer::shapes(),
         &RenderConfig::default(),
@@ -521,4 +522,95 @@ fn adopted_towers_embed_as_the_pretrained_network_and_the_heads_are_fresh() {
         .adopt_towers(&pretrained)
         .unwrap_err();
     assert!(err.to_string().contains("image_channels"), "{err}");
+}
+
+#[test]
+fn the_caption_match_term_adds_the_scaled_cosine_of_the_towers() {
+    let d = Device::flex();
+    d.seed(4);
+    let mut config = model_config(1).net;
+    config.caption_match = true;
+    let net = config.init(&d).unwrap();
+    let batch = captioned(&[Task::Colors], 5, &mut SeededRng::new(6));
+    let images: Vec<Image> = batch.iter().map(|c| c.image.clone()).collect();
+    let ids: Vec<Vec<i64>> = batch.iter().map(|c| c.ids.clone()).collect();
+    let x = tiller_reward::images_to_tensor(&images, &d).unwrap();
+    let v = |t: burn::tensor::Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+    let with = v(net.forward(x.clone(), &ids).unwrap().reward);
+    let cos = v(net.caption_match(x.clone(), &ids).unwrap());
+    // The same network without the term: the factor reward alone.
+    let mut plain = net.clone();
+    plain.match_scale = None;
+    let without = v(plain.forward(x.clone(), &ids).unwrap().reward);
+    let scale = 1.0 / 0.07f32; // exp of the initial logit scale ln(1/0.07)
+    for i in 0..5 {
+        assert!(cos[i].abs() <= 1.0 + 1e-5, "cosine {}", cos[i]);
+        let expected = without[i] + scale * cos[i];
+        assert!(
+            (with[i] - expected).abs() < 1e-3,
+            "item {i}: {} vs {} + {scale} * {}",
+            with[i],
+            without[i],
+            cos[i]
+        );
+    }
+    // The cosine is computed from the towers alone: an image with its own caption against the
+    // same image with another caption moves only through the text embedding.
+    let swapped: Vec<Vec<i64>> = ids.iter().rev().cloned().collect();
+    let cos_swapped = v(net.caption_match(x, &swapped).unwrap());
+    assert!(
+        cos.iter()
+            .zip(&cos_swapped)
+            .any(|(a, b)| (a - b).abs() > 1e-6)
+    );
+}
+
+#[test]
+fn hard_negative_batches_pair_each_caption_with_a_minimal_edit() {
+    let mut rng = SeededRng::new(8);
+    let items = tiller_reward::renderer_captions(
+        &Task::ALL,
+        tiller_testbed::Split::Train,
+        9,
+        true,
+        &mut rng,
+        &Tokenizer::shapes(),
+        &RenderConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(items.len(), 9);
+    let spec = |c: &tiller_reward::Captioned| -> tiller_testbed::PromptSpec {
+        serde_json::from_str(&c.meaning).unwrap()
+    };
+    for pair in items[..8].chunks(2) {
+        let (a, b) = (spec(&pair[0]), spec(&pair[1]));
+        let d = tiller_testbed::prompts::edit_distance(&a, &b);
+        assert!(matches!(d, Some(1..=2)), "{a:?} / {b:?}: {d:?}");
+        assert!(!tiller_testbed::prompts::is_held_out(&b), "{b:?}");
+    }
+    // Minimal-pair accuracy counts both directions of every pair: an untrained network is near
+    // chance, never outside [0, 1].
+    let d = Device::flex();
+    d.seed(9);
+    let net = model_config(1).net.init(&d).unwrap();
+    let pairs = tiller_reward::pretrain::caption_pairs(
+        &[Task::Counting],
+        tiller_testbed::Split::Test,
+        16,
+        &mut rng,
+        &Tokenizer::shapes(),
+        &RenderConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(pairs.len(), 16);
+    let (image, text) = tiller_reward::pretrain::minimal_pair_accuracy(&net, &pairs, &d).unwrap();
+    for s in [image, text] {
+        assert!((0.0..=1.0).contains(&s) && (s * 32.0).fract() == 0.0, "{s}");
+    }
+    // The same pair twice (identical images and captions) is never counted as told apart.
+    let twin = vec![(pairs[0].0.clone(), pairs[0].0.clone())];
+    assert_eq!(
+        tiller_reward::pretrain::minimal_pair_accuracy(&net, &twin, &d).unwrap(),
+        (0.0, 0.0)
+    );
 }

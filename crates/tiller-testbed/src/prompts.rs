@@ -1158,6 +1158,39 @@ pub fn split_meanings(task: Task, split: Split) -> Vec<PromptSpec> {
         .collect()
 }
 
+/// How many slots two meanings of one task differ in: for each include entry at the same
+/// index, its class, count, colour and position each count one; `None` when the tasks or the
+/// numbers of include entries differ (no minimal edit turns one into the other). A colour swap
+/// between two objects ("a red circle and a blue square" / "a blue circle and a red square") is
+/// 2.
+pub fn edit_distance(a: &PromptSpec, b: &PromptSpec) -> Option<usize> {
+    if a.tag != b.tag || a.include.len() != b.include.len() {
+        return None;
+    }
+    Some(
+        a.include
+            .iter()
+            .zip(&b.include)
+            .map(|(x, y)| {
+                usize::from(x.class != y.class)
+                    + usize::from(x.count != y.count)
+                    + usize::from(x.color != y.color)
+                    + usize::from(x.position != y.position)
+            })
+            .sum(),
+    )
+}
+
+/// The meanings of `split` that are minimal edits of `spec` (edit distance 1 or 2, see
+/// [`edit_distance`]): the hard negatives of a caption, as NegCLIP (Yuksekgonul et al. 2023)
+/// swaps a caption's words so that a contrastive model must bind attributes to objects.
+pub fn minimal_edits(spec: &PromptSpec, split: Split) -> Vec<PromptSpec> {
+    split_meanings(spec.tag, split)
+        .into_iter()
+        .filter(|m| matches!(edit_distance(spec, m), Some(1..=2)))
+        .collect()
+}
+
 /// Draws prompts: a meaning of a task and split, then one of its phrasings, from a seeded
 /// ChaCha8 stream.
 #[derive(Debug, Clone)]
@@ -1191,6 +1224,17 @@ impl PromptGenerator {
         let specs = split_meanings(task, split);
         let i = self.rng.random_range(0..specs.len());
         self.phrase(&specs[i])
+    }
+
+    /// A random minimal edit of `spec` within `split` ([`minimal_edits`]), phrased; `None` when
+    /// it has none.
+    pub fn minimal_edit(&mut self, spec: &PromptSpec, split: Split) -> Result<Option<Prompt>> {
+        let edits = minimal_edits(spec, split);
+        if edits.is_empty() {
+            return Ok(None);
+        }
+        let i = self.rng.random_range(0..edits.len());
+        self.phrase(&edits[i]).map(Some)
     }
 }
 

@@ -231,3 +231,50 @@ fn the_blocklist_catches_some_mark_prompts_and_misses_others() {
         assert!(!BLOCKLIST.contains(&w));
     }
 }
+
+#[test]
+fn minimal_edits_change_one_binding_and_stay_in_the_split() {
+    use tiller_testbed::prompts::{edit_distance, minimal_edits};
+    let spec = |t: &str| PromptSpec::parse(t).unwrap();
+    let a = spec("a red circle and a blue square");
+    // A colour swap moves two slots, one colour two different ones, a count one.
+    assert_eq!(
+        edit_distance(&a, &spec("a blue circle and a red square")),
+        Some(2)
+    );
+    assert_eq!(
+        edit_distance(&a, &spec("a red circle and a green square")),
+        Some(1)
+    );
+    assert_eq!(edit_distance(&a, &a), Some(0));
+    assert_eq!(
+        edit_distance(&spec("two circles"), &spec("three circles")),
+        Some(1)
+    );
+    // Different tasks or numbers of objects are not minimal edits of each other.
+    assert_eq!(edit_distance(&a, &spec("a red circle")), None);
+    for task in Task::ALL {
+        for split in [Split::Train, Split::Test] {
+            let all = split_meanings(task, split);
+            let with_edits = all
+                .iter()
+                .filter(|m| {
+                    let edits = minimal_edits(m, split);
+                    for e in &edits {
+                        assert!(matches!(edit_distance(m, e), Some(1..=2)), "{m:?} -> {e:?}");
+                        assert_eq!(is_held_out(e), split == Split::Test && !shared(e));
+                    }
+                    !edits.is_empty()
+                })
+                .count();
+            // Every task has meanings with edits among the training meanings; among the
+            // held-out ones too, except two_object, whose held-out shape orders are one edit
+            // away from training orders only.
+            assert_eq!(
+                with_edits > 0,
+                split == Split::Train || task != Task::TwoObject,
+                "{task:?} {split:?}"
+            );
+        }
+    }
+}
