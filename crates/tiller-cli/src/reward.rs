@@ -16,7 +16,7 @@ use tiller_feedback::{FactorLabel, ImageId, PreferenceStore, PromptId, Query, Sp
 use tiller_reward::ensemble::{KIND, RewardEnsemble, RewardModelConfig};
 use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
 use tiller_reward::pretrain::{batch_retrieval, caption_pairs, minimal_pair_accuracy};
-use tiller_reward::rewards::factor_targets;
+use tiller_reward::rewards::{CaptionMatch, factor_targets};
 use tiller_reward::{
     FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
     PretrainConfig, RegionLabel, Reward, RewardNet, RewardNetConfig, RewardTrainConfig, TextPool,
@@ -26,14 +26,25 @@ use tiller_testbed::image::decode_png;
 use tiller_testbed::prompts::{is_held_out, mirror_prompt};
 use tiller_testbed::{Image, PromptSpec, RenderConfig, Task, Tokenizer};
 
-/// `--reward`: `gold`, `jpeg`, or a reward model folder.
+/// `--reward`: `gold`, `jpeg`, a reward model folder, or `caption-match:<folder>` (the folder's
+/// towers' caption match, e.g. of `tiller reward pretrain`'s label-free towers).
 pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
     Ok(match spec {
         "gold" => Box::new(GoldReward::default()),
         "jpeg" => Box::new(JpegCompressibility),
+        _ if spec.starts_with("caption-match:") => {
+            let path = &spec["caption-match:".len()..];
+            Box::new(
+                CaptionMatch::load(Path::new(path), tokenizer.clone(), device).with_context(
+                    || format!("--reward {spec}: {path} is not a reward model folder"),
+                )?,
+            )
+        }
         path => Box::new(
             LearnedReward::load(Path::new(path), tokenizer.clone(), device).with_context(|| {
-                format!("--reward {path}: not `gold`, `jpeg` or a reward model folder")
+                format!(
+                    "--reward {path}: not `gold`, `jpeg`, `caption-match:<folder>` or a reward model folder"
+                )
             })?,
         ),
     })
@@ -566,6 +577,10 @@ pub struct RewardReport {
     pub mean_uncertainty: f64,
     /// The pairwise accuracies by the compared prompt's task: where the reward fails.
     pub per_task: Vec<TaskPairwise>,
+    /// The same by what separates the two images in the gold evaluator: `content differs`
+    /// (the median annotator's prompt and mark factors score them differently) or `looks only`
+    /// (only border, background, edges and balance do).
+    pub per_difference: Vec<TaskPairwise>,
     /// The towers' caption match (cosine of image and prompt embeddings, the contrastive
     /// pretraining objective; not the reward) used as the reward: its pairwise accuracy on the
     /// same comparisons and its Spearman correlation with the gold reward.
@@ -581,6 +596,7 @@ pub struct TaskPairwise {
     pub pairwise_accuracy: Option<f64>,
     pub gold_pairwise_accuracy: Option<f64>,
     pub utility_pairwise_accuracy: Option<f64>,
+    pub caption_match_pairwise_accuracy: Option<f64>,
 }
 
 pub fn eval(args: EvalArgs) -> Result<RewardReport> {
@@ -615,7 +631,15 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     let cal = calibration(&labelled, 10);
     let gold = GoldReward::default();
     let median = TasteWeights::default();
+    let content_only = TasteWeights {
+        border: 0.0,
+        clean_background: 0.0,
+        balance: 0.0,
+        crisp_edges: 0.0,
+        ..median.clone()
+    };
     let (mut g, mut u, mut targets, mut tasks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut content = Vec::new();
     for (img, (text, spec)) in images.iter().zip(&data.prompts) {
         let spec = match spec {
             Some(s) => s.clone(),
@@ -625,6 +649,7 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         let e = gold.evaluator.evaluate(img, &spec)?;
         g.push(gold.weights.of(&e));
         u.push(utility(&median, &e)?);
+        content.push(utility(&content_only, &e)?);
         targets.push(factor_targets(&e));
     }
     let factor_correlation = FACTORS
@@ -639,27 +664,36 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     let mut task_names: Vec<&str> = tasks.clone();
     task_names.sort_unstable();
     task_names.dedup();
+    // Pairwise accuracies of the reward, the two references and the caption match on the
+    // comparisons that `keep` selects.
+    let subset = |name: &str, keep: &dyn Fn(&PairLabel) -> bool| {
+        let of = |score: &[f64]| -> Vec<(f64, f64, f64)> {
+            data.set
+                .pairs
+                .iter()
+                .filter(|p| keep(p))
+                .map(|p| (score[p.a], score[p.b], p.target))
+                .collect()
+        };
+        let mine = of(&scored.mean);
+        TaskPairwise {
+            task: name.to_string(),
+            comparisons: mine.len(),
+            pairwise_accuracy: pairwise_accuracy(&mine),
+            gold_pairwise_accuracy: pairwise_accuracy(&of(&g)),
+            utility_pairwise_accuracy: pairwise_accuracy(&of(&u)),
+            caption_match_pairwise_accuracy: pairwise_accuracy(&of(&matched)),
+        }
+    };
     let per_task = task_names
         .into_iter()
-        .map(|task| {
-            let of = |score: &[f64]| -> Vec<(f64, f64, f64)> {
-                data.set
-                    .pairs
-                    .iter()
-                    .filter(|p| tasks[p.a] == task)
-                    .map(|p| (score[p.a], score[p.b], p.target))
-                    .collect()
-            };
-            let mine = of(&scored.mean);
-            TaskPairwise {
-                task: task.to_string(),
-                comparisons: mine.len(),
-                pairwise_accuracy: pairwise_accuracy(&mine),
-                gold_pairwise_accuracy: pairwise_accuracy(&of(&g)),
-                utility_pairwise_accuracy: pairwise_accuracy(&of(&u)),
-            }
-        })
+        .map(|task| subset(task, &|p: &PairLabel| tasks[p.a] == task))
         .collect();
+    let differs = |p: &PairLabel| (content[p.a] - content[p.b]).abs() > 1e-9;
+    let per_difference = vec![
+        subset("content differs", &differs),
+        subset("looks only", &|p: &PairLabel| !differs(p)),
+    ];
     let agreement_path = args.store.join(format!("agreement-{}.json", split.name()));
     let annotator_agreement = std::fs::read_to_string(&agreement_path)
         .ok()
@@ -681,6 +715,7 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         factor_correlation,
         mean_uncertainty: scored.std.iter().sum::<f64>() / scored.std.len().max(1) as f64,
         per_task,
+        per_difference,
         caption_match_pairwise_accuracy: pairwise_accuracy(&labelled_by(&matched)),
         caption_match_spearman_gold: spearman(&matched, &g),
     };
@@ -718,15 +753,16 @@ pub fn markdown(r: &RewardReport) -> String {
     for (name, c) in &r.factor_correlation {
         s.push_str(&format!("| {name} | {} |\n", fmt(*c)));
     }
-    s.push_str("\n| task | comparisons | pairwise accuracy | gold reward | median utility |\n|---|---|---|---|---|\n");
-    for t in &r.per_task {
+    s.push_str("\n| comparisons of | comparisons | pairwise accuracy | gold reward | median utility | caption match |\n|---|---|---|---|---|---|\n");
+    for t in r.per_task.iter().chain(&r.per_difference) {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             t.task,
             t.comparisons,
             fmt(t.pairwise_accuracy),
             fmt(t.gold_pairwise_accuracy),
-            fmt(t.utility_pairwise_accuracy)
+            fmt(t.utility_pairwise_accuracy),
+            fmt(t.caption_match_pairwise_accuracy)
         ));
     }
     s

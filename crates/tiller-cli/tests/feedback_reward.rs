@@ -205,6 +205,14 @@ fn collect_train_eval_and_best_of() {
         .map(|t| t["comparisons"].as_u64().unwrap())
         .sum();
     assert_eq!(split, r["comparisons"].as_u64().unwrap(), "{r}");
+    // So do the rows by what separates the two images (content or looks only).
+    let by_difference = r["per_difference"].as_array().unwrap();
+    assert_eq!(by_difference.len(), 2, "{r}");
+    let split: u64 = by_difference
+        .iter()
+        .map(|t| t["comparisons"].as_u64().unwrap())
+        .sum();
+    assert_eq!(split, r["comparisons"].as_u64().unwrap(), "{r}");
 
     // Best-of-4: plain sampling, the learned reward's pick and the gold reward's pick from the
     // same candidates; the gold pick is an upper bound on both.
@@ -247,6 +255,41 @@ fn collect_train_eval_and_best_of() {
         "/nonexistent",
     ]);
     assert!(!ok && text.contains("--reward /nonexistent"), "{text}");
+    // The pretrained towers' caption match is a label-free reward.
+    let cm = format!("caption-match:{}", towers.display());
+    let out = dir.join("best-of-cm");
+    let (ok, text) = tiller(&[
+        "eval",
+        "--model",
+        "renderer",
+        "--per-task",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--best-of",
+        "2",
+        "--reward",
+        &cm,
+    ]);
+    assert!(ok, "{text}");
+    assert!(json(&out.join("report.json"))["best_of"]["reward_overall"].is_number());
+    let (ok, text) = tiller(&[
+        "eval",
+        "--model",
+        "renderer",
+        "--per-task",
+        "1",
+        "--out",
+        dir.join("bad-cm").to_str().unwrap(),
+        "--best-of",
+        "2",
+        "--reward",
+        "caption-match:/nonexistent",
+    ]);
+    assert!(
+        !ok && text.contains("--reward caption-match:/nonexistent"),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -6,6 +6,9 @@
 //!   `jpeg_compressibility`): minus the JPEG size in kilobytes at quality 95.
 //! - [`WeightedSum`]: `Σ w_i r_i`, differentiable when every part is.
 //! - [`LearnedReward`]: a trained [`RewardEnsemble`] with the prompts' tokenizer; differentiable.
+//! - [`CaptionMatch`]: the cosine of a reward folder's image and prompt towers (CLIPScore,
+//!   Hessel et al. 2021, unscaled), label-free with contrastively pretrained towers;
+//!   differentiable.
 
 use crate::ensemble::{RewardEnsemble, ScoredBatch};
 use crate::{DifferentiableReward, Reward, check_finite, check_lengths};
@@ -301,5 +304,56 @@ impl DifferentiableReward for LearnedReward {
         // The reward model itself stays frozen: a copy on the images' device without grad.
         let model = self.ensemble.clone().to_device(&images.device()).no_grad();
         model.forward_mean(images, &self.ids(prompts)?)
+    }
+}
+
+/// The towers' caption match of a reward folder as a reward: the members' mean cosine of the
+/// prompt-free image embedding and the prompt embedding ([`crate::RewardNet::caption_match`]).
+/// With the towers of `tiller reward pretrain` it needs no preference label, as CLIPScore needs
+/// none beyond CLIP's pretraining.
+pub struct CaptionMatch(pub LearnedReward);
+
+impl CaptionMatch {
+    /// Loads a reward model folder (see [`RewardEnsemble::load`]).
+    pub fn load(folder: &Path, tokenizer: Tokenizer, device: &Device) -> Result<Self> {
+        let mut inner = LearnedReward::load(folder, tokenizer, device)?;
+        inner.name = format!("caption-match:{}", folder.display());
+        Ok(Self(inner))
+    }
+}
+
+impl Reward for CaptionMatch {
+    fn name(&self) -> String {
+        self.0.name.clone()
+    }
+
+    fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>> {
+        self.0.caption_match(images, prompts)
+    }
+
+    fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
+        Some(self)
+    }
+}
+
+impl DifferentiableReward for CaptionMatch {
+    fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
+        let model = self
+            .0
+            .ensemble
+            .clone()
+            .to_device(&images.device())
+            .no_grad();
+        let ids = self.0.ids(prompts)?;
+        let n = model.members.len() as f64;
+        let mut sum: Option<Tensor<1>> = None;
+        for m in &model.members {
+            let c = m.caption_match(images.clone(), &ids)?;
+            sum = Some(match sum {
+                Some(s) => s + c,
+                None => c,
+            });
+        }
+        Ok(sum.ok_or_else(|| Error::invalid("an ensemble without members"))? / n)
     }
 }

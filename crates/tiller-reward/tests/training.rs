@@ -614,3 +614,57 @@ fn hard_negative_batches_pair_each_caption_with_a_minimal_edit() {
         (0.0, 0.0)
     );
 }
+
+#[test]
+fn the_caption_match_reward_scores_as_its_tensor_form_and_the_ensemble() {
+    use tiller_reward::rewards::{CaptionMatch, LearnedReward};
+    let d = Device::flex();
+    d.seed(10);
+    let ensemble = RewardEnsemble::init(&model_config(2), &d).unwrap();
+    let batch = captioned(&[Task::Colors, Task::Counting], 4, &mut SeededRng::new(11));
+    let images: Vec<Image> = batch.iter().map(|c| c.image.clone()).collect();
+    let ids: Vec<Vec<i64>> = batch.iter().map(|c| c.ids.clone()).collect();
+    let tokenizer = Tokenizer::shapes();
+    let prompts: Vec<String> = ids
+        .iter()
+        .map(|i| tokenizer.decode(&i.iter().map(|&t| t as u32).collect::<Vec<_>>()))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let reward = CaptionMatch(LearnedReward {
+        name: "caption-match:test".into(),
+        ensemble: ensemble.clone(),
+        tokenizer,
+        device: d.clone(),
+    });
+    let scores = reward.score(&images, &prompts).unwrap();
+    // The members' mean cosine, member by member.
+    let x = tiller_reward::images_to_tensor(&images, &d).unwrap();
+    let per_member: Vec<Vec<f32>> = ensemble
+        .members
+        .iter()
+        .map(|m| {
+            m.caption_match(x.clone(), &ids)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let tensor = reward
+        .differentiable()
+        .unwrap()
+        .score_tensor(x, &prompts)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    for i in 0..4 {
+        let mean = (per_member[0][i] + per_member[1][i]) as f64 / 2.0;
+        assert!((scores[i] - mean).abs() < 1e-5, "{} vs {mean}", scores[i]);
+        assert!(
+            (tensor[i] as f64 - mean).abs() < 1e-5,
+            "{} vs {mean}",
+            tensor[i]
+        );
+    }
+}
