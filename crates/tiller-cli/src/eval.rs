@@ -654,6 +654,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         store,
         split: "test".into(),
         out: Some(args.out.join("reward-eval.json")),
+        comparisons: None,
         device: "cpu".into(),
     })?;
     timer.stage("reward model (train + eval)");

@@ -545,6 +545,11 @@ pub struct EvalArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also write one JSON line per comparison here (prompt, task, both images' reward, spread,
+    /// caption match, gold reward and median utility, the label, whether content differs), for
+    /// analyses of your own.
+    #[arg(long)]
+    pub comparisons: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -720,6 +725,31 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         caption_match_spearman_gold: spearman(&matched, &g),
     };
     println!("{}", markdown(&report));
+    if let Some(path) = &args.comparisons {
+        let mut lines = String::new();
+        for p in &data.set.pairs {
+            let side = |i: usize| {
+                serde_json::json!({
+                    "reward": scored.mean[i],
+                    "std": scored.std[i],
+                    "caption_match": matched[i],
+                    "gold": g[i],
+                    "utility": u[i],
+                })
+            };
+            let line = serde_json::json!({
+                "prompt": texts[p.a],
+                "task": tasks[p.a],
+                "a": side(p.a),
+                "b": side(p.b),
+                "target": p.target,
+                "content_differs": differs(p),
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+        tiller_core::fs::atomic_write(path, lines.as_bytes())?;
+    }
     if let Some(out) = &args.out {
         tiller_core::fs::atomic_write(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }

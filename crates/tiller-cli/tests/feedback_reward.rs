@@ -179,6 +179,7 @@ fn collect_train_eval_and_best_of() {
     );
 
     let report = dir.join("reward-eval.json");
+    let lines = dir.join("comparisons.jsonl");
     let (ok, text) = tiller(&[
         "reward",
         "eval",
@@ -188,9 +189,26 @@ fn collect_train_eval_and_best_of() {
         s,
         "--out",
         report.to_str().unwrap(),
+        "--comparisons",
+        lines.to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
     let r = json(&report);
+    // One line per comparison, ties included, with both images' scores.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&lines)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len() as u64, r["comparisons"].as_u64().unwrap());
+    for row in &rows {
+        for side in ["a", "b"] {
+            for key in ["reward", "caption_match", "gold", "utility"] {
+                assert!(row[side][key].as_f64().unwrap().is_finite(), "{row}");
+            }
+        }
+        assert!(row["content_differs"].is_boolean(), "{row}");
+    }
     assert!(r["comparisons"].as_u64().unwrap() > 0, "{r}");
     assert!(r["pairwise_accuracy"].as_f64().is_some(), "{r}");
     assert_eq!(r["annotator_agreement"], agreement["agreement"]);
