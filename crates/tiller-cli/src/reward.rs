@@ -340,8 +340,18 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
     let draw = |split: tiller_testbed::Split, n: usize, hard: bool, rng: &mut SeededRng| {
         renderer_captions(&Task::ALL, split, n, hard, rng, &tokenizer, &render)
     };
+    // Training drawings use `[pretrain.render]`; the measurements below the default renderer, so
+    // that runs with different training renderings are measured alike.
     let mut batch = |n: usize, rng: &mut SeededRng| {
-        draw(tiller_testbed::Split::Train, n, p.hard_negatives, rng)
+        renderer_captions(
+            &Task::ALL,
+            tiller_testbed::Split::Train,
+            n,
+            p.hard_negatives,
+            rng,
+            &tokenizer,
+            &p.render,
+        )
     };
     eprintln!(
         "reward pretrain: {} updates of {} captioned renderer drawings (training-split prompts{}), temperature {}",

@@ -169,6 +169,15 @@ fn collect_train_eval_and_best_of() {
     let (ok, text) = pretrain(&dir.join("towers-bad"), "pretrain.batch_size=1");
     assert!(!ok && text.contains("pretrain.batch_size"), "{text}");
     assert!(!dir.join("towers-bad").exists());
+    let (ok, text) = pretrain(
+        &dir.join("towers-bad-render"),
+        "pretrain.render.soft_edge_rate=2",
+    );
+    assert!(
+        !ok && text.contains("pretrain.render.soft_edge_rate"),
+        "{text}"
+    );
+    assert!(!dir.join("towers-bad-render").exists());
     // The folder is never overwritten.
     let before = std::fs::read(model.join("model.safetensors")).unwrap();
     let (ok, text) = tiller(&train);

@@ -160,6 +160,10 @@ pub struct PretrainConfig {
     /// Half of every batch are minimal edits of the other half's captions, each drawn
     /// ([`renderer_captions`]; NegCLIP's hard negatives). Off in CLIP.
     pub hard_negatives: bool,
+    /// How the training drawings are rendered (`[pretrain.render]`, the testbed renderer's
+    /// settings; default: the renderer's own, as the base model was trained on). Raising the flaw
+    /// rates (soft edges, speckle) shows the towers images closer to an imperfect model's.
+    pub render: RenderConfig,
     pub seed: u64,
 }
 
@@ -174,6 +178,7 @@ impl Default for PretrainConfig {
             grad_clip: ClipScope::Global,
             temperature: 0.07,
             hard_negatives: false,
+            render: RenderConfig::default(),
             seed: 0,
         }
     }
@@ -203,7 +208,10 @@ impl PretrainConfig {
                 format!("must be positive, got {}", self.learning_rate),
             ));
         }
-        Ok(())
+        self.render.validate().map_err(|e| match e {
+            Error::Config { field, message } => Error::config(format!("pretrain.{field}"), message),
+            other => other,
+        })
     }
 }
 
