@@ -337,8 +337,8 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
     let tokenizer = Tokenizer::shapes();
     let render = RenderConfig::default();
     let p = &file.pretrain;
-    let draw = |split: tiller_testbed::Split, n: usize, hard: bool, rng: &mut SeededRng| {
-        renderer_captions(&Task::ALL, split, n, hard, rng, &tokenizer, &render)
+    let draw = |split: tiller_testbed::Split, n: usize, rng: &mut SeededRng| {
+        renderer_captions(&Task::ALL, split, n, false, rng, &tokenizer, &render)
     };
     // Training drawings use `[pretrain.render]`; the measurements below the default renderer, so
     // that runs with different training renderings are measured alike.
@@ -395,7 +395,7 @@ pub fn pretrain(args: PretrainArgs) -> Result<()> {
         let mut sum = 0.0;
         let batches = 8;
         for _ in 0..batches {
-            let items = draw(split, p.batch_size, false, &mut rng)?;
+            let items = draw(split, p.batch_size, &mut rng)?;
             sum += batch_retrieval(&net, &items, &device)?;
         }
         Ok(sum / batches as f64)

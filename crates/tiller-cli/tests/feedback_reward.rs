@@ -268,51 +268,30 @@ fn collect_train_eval_and_best_of() {
     );
     assert!(gold >= plain && gold >= learned, "{b}");
     assert_eq!(b["n"], 4);
-    let (ok, text) = tiller(&[
-        "eval",
-        "--model",
-        "renderer",
-        "--per-task",
-        "1",
-        "--out",
-        dir.join("bad").to_str().unwrap(),
-        "--best-of",
-        "2",
-        "--reward",
-        "/nonexistent",
-    ]);
+    // Best-of-2 on one prompt per task, by `reward`.
+    let best_of_2 = |out: &std::path::Path, reward: &str| {
+        tiller(&[
+            "eval",
+            "--model",
+            "renderer",
+            "--per-task",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--best-of",
+            "2",
+            "--reward",
+            reward,
+        ])
+    };
+    let (ok, text) = best_of_2(&dir.join("bad"), "/nonexistent");
     assert!(!ok && text.contains("--reward /nonexistent"), "{text}");
     // The pretrained towers' caption match is a label-free reward.
-    let cm = format!("caption-match:{}", towers.display());
     let out = dir.join("best-of-cm");
-    let (ok, text) = tiller(&[
-        "eval",
-        "--model",
-        "renderer",
-        "--per-task",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-        "--best-of",
-        "2",
-        "--reward",
-        &cm,
-    ]);
+    let (ok, text) = best_of_2(&out, &format!("caption-match:{}", towers.display()));
     assert!(ok, "{text}");
     assert!(json(&out.join("report.json"))["best_of"]["reward_overall"].is_number());
-    let (ok, text) = tiller(&[
-        "eval",
-        "--model",
-        "renderer",
-        "--per-task",
-        "1",
-        "--out",
-        dir.join("bad-cm").to_str().unwrap(),
-        "--best-of",
-        "2",
-        "--reward",
-        "caption-match:/nonexistent",
-    ]);
+    let (ok, text) = best_of_2(&dir.join("bad-cm"), "caption-match:/nonexistent");
     assert!(
         !ok && text.contains("--reward caption-match:/nonexistent"),
         "{text}"

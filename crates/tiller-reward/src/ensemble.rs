@@ -65,10 +65,24 @@ impl RewardEnsemble {
 
     /// The members' mean reward as a tensor [B] (differentiable in `images`).
     pub fn forward_mean(&self, images: Tensor<4>, ids: &[Vec<i64>]) -> Result<Tensor<1>> {
+        self.member_mean(|m| Ok(m.forward(images.clone(), ids)?.reward))
+    }
+
+    /// The members' mean caption match ([`RewardNet::caption_match`]) as a tensor [B]
+    /// (differentiable in `images`).
+    pub fn caption_match_mean(&self, images: Tensor<4>, ids: &[Vec<i64>]) -> Result<Tensor<1>> {
+        self.member_mean(|m| m.caption_match(images.clone(), ids))
+    }
+
+    /// The mean over members of `per_member`.
+    fn member_mean(
+        &self,
+        per_member: impl Fn(&RewardNet) -> Result<Tensor<1>>,
+    ) -> Result<Tensor<1>> {
         let n = self.members.len() as f64;
         let mut sum: Option<Tensor<1>> = None;
         for m in &self.members {
-            let r = m.forward(images.clone(), ids)?.reward;
+            let r = per_member(m)?;
             sum = Some(match sum {
                 Some(s) => s + r,
                 None => r,
@@ -127,13 +141,7 @@ impl RewardEnsemble {
         device: &Device,
     ) -> Result<Vec<f64>> {
         let x = images_to_tensor(images, device)?;
-        let mut sum = vec![0.0; images.len()];
-        for m in &self.members {
-            for (s, c) in sum.iter_mut().zip(to_vec(m.caption_match(x.clone(), ids)?)) {
-                *s += c / self.members.len() as f64;
-            }
-        }
-        Ok(sum)
+        Ok(to_vec(self.caption_match_mean(x, ids)?))
     }
 
     /// Writes `config.json` and `model.safetensors` into `folder` (each atomically).

@@ -309,14 +309,20 @@ impl RewardNet {
 
     /// The towers' caption match [B]: the cosine similarity of each image's embedding (FiLM off)
     /// with its own prompt's, the quantity contrastive pretraining trains (CLIPScore, Hessel et
-    /// al. 2021, without its rescaling). Not part of the reward; `reward eval` reports how well
-    /// it ranks the annotators' pairs.
+    /// al. 2021, without its rescaling). Part of the reward only with `caption_match`; `reward
+    /// eval` reports how well it ranks the annotators' pairs either way.
     pub fn caption_match(&self, images: Tensor<4>, ids: &[Vec<i64>]) -> Result<Tensor<1>> {
         let device = images.device();
+        let text = self.text_embedding(ids, &device)?;
+        Ok(self.cosine_to(images, text))
+    }
+
+    /// The cosine of each image's prompt-free embedding with the matching row of `text` [B, h].
+    fn cosine_to(&self, images: Tensor<4>, text: Tensor<2>) -> Tensor<1> {
         let [b, ..] = images.dims();
         let u = crate::pretrain::l2_normalize(self.image_embedding(images));
-        let v = crate::pretrain::l2_normalize(self.text_embedding(ids, &device)?);
-        Ok((u * v).sum_dim(1).reshape([b]))
+        let v = crate::pretrain::l2_normalize(text);
+        (u * v).sum_dim(1).reshape([b])
     }
 
     /// This network with `pretrained`'s towers (convolutions, `image_proj`, the text encoder and
@@ -362,7 +368,11 @@ impl RewardNet {
             )));
         }
         let (pooled, tokens) = self.encode_text(ids, &device)?;
-        let images_plain = images.clone();
+        let txt = self.text_proj.forward(pooled.clone());
+        let matched = self
+            .match_scale
+            .as_ref()
+            .map(|scale| self.cosine_to(images.clone(), txt.clone()) * scale.val().exp());
         let x = self.image_tower(images, Some(&pooled));
         let x = match &self.cross {
             Some(attn) => attn.forward(x, tokens),
@@ -372,8 +382,6 @@ impl RewardNet {
         let x = self.pool.forward(x);
         let [_, c, ph, pw] = x.dims();
         let img = self.image_proj.forward(x.reshape([b, c * ph * pw]));
-        let txt = self.text_proj.forward(pooled);
-        let txt_plain = txt.clone();
         let joint = Tensor::cat(vec![img.clone(), txt.clone(), img * txt], 1);
         let h = silu(self.joint1.forward(joint));
         let h = silu(self.joint2.forward(h));
@@ -381,10 +389,8 @@ impl RewardNet {
         let [_, f] = factor_logits.dims();
         let w = softplus(self.factor_weights.val(), 1.0).reshape([1, f]);
         let mut reward = (factor_logits.clone() * w).sum_dim(1).reshape([b]) + self.bias.val();
-        if let Some(scale) = &self.match_scale {
-            let u = crate::pretrain::l2_normalize(self.image_embedding(images_plain));
-            let v = crate::pretrain::l2_normalize(txt_plain);
-            reward = reward + (u * v).sum_dim(1).reshape([b]) * scale.val().exp();
+        if let Some(m) = matched {
+            reward = reward + m;
         }
         Ok(RewardOutput {
             reward,

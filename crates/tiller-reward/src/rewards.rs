@@ -338,22 +338,13 @@ impl Reward for CaptionMatch {
 
 impl DifferentiableReward for CaptionMatch {
     fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
+        // Frozen, as the learned reward: a copy on the images' device without grad.
         let model = self
             .0
             .ensemble
             .clone()
             .to_device(&images.device())
             .no_grad();
-        let ids = self.0.ids(prompts)?;
-        let n = model.members.len() as f64;
-        let mut sum: Option<Tensor<1>> = None;
-        for m in &model.members {
-            let c = m.caption_match(images.clone(), &ids)?;
-            sum = Some(match sum {
-                Some(s) => s + c,
-                None => c,
-            });
-        }
-        Ok(sum.ok_or_else(|| Error::invalid("an ensemble without members"))? / n)
+        model.caption_match_mean(images, &self.0.ids(prompts)?)
     }
 }
