@@ -655,6 +655,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         split: "test".into(),
         out: Some(args.out.join("reward-eval.json")),
         comparisons: None,
+        unseen_in: None,
         device: "cpu".into(),
     })?;
     timer.stage("reward model (train + eval)");

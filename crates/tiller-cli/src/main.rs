@@ -80,6 +80,9 @@ enum RewardCommand {
     Train(reward::TrainArgs),
     /// Held-out accuracy against the annotator ceiling, calibration and correlation with the truth.
     Eval(reward::EvalArgs),
+    /// Late fusion: reward folders and caption matches standardised over a store's images
+    /// (label-free) and summed, written as one folder that `--reward` and `reward eval` load.
+    Fuse(reward::FuseArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,6 +163,9 @@ fn main() -> Result<()> {
         Command::Reward {
             command: RewardCommand::Eval(args),
         } => reward::eval(args).map(|_| ()),
+        Command::Reward {
+            command: RewardCommand::Fuse(args),
+        } => reward::fuse(args),
         Command::Eval(args) => {
             let out = args_out(&args);
             let report = eval::eval(args)?;

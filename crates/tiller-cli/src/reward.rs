@@ -7,13 +7,17 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use tiller_core::SeededRng;
 use tiller_diffusion::models::clip::{ClipTextConfig, ClipTextModel};
 use tiller_feedback::annotator::{TasteWeights, utility};
 use tiller_feedback::{FactorLabel, ImageId, PreferenceStore, PromptId, Query, Split, SqliteStore};
 use tiller_reward::ensemble::{KIND, RewardEnsemble, RewardModelConfig};
+use tiller_reward::fusion::{
+    FUSION_FILE, FUSION_KIND, Fusion, FusionConfig, FusionPart, PartScore, PartScorer,
+    part_statistics,
+};
 use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
 use tiller_reward::pretrain::{batch_retrieval, caption_pairs, minimal_pair_accuracy};
 use tiller_reward::rewards::{CaptionMatch, factor_targets};
@@ -26,8 +30,9 @@ use tiller_testbed::image::decode_png;
 use tiller_testbed::prompts::{is_held_out, mirror_prompt};
 use tiller_testbed::{Image, PromptSpec, RenderConfig, Task, Tokenizer};
 
-/// `--reward`: `gold`, `jpeg`, a reward model folder, or `caption-match:<folder>` (the folder's
-/// towers' caption match, e.g. of `tiller reward pretrain`'s label-free towers).
+/// `--reward`: `gold`, `jpeg`, a reward model folder, a fusion folder (`tiller reward fuse`), or
+/// `caption-match:<folder>` (the folder's towers' caption match, e.g. of `tiller reward
+/// pretrain`'s label-free towers).
 pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
     Ok(match spec {
         "gold" => Box::new(GoldReward::default()),
@@ -40,6 +45,10 @@ pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result
                 )?,
             )
         }
+        path if Fusion::is_fusion(Path::new(path)) => Box::new(
+            Fusion::load(Path::new(path), tokenizer.clone(), device)
+                .with_context(|| format!("--reward {path}: a fusion folder that does not load"))?,
+        ),
         path => Box::new(
             LearnedReward::load(Path::new(path), tokenizer.clone(), device).with_context(|| {
                 format!(
@@ -250,6 +259,78 @@ pub fn read_feedback(
         });
     }
     Ok(out)
+}
+
+/// The preference store at `path`, which must exist (opening a store creates a missing one).
+fn open_existing_store(path: &Path, flag: &str) -> Result<SqliteStore> {
+    if !path.join("preferences.sqlite").is_file() {
+        bail!(
+            "{flag} {}: no preference store there (no preferences.sqlite)",
+            path.display()
+        );
+    }
+    Ok(SqliteStore::open(path)?)
+}
+
+impl StoreFeedback {
+    /// Only the feedback on items whose prompt text `keep` accepts, re-indexed.
+    pub fn retain_prompts(self, keep: impl Fn(&str) -> bool) -> StoreFeedback {
+        let StoreFeedback { set, keys, prompts } = self;
+        let FeedbackSet {
+            items,
+            pairs,
+            likes,
+            ratings,
+            reasons,
+            regions,
+        } = set;
+        let mut index = vec![None; items.len()];
+        let mut out = StoreFeedback {
+            set: FeedbackSet::default(),
+            keys: Vec::new(),
+            prompts: Vec::new(),
+        };
+        for (i, ((item, key), prompt)) in items.into_iter().zip(keys).zip(prompts).enumerate() {
+            if keep(&prompt.0) {
+                index[i] = Some(out.set.items.len());
+                out.set.items.push(item);
+                out.keys.push(key);
+                out.prompts.push(prompt);
+            }
+        }
+        out.set.pairs = pairs
+            .into_iter()
+            .filter_map(|p| {
+                Some(PairLabel {
+                    a: index[p.a]?,
+                    b: index[p.b]?,
+                    target: p.target,
+                })
+            })
+            .collect();
+        out.set.likes = likes
+            .into_iter()
+            .filter_map(|(i, l)| Some((index[i]?, l)))
+            .collect();
+        out.set.ratings = ratings
+            .into_iter()
+            .filter_map(|(i, r)| Some((index[i]?, r)))
+            .collect();
+        out.set.reasons = reasons
+            .into_iter()
+            .filter_map(|(i, r)| Some((index[i]?, r)))
+            .collect();
+        out.set.regions = regions
+            .into_iter()
+            .filter_map(|r| {
+                Some(RegionLabel {
+                    item: index[r.item]?,
+                    ..r
+                })
+            })
+            .collect();
+        out
+    }
 }
 
 /// The network a reward config describes, and the text encoder of its `base` when it names one.
@@ -542,6 +623,154 @@ pub fn train(args: TrainArgs) -> Result<()> {
 }
 
 #[derive(Args)]
+pub struct FuseArgs {
+    /// A part: a reward model folder (its reward) or `caption-match:<folder>` (its towers'
+    /// caption match). Repeat for each part.
+    #[arg(long = "part", required = true)]
+    pub parts: Vec<String>,
+    /// Each part's weight, in the parts' order (default 1 each).
+    #[arg(long = "weight")]
+    pub weights: Vec<f64>,
+    /// The store whose images and prompts the statistics are taken over (no label is read).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The store's split to take them over.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// The fusion folder to write (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `tiller reward fuse`: a fusion folder ([`Fusion`]) whose parts are standardised by their mean
+/// and standard deviation over a store's images, label-free, then summed with weights. The
+/// parts' folders are copied in, so the fusion stands alone; `--reward` and `reward eval` load
+/// it like a reward model folder.
+pub fn fuse(args: FuseArgs) -> Result<()> {
+    crate::ensure_new_out(&args.out)?;
+    let weights = if args.weights.is_empty() {
+        vec![1.0; args.parts.len()]
+    } else {
+        args.weights.clone()
+    };
+    if weights.len() != args.parts.len() {
+        bail!(
+            "--weight given {} times for {} --part: give one per part or none",
+            weights.len(),
+            args.parts.len()
+        );
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        bail!("--weight {w} is not a finite number");
+    }
+    let split = Split::parse(&args.split)?;
+    let device = tiller_core::device::parse_device(&args.device)?;
+    let tokenizer = Tokenizer::shapes();
+    let data = read_feedback(
+        &open_existing_store(&args.store, "--store")?,
+        split,
+        &tokenizer,
+    )?;
+    if data.set.items.len() < 2 {
+        bail!(
+            "--store {}: {} images on {} prompts, too few to standardise by",
+            args.store.display(),
+            data.set.items.len(),
+            split.name()
+        );
+    }
+    let images: Vec<Image> = data.set.items.iter().map(|i| i.image.clone()).collect();
+    let texts: Vec<String> = data.prompts.iter().map(|(t, _)| t.clone()).collect();
+    let tmp = args.out.with_file_name(format!(
+        ".{}.tmp",
+        args.out
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("fusion")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let built = fuse_into(&tmp, &args, &weights, &images, &texts, &device);
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let config = built?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("moving the fusion to {}", args.out.display()))?;
+    println!(
+        "fusion of {} parts written to {} (standardised on {})",
+        config.parts.len(),
+        args.out.display(),
+        config.standardised_on
+    );
+    Ok(())
+}
+
+/// Scores the images by every part, copies the parts into `tmp` and writes its `fusion.json`.
+fn fuse_into(
+    tmp: &Path,
+    args: &FuseArgs,
+    weights: &[f64],
+    images: &[Image],
+    texts: &[String],
+    device: &Device,
+) -> Result<FusionConfig> {
+    let tokenizer = Tokenizer::shapes();
+    let mut parts = Vec::new();
+    for (k, (spec, weight)) in args.parts.iter().zip(weights).enumerate() {
+        let (folder, score) = match spec.strip_prefix("caption-match:") {
+            Some(f) => (Path::new(f), PartScore::CaptionMatch),
+            None => (Path::new(spec.as_str()), PartScore::Reward),
+        };
+        let scorer = PartScorer::load(folder, score, tokenizer.clone(), device)
+            .with_context(|| format!("--part {spec}"))?;
+        let raw = scorer.reward().score(images, texts)?;
+        let (mean, std) = part_statistics(&raw).with_context(|| format!("--part {spec}"))?;
+        let name = format!("part-{k}");
+        copy_files(folder, &tmp.join(&name)).with_context(|| format!("--part {spec}"))?;
+        println!("{spec}: mean {mean:.4}, std {std:.4}, weight {weight}");
+        parts.push(FusionPart {
+            folder: name,
+            score,
+            weight: *weight,
+            mean,
+            std,
+        });
+    }
+    let config = FusionConfig {
+        kind: FUSION_KIND.into(),
+        parts,
+        standardised_on: format!(
+            "{}, {} split, {} images",
+            args.store.display(),
+            args.split,
+            images.len()
+        ),
+    };
+    config.validate()?;
+    tiller_core::fs::atomic_write(
+        &tmp.join(FUSION_FILE),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    Ok(config)
+}
+
+/// Copies the regular files of `from` into a new folder `to`.
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let path = entry?.path();
+        if path.is_file() {
+            let target = to.join(path.file_name().expect("a file has a name"));
+            std::fs::copy(&path, &target)
+                .with_context(|| format!("copying {} to {}", path.display(), target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct EvalArgs {
     /// The reward model folder.
     #[arg(long)]
@@ -560,6 +789,11 @@ pub struct EvalArgs {
     /// analyses of your own.
     #[arg(long)]
     pub comparisons: Option<PathBuf>,
+    /// Keep only the comparisons whose prompt, and its mirror image, never occurs in this store
+    /// (the reward's training store): held-out prompts of the training distribution, where
+    /// `--split test` holds out prompt types.
+    #[arg(long)]
+    pub unseen_in: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -570,6 +804,10 @@ pub struct RewardReport {
     pub model: String,
     pub split: String,
     pub comparisons: usize,
+    /// With `--unseen-in`: that store, and how many of the split's comparisons it removed (their
+    /// prompt or its mirror image occurs there).
+    pub unseen_in: Option<String>,
+    pub seen_comparisons_removed: usize,
     /// Held-out pairwise accuracy on the annotators' non-tie comparisons.
     pub pairwise_accuracy: Option<f64>,
     /// Inter-annotator agreement measured when the split was collected (the ceiling).
@@ -590,6 +828,12 @@ pub struct RewardReport {
     pub factor_correlation: Vec<(String, Option<f64>)>,
     /// The ensemble's mean standard deviation over the split's images.
     pub mean_uncertainty: f64,
+    /// The same over the images whose prompt's meaning is a held-out combination (only the test
+    /// split has them) and over the rest (meanings the training split has): the issue's
+    /// uncertainty check compares the first on `--split test` with the second on fresh
+    /// training-split images.
+    pub mean_uncertainty_held_out_types: Option<f64>,
+    pub mean_uncertainty_training_types: Option<f64>,
     /// The pairwise accuracies by the compared prompt's task: where the reward fails.
     pub per_task: Vec<TaskPairwise>,
     /// The same by what separates the two images in the gold evaluator: `content differs`
@@ -618,10 +862,50 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     let split = Split::parse(&args.split)?;
     let device = tiller_core::device::parse_device(&args.device)?;
     let tokenizer = Tokenizer::shapes();
-    let reward = LearnedReward::load(&args.model, tokenizer.clone(), &device)
-        .with_context(|| format!("--model {}", args.model.display()))?;
-    let store = SqliteStore::open(&args.store)?;
-    let data = read_feedback(&store, split, &tokenizer)?;
+    let fusion = if Fusion::is_fusion(&args.model) {
+        Some(
+            Fusion::load(&args.model, tokenizer.clone(), &device)
+                .with_context(|| format!("--model {}", args.model.display()))?,
+        )
+    } else {
+        None
+    };
+    let single;
+    // A fusion's spread and factor columns are its main part's (the first learned reward), its
+    // caption-match column its first caption-match part's.
+    let (reward, matcher) = match &fusion {
+        Some(f) => {
+            let main = f.main_part().1;
+            (
+                main.learned(),
+                f.caption_match_part().unwrap_or(main).learned(),
+            )
+        }
+        None => {
+            single = LearnedReward::load(&args.model, tokenizer.clone(), &device)
+                .with_context(|| format!("--model {}", args.model.display()))?;
+            (&single, &single)
+        }
+    };
+    let store = open_existing_store(&args.store, "--store")?;
+    let mut data = read_feedback(&store, split, &tokenizer)?;
+    let total = data.set.pairs.len();
+    if let Some(path) = &args.unseen_in {
+        let seen: HashSet<String> = open_existing_store(path, "--unseen-in")?
+            .prompts(None)?
+            .into_iter()
+            .flat_map(|p| [mirror_prompt(&p.text), p.text])
+            .collect();
+        data = data.retain_prompts(|text| !seen.contains(text));
+        if data.set.pairs.is_empty() {
+            bail!(
+                "--unseen-in {}: every one of the {total} {} comparisons in {} is on a prompt that store holds",
+                path.display(),
+                split.name(),
+                args.store.display()
+            );
+        }
+    }
     if data.set.items.is_empty() {
         bail!(
             "the store {} has no feedback on {} prompts; collect some with `tiller feedback collect --split {}`",
@@ -632,8 +916,18 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     }
     let images: Vec<Image> = data.set.items.iter().map(|i| i.image.clone()).collect();
     let texts: Vec<String> = data.prompts.iter().map(|(t, _)| t.clone()).collect();
-    let scored = reward.score_with_uncertainty(&images, &texts)?;
-    let matched = reward.caption_match(&images, &texts)?;
+    let mut scored = reward.score_with_uncertainty(&images, &texts)?;
+    let matched = matcher.caption_match(&images, &texts)?;
+    if let Some(f) = &fusion {
+        scored.mean = f.score(&images, &texts)?;
+        // The main part's spread on the fused scale.
+        let (part, _) = f.main_part();
+        if part.score == PartScore::Reward {
+            for s in &mut scored.std {
+                *s *= part.weight.abs() / part.std;
+            }
+        }
+    }
     // Each comparison as (score of a, score of b, target) under a per-image score.
     let labelled_by = |score: &[f64]| -> Vec<(f64, f64, f64)> {
         data.set
@@ -655,12 +949,19 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     };
     let (mut g, mut u, mut targets, mut tasks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut content = Vec::new();
+    let (mut std_held_out, mut std_training) = (Vec::new(), Vec::new());
     for (img, (text, spec)) in images.iter().zip(&data.prompts) {
         let spec = match spec {
             Some(s) => s.clone(),
             None => PromptSpec::parse(text)?,
         };
         tasks.push(spec.tag.name());
+        let std = scored.std[tasks.len() - 1];
+        if is_held_out(&spec) {
+            std_held_out.push(std);
+        } else {
+            std_training.push(std);
+        }
         let e = gold.evaluator.evaluate(img, &spec)?;
         g.push(gold.weights.of(&e));
         u.push(utility(&median, &e)?);
@@ -718,6 +1019,8 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         model: args.model.display().to_string(),
         split: split.name().to_string(),
         comparisons: labelled.len(),
+        unseen_in: args.unseen_in.as_ref().map(|p| p.display().to_string()),
+        seen_comparisons_removed: total - labelled.len(),
         pairwise_accuracy: pairwise_accuracy(&labelled),
         annotator_agreement,
         gold_pairwise_accuracy: pairwise_accuracy(&labelled_by(&g)),
@@ -729,6 +1032,8 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
         spearman_utility: spearman(&scored.mean, &u),
         factor_correlation,
         mean_uncertainty: scored.std.iter().sum::<f64>() / scored.std.len().max(1) as f64,
+        mean_uncertainty_held_out_types: mean_of(&std_held_out),
+        mean_uncertainty_training_types: mean_of(&std_training),
         per_task,
         per_difference,
         caption_match_pairwise_accuracy: pairwise_accuracy(&labelled_by(&matched)),
@@ -766,6 +1071,10 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     Ok(report)
 }
 
+fn mean_of(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 fn fmt(x: Option<f64>) -> String {
     x.map_or("n/a".into(), |v| format!("{v:.3}"))
 }
@@ -773,7 +1082,7 @@ fn fmt(x: Option<f64>) -> String {
 /// The report as Markdown tables.
 pub fn markdown(r: &RewardReport) -> String {
     let mut s = format!(
-        "# Reward model `{}` on {} feedback\n\n| metric | value |\n|---|---|\n| comparisons | {} |\n| pairwise accuracy (non-tie) | {} |\n| annotator agreement (ceiling) | {} |\n| gold reward / median utility as the reward (references) | {} / {} |\n| calibration ECE / Brier | {:.3} / {:.3} |\n| images | {} |\n| Spearman with gold reward | {} |\n| Spearman with median annotator utility | {} |\n| mean ensemble std | {:.4} |\n| the towers' caption match as the reward: pairwise / Spearman with gold | {} / {} |\n\n| factor | Pearson r with gold |\n|---|---|\n",
+        "# Reward model `{}` on {} feedback\n\n| metric | value |\n|---|---|\n| comparisons | {} |\n| pairwise accuracy (non-tie) | {} |\n| annotator agreement (ceiling) | {} |\n| gold reward / median utility as the reward (references) | {} / {} |\n| calibration ECE / Brier | {:.3} / {:.3} |\n| images | {} |\n| Spearman with gold reward | {} |\n| Spearman with median annotator utility | {} |\n| mean ensemble std: all / held-out prompt types / training prompt types | {:.4} / {} / {} |\n| the towers' caption match as the reward: pairwise / Spearman with gold | {} / {} |\n\n",
         r.model,
         r.split,
         r.comparisons,
@@ -787,9 +1096,18 @@ pub fn markdown(r: &RewardReport) -> String {
         fmt(r.spearman_gold),
         fmt(r.spearman_utility),
         r.mean_uncertainty,
+        fmt(r.mean_uncertainty_held_out_types),
+        fmt(r.mean_uncertainty_training_types),
         fmt(r.caption_match_pairwise_accuracy),
         fmt(r.caption_match_spearman_gold)
     );
+    if let Some(store) = &r.unseen_in {
+        s.push_str(&format!(
+            "Only prompts unseen in {store}: {} comparisons on prompts it holds removed.\n\n",
+            r.seen_comparisons_removed
+        ));
+    }
+    s.push_str("| factor | Pearson r with gold |\n|---|---|\n");
     for (name, c) in &r.factor_correlation {
         s.push_str(&format!("| {name} | {} |\n", fmt(*c)));
     }

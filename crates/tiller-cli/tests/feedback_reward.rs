@@ -222,6 +222,10 @@ fn collect_train_eval_and_best_of() {
     assert!(r["pairwise_accuracy"].as_f64().is_some(), "{r}");
     assert_eq!(r["annotator_agreement"], agreement["agreement"]);
     assert_eq!(r["factor_correlation"].as_array().unwrap().len(), 10);
+    assert!(
+        r["mean_uncertainty_held_out_types"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
     let matched = r["caption_match_pairwise_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&matched), "{r}");
     // The per-task rows split the comparisons between them.
@@ -240,6 +244,174 @@ fn collect_train_eval_and_best_of() {
         .map(|t| t["comparisons"].as_u64().unwrap())
         .sum();
     assert_eq!(split, r["comparisons"].as_u64().unwrap(), "{r}");
+
+    // Late fusion of the reward and the towers' caption match, standardised over the training
+    // split's images: each fused score is the parts' standardised sum, part by part.
+    let fused = dir.join("fused");
+    let cm_part = format!("caption-match:{}", towers.display());
+    let fuse = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "reward",
+            "fuse",
+            "--part",
+            m,
+            "--part",
+            &cm_part,
+            "--store",
+            s,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        tiller(&args)
+    };
+    let (ok, text) = fuse(&fused, &[]);
+    assert!(ok, "{text}");
+    let config = json(&fused.join("fusion.json"));
+    let parts = config["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 2);
+    assert_eq!(
+        (parts[0]["score"].as_str(), parts[1]["score"].as_str()),
+        (Some("reward"), Some("caption_match"))
+    );
+    assert!(fused.join("part-1/model.safetensors").exists());
+    let stat = |k: usize, key: &str| parts[k][key].as_f64().unwrap();
+    let eval_rows = |model: &std::path::Path, tag: &str| -> Vec<serde_json::Value> {
+        let lines = dir.join(format!("{tag}.jsonl"));
+        let (ok, text) = tiller(&[
+            "reward",
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--store",
+            s,
+            "--comparisons",
+            lines.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        std::fs::read_to_string(&lines)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let fused_rows = eval_rows(&fused, "fused");
+    let matched_rows = eval_rows(&towers, "towers");
+    assert_eq!(fused_rows.len(), rows.len());
+    for ((f, r), c) in fused_rows.iter().zip(&rows).zip(&matched_rows) {
+        for side in ["a", "b"] {
+            let v = |row: &serde_json::Value, key: &str| row[side][key].as_f64().unwrap();
+            let expected = (v(r, "reward") - stat(0, "mean")) / stat(0, "std")
+                + (v(c, "caption_match") - stat(1, "mean")) / stat(1, "std");
+            assert!(
+                (v(f, "reward") - expected).abs() < 1e-6,
+                "{} vs {expected}",
+                v(f, "reward")
+            );
+            assert_eq!(v(f, "caption_match"), v(c, "caption_match"));
+        }
+    }
+    // Bad parts and weights are refused by name, and nothing is written.
+    let (ok, text) = fuse(&dir.join("fused-bad"), &["--weight", "1"]);
+    assert!(!ok && text.contains("--weight"), "{text}");
+    let (ok, text) = fuse(&dir.join("fused-bad"), &["--part", "/nonexistent"]);
+    assert!(!ok && text.contains("--part /nonexistent"), "{text}");
+    assert!(!dir.join("fused-bad").exists() && !dir.join(".fused-bad.tmp").exists());
+
+    // `--unseen-in`: a second collection on the training split, evaluated on the prompts the
+    // first store never held (nor their mirror images).
+    let other = dir.join("store-2");
+    let (ok, text) = tiller(&[
+        "feedback",
+        "collect",
+        "--model",
+        "renderer",
+        "--store",
+        other.to_str().unwrap(),
+        "--prompts",
+        "40",
+        "--per-prompt",
+        "3",
+        "--agreement-pairs",
+        "20",
+        "--seed",
+        "3",
+    ]);
+    assert!(ok, "{text}");
+    let eval_other = |tag: &str, unseen_in: Option<&std::path::Path>| {
+        let (out, lines) = (
+            dir.join(format!("{tag}.json")),
+            dir.join(format!("{tag}.jsonl")),
+        );
+        let mut args = vec![
+            "reward".to_string(),
+            "eval".into(),
+            "--model".into(),
+            m.into(),
+            "--store".into(),
+            other.display().to_string(),
+            "--split".into(),
+            "train".into(),
+            "--out".into(),
+            out.display().to_string(),
+            "--comparisons".into(),
+            lines.display().to_string(),
+        ];
+        if let Some(p) = unseen_in {
+            args.extend(["--unseen-in".into(), p.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, text) = tiller(&args);
+        let rows: Vec<String> = std::fs::read_to_string(&lines)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"].to_string())
+            .collect();
+        (ok, text, rows, out)
+    };
+    let (ok, text, all, out) = eval_other("other-all", None);
+    assert!(ok, "{text}");
+    // Training-split prompts never hold a held-out combination: the spread by prompt type has
+    // only its training-type side there (the test split's report has the other, above).
+    let r = json(&out);
+    assert!(r["mean_uncertainty_held_out_types"].is_null(), "{r}");
+    assert_eq!(r["mean_uncertainty_training_types"], r["mean_uncertainty"]);
+    let (ok, text, kept, out) = eval_other("other-unseen", Some(&store));
+    assert!(ok, "{text}");
+    use tiller_feedback::PreferenceStore;
+    let seen: std::collections::HashSet<String> = tiller_feedback::SqliteStore::open(&store)
+        .unwrap()
+        .prompts(None)
+        .unwrap()
+        .into_iter()
+        .flat_map(|p| [tiller_testbed::prompts::mirror_prompt(&p.text), p.text])
+        .map(|t| serde_json::Value::from(t).to_string())
+        .collect();
+    let expected: Vec<String> = all.iter().filter(|p| !seen.contains(*p)).cloned().collect();
+    assert_eq!(kept, expected);
+    assert!(
+        !kept.is_empty() && kept.len() < all.len(),
+        "{} of {}",
+        kept.len(),
+        all.len()
+    );
+    let r = json(&out);
+    assert_eq!(r["seen_comparisons_removed"], all.len() - kept.len());
+    assert_eq!(r["unseen_in"], store.display().to_string());
+    assert!(text.contains("Only prompts unseen in"), "{text}");
+    // Every prompt seen, or no store there: clear errors, and nothing is created.
+    let (ok, text, _, _) = eval_other("other-self", Some(&other));
+    assert!(
+        !ok && text.contains("--unseen-in") && text.contains("every one of the"),
+        "{text}"
+    );
+    let missing = dir.join("no-store");
+    let (ok, text, _, _) = eval_other("other-missing", Some(&missing));
+    assert!(
+        !ok && text.contains("--unseen-in") && text.contains("no preference store"),
+        "{text}"
+    );
+    assert!(!missing.exists());
 
     // Best-of-4: plain sampling, the learned reward's pick and the gold reward's pick from the
     // same candidates; the gold pick is an upper bound on both.
@@ -289,6 +461,10 @@ fn collect_train_eval_and_best_of() {
     // The pretrained towers' caption match is a label-free reward.
     let out = dir.join("best-of-cm");
     let (ok, text) = best_of_2(&out, &format!("caption-match:{}", towers.display()));
+    assert!(ok, "{text}");
+    assert!(json(&out.join("report.json"))["best_of"]["reward_overall"].is_number());
+    let out = dir.join("best-of-fused");
+    let (ok, text) = best_of_2(&out, fused.to_str().unwrap());
     assert!(ok, "{text}");
     assert!(json(&out.join("report.json"))["best_of"]["reward_overall"].is_number());
     let (ok, text) = best_of_2(&dir.join("bad-cm"), "caption-match:/nonexistent");

@@ -12,9 +12,12 @@
 //!   spread is the reward's uncertainty; saved as one safetensors file with a `config.json`.
 //! - [`rewards`]: the gold evaluator as a reward, JPEG compressibility (DDPO's toy reward), weighted
 //!   sums, and the learned ensemble behind the same trait.
+//! - [`fusion::Fusion`]: late fusion, a weighted sum of rewards each standardised by label-free
+//!   statistics over reference images (e.g. a learned reward plus a caption match).
 //! - [`metrics`]: held-out pairwise accuracy, calibration, Spearman and Pearson correlations.
 
 pub mod ensemble;
+pub mod fusion;
 pub mod losses;
 pub mod metrics;
 pub mod net;

@@ -668,3 +668,127 @@ fn the_caption_match_reward_scores_as_its_tensor_form_and_the_ensemble() {
         );
     }
 }
+
+#[test]
+fn a_fusion_sums_its_standardised_parts_and_rejects_bad_statistics() {
+    use tiller_reward::fusion::{
+        FUSION_FILE, FUSION_KIND, Fusion, FusionConfig, FusionPart, PartScore, part_statistics,
+    };
+    use tiller_reward::rewards::{CaptionMatch, LearnedReward};
+    let dir = std::env::temp_dir().join(format!("tiller-fusion-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Device::flex();
+    let tokenizer = Tokenizer::shapes();
+    let batch = captioned(&[Task::Colors, Task::Counting], 6, &mut SeededRng::new(12));
+    let images: Vec<Image> = batch.iter().map(|c| c.image.clone()).collect();
+    let prompts: Vec<String> = batch
+        .iter()
+        .map(|c| {
+            tokenizer
+                .decode(&c.ids.iter().map(|&t| t as u32).collect::<Vec<_>>())
+                .unwrap()
+        })
+        .collect();
+    // Two reward folders; the fusion uses the first one's reward and the second's caption match.
+    let mut parts = Vec::new();
+    for (k, (seed, score)) in [(20, PartScore::Reward), (21, PartScore::CaptionMatch)]
+        .into_iter()
+        .enumerate()
+    {
+        d.seed(seed);
+        let config = model_config(2);
+        let folder = format!("part-{k}");
+        RewardEnsemble::init(&config, &d)
+            .unwrap()
+            .save(&dir.join(&folder), &config)
+            .unwrap();
+        let learned = LearnedReward::load(&dir.join(&folder), tokenizer.clone(), &d).unwrap();
+        let raw = match score {
+            PartScore::Reward => learned.score(&images, &prompts).unwrap(),
+            PartScore::CaptionMatch => CaptionMatch(learned).score(&images, &prompts).unwrap(),
+        };
+        let (mean, std) = part_statistics(&raw).unwrap();
+        parts.push((
+            FusionPart {
+                folder,
+                score,
+                weight: [1.0, 0.5][k],
+                mean,
+                std,
+            },
+            raw,
+        ));
+    }
+    let config = FusionConfig {
+        kind: FUSION_KIND.into(),
+        parts: parts.iter().map(|(p, _)| p.clone()).collect(),
+        standardised_on: "the test's images".into(),
+    };
+    let write = |c: &FusionConfig| {
+        std::fs::write(dir.join(FUSION_FILE), serde_json::to_string(c).unwrap()).unwrap()
+    };
+    write(&config);
+    assert!(Fusion::is_fusion(&dir));
+    let fusion = Fusion::load(&dir, tokenizer.clone(), &d).unwrap();
+    let fused = fusion.score(&images, &prompts).unwrap();
+    let x = tiller_reward::images_to_tensor(&images, &d).unwrap();
+    let tensor = fusion
+        .differentiable()
+        .unwrap()
+        .score_tensor(x, &prompts)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    for i in 0..images.len() {
+        // By hand: each part's raw score standardised by its own statistics, weighted.
+        let expected: f64 = parts
+            .iter()
+            .map(|(p, raw)| p.weight * (raw[i] - p.mean) / p.std)
+            .sum();
+        assert!(
+            (fused[i] - expected).abs() < 1e-6,
+            "{} vs {expected}",
+            fused[i]
+        );
+        assert!(
+            (tensor[i] as f64 - expected).abs() < 1e-4,
+            "{} vs {expected}",
+            tensor[i]
+        );
+    }
+    // Statistics taken on these images: each standardised part has mean 0 and std 1 here.
+    for (p, raw) in &parts {
+        let z: Vec<f64> = raw.iter().map(|s| (s - p.mean) / p.std).collect();
+        let (m, s) = part_statistics(&z).unwrap();
+        assert!(m.abs() < 1e-9 && (s - 1.0).abs() < 1e-9, "{m} {s}");
+    }
+    assert!(part_statistics(&[2.0, 2.0, 2.0]).is_err());
+    assert!(part_statistics(&[1.0]).is_err());
+    // Bad statistics, a folder outside the fusion, an unknown key: errors naming the field.
+    let mut bad = config.clone();
+    bad.parts[1].std = 0.0;
+    write(&bad);
+    let err = Fusion::load(&dir, tokenizer.clone(), &d)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("parts[1].std") && err.contains(FUSION_FILE),
+        "{err}"
+    );
+    let mut bad = config.clone();
+    bad.parts[0].folder = "../elsewhere".into();
+    write(&bad);
+    let err = Fusion::load(&dir, tokenizer.clone(), &d)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("parts[0].folder"), "{err}");
+    let mut value = serde_json::to_value(&config).unwrap();
+    value["parts"][0]["wieght"] = 1.0.into();
+    std::fs::write(dir.join(FUSION_FILE), value.to_string()).unwrap();
+    let err = Fusion::load(&dir, tokenizer, &d).err().unwrap().to_string();
+    assert!(err.contains("wieght"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
