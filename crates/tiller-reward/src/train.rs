@@ -164,6 +164,10 @@ pub struct RewardTrainConfig {
     /// Keep the text tower at its initialisation (the base model's text encoder) and train only
     /// the image tower and heads, as reward heads on frozen CLIP features do.
     pub freeze_text: bool,
+    /// Keep the image tower's four convolutions at their initialisation (e.g. pretrained towers,
+    /// `init`) and train the FiLM layers, projections and heads on top: the linear probe of CLIP
+    /// features (Radford et al. 2021), with the prompt still modulating the frozen features.
+    pub freeze_image: bool,
     pub seed: u64,
 }
 
@@ -182,6 +186,7 @@ impl Default for RewardTrainConfig {
             shift: 0,
             region_loss_weight: 1.0,
             freeze_text: false,
+            freeze_image: false,
             seed: 0,
         }
     }
@@ -383,6 +388,12 @@ fn train_member(
     let mut net = net.to_device(&ad).set_require_grad(true).train();
     if train.freeze_text {
         net.text_encoder = net.text_encoder.no_grad();
+    }
+    if train.freeze_image {
+        net.conv1 = net.conv1.no_grad();
+        net.conv2 = net.conv2.no_grad();
+        net.conv3 = net.conv3.no_grad();
+        net.conv4 = net.conv4.no_grad();
     }
     // burn's AdamW defaults (betas 0.9 / 0.999, epsilon 1e-5), which the shipped reward used.
     let mut optim: ModuleOptimizer = adamw(

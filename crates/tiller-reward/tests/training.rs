@@ -338,7 +338,7 @@ fn nan_scores_and_bad_labels_are_errors() {
 }
 
 #[test]
-fn a_frozen_text_tower_stays_at_its_initialisation() {
+fn frozen_towers_stay_at_their_initialisation() {
     let (prompts, _) = split(&[Task::Counting]);
     let (set, _) = pairs(&prompts, 16, 9, false);
     let config = model_config(1);
@@ -383,6 +383,47 @@ fn a_frozen_text_tower_stays_at_its_initialisation() {
             assert!(moved > 1e-6, "a trained text tower should move");
         }
     }
+    // A frozen image tower: the pretrained convolutions stay, the FiLM layers (zeroed when the
+    // towers are adopted) train.
+    d.seed(12);
+    let towers = config.net.init(&d).unwrap();
+    let convs = |n: &tiller_reward::RewardNet| -> Vec<Vec<f32>> {
+        [
+            n.conv1.weight.val(),
+            n.conv2.weight.val(),
+            n.conv3.weight.val(),
+            n.conv4.weight.val(),
+        ]
+        .into_iter()
+        .map(|w| w.into_data().try_to_vec::<f32>().unwrap())
+        .collect()
+    };
+    let train_cfg = RewardTrainConfig {
+        steps: 3,
+        batch_size: 8,
+        freeze_image: true,
+        ..Default::default()
+    };
+    let trained = tiller_reward::train_ensemble_from(
+        &config,
+        &train_cfg,
+        &set,
+        None,
+        Some(&towers),
+        &d,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let member = &trained.members[0];
+    assert_eq!(convs(&towers), convs(member), "a frozen convolution moved");
+    let film = member
+        .film2
+        .weight
+        .val()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert!(film.iter().any(|w| *w != 0.0), "FiLM should train");
 }
 
 #[test]
