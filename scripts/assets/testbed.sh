@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands that produced the shipped testbed assets (assets/testbed-base,
-# assets/testbed-reward) and the README's tables. Each step is a plain `tiller` command; run from
+# assets/testbed-reward, assets/testbed-reward-17k) and the README's tables. Each step is a plain `tiller` command; run from
 # the repository root with a release build. Times are on 2 CPU cores.
 set -euo pipefail
 T=${TILLER:-target/release/tiller}
@@ -30,6 +30,27 @@ $T reward train --config configs/reward-testbed.toml --store runs/prefs --out as
 $T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval.json
 $T eval --model assets/testbed-base --per-task 8 --per-prompt 1 --steps 25 --scheduler ddpm \
   --best-of 8 --reward assets/testbed-reward --out runs/eval-best-of-8
+
+# 3b. The larger reward (README: "Held-out pairs, held-out prompt types"): towers pretrained on
+#     flaw-heavy drawings, three more training collections appended to copies of the store
+#     (17 400 comparisons in runs/prefs-s12c), 3 members without the bootstrap; and the fresh
+#     training-distribution pairs it is measured on (runs/prefs-iid, never trained on). The
+#     shipped folder's train.toml names the towers' session path, runs/s11/pt-mean-hn-flaws-3000.
+$T reward pretrain --config configs/reward-testbed.toml --out runs/s11/pt-mean-hn-flaws-3000 \
+  --set net.text_pool=mean --set pretrain.hard_negatives=true \
+  --set pretrain.render.soft_edge_rate=0.5 --set pretrain.render.speckle_rate=0.5
+$T feedback collect --model assets/testbed-base --store runs/prefs-iid --split train --prompts 400 --seed 7 --steps 25 --scheduler ddpm --agreement-pairs 600
+cp -r runs/prefs runs/prefs-s12
+$T feedback collect --model assets/testbed-base --store runs/prefs-s12 --prompts 600 --seed 8 --steps 25 --scheduler ddpm
+cp -r runs/prefs-s12 runs/prefs-s12b
+$T feedback collect --model assets/testbed-base --store runs/prefs-s12b --prompts 600 --seed 9 --steps 25 --scheduler ddpm
+cp -r runs/prefs-s12b runs/prefs-s12c
+$T feedback collect --model assets/testbed-base --store runs/prefs-s12c --prompts 800 --seed 10 --steps 25 --scheduler ddpm
+$T reward train --config configs/reward-testbed.toml --store runs/prefs-s12c --out assets/testbed-reward-17k \
+  --set members=3 --set init=runs/s11/pt-mean-hn-flaws-3000 --set net.text_pool=mean \
+  --set train.bootstrap=false --set train.factor_loss_weight=3
+$T reward eval --model assets/testbed-reward-17k --store runs/prefs
+$T reward eval --model assets/testbed-reward-17k --store runs/prefs-iid --split train --unseen-in runs/prefs-s12c
 
 # 4. The alignment comparison on these assets, the KL-regularised DRaFT-K run, and every run's
 #    final weights on the whole held-out suite, paired image by image with the base.
