@@ -308,18 +308,9 @@ impl StoreFeedback {
                 })
             })
             .collect();
-        out.set.likes = likes
-            .into_iter()
-            .filter_map(|(i, l)| Some((index[i]?, l)))
-            .collect();
-        out.set.ratings = ratings
-            .into_iter()
-            .filter_map(|(i, r)| Some((index[i]?, r)))
-            .collect();
-        out.set.reasons = reasons
-            .into_iter()
-            .filter_map(|(i, r)| Some((index[i]?, r)))
-            .collect();
+        out.set.likes = reindexed(likes, &index);
+        out.set.ratings = reindexed(ratings, &index);
+        out.set.reasons = reindexed(reasons, &index);
         out.set.regions = regions
             .into_iter()
             .filter_map(|r| {
@@ -331,6 +322,14 @@ impl StoreFeedback {
             .collect();
         out
     }
+}
+
+/// The `(item, label)` records whose item is kept, under the items' new indices.
+fn reindexed<T>(records: Vec<(usize, T)>, index: &[Option<usize>]) -> Vec<(usize, T)> {
+    records
+        .into_iter()
+        .filter_map(|(i, x)| Some((index[i]?, x)))
+        .collect()
 }
 
 /// The network a reward config describes, and the text encoder of its `base` when it names one.
@@ -691,7 +690,14 @@ pub fn fuse(args: FuseArgs) -> Result<()> {
             .unwrap_or("fusion")
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    let built = fuse_into(&tmp, &args, &weights, &images, &texts, &device);
+    let built = fuse_into(
+        &tmp,
+        &args,
+        &weights,
+        (&images, &texts),
+        &tokenizer,
+        &device,
+    );
     if built.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -712,11 +718,10 @@ fn fuse_into(
     tmp: &Path,
     args: &FuseArgs,
     weights: &[f64],
-    images: &[Image],
-    texts: &[String],
+    (images, texts): (&[Image], &[String]),
+    tokenizer: &Tokenizer,
     device: &Device,
 ) -> Result<FusionConfig> {
-    let tokenizer = Tokenizer::shapes();
     let mut parts = Vec::new();
     for (k, (spec, weight)) in args.parts.iter().zip(weights).enumerate() {
         let (folder, score) = match spec.strip_prefix("caption-match:") {

@@ -187,28 +187,38 @@ fn collect_train_eval_and_best_of() {
         std::fs::read(model.join("model.safetensors")).unwrap()
     );
 
-    let report = dir.join("reward-eval.json");
-    let lines = dir.join("comparisons.jsonl");
-    let (ok, text) = tiller(&[
-        "reward",
-        "eval",
-        "--model",
-        m,
-        "--store",
-        s,
-        "--out",
-        report.to_str().unwrap(),
-        "--comparisons",
-        lines.to_str().unwrap(),
-    ]);
+    // `reward eval` of `model` on `store` with `extra` flags, writing its report and one line
+    // per comparison under `tag`: (success, output, the lines, the report's path).
+    let reward_eval = |tag: &str, model: &str, store: &str, extra: &[&str]| {
+        let (report, lines) = (
+            dir.join(format!("{tag}.json")),
+            dir.join(format!("{tag}.jsonl")),
+        );
+        let mut args = vec![
+            "reward",
+            "eval",
+            "--model",
+            model,
+            "--store",
+            store,
+            "--out",
+            report.to_str().unwrap(),
+            "--comparisons",
+            lines.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let (ok, text) = tiller(&args);
+        let rows: Vec<serde_json::Value> = std::fs::read_to_string(&lines)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (ok, text, rows, report)
+    };
+    let (ok, text, rows, report) = reward_eval("reward-eval", m, s, &[]);
     assert!(ok, "{text}");
     let r = json(&report);
     // One line per comparison, ties included, with both images' scores.
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&lines)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(rows.len() as u64, r["comparisons"].as_u64().unwrap());
     for row in &rows {
         for side in ["a", "b"] {
@@ -276,24 +286,10 @@ fn collect_train_eval_and_best_of() {
     );
     assert!(fused.join("part-1/model.safetensors").exists());
     let stat = |k: usize, key: &str| parts[k][key].as_f64().unwrap();
-    let eval_rows = |model: &std::path::Path, tag: &str| -> Vec<serde_json::Value> {
-        let lines = dir.join(format!("{tag}.jsonl"));
-        let (ok, text) = tiller(&[
-            "reward",
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--store",
-            s,
-            "--comparisons",
-            lines.to_str().unwrap(),
-        ]);
+    let eval_rows = |model: &std::path::Path, tag: &str| {
+        let (ok, text, rows, _) = reward_eval(tag, model.to_str().unwrap(), s, &[]);
         assert!(ok, "{text}");
-        std::fs::read_to_string(&lines)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        rows
     };
     let fused_rows = eval_rows(&fused, "fused");
     let matched_rows = eval_rows(&towers, "towers");
@@ -339,35 +335,13 @@ fn collect_train_eval_and_best_of() {
     ]);
     assert!(ok, "{text}");
     let eval_other = |tag: &str, unseen_in: Option<&std::path::Path>| {
-        let (out, lines) = (
-            dir.join(format!("{tag}.json")),
-            dir.join(format!("{tag}.jsonl")),
-        );
-        let mut args = vec![
-            "reward".to_string(),
-            "eval".into(),
-            "--model".into(),
-            m.into(),
-            "--store".into(),
-            other.display().to_string(),
-            "--split".into(),
-            "train".into(),
-            "--out".into(),
-            out.display().to_string(),
-            "--comparisons".into(),
-            lines.display().to_string(),
-        ];
+        let mut extra = vec!["--split", "train"];
         if let Some(p) = unseen_in {
-            args.extend(["--unseen-in".into(), p.display().to_string()]);
+            extra.extend(["--unseen-in", p.to_str().unwrap()]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (ok, text) = tiller(&args);
-        let rows: Vec<String> = std::fs::read_to_string(&lines)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"].to_string())
-            .collect();
-        (ok, text, rows, out)
+        let (ok, text, rows, out) = reward_eval(tag, m, other.to_str().unwrap(), &extra);
+        let prompts: Vec<String> = rows.iter().map(|r| r["prompt"].to_string()).collect();
+        (ok, text, prompts, out)
     };
     let (ok, text, all, out) = eval_other("other-all", None);
     assert!(ok, "{text}");

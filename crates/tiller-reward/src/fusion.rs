@@ -12,8 +12,8 @@
 //! On disk a fusion is a folder holding `fusion.json` ([`FusionConfig`]) and one reward model
 //! folder per part (copied in, so the fusion is self-contained).
 
-use crate::rewards::{CaptionMatch, LearnedReward};
-use crate::{DifferentiableReward, Reward, check_finite, check_lengths};
+use crate::rewards::{CaptionMatch, LearnedReward, affine_sum, affine_sum_tensor};
+use crate::{DifferentiableReward, Reward};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -208,24 +208,31 @@ impl Fusion {
     }
 }
 
+impl Fusion {
+    /// Each part as the `(w / σ, -w μ / σ, score)` term of the standardised sum.
+    fn affine(&self) -> Vec<(f64, f64, &dyn Reward)> {
+        self.config
+            .parts
+            .iter()
+            .zip(&self.parts)
+            .map(|(p, scorer)| {
+                (
+                    p.weight / p.std,
+                    -p.weight * p.mean / p.std,
+                    scorer.reward(),
+                )
+            })
+            .collect()
+    }
+}
+
 impl Reward for Fusion {
     fn name(&self) -> String {
         self.name.clone()
     }
 
     fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>> {
-        check_lengths(images, prompts)?;
-        let mut total = vec![0.0; images.len()];
-        for (p, scorer) in self.config.parts.iter().zip(&self.parts) {
-            for (t, s) in total
-                .iter_mut()
-                .zip(scorer.reward().score(images, prompts)?)
-            {
-                *t += p.weight * (s - p.mean) / p.std;
-            }
-        }
-        check_finite(&self.name, &total)?;
-        Ok(total)
+        affine_sum(&self.name, &self.affine(), images, prompts)
     }
 
     fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
@@ -235,21 +242,6 @@ impl Reward for Fusion {
 
 impl DifferentiableReward for Fusion {
     fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
-        let mut total: Option<Tensor<1>> = None;
-        for (p, scorer) in self.config.parts.iter().zip(&self.parts) {
-            let d = scorer
-                .reward()
-                .differentiable()
-                .expect("learned rewards and caption matches are differentiable");
-            let s = d
-                .score_tensor(images.clone(), prompts)?
-                .sub_scalar(p.mean)
-                .mul_scalar(p.weight / p.std);
-            total = Some(match total {
-                Some(t) => t + s,
-                None => s,
-            });
-        }
-        Ok(total.expect("a validated fusion has a part"))
+        affine_sum_tensor(&self.affine(), images, prompts)
     }
 }

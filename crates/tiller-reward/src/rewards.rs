@@ -177,15 +177,7 @@ impl Reward for WeightedSum {
     }
 
     fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>> {
-        check_lengths(images, prompts)?;
-        let mut total = vec![0.0; images.len()];
-        for (w, r) in &self.parts {
-            for (t, s) in total.iter_mut().zip(r.score(images, prompts)?) {
-                *t += w * s;
-            }
-        }
-        check_finite(&self.name(), &total)?;
-        Ok(total)
+        affine_sum(&self.name(), &self.affine(), images, prompts)
     }
 
     fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
@@ -198,19 +190,61 @@ impl Reward for WeightedSum {
 
 impl DifferentiableReward for WeightedSum {
     fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
-        let mut total: Option<Tensor<1>> = None;
-        for (w, r) in &self.parts {
-            let d = r.differentiable().ok_or_else(|| {
-                Error::invalid(format!("reward `{}` is not differentiable", r.name()))
-            })?;
-            let s = d.score_tensor(images.clone(), prompts)?.mul_scalar(*w);
-            total = Some(match total {
-                Some(t) => t + s,
-                None => s,
-            });
-        }
-        total.ok_or_else(|| Error::invalid("an empty weighted sum"))
+        affine_sum_tensor(&self.affine(), images, prompts)
     }
+}
+
+impl WeightedSum {
+    /// The parts as `(scale, shift, reward)` terms of [`affine_sum`].
+    fn affine(&self) -> Vec<(f64, f64, &dyn Reward)> {
+        self.parts
+            .iter()
+            .map(|(w, r)| (*w, 0.0, r.as_ref()))
+            .collect()
+    }
+}
+
+/// `Σ_k (a_k r_k + b_k)` over `(a_k, b_k, r_k)` terms: the weighted sum, and with shifts the
+/// standardised sum of a fusion. A non-finite total is an error naming `name`.
+pub(crate) fn affine_sum(
+    name: &str,
+    terms: &[(f64, f64, &dyn Reward)],
+    images: &[Image],
+    prompts: &[String],
+) -> Result<Vec<f64>> {
+    check_lengths(images, prompts)?;
+    let mut total = vec![0.0; images.len()];
+    for (a, b, r) in terms {
+        for (t, s) in total.iter_mut().zip(r.score(images, prompts)?) {
+            *t += a * s + b;
+        }
+    }
+    check_finite(name, &total)?;
+    Ok(total)
+}
+
+/// The tensor form of [`affine_sum`]; an error when a term is not differentiable or there is
+/// none.
+pub(crate) fn affine_sum_tensor(
+    terms: &[(f64, f64, &dyn Reward)],
+    images: Tensor<4>,
+    prompts: &[String],
+) -> Result<Tensor<1>> {
+    let mut total: Option<Tensor<1>> = None;
+    for (a, b, r) in terms {
+        let d = r.differentiable().ok_or_else(|| {
+            Error::invalid(format!("reward `{}` is not differentiable", r.name()))
+        })?;
+        let s = d
+            .score_tensor(images.clone(), prompts)?
+            .mul_scalar(*a)
+            .add_scalar(*b);
+        total = Some(match total {
+            Some(t) => t + s,
+            None => s,
+        });
+    }
+    total.ok_or_else(|| Error::invalid("an empty weighted sum"))
 }
 
 /// A trained reward ensemble with the tokenizer of its prompts.
