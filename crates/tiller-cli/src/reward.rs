@@ -91,10 +91,12 @@ pub struct RewardFile {
     pub net: NetSection,
     #[serde(default)]
     pub train: RewardTrainConfig,
-    /// A folder written by `tiller reward pretrain`: every member starts from its contrastively
-    /// pretrained image and text towers (its heads are the member's own).
+    /// Folders written by `tiller reward pretrain`: one (every member starts from its
+    /// contrastively pretrained image and text towers) or a list with one per member (towers
+    /// pretrained with different seeds: members then differ by initialisation, as a deep
+    /// ensemble's do). The heads are each member's own.
     #[serde(default)]
-    pub init: Option<PathBuf>,
+    pub init: Option<TowerInit>,
     /// Contrastive image-text pretraining, used by `tiller reward pretrain`.
     #[serde(default)]
     pub pretrain: PretrainConfig,
@@ -555,6 +557,23 @@ fn load_towers(init: &Path, net: &RewardNetConfig, device: &Device) -> Result<Re
         .with_context(|| format!("init = {}: no member", init.display()))
 }
 
+/// `init` in a reward config: one folder of pretrained towers, or one per member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TowerInit {
+    One(PathBuf),
+    PerMember(Vec<PathBuf>),
+}
+
+impl TowerInit {
+    fn folders(&self) -> &[PathBuf] {
+        match self {
+            TowerInit::One(p) => std::slice::from_ref(p),
+            TowerInit::PerMember(v) => v,
+        }
+    }
+}
+
 pub fn train(args: TrainArgs) -> Result<()> {
     crate::ensure_new_out(&args.out)?;
     let (file, resolved): (RewardFile, String) =
@@ -562,8 +581,21 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let device = tiller_core::device::parse_device(&file.device)?;
     let (net, text_init) = resolve_net(&file, &args.config, &device)?;
     let towers = match &file.init {
-        Some(init) => Some(load_towers(init, &net, &device)?),
-        None => None,
+        Some(init) => {
+            let folders = init.folders();
+            if folders.is_empty() || (folders.len() > 1 && folders.len() != file.members) {
+                bail!(
+                    "init: {} folders of pretrained towers for {} members; give one (shared by every member) or one per member",
+                    folders.len(),
+                    file.members
+                );
+            }
+            folders
+                .iter()
+                .map(|f| load_towers(f, &net, &device))
+                .collect::<Result<Vec<_>>>()?
+        }
+        None => Vec::new(),
     };
     let config = RewardModelConfig {
         kind: KIND.into(),
@@ -601,7 +633,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         &file.train,
         &data.set,
         text_init.as_ref(),
-        towers.as_ref(),
+        &towers,
         &device,
         &mut |m, s, l| {
             last = l;

@@ -166,6 +166,36 @@ fn collect_train_eval_and_best_of() {
         "{text}"
     );
     assert!(!bad.exists());
+    // One folder of towers per member (a TOML list); a count that is neither one nor the
+    // member count (2 here) is refused by name, writing nothing.
+    let t = towers.display();
+    for (name, list, good) in [
+        (
+            "reward-per-member",
+            format!("init=[\"{t}\", \"{t}\"]"),
+            true,
+        ),
+        (
+            "reward-three",
+            format!("init=[\"{t}\", \"{t}\", \"{t}\"]"),
+            false,
+        ),
+    ] {
+        let out = dir.join(name);
+        let mut args = train.to_vec();
+        args[7] = out.to_str().unwrap();
+        args.extend(["--set", &list]);
+        let (ok, text) = tiller(&args);
+        if good {
+            assert!(ok && out.join("model.safetensors").exists(), "{text}");
+        } else {
+            assert!(
+                !ok && text.contains("init: 3 folders") && text.contains("2 members"),
+                "{text}"
+            );
+            assert!(!out.exists());
+        }
+    }
     let (ok, text) = pretrain(&dir.join("towers-bad"), "pretrain.batch_size=1");
     assert!(!ok && text.contains("pretrain.batch_size"), "{text}");
     assert!(!dir.join("towers-bad").exists());

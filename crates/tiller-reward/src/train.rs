@@ -205,17 +205,20 @@ pub fn train_ensemble(
     device: &Device,
     on_step: &mut OnStep,
 ) -> Result<RewardEnsemble> {
-    train_ensemble_from(config, train, data, text_init, None, device, on_step)
+    train_ensemble_from(config, train, data, text_init, &[], device, on_step)
 }
 
-/// [`train_ensemble`], every member starting from `towers`' pretrained image and text towers
-/// ([`crate::pretrain`], [`RewardNet::adopt_towers`]) when given; the heads are each member's own.
+/// [`train_ensemble`], members starting from pretrained image and text towers
+/// ([`crate::pretrain`], [`RewardNet::adopt_towers`]): `towers` is empty (none), one network
+/// (every member starts from it) or one per member (member `m` from `towers[m]`, e.g. towers
+/// pretrained with different seeds, so that members differ where pretraining saw nothing, as a
+/// deep ensemble's members differ by initialisation). The heads are each member's own.
 pub fn train_ensemble_from(
     config: &RewardModelConfig,
     train: &RewardTrainConfig,
     data: &FeedbackSet,
     text_init: Option<&ClipTextModel>,
-    towers: Option<&RewardNet>,
+    towers: &[RewardNet],
     device: &Device,
     on_step: &mut OnStep,
 ) -> Result<RewardEnsemble> {
@@ -227,6 +230,16 @@ pub fn train_ensemble_from(
             "steps and batch_size must be at least 1",
         ));
     }
+    if towers.len() > 1 && towers.len() != config.members {
+        return Err(Error::config(
+            "init",
+            format!(
+                "{} pretrained towers for {} members: give one (shared) or one per member",
+                towers.len(),
+                config.members
+            ),
+        ));
+    }
     let mut rng = SeededRng::new(train.seed);
     let mut members = Vec::with_capacity(config.members);
     for m in 0..config.members {
@@ -235,7 +248,7 @@ pub fn train_ensemble_from(
         if let Some(t) = text_init {
             net.text_encoder = t.clone();
         }
-        if let Some(t) = towers {
+        if let Some(t) = towers.get(m).or(towers.first()) {
             net = net.adopt_towers(t)?;
         }
         let mut member_rng = rng.fork();

@@ -409,7 +409,7 @@ fn frozen_towers_stay_at_their_initialisation() {
         &train_cfg,
         &set,
         None,
-        Some(&towers),
+        std::slice::from_ref(&towers),
         &d,
         &mut |_, _, _| {},
     )
@@ -424,6 +424,41 @@ fn frozen_towers_stay_at_their_initialisation() {
         .try_to_vec::<f32>()
         .unwrap();
     assert!(film.iter().any(|w| *w != 0.0), "FiLM should train");
+
+    // Towers per member (e.g. pretrained with different seeds): member m keeps towers[m]'s
+    // convolutions; a count that is neither one nor the member count is refused by name.
+    d.seed(13);
+    let other = config.net.init(&d).unwrap();
+    assert_ne!(convs(&towers), convs(&other));
+    let two = model_config(2);
+    let per_member = [towers.clone(), other.clone()];
+    let trained = tiller_reward::train_ensemble_from(
+        &two,
+        &train_cfg,
+        &set,
+        None,
+        &per_member,
+        &d,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(convs(&towers), convs(&trained.members[0]));
+    assert_eq!(convs(&other), convs(&trained.members[1]));
+    let err = tiller_reward::train_ensemble_from(
+        &model_config(3),
+        &train_cfg,
+        &set,
+        None,
+        &per_member,
+        &d,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("init") && err.contains("2 pretrained towers for 3 members"),
+        "{err}"
+    );
 }
 
 #[test]
