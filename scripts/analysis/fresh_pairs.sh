@@ -1,10 +1,8 @@
 #!/bin/bash
 # The README's "Held-out pairs, held-out prompt types" table: each reward's pairwise accuracy on
-# the test split (held-out prompt types), on two collections of fresh pairs of training-split
-# prompts (runs/prefs-iid, seed 7; runs/prefs-iid2, seed 11: images no reward model trained on),
-# on those of both whose prompt no training store ever held (runs/prefs-s13 holds every training
-# collection), and on its own training store's images (in sample). Needs the stores and folders
-# the README names.
+# the test split (held-out prompt types), on fresh pairs of training-split prompts
+# (runs/prefs-iid), on those of them whose prompt runs/prefs-s12c (the largest training store) never held, and on
+# its own training store's images (in sample). Needs the stores and folders the README names.
 # Usage: scripts/analysis/fresh_pairs.sh [tiller binary] (default target/release/tiller)
 set -euo pipefail
 T=${1:-target/release/tiller}
@@ -14,10 +12,10 @@ acc() {
 row() {
     local own=""
     if [ -n "${2:-}" ]; then own=$(acc "$1" "$2 --split train"); fi
-    echo "| \`$1\` | $(acc "$1" "runs/prefs --split test") | $(acc "$1" "runs/prefs-iid --split train") | $(acc "$1" "runs/prefs-iid2 --split train") | $(acc "$1" "runs/prefs-iid --split train --unseen-in runs/prefs-s13") / $(acc "$1" "runs/prefs-iid2 --split train --unseen-in runs/prefs-s13") | $own |"
+    echo "| \`$1\` | $(acc "$1" "runs/prefs --split test") | $(acc "$1" "runs/prefs-iid --split train") | $(acc "$1" "runs/prefs-iid --split train --unseen-in runs/prefs-s12c") | $own |"
 }
-echo "| reward | test split: held-out types | fresh pairs (iid) | fresh pairs (iid2) | fresh, prompts never labelled (iid / iid2) | its training images |"
-echo "|---|---|---|---|---|---|"
+echo "| reward | test split: held-out types | fresh pairs | fresh, prompts never labelled | its training images |"
+echo "|---|---|---|---|---|"
 row assets/testbed-reward runs/prefs
 row runs/s11/rw-pthn-x3 runs/prefs
 row runs/s11/rw-pthnf-x3 runs/prefs
@@ -28,13 +26,8 @@ row runs/s12/rw-pthnf-x3-9k runs/prefs-s12
 row runs/s12/rw-pthnf-x3-12k runs/prefs-s12b
 row runs/s12/rw-pthnf8-x3-12k runs/prefs-s12b
 row runs/s12/rw-pthnf-x3-17k runs/prefs-s12c
-row runs/s13/rw-17k-seed10 runs/prefs-s12c
-row runs/s13/rw-17k-boot runs/prefs-s12c
-row runs/s13/rw-22k runs/prefs-s13
-row runs/s13/rw-22k-boot runs/prefs-s13
 row runs/s12/fuse-3ens
 row runs/s12/fuse-pthnf
 row runs/s12/fuse-9k
 row runs/s12/fuse-12k
 row runs/s12/fuse-2ens-12k
-row runs/s13/fuse-17k-2seeds

@@ -27,3 +27,4 @@ row runs/s13/rw-17k-seed10
 row runs/s13/rw-17k-boot
 row runs/s13/rw-22k
 row runs/s13/rw-22k-boot
+row runs/s13/rw-22k-pm

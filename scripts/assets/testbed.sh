@@ -51,6 +51,15 @@ $T reward train --config configs/reward-testbed.toml --store runs/prefs-s12c --o
   --set train.bootstrap=false --set train.factor_loss_weight=3
 $T reward eval --model assets/testbed-reward-17k --store runs/prefs
 $T reward eval --model assets/testbed-reward-17k --store runs/prefs-iid --split train --unseen-in runs/prefs-s12c
+#     Its confirmation (README: "Confirmed"): a second collection of fresh pairs, a second
+#     training seed, and the 22 200-comparison store the later rows of the table train on.
+$T feedback collect --model assets/testbed-base --store runs/prefs-iid2 --split train --prompts 400 --seed 11 --steps 25 --scheduler ddpm --agreement-pairs 600
+$T reward eval --model assets/testbed-reward-17k --store runs/prefs-iid2 --split train
+$T reward train --config configs/reward-testbed.toml --store runs/prefs-s12c --out runs/s13/rw-17k-seed10 \
+  --set members=3 --set init=runs/s11/pt-mean-hn-flaws-3000 --set net.text_pool=mean \
+  --set train.bootstrap=false --set train.factor_loss_weight=3 --set train.seed=10
+cp -r runs/prefs-s12c runs/prefs-s13
+$T feedback collect --model assets/testbed-base --store runs/prefs-s13 --prompts 800 --seed 12 --steps 25 --scheduler ddpm
 
 # 4. The alignment comparison on these assets, the KL-regularised DRaFT-K run, and every run's
 #    final weights on the whole held-out suite, paired image by image with the base.
