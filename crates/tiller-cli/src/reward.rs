@@ -582,15 +582,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let (net, text_init) = resolve_net(&file, &args.config, &device)?;
     let towers = match &file.init {
         Some(init) => {
-            let folders = init.folders();
-            if folders.is_empty() || (folders.len() > 1 && folders.len() != file.members) {
+            // The count against the members is checked where the towers are used
+            // (`train_ensemble_from`); an empty list would silently mean no towers.
+            if init.folders().is_empty() {
                 bail!(
-                    "init: {} folders of pretrained towers for {} members; give one (shared by every member) or one per member",
-                    folders.len(),
-                    file.members
+                    "init: an empty list; give one folder of pretrained towers (shared by every member) or one per member"
                 );
             }
-            folders
+            init.folders()
                 .iter()
                 .map(|f| load_towers(f, &net, &device))
                 .collect::<Result<Vec<_>>>()?

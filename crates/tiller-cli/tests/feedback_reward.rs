@@ -167,18 +167,23 @@ fn collect_train_eval_and_best_of() {
     );
     assert!(!bad.exists());
     // One folder of towers per member (a TOML list); a count that is neither one nor the
-    // member count (2 here) is refused by name, writing nothing.
+    // member count (2 here), or an empty list, is refused by name, writing nothing.
     let t = towers.display();
-    for (name, list, good) in [
+    for (name, list, refused) in [
         (
             "reward-per-member",
             format!("init=[\"{t}\", \"{t}\"]"),
-            true,
+            None,
         ),
         (
             "reward-three",
             format!("init=[\"{t}\", \"{t}\", \"{t}\"]"),
-            false,
+            Some("3 pretrained towers for 2 members"),
+        ),
+        (
+            "reward-empty",
+            "init=[]".to_string(),
+            Some("init: an empty list"),
         ),
     ] {
         let out = dir.join(name);
@@ -186,14 +191,15 @@ fn collect_train_eval_and_best_of() {
         args[7] = out.to_str().unwrap();
         args.extend(["--set", &list]);
         let (ok, text) = tiller(&args);
-        if good {
-            assert!(ok && out.join("model.safetensors").exists(), "{text}");
-        } else {
-            assert!(
-                !ok && text.contains("init: 3 folders") && text.contains("2 members"),
-                "{text}"
-            );
-            assert!(!out.exists());
+        match refused {
+            None => assert!(ok && out.join("model.safetensors").exists(), "{text}"),
+            Some(message) => {
+                assert!(
+                    !ok && text.contains("init") && text.contains(message),
+                    "{text}"
+                );
+                assert!(!out.exists());
+            }
         }
     }
     let (ok, text) = pretrain(&dir.join("towers-bad"), "pretrain.batch_size=1");

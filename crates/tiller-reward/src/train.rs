@@ -248,7 +248,12 @@ pub fn train_ensemble_from(
         if let Some(t) = text_init {
             net.text_encoder = t.clone();
         }
-        if let Some(t) = towers.get(m).or(towers.first()) {
+        let start = match towers {
+            [] => None,
+            [shared] => Some(shared),
+            per_member => Some(&per_member[m]),
+        };
+        if let Some(t) = start {
             net = net.adopt_towers(t)?;
         }
         let mut member_rng = rng.fork();

@@ -430,31 +430,22 @@ fn frozen_towers_stay_at_their_initialisation() {
     d.seed(13);
     let other = config.net.init(&d).unwrap();
     assert_ne!(convs(&towers), convs(&other));
-    let two = model_config(2);
     let per_member = [towers.clone(), other.clone()];
-    let trained = tiller_reward::train_ensemble_from(
-        &two,
-        &train_cfg,
-        &set,
-        None,
-        &per_member,
-        &d,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    let train_from_both = |config: &RewardModelConfig| {
+        tiller_reward::train_ensemble_from(
+            config,
+            &train_cfg,
+            &set,
+            None,
+            &per_member,
+            &d,
+            &mut |_, _, _| {},
+        )
+    };
+    let trained = train_from_both(&model_config(2)).unwrap();
     assert_eq!(convs(&towers), convs(&trained.members[0]));
     assert_eq!(convs(&other), convs(&trained.members[1]));
-    let err = tiller_reward::train_ensemble_from(
-        &model_config(3),
-        &train_cfg,
-        &set,
-        None,
-        &per_member,
-        &d,
-        &mut |_, _, _| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train_from_both(&model_config(3)).unwrap_err().to_string();
     assert!(
         err.contains("init") && err.contains("2 pretrained towers for 3 members"),
         "{err}"
