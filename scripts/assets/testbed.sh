@@ -60,6 +60,25 @@ $T reward train --config configs/reward-testbed.toml --store runs/prefs-s12c --o
   --set train.bootstrap=false --set train.factor_loss_weight=3 --set train.seed=10
 cp -r runs/prefs-s12c runs/prefs-s13
 $T feedback collect --model assets/testbed-base --store runs/prefs-s13 --prompts 800 --seed 12 --steps 25 --scheduler ddpm
+#     The table's other rows: the bootstrap at 17 400 and 22 200 comparisons, 22 200 without it,
+#     and one set of pretrained towers per member (two more pretrained as the first, seeds 1, 2).
+R="--set members=3 --set net.text_pool=mean --set train.factor_loss_weight=3"
+$T reward train --config configs/reward-testbed.toml --store runs/prefs-s12c --out runs/s13/rw-17k-boot \
+  $R --set init=runs/s11/pt-mean-hn-flaws-3000 --set train.bootstrap=true
+$T reward train --config configs/reward-testbed.toml --store runs/prefs-s13 --out runs/s13/rw-22k \
+  $R --set init=runs/s11/pt-mean-hn-flaws-3000 --set train.bootstrap=false
+$T reward train --config configs/reward-testbed.toml --store runs/prefs-s13 --out runs/s13/rw-22k-boot \
+  $R --set init=runs/s11/pt-mean-hn-flaws-3000 --set train.bootstrap=true
+for s in 1 2; do
+  $T reward pretrain --config configs/reward-testbed.toml --out runs/s13/pt-flaws-seed$s \
+    --set net.text_pool=mean --set pretrain.hard_negatives=true \
+    --set pretrain.render.soft_edge_rate=0.5 --set pretrain.render.speckle_rate=0.5 --set pretrain.seed=$s
+done
+$T reward train --config configs/reward-testbed.toml --store runs/prefs-s13 --out runs/s13/rw-22k-pm \
+  $R --set train.bootstrap=false \
+  --set 'init=["runs/s11/pt-mean-hn-flaws-3000", "runs/s13/pt-flaws-seed1", "runs/s13/pt-flaws-seed2"]'
+scripts/analysis/confirm.sh "$T"
+scripts/analysis/spread.sh "$T"
 
 # 4. The alignment comparison on these assets, the KL-regularised DRaFT-K run, and every run's
 #    final weights on the whole held-out suite, paired image by image with the base.
