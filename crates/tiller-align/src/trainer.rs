@@ -17,11 +17,11 @@
 //! reward stops the run with the update number.
 
 use crate::batch::{Batch, Collect, Pairs, Prompts, Rollouts, Starts};
-use crate::config::AlignConfig;
+use crate::config::{AlignConfig, AlignTrainSection};
 use crate::policy::Policy;
 use crate::{Algorithm, Context};
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -105,14 +105,7 @@ pub fn align(
 ) -> Result<Aligned> {
     let train = &config.train;
     let store = CheckpointStore::new(run.checkpoints(), config.log.keep_checkpoints);
-    let mut optim: ModuleOptimizer = tiller_engine::optim::adamw(
-        train.adam_beta1,
-        train.adam_beta2,
-        train.adam_epsilon,
-        train.weight_decay,
-        train.max_grad_norm,
-        train.grad_clip,
-    );
+    let mut optim = optimizer(train);
     let mut policy = policy;
     let mut rng = SeededRng::new(train.seed);
     let mut step = 0u64;
@@ -239,18 +232,9 @@ pub fn align(
                 }
                 acc.accumulate(&policy.unet, out.grads);
             }
-            let mut grads = acc.grads();
-            let grad_norm = tiller_engine::optim::clip_gradients(
-                &policy.unet,
-                &mut grads,
-                train.max_grad_norm,
-                train.grad_clip,
-            );
             let rate = lr.at(step);
-            policy = Policy {
-                unet: optim.step(rate, policy.unet, grads),
-                ..policy
-            };
+            let (stepped, grad_norm) = optimizer_step(policy, &mut optim, acc.grads(), train, rate);
+            policy = stepped;
             step += 1;
             done_here += 1;
 
@@ -344,6 +328,39 @@ pub fn align(
         wall_s,
         last_validation,
     })
+}
+
+/// The run's AdamW (`[train]`: betas, epsilon, decoupled weight decay, per-tensor clipping when
+/// `train.grad_clip = "per_tensor"`).
+pub fn optimizer(train: &AlignTrainSection) -> ModuleOptimizer {
+    tiller_engine::optim::adamw(
+        train.adam_beta1,
+        train.adam_beta2,
+        train.adam_epsilon,
+        train.weight_decay,
+        train.max_grad_norm,
+        train.grad_clip,
+    )
+}
+
+/// One optimizer update from an update's summed gradients: clipped as `train.grad_clip` says
+/// (global by default, torch's `clip_grad_norm_`), then an AdamW step at learning rate `rate`.
+/// Returns the stepped policy and the gradient norm before clipping.
+pub fn optimizer_step(
+    policy: Policy,
+    optim: &mut ModuleOptimizer,
+    mut grads: GradientsParams,
+    train: &AlignTrainSection,
+    rate: f64,
+) -> (Policy, f64) {
+    let grad_norm = tiller_engine::optim::clip_gradients(
+        &policy.unet,
+        &mut grads,
+        train.max_grad_norm,
+        train.grad_clip,
+    );
+    let unet = optim.step(rate, policy.unet, grads);
+    (Policy { unet, ..policy }, grad_norm)
 }
 
 fn log_validation(

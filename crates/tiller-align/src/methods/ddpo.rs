@@ -109,6 +109,24 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// Step `i` of rollout chain `r` re-scored under the current (autodiff) weights: the step's
+/// Gaussian and log pi_theta(x_{t-1} | x_t) of the recorded x_{t-1}, [B] (mean over dimensions).
+/// `cond` is the rollouts' conditioning on the autodiff device.
+pub fn step_log_prob(
+    policy: &crate::Policy,
+    cond: &tiller_diffusion::sampling::Conditioning,
+    r: &crate::batch::Rollouts,
+    i: usize,
+) -> Result<(tiller_diffusion::Gaussian, Tensor<1>)> {
+    let t = policy.sampler.timesteps()[i];
+    let x_t = r.latents[i].clone().autodiff();
+    let next = r.latents[i + 1].clone().autodiff();
+    let pred = cond.predict(&policy.unet, x_t.clone(), t);
+    let step = policy.sampler.step(pred, i, x_t)?.distribution;
+    let log_prob = step.log_prob(next, LogProbReduction::Mean)?;
+    Ok((step, log_prob))
+}
+
 impl Algorithm for Ddpo {
     fn name(&self) -> &'static str {
         "ddpo"
@@ -179,12 +197,8 @@ impl Algorithm for Ddpo {
         let (mut loss_sum, mut kl_sum, mut approx_kl, mut clipfrac, mut ratio_sum) =
             (0.0, 0.0, 0.0, 0.0, 0.0);
         for &i in &r.train_steps {
-            let t = policy.sampler.timesteps()[i];
             let x_t = r.latents[i].clone().autodiff();
-            let next = r.latents[i + 1].clone().autodiff();
-            let pred = cond.predict(&policy.unet, x_t.clone(), t);
-            let step = policy.sampler.step(pred, i, x_t.clone())?.distribution;
-            let log_prob = step.log_prob(next, LogProbReduction::Mean)?;
+            let (step, log_prob) = step_log_prob(policy, &cond, r, i)?;
             let old = r.log_probs[i]
                 .clone()
                 .ok_or_else(|| Error::invalid(format!("step {i} has no log-probability")))?

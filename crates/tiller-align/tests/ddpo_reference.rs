@@ -1,0 +1,469 @@
+//! One DDPO update against a PyTorch reference written from ddpo-pytorch
+//! (`scripts/fixtures/ddpo_update.py`, fixture `tests/fixtures/ddpo-update/`): from the same tiny
+//! UNet and the same recorded rollout (every x_t, the rollout's log-probs, prompt states,
+//! rewards), Tiller's per-step log-probs, ratios, advantages, loss, gradient of every trainable
+//! tensor, gradient norm and the weights after the clipped AdamW step must equal the reference's,
+//! for full fine-tuning and LoRA, with and without classifier-free guidance.
+//!
+//! The reference computes in float64 from the float32 values in the fixture, so the differences
+//! measured here are Tiller's own float32 error.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor, TensorData};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tiller_align::batch::{Batch, Prompts, Rollouts};
+use tiller_align::config::{AdapterKind, AdapterSection, AlignTrainSection, DdpoSection};
+use tiller_align::methods::Ddpo;
+use tiller_align::methods::ddpo::step_log_prob;
+use tiller_align::policy::sampler_config;
+use tiller_align::trainer::{optimizer, optimizer_step};
+use tiller_align::{Algorithm, Context, Policy};
+use tiller_core::SeededRng;
+use tiller_diffusion::models::load_unet;
+use tiller_diffusion::models::lora::load_lora;
+use tiller_diffusion::models::unet::UNet2DConditionModel;
+use tiller_diffusion::models::weights::{HostTensor, collect_tensors, read_safetensors};
+use tiller_diffusion::schedulers::SchedulerConfig;
+use tiller_reward::Reward;
+use tiller_testbed::Image;
+use tiller_testkit::assert_close;
+
+fn fixture() -> PathBuf {
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("tests/fixtures/ddpo-update")
+}
+
+/// The settings `ddpo_update.py` writes next to its cases.
+#[derive(serde::Deserialize)]
+struct Meta {
+    steps: usize,
+    eta: f64,
+    clip_range: f64,
+    adv_clip_max: f64,
+    stat_min_count: usize,
+    stat_buffer: usize,
+    max_grad_norm: f64,
+    adam_betas: [f64; 2],
+    adam_eps: f64,
+    weight_decay: f64,
+    cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    adapter: String,
+    guidance: f64,
+    lr: f64,
+    prompts: Vec<String>,
+    trainable_tensors: usize,
+}
+
+/// Rollouts are scored before the loop sees them; DDPO never asks the reward again.
+struct NoReward;
+
+impl Reward for NoReward {
+    fn name(&self) -> String {
+        "none".into()
+    }
+    fn score(&self, _: &[Image], _: &[String]) -> tiller_core::Result<Vec<f64>> {
+        unreachable!("DDPO's gradients do not query the reward")
+    }
+}
+
+fn tensor<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
+    let shape: [usize; D] = t.shape.clone().try_into().expect("rank");
+    Tensor::from_data(TensorData::new(t.data.clone(), shape), device)
+}
+
+/// Tensor `i` along the first axis of a host tensor, with the remaining shape.
+fn row<const D: usize>(t: &HostTensor, i: usize, device: &Device) -> Tensor<D> {
+    let rest: [usize; D] = t.shape[1..].to_vec().try_into().expect("rank");
+    let n: usize = rest.iter().product();
+    Tensor::from_data(
+        TensorData::new(t.data[i * n..(i + 1) * n].to_vec(), rest),
+        device,
+    )
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+/// Every trainable tensor's gradient under its torch name: one SGD step of lr 1 from all-zero
+/// weights gives exactly -g (the zeroed copy keeps the parameter ids the gradients are keyed by).
+fn gradients_by_name(
+    unet: &UNet2DConditionModel,
+    grads: GradientsParams,
+) -> BTreeMap<String, HostTensor> {
+    struct Zero;
+    impl ModuleMapper for Zero {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let id = param.id;
+            let value = Tensor::<D>::zeros(param.lazy_shape(), &param.lazy_device());
+            param.transform_for_load(value, id)
+        }
+    }
+    let zero = unet.clone().map(&mut Zero);
+    let mut sgd = SgdConfig::new().init();
+    let stepped = sgd.step(1.0, zero, grads);
+    collect_tensors(&stepped.valid())
+        .into_iter()
+        .map(|(k, v)| {
+            let data = v.data.iter().map(|x| -x).collect();
+            (k, HostTensor { data, ..v })
+        })
+        .collect()
+}
+
+/// Tiller's value of the reference's tensor `name` (torch name and layout) in `tensors`: LoRA
+/// factors `<module>.lora_A.weight` [r, d_in] and `lora_B.weight` [d_out, r] are burn's
+/// `<module>.weight.lora.a` [d_in, r] and `.lora.b` [r, d_out], transposed.
+fn torch_view(tensors: &BTreeMap<String, HostTensor>, name: &str) -> Vec<f32> {
+    let lora = [
+        (".lora_A.weight", ".weight.lora.a"),
+        (".lora_B.weight", ".weight.lora.b"),
+    ];
+    match lora.iter().find(|(torch, _)| name.ends_with(torch)) {
+        None => tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("no trainable tensor {name}"))
+            .data
+            .clone(),
+        Some((torch, burn)) => {
+            let key = format!("{}{burn}", &name[..name.len() - torch.len()]);
+            let t = tensors
+                .get(&key)
+                .unwrap_or_else(|| panic!("no LoRA factor {key}"));
+            let [rows, cols] = t.shape[..] else {
+                panic!("{key}: shape {:?}", t.shape)
+            };
+            (0..cols)
+                .flat_map(|c| (0..rows).map(move |r| t.data[r * cols + c]))
+                .collect()
+        }
+    }
+}
+
+/// |actual - expected| <= rtol * max|expected| of the tensor, element by element, and the whole
+/// tensor's relative L2 error below rtol: "relative" for a tensor whose elements span several
+/// orders of magnitude. Returns the relative L2 error.
+fn assert_tensor_close(name: &str, actual: &[f32], expected: &[f32], rtol: f64) -> f64 {
+    assert_eq!(actual.len(), expected.len(), "{name}: length");
+    let scale = expected.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        let d = (*a as f64 - *e as f64).abs();
+        assert!(
+            d <= rtol * scale + 1e-12,
+            "{name}[{i}]: {a} vs reference {e} (|diff| {d:.3e}, tensor scale {scale:.3e})"
+        );
+        diff += d * d;
+        norm += (*e as f64).powi(2);
+    }
+    let l2 = diff.sqrt() / norm.sqrt().max(1e-30);
+    assert!(l2 <= rtol, "{name}: relative L2 error {l2:.3e}");
+    l2
+}
+
+/// The weights after AdamW's first step, `w (1 - lr wd) - lr g / (|g| + eps)`: about `lr`
+/// times the sign of each gradient element. Where the reference gradient is below 1e-3 of its
+/// tensor's largest element, its float32 value (error ~1e-4 of that scale) does not determine the
+/// sign, so such an element may differ by up to 2 lr; every other element agrees to 1e-4 of the
+/// tensor's scale. Returns how many elements were sign-ambiguous.
+fn assert_updated_close(
+    name: &str,
+    actual: &[f32],
+    expected: &[f32],
+    grad: &[f32],
+    lr: f64,
+) -> usize {
+    let scale = expected.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let g_scale = grad.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let mut ambiguous = 0;
+    for (i, ((a, e), g)) in actual.iter().zip(expected).zip(grad).enumerate() {
+        let d = (*a as f64 - *e as f64).abs();
+        let tiny = (*g as f64).abs() < 1e-3 * g_scale;
+        ambiguous += (tiny && d > 1e-4 * scale) as usize;
+        let allowed = 1e-4 * scale + if tiny { 2.0 * lr } else { 0.0 };
+        assert!(
+            d <= allowed,
+            "{name}[{i}]: {a} vs reference {e} (|diff| {d:.3e}, gradient {g:.3e})"
+        );
+    }
+    ambiguous
+}
+
+fn scalar(io: &BTreeMap<String, HostTensor>, key: &str) -> f64 {
+    io[key].data[0] as f64
+}
+
+fn run_case(meta: &Meta, case: &Case) {
+    let dir = fixture();
+    let device = tiller_core::device::parse_device("cpu").unwrap();
+    let io = read_safetensors(&dir.join(format!("{}.safetensors", case.name))).unwrap();
+    let (unet_config, base) = load_unet(&dir.join("unet"), None, &device).unwrap();
+    let pipeline = SchedulerConfig::from_diffusers_json(dir.join("scheduler_config.json")).unwrap();
+    let sampler = || {
+        sampler_config(&pipeline, meta.eta)
+            .unwrap()
+            .build(meta.steps)
+            .unwrap()
+    };
+    let policy = match case.adapter.as_str() {
+        "full" => Policy::new(
+            base,
+            unet_config,
+            sampler(),
+            sampler(),
+            case.guidance,
+            &AdapterSection {
+                kind: AdapterKind::Full,
+                ..Default::default()
+            },
+            &mut SeededRng::new(0),
+            &device,
+        )
+        .unwrap(),
+        "lora" => {
+            // The reference's adapters (both factors random), loaded from their kohya file.
+            let lora = dir.join(format!("{}.lora.safetensors", case.name));
+            let (adapted, _, _) = load_lora(base.clone(), &lora).unwrap();
+            Policy {
+                unet: adapted.to_device(&device.clone().autodiff()).train(),
+                reference: base,
+                unet_config,
+                sampler: sampler(),
+                noise: sampler(),
+                guidance: case.guidance,
+                adapter: AdapterKind::Lora,
+                device: device.clone(),
+            }
+        }
+        other => panic!("unknown adapter {other}"),
+    };
+
+    // ---- the recorded rollout
+    let n = case.prompts.len();
+    let latents = &io["latents"];
+    let old = &io["old_log_probs"];
+    let mut batch = Batch::Rollouts(Rollouts {
+        prompts: Prompts {
+            texts: case.prompts.clone(),
+            context: tensor(&io["context"], &device),
+            uncond: tensor(&io["uncond"], &device),
+        },
+        latents: (0..=meta.steps).map(|i| row(latents, i, &device)).collect(),
+        log_probs: (0..meta.steps)
+            .map(|i| Some(row(old, i, &device)))
+            .collect(),
+        rewards: io["rewards"].data.iter().map(|&r| r as f64).collect(),
+        advantages: Vec::new(),
+        train_steps: Vec::new(),
+    });
+
+    // ---- advantages: per-prompt statistics, clipped
+    let mut ddpo = Ddpo::new(DdpoSection {
+        clip_range: meta.clip_range,
+        adv_clip_max: meta.adv_clip_max,
+        stat_min_count: meta.stat_min_count,
+        stat_buffer: meta.stat_buffer,
+        ..Default::default()
+    });
+    let mut rng = SeededRng::new(0);
+    ddpo.prepare(&mut batch, &mut rng).unwrap();
+    let Batch::Rollouts(r) = &batch else {
+        unreachable!()
+    };
+    assert_eq!(r.train_steps.len(), meta.steps, "every step is trained");
+    let adv: Vec<f64> = r.advantages.clone();
+    assert_close(adv.as_slice(), io["advantages"].data.as_slice(), 1e-6, 1e-6);
+
+    // ---- per-step log-probs and ratios, re-scored under the current weights
+    let cond = policy.conditioning(&r.prompts, &policy.autodiff_device());
+    let per_image = latents.data.len() / ((meta.steps + 1) * n);
+    for i in 0..meta.steps {
+        let x_t = r.latents[i].clone().autodiff();
+        let t = policy.sampler.timesteps()[i];
+        let pred = values(cond.predict(&policy.unet, x_t, t).inner());
+        let (step, lp) = step_log_prob(&policy, &cond, r, i).unwrap();
+        let mean = values(step.mean.inner());
+        let lp = values(lp.inner());
+        let expected = &io["log_probs"].data[i * n..(i + 1) * n];
+        let span = i * n * per_image..(i + 1) * n * per_image;
+        let worst = |a: &[f32], e: &[f32]| {
+            a.iter()
+                .zip(e)
+                .map(|(x, y)| (*x as f64 - *y as f64).abs())
+                .fold(0.0, f64::max)
+        };
+        let sigma = values(step.std.inner())[0] as f64;
+        let (out_err, mean_err, lp_err) = (
+            worst(&pred, &io["model_outputs"].data[span.clone()]),
+            worst(&mean, &io["step_means"].data[span]),
+            worst(&lp, expected),
+        );
+        eprintln!(
+            "{} step {i} (sigma {sigma:.4}): max |model output err| {out_err:.2e}, |mean err| \
+             {mean_err:.2e}, |log-prob err| {lp_err:.2e}",
+            case.name
+        );
+        // The guided UNet output and the step's mean agree to float32 rounding of the kernels.
+        assert!(out_err < 1e-5 && mean_err < 1e-5, "{}: step {i}", case.name);
+        // Measured: at most 3.8e-6. (With diffusers' float32 alphas_cumprod instead of the float64
+        // schedule Tiller uses, sigma moves by 1e-4 relative at the two low-noise steps and the
+        // log-probs by up to 4e-5: `ddpo_update.py --float32-schedule`.)
+        let atol = 1e-5;
+        assert_close(lp.as_slice(), expected, 0.0, atol);
+        let ratio: Vec<f64> = lp
+            .iter()
+            .zip(&old.data[i * n..(i + 1) * n])
+            .map(|(l, o)| (*l as f64 - *o as f64).exp())
+            .collect();
+        assert_close(
+            ratio.as_slice(),
+            &io["ratios"].data[i * n..(i + 1) * n],
+            0.0,
+            atol,
+        );
+    }
+
+    // ---- the loss and its gradients
+    let cx = Context {
+        policy: &policy,
+        reward: &NoReward,
+        kl_weight: 0.0,
+    };
+    let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
+    // The loss is a sum of terms -A r whose A cancel within each prompt, so what is left (~1e-5)
+    // is mean(-A (r - 1)): it carries the log-probs' absolute error (a few 1e-6, times |A| ~ 1),
+    // not a relative one. A sign error (a difference of 2.4e-5) fails.
+    let loss = scalar(&io, "loss");
+    assert!(loss.abs() > 1e-5, "reference loss {loss}");
+    assert!(
+        (out.loss - loss).abs() < 3e-6,
+        "{}: loss {} vs reference {loss}",
+        case.name,
+        out.loss
+    );
+    let metric = |k: &str| out.metrics.iter().find(|(m, _)| *m == k).unwrap().1;
+    assert!((metric("clipfrac") - scalar(&io, "clipfrac")).abs() < 1e-6);
+    assert!((metric("approx_kl") - scalar(&io, "approx_kl")).abs() < 1e-9);
+
+    let grads = gradients_by_name(&policy.unet, out.grads);
+    let trained: Vec<&String> = io.keys().filter(|k| k.starts_with("grad.")).collect();
+    assert_eq!(trained.len(), case.trainable_tensors);
+    // Guided predictions are u + g (c - u) with g = 3, which triples the float32 error of the
+    // two passes' difference: torch's own float32 gradients on these inputs are 7.7e-5 (no
+    // guidance) and 3.1e-4 (guidance 3) from the float64 reference, in relative L2.
+    let rtol = if case.guidance == 1.0 { 1e-4 } else { 3e-4 };
+    let mut worst = 0f64;
+    for key in &trained {
+        let name = &key["grad.".len()..];
+        let got = torch_view(&grads, name);
+        let l2 = assert_tensor_close(
+            &format!("{} grad {name}", case.name),
+            &got,
+            &io[*key].data,
+            rtol,
+        );
+        worst = worst.max(l2);
+    }
+    eprintln!(
+        "{}: gradients' worst relative L2 error {worst:.2e}",
+        case.name
+    );
+    // Under LoRA, Tiller trains exactly the reference's factors, and the frozen base weights get
+    // no gradient.
+    if case.adapter == "lora" {
+        let factors = grads.keys().filter(|k| k.contains(".lora.")).count();
+        assert_eq!(factors, case.trainable_tensors, "{}", case.name);
+    }
+    for (name, g) in &grads {
+        if !io.contains_key(&format!("grad.{name}")) {
+            let lora_factor = name.contains(".lora.");
+            assert!(
+                lora_factor || g.data.iter().all(|x| *x == 0.0),
+                "{}: {name} has a gradient",
+                case.name
+            );
+        }
+    }
+
+    // ---- clip_grad_norm_(1.0) over everything, then AdamW
+    let train = AlignTrainSection {
+        learning_rate: case.lr,
+        adam_beta1: meta.adam_betas[0],
+        adam_beta2: meta.adam_betas[1],
+        adam_epsilon: meta.adam_eps,
+        weight_decay: meta.weight_decay,
+        max_grad_norm: meta.max_grad_norm,
+        ..Default::default()
+    };
+    // Reading the gradients above consumed them: take them again (DDPO's gradients are a pure
+    // function of the batch and the weights).
+    let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
+    let mut optim = optimizer(&train);
+    let (stepped, norm) = optimizer_step(policy, &mut optim, out.grads, &train, case.lr);
+    let expected_norm = scalar(&io, "grad_norm");
+    assert!(
+        (norm - expected_norm).abs() <= 1e-4 * expected_norm,
+        "{}: grad norm {norm} vs reference {expected_norm}",
+        case.name
+    );
+    let after = collect_tensors(&stepped.unet.valid());
+    let mut ambiguous = 0;
+    for key in &trained {
+        let name = &key["grad.".len()..];
+        ambiguous += assert_updated_close(
+            &format!("{} updated {name}", case.name),
+            &torch_view(&after, name),
+            &io[&format!("after.{name}")].data,
+            &io[*key].data,
+            case.lr,
+        );
+    }
+    eprintln!(
+        "{}: {ambiguous} updated weights with an ambiguous gradient sign",
+        case.name
+    );
+}
+
+fn meta() -> Meta {
+    tiller_testkit::fixture::load_json(fixture().join("cases.json"))
+}
+
+fn case(name: &str) {
+    let meta = meta();
+    let case = meta
+        .cases
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name} in cases.json"));
+    run_case(&meta, case);
+}
+
+#[test]
+fn full_fine_tuning_without_guidance_matches_the_reference() {
+    case("full-g1");
+}
+
+#[test]
+fn full_fine_tuning_with_guidance_matches_the_reference() {
+    case("full-g3");
+}
+
+#[test]
+fn lora_without_guidance_matches_the_reference() {
+    case("lora-g1");
+}
+
+#[test]
+fn lora_with_guidance_matches_the_reference() {
+    case("lora-g3");
+}
