@@ -138,6 +138,7 @@ pub fn align(
         shape: train.lr_schedule,
     };
     let mut metrics = MetricsLog::open(run.root(), resume.map(|_| step))?;
+    let mut rollouts = RolloutLog::open(run.root(), resume.map(|_| step))?;
     let per_batch = algorithm.updates_per_batch() as u64;
     eprintln!(
         "align {}: {} updates, effective batch {} = {} per micro-batch x {} accumulation{}{}, lr {:.1e}, reward {}",
@@ -187,6 +188,7 @@ pub fn align(
             &mut rng,
         )?;
         queries += collected_rewards.len() as u64;
+        rollouts.log(step + 1, &batch.prompts().texts, &collected_rewards)?;
         let prepared = algorithm.prepare(&mut batch, &mut rng)?;
 
         for _ in 0..per_batch {
@@ -361,6 +363,64 @@ pub fn optimizer_step(
     );
     let unet = optim.step(rate, policy.unet, grads);
     (Policy { unet, ..policy }, grad_norm)
+}
+
+/// `rollouts.jsonl`: every scored rollout's prompt and reward, one line each, under the update it
+/// trained (TRL's completions table; what a reference implementation needs to train on the same
+/// prompts). On resume, lines of updates after the checkpoint are dropped, as in `metrics.jsonl`.
+struct RolloutLog {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl RolloutLog {
+    const FILE: &'static str = "rollouts.jsonl";
+
+    fn open(dir: &std::path::Path, resume_step: Option<u64>) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        if let Some(step) = resume_step
+            && path.exists()
+        {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("update").and_then(|u| u.as_u64()))
+                        .is_some_and(|u| u <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            tiller_core::fs::atomic_write(&path, kept.as_bytes())?;
+        }
+        Ok(Self { path, file: None })
+    }
+
+    fn log(&mut self, update: u64, prompts: &[String], rewards: &[f64]) -> Result<()> {
+        use std::io::Write;
+        if rewards.is_empty() {
+            return Ok(());
+        }
+        if self.file.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|e| Error::io(&self.path, e))?;
+            self.file = Some(f);
+        }
+        let mut text = String::new();
+        for (p, r) in prompts.iter().zip(rewards) {
+            let line = serde_json::json!({ "update": update, "prompt": p, "reward": r });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        let file = self.file.as_mut().expect("opened above");
+        file.write_all(text.as_bytes())
+            .and_then(|_| file.flush())
+            .map_err(|e| Error::io(&self.path, e))
+    }
 }
 
 fn log_validation(

@@ -59,6 +59,13 @@ struct Case {
     lr: f64,
     prompts: Vec<String>,
     trainable_tensors: usize,
+    /// 2: the fixture also holds a second update (`second.*`).
+    #[serde(default = "one")]
+    updates: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Rollouts are scored before the loop sees them; DDPO never asks the reward again.
@@ -175,25 +182,35 @@ fn assert_tensor_close(name: &str, actual: &[f32], expected: &[f32], rtol: f64) 
 /// times the sign of each gradient element. Where the reference gradient is below 1e-3 of its
 /// tensor's largest element, its float32 value (error ~1e-4 of that scale) does not determine the
 /// sign, so such an element may differ by up to 2 lr; every other element agrees to 1e-4 of the
-/// tensor's scale. Returns how many elements were sign-ambiguous.
+/// tensor's scale. `grads` are the reference gradients of every step taken so far. Returns how
+/// many elements were sign-ambiguous.
 fn assert_updated_close(
     name: &str,
     actual: &[f32],
     expected: &[f32],
-    grad: &[f32],
+    grads: &[&[f32]],
     lr: f64,
 ) -> usize {
     let scale = expected.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
-    let g_scale = grad.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let scales: Vec<f64> = grads
+        .iter()
+        .map(|g| g.iter().fold(0f64, |m, x| m.max(x.abs() as f64)))
+        .collect();
     let mut ambiguous = 0;
-    for (i, ((a, e), g)) in actual.iter().zip(expected).zip(grad).enumerate() {
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
         let d = (*a as f64 - *e as f64).abs();
-        let tiny = (*g as f64).abs() < 1e-3 * g_scale;
-        ambiguous += (tiny && d > 1e-4 * scale) as usize;
-        let allowed = 1e-4 * scale + if tiny { 2.0 * lr } else { 0.0 };
+        // Each step whose gradient element was tiny may have gone the other way.
+        let tiny = grads
+            .iter()
+            .zip(&scales)
+            .filter(|(g, s)| (g[i] as f64).abs() < 1e-3 * **s)
+            .count();
+        ambiguous += (tiny > 0 && d > 1e-4 * scale) as usize;
+        let allowed = 1e-4 * scale + 2.0 * lr * tiny as f64;
         assert!(
             d <= allowed,
-            "{name}[{i}]: {a} vs reference {e} (|diff| {d:.3e}, gradient {g:.3e})"
+            "{name}[{i}]: {a} vs reference {e} (|diff| {d:.3e}, gradients {:?})",
+            grads.iter().map(|g| g[i]).collect::<Vec<_>>()
         );
     }
     ambiguous
@@ -424,12 +441,99 @@ fn run_case(meta: &Meta, case: &Case) {
             &format!("{} updated {name}", case.name),
             &torch_view(&after, name),
             &io[&format!("after.{name}")].data,
-            &io[*key].data,
+            &[&io[*key].data],
             case.lr,
         );
     }
     eprintln!(
         "{}: {ambiguous} updated weights with an ambiguous gradient sign",
+        case.name
+    );
+    if case.updates < 2 {
+        return;
+    }
+
+    // ---- a second update: what the loop carries from one update to the next (the weights,
+    // Adam's moments and step count, the per-prompt reward buffers), on a fresh on-policy rollout
+    // of the updated weights
+    let latents = &io["second.latents"];
+    let old = &io["second.old_log_probs"];
+    let mut batch = Batch::Rollouts(Rollouts {
+        prompts: Prompts {
+            texts: case.prompts.clone(),
+            context: tensor(&io["context"], &device),
+            uncond: tensor(&io["uncond"], &device),
+        },
+        latents: (0..=meta.steps).map(|i| row(latents, i, &device)).collect(),
+        log_probs: (0..meta.steps)
+            .map(|i| Some(row(old, i, &device)))
+            .collect(),
+        rewards: io["second.rewards"]
+            .data
+            .iter()
+            .map(|&r| r as f64)
+            .collect(),
+        advantages: Vec::new(),
+        train_steps: Vec::new(),
+    });
+    ddpo.prepare(&mut batch, &mut rng).unwrap();
+    let Batch::Rollouts(r) = &batch else {
+        unreachable!()
+    };
+    // The buffers now hold both updates' rewards of each prompt.
+    assert_close(
+        r.advantages.as_slice(),
+        io["second.advantages"].data.as_slice(),
+        1e-6,
+        1e-6,
+    );
+    let cx = Context {
+        policy: &stepped,
+        reward: &NoReward,
+        kl_weight: 0.0,
+    };
+    let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
+    let grads = gradients_by_name(&stepped.unet, out.grads);
+    // The first step left a few sign-ambiguous weights 2 lr from the reference's (above), which
+    // moves the second update's gradients by more than float32 rounding alone.
+    let second_rtol = 2e-3;
+    let mut second_worst = 0f64;
+    for key in &trained {
+        let name = &key["grad.".len()..];
+        let l2 = assert_tensor_close(
+            &format!("{} second grad {name}", case.name),
+            &torch_view(&grads, name),
+            &io[&format!("second.grad.{name}")].data,
+            second_rtol,
+        );
+        second_worst = second_worst.max(l2);
+    }
+    eprintln!(
+        "{}: second gradients' worst relative L2 error {second_worst:.2e}",
+        case.name
+    );
+    let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
+    let (stepped, norm) = optimizer_step(stepped, &mut optim, out.grads, &train, case.lr);
+    let expected_norm = scalar(&io, "second.grad_norm");
+    assert!(
+        (norm - expected_norm).abs() <= 1e-4 * expected_norm,
+        "{}: second grad norm {norm} vs reference {expected_norm}",
+        case.name
+    );
+    let after = collect_tensors(&stepped.unet.valid());
+    let mut ambiguous = 0;
+    for key in &trained {
+        let name = &key["grad.".len()..];
+        ambiguous += assert_updated_close(
+            &format!("{} second update {name}", case.name),
+            &torch_view(&after, name),
+            &io[&format!("second.after.{name}")].data,
+            &[&io[*key].data, &io[&format!("second.grad.{name}")].data],
+            case.lr,
+        );
+    }
+    eprintln!(
+        "{}: second update, {ambiguous} weights with an ambiguous gradient",
         case.name
     );
 }

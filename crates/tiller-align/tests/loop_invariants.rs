@@ -467,6 +467,26 @@ fn resumed_equals_uninterrupted(method: MethodName) {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
+    // So does the rollouts log: the same prompts and rewards under the same updates.
+    let rollouts = |d: &Path| std::fs::read_to_string(d.join("rollouts.jsonl")).ok();
+    assert_eq!(
+        rollouts(&a),
+        rollouts(&b),
+        "{}: rollouts.jsonl",
+        method.name()
+    );
+    if method == MethodName::Ddpo {
+        let text = rollouts(&a).expect("DDPO logs its rollouts");
+        let updates: std::collections::BTreeSet<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["update"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(updates.into_iter().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    }
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
 }

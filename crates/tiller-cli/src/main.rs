@@ -83,6 +83,9 @@ enum RewardCommand {
     /// Late fusion: reward folders and caption matches standardised over a store's images
     /// (label-free) and summed, written as one folder that `--reward` and `reward eval` load.
     Fuse(reward::FuseArgs),
+    /// Score PNG images listed in a JSONL manifest with any reward (`gold`, `jpeg`, a reward
+    /// folder), e.g. another program's rollouts.
+    Score(reward::ScoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -166,6 +169,9 @@ fn main() -> Result<()> {
         Command::Reward {
             command: RewardCommand::Fuse(args),
         } => reward::fuse(args),
+        Command::Reward {
+            command: RewardCommand::Score(args),
+        } => reward::score(args),
         Command::Eval(args) => {
             let out = args_out(&args);
             let report = eval::eval(args)?;

@@ -1161,3 +1161,81 @@ pub fn markdown(r: &RewardReport) -> String {
     }
     s
 }
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// A JSONL manifest, one `{"image": "<png path>", "prompt": "<text>"}` per line; relative image
+    /// paths are relative to the manifest's folder.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// The reward: `gold`, `jpeg`, a reward model folder, a fusion folder or
+    /// `caption-match:<folder>`.
+    #[arg(long, default_value = "gold")]
+    pub reward: String,
+    /// Where to write the scores, one `{"image", "prompt", "reward"}` line per manifest line
+    /// (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestLine {
+    image: PathBuf,
+    prompt: String,
+}
+
+/// `tiller reward score`: scores PNG images with any reward, as the alignment loop would (the
+/// images of another program, e.g. a reference implementation's rollouts). A non-finite score is
+/// an error naming the image.
+pub fn score(args: ScoreArgs) -> Result<()> {
+    crate::ensure_new_out(&args.out)?;
+    let text = std::fs::read_to_string(&args.manifest)
+        .with_context(|| format!("--manifest {}", args.manifest.display()))?;
+    let root = args.manifest.parent().unwrap_or(Path::new("."));
+    let mut lines = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let l: ManifestLine = serde_json::from_str(line).with_context(|| {
+            format!(
+                "--manifest {} line {}: expected {{\"image\", \"prompt\"}}",
+                args.manifest.display(),
+                i + 1
+            )
+        })?;
+        lines.push(l);
+    }
+    let images = lines
+        .iter()
+        .map(|l| {
+            let path = root.join(&l.image);
+            tiller_testbed::image::read_png(&path)
+                .with_context(|| format!("image {}", path.display()))
+        })
+        .collect::<Result<Vec<Image>>>()?;
+    let prompts: Vec<String> = lines.iter().map(|l| l.prompt.clone()).collect();
+    let device = tiller_core::device::parse_device(&args.device)?;
+    let reward = load_reward(&args.reward, &Tokenizer::shapes(), &device)?;
+    let scores = reward.score(&images, &prompts)?;
+    let mut out = String::new();
+    for (l, s) in lines.iter().zip(&scores) {
+        if !s.is_finite() {
+            bail!(
+                "reward `{}` gave {s} for image {}",
+                reward.name(),
+                l.image.display()
+            );
+        }
+        out.push_str(&serde_json::to_string(
+            &serde_json::json!({ "image": l.image, "prompt": l.prompt, "reward": s }),
+        )?);
+        out.push('\n');
+    }
+    tiller_core::fs::atomic_write(&args.out, out.as_bytes())?;
+    Ok(())
+}

@@ -518,3 +518,68 @@ fn reward_config_errors_name_the_key() {
     assert!(!dir.join("m").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `reward score` scores another program's PNGs as the loop would: a renderer drawing of its
+/// prompt scores above a blank image under the gold reward, every line comes back in order, and
+/// a missing image or an existing `--out` is an error that writes nothing.
+#[test]
+fn reward_score_scores_pngs_from_a_manifest() {
+    use tiller_testbed::prompts::PromptGenerator;
+    use tiller_testbed::{Image, RenderConfig, Split, Task, image::write_png, render_prompt};
+    let dir = scratch("score");
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompt = PromptGenerator::new(3)
+        .prompt(Task::SingleObject, Split::Train)
+        .unwrap();
+    let config = RenderConfig::default();
+    let drawn = render_prompt(&prompt, &config, 5).unwrap().image;
+    let r = config.resolution;
+    let blank = Image::from_rgb(r, r, vec![255; r * r * 3]).unwrap();
+    write_png(&dir.join("drawn.png"), &drawn).unwrap();
+    write_png(&dir.join("blank.png"), &blank).unwrap();
+    let manifest = dir.join("manifest.jsonl");
+    let line =
+        |image: &str| serde_json::json!({ "image": image, "prompt": prompt.text }).to_string();
+    std::fs::write(
+        &manifest,
+        format!("{}\n{}\n", line("drawn.png"), line("blank.png")),
+    )
+    .unwrap();
+    let out = dir.join("scores.jsonl");
+    let args = |out: &std::path::Path| {
+        vec![
+            "reward".to_string(),
+            "score".into(),
+            "--manifest".into(),
+            manifest.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ]
+    };
+    let run = |a: Vec<String>| tiller(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, text) = run(args(&out));
+    assert!(ok, "{text}");
+    let scores: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(scores.len(), 2);
+    assert_eq!(scores[0]["image"], "drawn.png");
+    let (d, b) = (
+        scores[0]["reward"].as_f64().unwrap(),
+        scores[1]["reward"].as_f64().unwrap(),
+    );
+    assert!(d > b + 0.5, "drawn {d} vs blank {b}");
+    // An existing --out is refused and left as it was.
+    let before = std::fs::read_to_string(&out).unwrap();
+    let (ok, text) = run(args(&out));
+    assert!(!ok && text.contains("already exists"), "{text}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), before);
+    // A missing image is named.
+    std::fs::write(&manifest, format!("{}\n", line("missing.png"))).unwrap();
+    let (ok, text) = run(args(&dir.join("other.jsonl")));
+    assert!(!ok && text.contains("missing.png"), "{text}");
+    assert!(!dir.join("other.jsonl").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
