@@ -30,7 +30,12 @@ use tiller_reward::Reward;
 use tiller_testbed::Image;
 use tiller_testkit::assert_close;
 
+/// The fixture folder; `TILLER_DDPO_FIXTURE` points the same test at another one (e.g. written
+/// by a copy of the script for the shipped base model).
 fn fixture() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TILLER_DDPO_FIXTURE") {
+        return PathBuf::from(dir);
+    }
     Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
         .join("tests/fixtures/ddpo-update")
 }
@@ -313,6 +318,7 @@ fn run_case(meta: &Meta, case: &Case) {
         let lp = values(lp.inner());
         let expected = &io["log_probs"].data[i * n..(i + 1) * n];
         let span = i * n * per_image..(i + 1) * n * per_image;
+        let span_out = span.clone();
         let worst = |a: &[f32], e: &[f32]| {
             a.iter()
                 .zip(e)
@@ -330,8 +336,16 @@ fn run_case(meta: &Meta, case: &Case) {
              {mean_err:.2e}, |log-prob err| {lp_err:.2e}",
             case.name
         );
-        // The guided UNet output and the step's mean agree to float32 rounding of the kernels.
-        assert!(out_err < 1e-5 && mean_err < 1e-5, "{}: step {i}", case.name);
+        // The guided UNet output and the step's mean agree to float32 rounding of the kernels
+        // (the output relative to its scale, which grows as t -> 0 for a trained model).
+        let out_scale = io["model_outputs"].data[span_out.clone()]
+            .iter()
+            .fold(1f64, |m, x| m.max(x.abs() as f64));
+        assert!(
+            out_err < 1e-5 * out_scale && mean_err < 1e-5,
+            "{}: step {i}: output error {out_err:.2e} (scale {out_scale:.2e}), mean error {mean_err:.2e}",
+            case.name
+        );
         // Measured: at most 3.8e-6. (With diffusers' float32 alphas_cumprod instead of the float64
         // schedule Tiller uses, sigma moves by 1e-4 relative at the two low-noise steps and the
         // log-probs by up to 4e-5: `ddpo_update.py --float32-schedule`.)
