@@ -507,6 +507,15 @@ fn run_case(meta: &Meta, case: &Case) {
         kl_weight: 0.0,
     };
     let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
+    let metric = |k: &str| out.metrics.iter().find(|(m, _)| *m == k).unwrap().1;
+    // On-policy for the reference; Tiller's weights differ from its by float32 rounding (and the
+    // first step's sign-ambiguous elements), which the clip at 1e-4 may see.
+    eprintln!(
+        "{}: second update, clip fraction {:.4}, ratio mean - 1 {:.2e}",
+        case.name,
+        metric("clipfrac"),
+        metric("ratio_mean") - 1.0
+    );
     let grads = gradients_by_name(&stepped.unet, out.grads);
     // The first step left a few sign-ambiguous weights 2 lr from the reference's (above), which
     // moves the second update's gradients by more than float32 rounding alone.
