@@ -378,21 +378,8 @@ impl RolloutLog {
 
     fn open(dir: &std::path::Path, resume_step: Option<u64>) -> Result<Self> {
         let path = dir.join(Self::FILE);
-        if let Some(step) = resume_step
-            && path.exists()
-        {
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("update").and_then(|u| u.as_u64()))
-                        .is_some_and(|u| u <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            tiller_core::fs::atomic_write(&path, kept.as_bytes())?;
+        if let Some(step) = resume_step {
+            tiller_engine::metrics::drop_lines_after(&path, "update", step)?;
         }
         Ok(Self { path, file: None })
     }

@@ -12,6 +12,27 @@ pub struct MetricsLog {
     tensorboard: EventWriter,
 }
 
+/// Rewrites the JSONL file at `path` (if it exists) keeping only the lines whose integer field
+/// `key` is at most `step`: what a resumed run does to the lines its interrupted predecessor
+/// logged after its last checkpoint. Written atomically.
+pub fn drop_lines_after(path: &Path, key: &str, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get(key).and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::checkpoint::atomic_write(path, kept.as_bytes())
+}
+
 impl MetricsLog {
     /// Opens `metrics.jsonl` (appending) and a new TensorBoard event file in `dir`.
     ///
@@ -20,21 +41,8 @@ impl MetricsLog {
     /// reads as one uninterrupted run.
     pub fn open(dir: &Path, resume_step: Option<u64>) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
-        if let Some(step) = resume_step
-            && path.exists()
-        {
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            crate::checkpoint::atomic_write(&path, kept.as_bytes())?;
+        if let Some(step) = resume_step {
+            drop_lines_after(&path, "step", step)?;
         }
         let jsonl = std::fs::OpenOptions::new()
             .create(true)
