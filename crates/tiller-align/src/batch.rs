@@ -4,8 +4,9 @@
 //! once per update for the whole effective batch and cut into micro-batches with [`Batch::slice`],
 //! so batch 8 x accumulation 1 and batch 1 x accumulation 8 see the same examples.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor, TensorData};
 use std::ops::Range;
+use tiller_diffusion::sampling::ExampleNoise;
 
 /// Prompts with their text-encoder states.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct Rollouts {
     pub prompts: Prompts,
     /// x_T, ..., x_0: `steps + 1` tensors [N, C, H, W].
     pub latents: Vec<Tensor<4>>,
+    /// The model timestep of each chain step (`steps`).
+    pub timesteps: Vec<f64>,
     /// log pi_old(x_{t-1} | x_t) of each step [N] (mean over dimensions, ddpo-pytorch's
     /// convention); `None` for a deterministic step (DDIM's last step with alpha_prev = 1).
     pub log_probs: Vec<Option<Tensor<1>>>,
@@ -48,8 +51,51 @@ pub struct Rollouts {
     pub rewards: Vec<f64>,
     /// Filled by the method before training (normalised, clipped rewards).
     pub advantages: Vec<f64>,
-    /// The chain steps trained on in this update (filled by the method).
-    pub train_steps: Vec<usize>,
+    /// The chain steps each rollout trains on in this update (filled by the method; ddpo-pytorch
+    /// draws them per sample and per inner epoch).
+    pub train_steps: Vec<Vec<usize>>,
+}
+
+impl Rollouts {
+    /// Rollouts `rows` (in that order), with their advantages; the trained steps are dropped.
+    pub fn select_rows(&self, rows: &[usize]) -> Rollouts {
+        let device = self.prompts.context.device();
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &device,
+        );
+        let pick = |v: &[f64]| -> Vec<f64> {
+            if v.is_empty() {
+                Vec::new()
+            } else {
+                rows.iter().map(|&r| v[r]).collect()
+            }
+        };
+        Rollouts {
+            prompts: Prompts {
+                texts: rows
+                    .iter()
+                    .map(|&r| self.prompts.texts[r].clone())
+                    .collect(),
+                context: self.prompts.context.clone().select(0, idx.clone()),
+                uncond: self.prompts.uncond.clone().select(0, idx.clone()),
+            },
+            latents: self
+                .latents
+                .iter()
+                .map(|t| t.clone().select(0, idx.clone()))
+                .collect(),
+            timesteps: self.timesteps.clone(),
+            log_probs: self
+                .log_probs
+                .iter()
+                .map(|t| t.as_ref().map(|t| t.clone().select(0, idx.clone())))
+                .collect(),
+            rewards: pick(&self.rewards),
+            advantages: pick(&self.advantages),
+            train_steps: Vec::new(),
+        }
+    }
 }
 
 /// Preference pairs as images in [-1, 1], with the noise and training timestep each pair shares.
@@ -66,14 +112,28 @@ pub struct Pairs {
     pub timesteps: Vec<f64>,
 }
 
-/// Starts of differentiable chains: prompts and the initial noise, and a seed for each chain's
-/// step noise.
+/// Images each liked or disliked (a per-image label), with the noise and training timestep of each
+/// (Diffusion-KTO).
+#[derive(Debug, Clone)]
+pub struct Labeled {
+    pub prompts: Prompts,
+    /// [N, C, H, W] in [-1, 1]
+    pub images: Tensor<4>,
+    /// Desirable (liked) or not, per image.
+    pub likes: Vec<bool>,
+    /// [N, C, H, W]
+    pub noise: Tensor<4>,
+    pub timesteps: Vec<f64>,
+}
+
+/// Starts of differentiable chains: prompts, the initial noise, and each chain's own stream for
+/// its step noise (so a chain is the same in any micro-batch).
 #[derive(Debug, Clone)]
 pub struct Starts {
     pub prompts: Prompts,
     /// x_T [N, C, H, W]
     pub x_t: Tensor<4>,
-    pub seed: u64,
+    pub noise: ExampleNoise,
 }
 
 /// One update's data (built once per update; its size does not matter).
@@ -82,6 +142,7 @@ pub struct Starts {
 pub enum Batch {
     Rollouts(Rollouts),
     Pairs(Pairs),
+    Labeled(Labeled),
     Starts(Starts),
 }
 
@@ -90,6 +151,7 @@ pub enum Batch {
 pub enum Collect {
     Rollouts,
     Pairs,
+    Labeled,
     Starts,
 }
 
@@ -106,6 +168,7 @@ impl Batch {
         match self {
             Batch::Rollouts(r) => &r.prompts,
             Batch::Pairs(p) => &p.prompts,
+            Batch::Labeled(l) => &l.prompts,
             Batch::Starts(s) => &s.prompts,
         }
     }
@@ -116,6 +179,7 @@ impl Batch {
             Batch::Rollouts(x) => Batch::Rollouts(Rollouts {
                 prompts: x.prompts.slice(r.clone()),
                 latents: x.latents.iter().map(|t| narrow4(t, &r)).collect(),
+                timesteps: x.timesteps.clone(),
                 log_probs: x
                     .log_probs
                     .iter()
@@ -123,7 +187,7 @@ impl Batch {
                     .collect(),
                 rewards: slice_or_empty(&x.rewards, &r),
                 advantages: slice_or_empty(&x.advantages, &r),
-                train_steps: x.train_steps.clone(),
+                train_steps: slice_or_empty(&x.train_steps, &r),
             }),
             Batch::Pairs(x) => Batch::Pairs(Pairs {
                 prompts: x.prompts.slice(r.clone()),
@@ -132,17 +196,23 @@ impl Batch {
                 noise: narrow4(&x.noise, &r),
                 timesteps: x.timesteps[r].to_vec(),
             }),
+            Batch::Labeled(x) => Batch::Labeled(Labeled {
+                prompts: x.prompts.slice(r.clone()),
+                images: narrow4(&x.images, &r),
+                likes: x.likes[r.clone()].to_vec(),
+                noise: narrow4(&x.noise, &r),
+                timesteps: x.timesteps[r.clone()].to_vec(),
+            }),
             Batch::Starts(x) => Batch::Starts(Starts {
                 prompts: x.prompts.slice(r.clone()),
                 x_t: narrow4(&x.x_t, &r),
-                // Each micro-batch's chain noise has its own stream, fixed by its position.
-                seed: x.seed ^ (r.start as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                noise: x.noise.slice(r),
             }),
         }
     }
 }
 
-fn slice_or_empty(v: &[f64], r: &Range<usize>) -> Vec<f64> {
+fn slice_or_empty<T: Clone>(v: &[T], r: &Range<usize>) -> Vec<T> {
     if v.is_empty() {
         Vec::new()
     } else {

@@ -4,51 +4,20 @@
 //! `--set section.key=value` overrides a preset. Unknown keys are errors that list the valid ones.
 //! Method defaults cite the paper or reference code they come from.
 
+use crate::methods::Method;
 use serde::{Deserialize, Serialize};
 use tiller_diffusion::models::lora::LoraConfig;
 use tiller_engine::optim::ClipScope;
 use tiller_engine::schedule::LrShape;
 use tiller_testbed::Task;
 
-/// The alignment method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MethodName {
-    /// DDPO (Black et al., ICLR 2024): PPO-clip policy gradient over the denoising chain.
-    Ddpo,
-    /// Diffusion-DPO (Wallace et al., CVPR 2024): DPO on preference pairs from the store.
-    DiffusionDpo,
-    /// DRaFT-K (Clark et al., ICLR 2024): reward backpropagation through the last K steps.
-    DraftK,
-}
-
-impl MethodName {
-    pub const ALL: [MethodName; 3] = [Self::Ddpo, Self::DiffusionDpo, Self::DraftK];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Ddpo => "ddpo",
-            Self::DiffusionDpo => "diffusion-dpo",
-            Self::DraftK => "draft-k",
-        }
-    }
-}
-
-impl std::str::FromStr for MethodName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown method `{s}`; valid: ddpo, diffusion-dpo, draft-k"))
-    }
-}
-
 /// One alignment run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlignConfig {
-    pub method: MethodName,
+    /// `[method.<name>]` with the method's settings (`crate::methods`), or `method = "<name>"`
+    /// for its defaults.
+    pub method: Method,
     /// The starting pipeline folder (diffusers layout).
     #[serde(default = "default_base")]
     pub base: String,
@@ -64,12 +33,6 @@ pub struct AlignConfig {
     pub train: AlignTrainSection,
     #[serde(default)]
     pub sampling: SamplingSection,
-    #[serde(default)]
-    pub ddpo: DdpoSection,
-    #[serde(default)]
-    pub dpo: DpoSection,
-    #[serde(default)]
-    pub draft: DraftSection,
     #[serde(default)]
     pub prompts: PromptsSection,
     #[serde(default)]
@@ -140,13 +103,13 @@ pub struct AlignTrainSection {
     /// images_per_prompt` prompts and samples each this many times, side by side (flow_grpo's
     /// `num_image_per_prompt`, TRL GRPO's `num_generations`). 1 (ddpo-pytorch) draws every
     /// rollout's prompt independently. With groups, DDPO's per-prompt statistics compare images
-    /// of one prompt even when prompts rarely repeat across updates (set `ddpo.stat_min_count`
+    /// of one prompt even when prompts rarely repeat across updates (set `method.ddpo.stat_min_count`
     /// to the group size). Must divide the effective batch; refused for Diffusion-DPO, which
     /// samples nothing.
     pub images_per_prompt: usize,
     /// Stop once the loop has spent this many reward queries (rollout scores, reward gradients;
     /// 0: no budget). Labels bought before training (Diffusion-DPO's comparisons) are capped by
-    /// `dpo.max_comparisons` instead.
+    /// `method.diffusion-dpo.max_comparisons` instead.
     pub reward_budget: u64,
     pub learning_rate: f64,
     pub warmup_steps: u64,
@@ -218,80 +181,6 @@ impl Default for SamplingSection {
             eta: 1.0,
             guidance: 3.0,
         }
-    }
-}
-
-/// `[ddpo]`: ddpo-pytorch `config/base.py` defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DdpoSection {
-    /// PPO ratio clip epsilon (1e-4: the log-prob is a mean over dimensions).
-    pub clip_range: f64,
-    /// Advantages are clipped to +-this.
-    pub adv_clip_max: f64,
-    /// Optimizer passes over each collected batch.
-    pub inner_epochs: usize,
-    /// Fraction of the chain's steps trained on per pass (a random subset, shuffled per update).
-    pub timestep_fraction: f64,
-    /// Normalise rewards per prompt (ddpo-pytorch's `PerPromptStatTracker`) instead of per batch.
-    pub per_prompt_stat_tracking: bool,
-    pub stat_buffer: usize,
-    pub stat_min_count: usize,
-}
-
-impl Default for DdpoSection {
-    fn default() -> Self {
-        Self {
-            clip_range: 1e-4,
-            adv_clip_max: 5.0,
-            inner_epochs: 1,
-            timestep_fraction: 1.0,
-            per_prompt_stat_tracking: true,
-            stat_buffer: 16,
-            stat_min_count: 16,
-        }
-    }
-}
-
-/// `[dpo]`: Diffusion-DPO (SalesforceAIResearch/DiffusionDPO `train.py`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DpoSection {
-    /// beta in Salesforce's convention `L = -log sigmoid(-beta/2 * (d_theta - d_ref))`, 5000 for
-    /// SD1.5 (diffusers' `beta_dpo = 2500` without the 1/2 is the same objective).
-    pub beta: f64,
-    /// The preference store the pairs come from.
-    pub store: String,
-    /// Its split (`train` or `test`).
-    pub split: String,
-    /// Train on at most this many comparisons (the first in the store; 0: all). `tiller compare`
-    /// sets it to the reward-query budget: each comparison is one query to an annotator.
-    pub max_comparisons: usize,
-}
-
-impl Default for DpoSection {
-    fn default() -> Self {
-        Self {
-            beta: 5000.0,
-            store: "runs/prefs".into(),
-            split: "train".into(),
-            max_comparisons: 0,
-        }
-    }
-}
-
-/// `[draft]`: DRaFT-K.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DraftSection {
-    /// Steps differentiated, counted from the end of the chain; K = 1 is the paper's best; 0 means
-    /// all (memory stays one step's graph: step-level recomputation).
-    pub k: usize,
-}
-
-impl Default for DraftSection {
-    fn default() -> Self {
-        Self { k: 1 }
     }
 }
 
@@ -379,52 +268,34 @@ impl AlignConfig {
                 format!("must be >= 0, got {}", t.kl_weight),
             );
         }
-        if self.method == MethodName::DiffusionDpo && t.images_per_prompt > 1 {
+        let method = self.method.spec();
+        if !method.samples() && t.images_per_prompt > 1 {
             return bad(
                 "train.images_per_prompt",
-                "applies to ddpo and draft-k, which sample; Diffusion-DPO's pairs come from the store"
-                    .into(),
+                format!(
+                    "applies to methods that sample; {}'s data comes from the store",
+                    method.name()
+                ),
             );
         }
-        if self.method == MethodName::DiffusionDpo && t.kl_weight > 0.0 {
+        if !method.takes_kl() && t.kl_weight > 0.0 {
             return bad(
                 "train.kl_weight",
-                "applies to ddpo and draft-k; Diffusion-DPO's KL strength is dpo.beta".into(),
+                format!(
+                    "{} has no per-step KL term (its own settings set how far it moves)",
+                    method.name()
+                ),
             );
         }
         if self.sampling.steps == 0 {
             return bad("sampling.steps", "must be at least 1".into());
         }
-        if self.method == MethodName::Ddpo && self.sampling.eta <= 0.0 {
-            return bad(
-                "sampling.eta",
-                "must be > 0 for ddpo: a deterministic step has no log-probability".into(),
-            );
-        }
-        if !(self.ddpo.timestep_fraction > 0.0 && self.ddpo.timestep_fraction <= 1.0) {
-            return bad("ddpo.timestep_fraction", "must be in (0, 1]".into());
-        }
-        if self.ddpo.inner_epochs == 0 {
-            return bad("ddpo.inner_epochs", "must be at least 1".into());
-        }
         if self.adapter.kind == AdapterKind::Lora && self.adapter.rank == 0 {
             return bad("adapter.rank", "must be at least 1".into());
-        }
-        if !(self.dpo.beta > 0.0 && self.dpo.beta.is_finite()) {
-            return bad(
-                "dpo.beta",
-                format!("must be positive, got {}", self.dpo.beta),
-            );
-        }
-        if !matches!(self.dpo.split.as_str(), "train" | "test") {
-            return bad(
-                "dpo.split",
-                format!("must be `train` or `test`, got `{}`", self.dpo.split),
-            );
         }
         if self.prompts.tasks.is_empty() {
             return bad("prompts.tasks", "must name at least one task".into());
         }
-        Ok(())
+        method.validate(self)
     }
 }

@@ -11,10 +11,12 @@ pub mod batch;
 pub mod config;
 pub mod methods;
 pub mod policy;
+pub mod run;
 pub mod trainer;
 
-pub use batch::{Batch, Collect, Pairs, Prompts, Rollouts, Starts};
-pub use config::{AlignConfig, MethodName};
+pub use batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Starts};
+pub use config::AlignConfig;
+pub use methods::{Method, MethodSpec};
 pub use policy::Policy;
 pub use trainer::{AlignData, Aligned, align};
 
@@ -55,14 +57,27 @@ pub trait Algorithm {
         1
     }
 
-    /// Called once per collected batch before its micro-batches (DDPO: advantages). Returns
-    /// scalars to log.
+    /// Called once per collected batch before its micro-batches, with the policy as it is before
+    /// the batch's updates (DDPO: advantages; DPOK: its value network; Diffusion-KTO: its
+    /// reference point). Returns scalars to log.
     fn prepare(
         &mut self,
+        _cx: &Context<'_>,
         _batch: &mut Batch,
         _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, f64)>> {
         Ok(Vec::new())
+    }
+
+    /// Called before each update on a collected batch (`epoch` counts them from 0), e.g. to
+    /// draw which steps this update trains (DDPO, per sample and per inner epoch).
+    fn begin_update(
+        &mut self,
+        _batch: &mut Batch,
+        _epoch: usize,
+        _rng: &mut SeededRng,
+    ) -> Result<()> {
+        Ok(())
     }
 
     /// Gradients of `scale * loss` on one micro-batch (`scale` = 1 / accumulation steps, so an
@@ -81,6 +96,17 @@ pub trait Algorithm {
     }
 
     fn restore(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes what the method trains besides the policy (DPOK's value network and its
+    /// optimizer) into the checkpoint folder `dir`, before it is committed.
+    fn save_files(&self, _dir: &std::path::Path) -> Result<()> {
+        Ok(())
+    }
+
+    /// Reads what [`Self::save_files`] wrote, after [`Self::restore`], onto `device`.
+    fn load_files(&mut self, _dir: &std::path::Path, _device: &burn::tensor::Device) -> Result<()> {
         Ok(())
     }
 }

@@ -16,7 +16,7 @@
 //! atomically: `--resume latest` continues exactly as an uninterrupted run. A non-finite loss or
 //! reward stops the run with the update number.
 
-use crate::batch::{Batch, Collect, Pairs, Prompts, Rollouts, Starts};
+use crate::batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Starts};
 use crate::config::{AlignConfig, AlignTrainSection};
 use crate::policy::Policy;
 use crate::{Algorithm, Context};
@@ -29,7 +29,7 @@ use tiller_core::rng::RngState;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::LogProbReduction;
 use tiller_diffusion::models::unet::UNet2DConditionModel;
-use tiller_diffusion::sampling::{Record, sample};
+use tiller_diffusion::sampling::{ExampleNoise, Record, initial_noise, sample};
 use tiller_engine::checkpoint::{
     CheckpointStore, Resume, load_module, load_optimizer, load_state, save_module, save_optimizer,
     save_state,
@@ -46,13 +46,23 @@ pub struct PreferencePair {
     pub rejected: Vec<f32>,
 }
 
+/// One image with a like or a dislike (pixels CHW in [-1, 1]).
+#[derive(Debug, Clone)]
+pub struct LabeledImage {
+    pub prompt: String,
+    pub pixels: Vec<f32>,
+    pub like: bool,
+}
+
 /// What the loop trains on.
 pub struct AlignData<'a> {
     /// Training prompts; each update draws its prompts uniformly from them.
     pub prompts: Vec<String>,
     /// Preference pairs (Diffusion-DPO).
     pub pairs: Vec<PreferencePair>,
-    /// Reward queries spent before training starts (the labels behind `pairs`).
+    /// Liked and disliked images (Diffusion-KTO).
+    pub labels: Vec<LabeledImage>,
+    /// Reward queries spent before training starts (the labels behind `pairs` or `labels`).
     pub upfront_queries: u64,
     /// Text -> the text encoder's hidden states [N, L, D] on the plain device.
     pub encode: &'a dyn Fn(&[String]) -> Result<Tensor<3>>,
@@ -124,7 +134,20 @@ pub fn align(
         };
         optim = load_optimizer(&dir.join(OPTIM_FILE), optim)?;
         algorithm.restore(&state.method)?;
+        algorithm.load_files(&dir, &policy.device)?;
         rng = SeededRng::from_state(&state.rng)?;
+        let per_batch = algorithm.updates_per_batch() as u64;
+        if !s.is_multiple_of(per_batch) {
+            return Err(Error::config(
+                "train.updates",
+                format!(
+                    "the checkpoint at update {s} ends inside a collected batch of {per_batch} \
+                     updates ({} takes {per_batch} updates per batch), whose rollouts are not \
+                     checkpointed; extend a run only from a checkpoint at a multiple of {per_batch}",
+                    algorithm.name()
+                ),
+            ));
+        }
         step = s;
         queries = state.reward_queries;
         wall_before = state.wall_s;
@@ -177,24 +200,34 @@ pub fn align(
     while step < train.updates && budget_left(queries) && stop_after.is_none_or(|n| done_here < n) {
         // ---- collect and score the whole effective batch
         let n = train.effective_batch();
-        let (mut batch, collected_rewards) = collect(
-            algorithm.collects(),
-            &policy,
-            reward,
-            data,
+        // Checkpoints fall on batch boundaries, so this is the number of batches collected.
+        let collected = step / per_batch;
+        let draw = Draw {
             n,
-            train.images_per_prompt,
-            train.batch_size,
-            &mut rng,
-        )?;
+            group: train.images_per_prompt,
+            micro: train.batch_size,
+            seed: train.seed,
+            first: collected * n as u64,
+        };
+        let (mut batch, collected_rewards) =
+            collect(algorithm.collects(), &policy, reward, data, draw, &mut rng)?;
         queries += collected_rewards.len() as u64;
         rollouts.log(step + 1, &batch.prompts().texts, &collected_rewards)?;
-        let prepared = algorithm.prepare(&mut batch, &mut rng)?;
+        let prepared = {
+            let cx = Context {
+                policy: &policy,
+                reward,
+                kl_weight: train.kl_weight,
+            };
+            algorithm.prepare(&cx, &mut batch, &mut rng)?
+        };
 
-        for _ in 0..per_batch {
+        let mut checkpoint_due = false;
+        for epoch in 0..per_batch as usize {
             if step >= train.updates || stop_after.is_some_and(|m| done_here >= m) {
                 break;
             }
+            algorithm.begin_update(&mut batch, epoch, &mut rng)?;
             // ---- micro-batches: gradients of loss / grad_accum, summed
             let scale = 1.0 / train.grad_accum as f64;
             let mut acc = GradientsAccumulator::<UNet2DConditionModel>::new();
@@ -296,18 +329,22 @@ pub fn align(
                 )?;
                 validated_at = Some(step);
             }
-            if step.is_multiple_of(config.log.checkpoint_every.max(1)) || last {
-                save_checkpoint(
-                    &store,
-                    step,
-                    &policy,
-                    &optim,
-                    &rng,
-                    queries,
-                    wall(&started),
-                    algorithm,
-                )?;
-            }
+            checkpoint_due |= step.is_multiple_of(config.log.checkpoint_every.max(1)) || last;
+        }
+        // Checkpoints fall on batch boundaries (or the run's end): a resumed run collects its
+        // next batch exactly as the uninterrupted one does.
+        let last = step == train.updates || !budget_left(queries);
+        if checkpoint_due && (step.is_multiple_of(per_batch) || last) {
+            save_checkpoint(
+                &store,
+                step,
+                &policy,
+                &optim,
+                &rng,
+                queries,
+                wall(&started),
+                algorithm,
+            )?;
         }
     }
     let finished = step >= train.updates || !budget_left(queries);
@@ -458,20 +495,39 @@ fn encode_prompts(data: &AlignData<'_>, texts: Vec<String>) -> Result<Prompts> {
     })
 }
 
-/// Collects one update's batch of `n` examples (rollouts and chains: `group` per drawn prompt,
-/// side by side); returns it with the rewards spent on it.
+/// The size and layout of one collection: `n` examples, `group` per drawn prompt side by side,
+/// sampled `micro` at a time. Example `i`'s noise (initial, step, and a pair's noise and
+/// timestep) is stream `first + i` of `seed` ([`SeededRng::for_example`]), so what an example
+/// gets depends on (seed, its global index) and never on `micro`.
+#[derive(Debug, Clone, Copy)]
+pub struct Draw {
+    pub n: usize,
+    pub group: usize,
+    pub micro: usize,
+    pub seed: u64,
+    pub first: u64,
+}
+
+/// Collects one update's batch (prompts and pairs drawn from `rng`, noise per example as
+/// [`Draw`] says); returns it with the rewards spent on it.
 pub fn collect(
     kind: Collect,
     policy: &Policy,
     reward: &dyn Reward,
     data: &AlignData<'_>,
-    n: usize,
-    group: usize,
-    micro: usize,
+    draw: Draw,
     rng: &mut SeededRng,
 ) -> Result<(Batch, Vec<f64>)> {
     let [c, h, w] = data.image_shape;
     let device = &policy.device;
+    let Draw {
+        n,
+        group,
+        micro,
+        seed,
+        first,
+    } = draw;
+    let indices = first..first + n as u64;
     match kind {
         Collect::Rollouts => {
             let prompts = draw_prompts(data, n, group, rng)?;
@@ -482,16 +538,24 @@ pub fn collect(
             let mut stochastic = vec![true; steps];
             // Sampled in micro-batches: the same batch layout as training, so the first ratio
             // of an on-policy update is exactly 1.
+            let noise = ExampleNoise::for_examples(seed, indices);
             for start in (0..n).step_by(micro.max(1)) {
-                let part = prompts.slice(start..(start + micro).min(n));
+                let range = start..(start + micro).min(n);
+                let part = prompts.slice(range.clone());
+                let mut part_noise = noise.slice(range);
                 let cond = policy.conditioning(&part, device);
-                let x_t = rng.normal([part.len(), c, h, w], device);
+                let x_t = initial_noise(
+                    policy.sampler.as_ref(),
+                    [part.len(), c, h, w],
+                    &mut part_noise,
+                    device,
+                )?;
                 let s = sample(
                     &current,
                     policy.sampler.as_ref(),
                     &cond,
                     x_t,
-                    rng,
+                    &mut part_noise,
                     Record::Trajectory(LogProbReduction::Mean),
                 )?;
                 let traj = s.trajectory.expect("recorded");
@@ -524,6 +588,7 @@ pub fn collect(
                 Batch::Rollouts(Rollouts {
                     prompts,
                     latents,
+                    timesteps: policy.sampler.timesteps().to_vec(),
                     log_probs,
                     rewards: rewards.clone(),
                     advantages: Vec::new(),
@@ -548,9 +613,9 @@ pub fn collect(
             };
             let chosen = stack(&|p| &p.chosen);
             let rejected = stack(&|p| &p.rejected);
-            let noise = rng.normal([n, c, h, w], device);
-            let num_train = policy.noise.num_train_timesteps();
-            let timesteps = (0..n).map(|_| rng.below(num_train) as f64).collect();
+            // Each pair's shared noise and timestep from its own stream.
+            let (values, timesteps) = example_noise_and_timesteps(policy, indices, seed, [c, h, w]);
+            let noise = Tensor::<4>::from_data(TensorData::new(values, [n, c, h, w]), device);
             Ok((
                 Batch::Pairs(Pairs {
                     prompts,
@@ -562,13 +627,66 @@ pub fn collect(
                 Vec::new(),
             ))
         }
+        Collect::Labeled => {
+            if data.labels.is_empty() {
+                return Err(Error::invalid(
+                    "no liked or disliked images (collect likes into the store first)",
+                ));
+            }
+            let picks: Vec<&LabeledImage> = (0..n)
+                .map(|_| &data.labels[rng.below(data.labels.len())])
+                .collect();
+            let prompts = encode_prompts(data, picks.iter().map(|p| p.prompt.clone()).collect())?;
+            let pixels: Vec<f32> = picks
+                .iter()
+                .flat_map(|p| p.pixels.iter().copied())
+                .collect();
+            let images = Tensor::<4>::from_data(TensorData::new(pixels, [n, c, h, w]), device);
+            let (noise, timesteps) = example_noise_and_timesteps(policy, indices, seed, [c, h, w]);
+            Ok((
+                Batch::Labeled(Labeled {
+                    prompts,
+                    images,
+                    likes: picks.iter().map(|p| p.like).collect(),
+                    noise: Tensor::<4>::from_data(TensorData::new(noise, [n, c, h, w]), device),
+                    timesteps,
+                }),
+                Vec::new(),
+            ))
+        }
         Collect::Starts => {
             let prompts = draw_prompts(data, n, group, rng)?;
-            let x_t = rng.normal([n, c, h, w], device);
-            let seed = rng.below(usize::MAX) as u64;
-            Ok((Batch::Starts(Starts { prompts, x_t, seed }), Vec::new()))
+            let mut noise = ExampleNoise::for_examples(seed, indices);
+            let x_t = initial_noise(policy.sampler.as_ref(), [n, c, h, w], &mut noise, device)?;
+            Ok((
+                Batch::Starts(Starts {
+                    prompts,
+                    x_t,
+                    noise,
+                }),
+                Vec::new(),
+            ))
         }
     }
+}
+
+/// Each example's training noise [C, H, W] and timestep, from its own stream (its pair's, its
+/// labelled image's), whatever the micro-batch.
+fn example_noise_and_timesteps(
+    policy: &Policy,
+    indices: std::ops::Range<u64>,
+    seed: u64,
+    [c, h, w]: [usize; 3],
+) -> (Vec<f32>, Vec<f64>) {
+    let num_train = policy.noise.num_train_timesteps();
+    let mut values = Vec::with_capacity(indices.clone().count() * c * h * w);
+    let mut timesteps = Vec::new();
+    for i in indices {
+        let mut r = SeededRng::for_example(seed, i);
+        values.extend(r.normal_vec(c * h * w));
+        timesteps.push(r.below(num_train) as f64);
+    }
+    (values, timesteps)
 }
 
 fn check_finite(rewards: &[f64], reward: &dyn Reward) -> Result<()> {
@@ -603,6 +721,7 @@ fn save_checkpoint(
             wall_s,
             method: algorithm.state(),
         };
+        algorithm.save_files(dir)?;
         save_state(&dir.join(STATE_FILE), &state)
     })?;
     Ok(())

@@ -14,8 +14,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tiller_align::batch::{Batch, Prompts, Rollouts};
-use tiller_align::config::{AdapterKind, AdapterSection, AlignTrainSection, DdpoSection};
+use tiller_align::config::{AdapterKind, AdapterSection, AlignTrainSection};
 use tiller_align::methods::Ddpo;
+use tiller_align::methods::ddpo::DdpoConfig;
 use tiller_align::methods::ddpo::step_log_prob;
 use tiller_align::policy::sampler_config;
 use tiller_align::trainer::{optimizer, optimizer_step};
@@ -239,6 +240,7 @@ fn recorded_rollouts(
             uncond: tensor(&io["uncond"], device),
         },
         latents: (0..=steps).map(|i| row(latents, i, device)).collect(),
+        timesteps: Vec::new(),
         log_probs: (0..steps).map(|i| Some(row(old, i, device))).collect(),
         rewards: io[&format!("{prefix}rewards")]
             .data
@@ -336,7 +338,7 @@ fn run_case(meta: &Meta, case: &Case) {
     let mut batch = recorded_rollouts(&io, "", &case.prompts, meta.steps, &device);
 
     // ---- advantages: per-prompt statistics, clipped
-    let mut ddpo = Ddpo::new(DdpoSection {
+    let mut ddpo = Ddpo::new(DdpoConfig {
         clip_range: meta.clip_range,
         adv_clip_max: meta.adv_clip_max,
         stat_min_count: meta.stat_min_count,
@@ -344,11 +346,23 @@ fn run_case(meta: &Meta, case: &Case) {
         ..Default::default()
     });
     let mut rng = SeededRng::new(0);
-    ddpo.prepare(&mut batch, &mut rng).unwrap();
+    ddpo.prepare(
+        &Context {
+            policy: &policy,
+            reward: &NoReward,
+            kl_weight: 0.0,
+        },
+        &mut batch,
+        &mut rng,
+    )
+    .unwrap();
+    ddpo.begin_update(&mut batch, 0, &mut rng).unwrap();
     let Batch::Rollouts(r) = &batch else {
         unreachable!()
     };
-    assert_eq!(r.train_steps.len(), meta.steps, "every step is trained");
+    for steps in &r.train_steps {
+        assert_eq!(steps.len(), meta.steps, "every step is trained");
+    }
     let adv: Vec<f64> = r.advantages.clone();
     assert_close(adv.as_slice(), io["advantages"].data.as_slice(), 1e-6, 1e-6);
 
@@ -507,7 +521,17 @@ fn run_case(meta: &Meta, case: &Case) {
     // Adam's moments and step count, the per-prompt reward buffers), on a fresh on-policy rollout
     // of the updated weights
     let mut batch = recorded_rollouts(&io, "second.", &case.prompts, meta.steps, &device);
-    ddpo.prepare(&mut batch, &mut rng).unwrap();
+    ddpo.prepare(
+        &Context {
+            policy: &stepped,
+            reward: &NoReward,
+            kl_weight: 0.0,
+        },
+        &mut batch,
+        &mut rng,
+    )
+    .unwrap();
+    ddpo.begin_update(&mut batch, 0, &mut rng).unwrap();
     let Batch::Rollouts(r) = &batch else {
         unreachable!()
     };

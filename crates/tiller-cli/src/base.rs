@@ -1,21 +1,24 @@
 //! `tiller base train`: the testbed's base model (a tiny CLIP-style text encoder and a pixel-space
 //! UNet) trained from scratch on the Shapes world with the epsilon objective, on the one engine.
 
-use crate::testbed::{SampleSettings, TestbedData, sample_prompts};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use tiller_core::SeededRng;
 use tiller_diffusion::models::clip::ClipTextConfig;
 use tiller_diffusion::models::unet::UNet2DConditionConfig;
-use tiller_diffusion::pipeline::TextToImage;
+use tiller_diffusion::pipeline::{RecommendedSampling, TextToImage};
 use tiller_diffusion::schedulers::SchedulerConfig;
 use tiller_engine::checkpoint::Resume;
+use tiller_engine::denoiser::DenoiserData;
 use tiller_engine::denoiser::{
     CheckpointWeights, LogSection, TextToImageModules, TrainSection, load_checkpoint_weights,
     train_denoiser,
 };
 use tiller_engine::run_dir::RunDir;
+use tiller_eval::sampling::{SampleSettings, empty_prompt, sample_prompts, save_pipeline};
+use tiller_testbed::{Prompt, render_prompt};
 use tiller_testbed::{PromptSetConfig, RenderConfig, Tokenizer, geneval, prompts};
 
 /// The model: diffusers/transformers config fields of each part.
@@ -82,6 +85,10 @@ pub struct BaseConfig {
     pub log: LogSection,
     #[serde(default)]
     pub sample: SampleSection,
+    /// Written with the pipeline as its `tiller_sampling.json`: how every command samples the
+    /// model unless told otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_sampling: Option<RecommendedSampling>,
 }
 
 fn cpu() -> String {
@@ -128,7 +135,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         }
         None => {
             let (config, resolved): (BaseConfig, String) =
-                tiller_core::config::from_toml_file_with_overrides(&args.config, &overrides)?;
+                tiller_core::config::from_toml_file_with_overrides(
+                    &crate::shipped::resolve(&args.config),
+                    &overrides,
+                )?;
             config.model.unet.validate()?;
             config.model.text_encoder.validate()?;
             let run = RunDir::create(&args.out, &resolved)?;
@@ -168,6 +178,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         unet_config: config.model.unet.clone(),
         unet: m.unet.clone(),
         scheduler: config.scheduler.clone(),
+        recommended: config.recommended_sampling,
     };
     let settings = SampleSettings {
         scheduler: config.scheduler.clone(),
@@ -263,6 +274,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         unet_config: config.model.unet.clone(),
         unet: m.unet,
         scheduler: config.scheduler.clone(),
+        recommended: config.recommended_sampling,
     };
     save_pipeline(&pipe, &args.out, &Tokenizer::shapes())?;
     println!(
@@ -274,17 +286,44 @@ pub fn export(args: ExportArgs) -> Result<()> {
 }
 
 /// The pipeline folder with the tokenizer's `tokenizer_config.json` beside its `tokenizer.json`.
-pub(crate) fn save_pipeline(
-    pipe: &TextToImage,
-    out: &std::path::Path,
-    tokenizer: &Tokenizer,
-) -> Result<()> {
-    pipe.save(out, &tokenizer.to_json())?;
-    tiller_core::fs::atomic_write(
-        &out.join("tokenizer/tokenizer_config.json"),
-        tokenizer.to_config_json().as_bytes(),
-    )?;
-    Ok(())
+/// Training batches rendered on the fly from a fixed list of training prompts.
+pub struct TestbedData {
+    pub prompts: Vec<Prompt>,
+    pub tokenizer: Tokenizer,
+    pub render: RenderConfig,
+}
+
+impl DenoiserData for TestbedData {
+    fn batch(
+        &mut self,
+        n: usize,
+        rng: &mut SeededRng,
+    ) -> tiller_core::Result<(Vec<Vec<i64>>, Vec<f32>)> {
+        let mut ids = Vec::with_capacity(n);
+        let mut pixels = Vec::with_capacity(n * 3 * self.render.resolution.pow(2));
+        for _ in 0..n {
+            let prompt = &self.prompts[rng.below(self.prompts.len())];
+            let seed = rng.below(usize::MAX) as u64;
+            let rendered = render_prompt(prompt, &self.render, seed)?;
+            rendered.image.to_chw_floats(&mut pixels);
+            ids.push(
+                self.tokenizer
+                    .encode(&prompt.text)?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect(),
+            );
+        }
+        Ok((ids, pixels))
+    }
+
+    fn empty_prompt(&self) -> Vec<i64> {
+        empty_prompt(&self.tokenizer)
+    }
+
+    fn image_shape(&self) -> [usize; 3] {
+        [3, self.render.resolution, self.render.resolution]
+    }
 }
 
 /// The text encoder must fit the tokenizer, and the UNet the text encoder and images.

@@ -112,7 +112,8 @@ struct Row {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let device = tiller_core::device::parse_device(&args.device)?;
-    let config: UNet2DConditionConfig = tiller_core::config::from_json_file(&args.config)?;
+    let config: UNet2DConditionConfig =
+        tiller_core::config::from_json_file(&crate::shipped::resolve(&args.config))?;
     let baseline: Option<serde_json::Value> = match &args.baseline {
         Some(p) => {
             let text =

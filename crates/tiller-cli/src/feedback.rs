@@ -7,13 +7,13 @@
 //! (the ceiling a reward model can be expected to reach) is written to
 //! `<store>/agreement-<split>.json`. Everything of one collection is written in one transaction.
 
-use crate::eval::{SamplingArgs, load_pipeline};
-use crate::testbed::{check_resolution, sample_prompts};
+use crate::args::{SamplingArgs, load_model};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tiller_core::SeededRng;
+use tiller_eval::sampling::{check_resolution, sample_prompts};
 use tiller_feedback::{
     Batch, Candidate, Feedback, ImageId, Panel, PanelConfig, PreferenceStore, PromptId,
     PromptRecord, Split, SqliteStore,
@@ -127,14 +127,16 @@ fn candidate_images(
             .collect();
     }
     let device = tiller_core::device::parse_device(&sampling.device)?;
-    let (pipe, tokenizer) = load_pipeline(Path::new(model), &device)?;
+    let (pipe, tokenizer) = load_model(Path::new(model), &device)?;
     check_resolution(&pipe, sampling.resolution)?;
     let settings = sampling.settings(&pipe)?;
     let seeds: Vec<u64> = (0..per_prompt as u64)
         .map(|j| seed.wrapping_mul(1_000_003).wrapping_add(j))
         .collect();
     let texts: Vec<String> = prompts.iter().map(|p| p.text.clone()).collect();
-    sample_prompts(&pipe, &tokenizer, &texts, &seeds, &settings, &device)
+    Ok(sample_prompts(
+        &pipe, &tokenizer, &texts, &seeds, &settings, &device,
+    )?)
 }
 
 pub fn collect(args: CollectArgs) -> Result<CollectSummary> {

@@ -1,6 +1,7 @@
 //! `tiller`: the command-line shell over Tiller's libraries. Parse flags, resolve, call the library.
 
 mod align;
+mod args;
 mod base;
 mod bench;
 mod compare;
@@ -8,8 +9,9 @@ mod eval;
 mod feedback;
 mod model_check;
 mod paired;
+mod quickstart;
 mod reward;
-mod testbed;
+mod shipped;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,7 +40,7 @@ enum Command {
     /// Evaluate a model (or the training renderer) on a testbed prompt suite with the gold evaluator.
     Eval(eval::EvalArgs),
     /// Score the testbed: the renderer's upper bound and, when shipped, the base model.
-    Quickstart(eval::QuickstartArgs),
+    Quickstart(quickstart::QuickstartArgs),
     /// The testbed's base model.
     Base {
         #[command(subcommand)]
@@ -54,8 +56,10 @@ enum Command {
         #[command(subcommand)]
         command: RewardCommand,
     },
-    /// Align a model with one method (DDPO, Diffusion-DPO, DRaFT-K) on the testbed.
+    /// Align a model with one method on the testbed (`tiller methods` lists them).
     Align(align::AlignArgs),
+    /// List the alignment methods: name, paper, preset.
+    Methods,
     /// Run several methods under one reward-query budget and compare them.
     Compare(compare::CompareArgs),
     /// Merge an alignment run's LoRA into its base and write a diffusers-layout pipeline.
@@ -175,17 +179,21 @@ fn main() -> Result<()> {
         Command::Eval(args) => {
             let out = args_out(&args);
             let report = eval::eval(args)?;
-            println!("{}", eval::markdown(&report));
+            println!("{}", tiller_eval::report::markdown(&report));
             println!("report written to {}", out.display());
             Ok(())
         }
-        Command::Quickstart(args) => eval::quickstart(args),
+        Command::Quickstart(args) => quickstart::quickstart(args),
         Command::Compare(args) => compare::compare(args).map(|_| ()),
         Command::Merge(args) => align::merge(args),
         Command::Paired(args) => paired::run(args),
+        Command::Methods => {
+            println!("{}", align::methods_table());
+            Ok(())
+        }
         Command::Align(args) => {
             let s = align::align(args)?;
-            println!("{}", align::summary_markdown(&s));
+            println!("{}", tiller_align::run::summary_markdown(&s));
             Ok(())
         }
     }

@@ -3,6 +3,7 @@
 //! annotators and to the truth. Also the `--reward` flag's parser that
 //! `sample` and `eval` use for best-of-N.
 
+use crate::args::load_reward;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
@@ -20,44 +21,15 @@ use tiller_reward::fusion::{
 };
 use tiller_reward::metrics::{calibration, pairwise_accuracy, pearson, spearman};
 use tiller_reward::pretrain::{batch_retrieval, caption_pairs, minimal_pair_accuracy};
-use tiller_reward::rewards::{CaptionMatch, factor_targets};
+use tiller_reward::rewards::factor_targets;
 use tiller_reward::{
-    FACTORS, FeedbackItem, FeedbackSet, GoldReward, JpegCompressibility, LearnedReward, PairLabel,
-    PretrainConfig, RegionLabel, Reward, RewardNet, RewardNetConfig, RewardTrainConfig, TextPool,
+    FACTORS, FeedbackItem, FeedbackSet, GoldReward, LearnedReward, PairLabel, PretrainConfig,
+    RegionLabel, Reward, RewardNet, RewardNetConfig, RewardTrainConfig, TextPool,
     renderer_captions, train_ensemble_from,
 };
 use tiller_testbed::image::decode_png;
 use tiller_testbed::prompts::{is_held_out, mirror_prompt};
 use tiller_testbed::{Image, PromptSpec, RenderConfig, Task, Tokenizer};
-
-/// `--reward`: `gold`, `jpeg`, a reward model folder, a fusion folder (`tiller reward fuse`), or
-/// `caption-match:<folder>` (the folder's towers' caption match, e.g. of `tiller reward
-/// pretrain`'s label-free towers).
-pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
-    Ok(match spec {
-        "gold" => Box::new(GoldReward::default()),
-        "jpeg" => Box::new(JpegCompressibility),
-        _ if spec.starts_with("caption-match:") => {
-            let path = &spec["caption-match:".len()..];
-            Box::new(
-                CaptionMatch::load(Path::new(path), tokenizer.clone(), device).with_context(
-                    || format!("--reward {spec}: {path} is not a reward model folder"),
-                )?,
-            )
-        }
-        path if Fusion::is_fusion(Path::new(path)) => Box::new(
-            Fusion::load(Path::new(path), tokenizer.clone(), device)
-                .with_context(|| format!("--reward {path}: a fusion folder that does not load"))?,
-        ),
-        path => Box::new(
-            LearnedReward::load(Path::new(path), tokenizer.clone(), device).with_context(|| {
-                format!(
-                    "--reward {path}: not `gold`, `jpeg`, `caption-match:<folder>` or a reward model folder"
-                )
-            })?,
-        ),
-    })
-}
 
 /// The network section of a reward config.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -342,6 +314,7 @@ fn resolve_net(
 ) -> Result<(RewardNetConfig, Option<ClipTextModel>)> {
     let (text_config, text_init): (ClipTextConfig, Option<ClipTextModel>) = match &file.base {
         Some(base) => {
+            let base = &crate::shipped::resolve(base);
             let (c, m) =
                 tiller_diffusion::models::load_clip_text(&base.join("text_encoder"), None, device)
                     .with_context(|| {
@@ -408,7 +381,10 @@ fn write_model_folder(
 pub fn pretrain(args: PretrainArgs) -> Result<()> {
     crate::ensure_new_out(&args.out)?;
     let (file, resolved): (RewardFile, String) =
-        tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
+        tiller_core::config::from_toml_file_with_overrides(
+            &crate::shipped::resolve(&args.config),
+            &args.overrides,
+        )?;
     let device = tiller_core::device::parse_device(&file.device)?;
     let (net_config, text_init) = resolve_net(&file, &args.config, &device)?;
     device.seed(file.pretrain.seed);
@@ -577,7 +553,10 @@ impl TowerInit {
 pub fn train(args: TrainArgs) -> Result<()> {
     crate::ensure_new_out(&args.out)?;
     let (file, resolved): (RewardFile, String) =
-        tiller_core::config::from_toml_file_with_overrides(&args.config, &args.overrides)?;
+        tiller_core::config::from_toml_file_with_overrides(
+            &crate::shipped::resolve(&args.config),
+            &args.overrides,
+        )?;
     let device = tiller_core::device::parse_device(&file.device)?;
     let (net, text_init) = resolve_net(&file, &args.config, &device)?;
     let towers = match &file.init {

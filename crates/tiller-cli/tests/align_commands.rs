@@ -152,7 +152,7 @@ fn align_rejects_bad_configs_with_the_field_named() {
         "--out",
         run_s,
         "--set",
-        "dpo.store=\"/nonexistent/store\"",
+        "method.diffusion-dpo.store=\"/nonexistent/store\"",
     ]);
     assert!(!ok && text.contains("not a preference store"), "{text}");
     // DRaFT-K needs gradients: the gold evaluator has none.
@@ -189,7 +189,7 @@ fn compare_writes_a_table_and_plots() {
         "train.batch_size=2",
         "sampling.steps=3",
         "prompts.val_per_task=1",
-        "ddpo.stat_min_count=2",
+        "method.ddpo.stat_min_count=2",
     ] {
         args.extend_from_slice(&["--set", s]);
     }

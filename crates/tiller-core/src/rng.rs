@@ -23,6 +23,13 @@ pub struct RngState {
     pub key: String,
     /// The position in the stream, in 32-bit words (decimal; it can exceed 2^64).
     pub word_pos: String,
+    /// The ChaCha stream number ([`SeededRng::for_example`]); 0 for a plain seed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stream: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl SeededRng {
@@ -31,6 +38,16 @@ impl SeededRng {
         Self {
             inner: ChaCha8Rng::seed_from_u64(seed),
         }
+    }
+
+    /// The stream of example `index` under `seed` (ChaCha stream `index + 1` of the key
+    /// [`Self::new`] derives from `seed`; stream 0 is `new(seed)` itself), so every example's
+    /// noise depends on (seed, its index) alone, never on which batch it was drawn in. Streams of
+    /// different indices are independent of each other and of `new(seed)`.
+    pub fn for_example(seed: u64, index: u64) -> Self {
+        let mut inner = ChaCha8Rng::seed_from_u64(seed);
+        inner.set_stream(index.wrapping_add(1));
+        Self { inner }
     }
 
     /// The stream's position, to save in a checkpoint.
@@ -43,6 +60,7 @@ impl SeededRng {
                 .map(|b| format!("{b:02x}"))
                 .collect(),
             word_pos: self.inner.get_word_pos().to_string(),
+            stream: self.inner.get_stream(),
         }
     }
 
@@ -58,6 +76,7 @@ impl SeededRng {
         }
         let pos: u128 = state.word_pos.parse().map_err(|_| bad())?;
         let mut inner = ChaCha8Rng::from_seed(key);
+        inner.set_stream(state.stream);
         inner.set_word_pos(pos);
         Ok(Self { inner })
     }
@@ -94,6 +113,24 @@ impl SeededRng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn example_streams_depend_on_seed_and_index_only() {
+        let a = SeededRng::for_example(3, 5).normal_vec(8);
+        assert_eq!(a, SeededRng::for_example(3, 5).normal_vec(8));
+        assert_ne!(a, SeededRng::for_example(3, 6).normal_vec(8));
+        assert_ne!(a, SeededRng::for_example(4, 5).normal_vec(8));
+        // A checkpointed example stream continues where it was.
+        let mut r = SeededRng::for_example(3, 5);
+        r.normal_vec(3);
+        let mut resumed = SeededRng::from_state(&r.state()).unwrap();
+        assert_eq!(resumed.normal_vec(5), r.normal_vec(5));
+        // The run's own stream is none of the examples'.
+        assert_ne!(
+            SeededRng::for_example(3, 0).normal_vec(8),
+            SeededRng::new(3).normal_vec(8)
+        );
+    }
 
     #[test]
     fn same_seed_same_stream_and_forks_differ() {

@@ -6,6 +6,8 @@
 //! <folder>/text_encoder/config.json + model.safetensors
 //! <folder>/tokenizer/tokenizer.json         Hugging Face tokenizers format
 //! <folder>/scheduler/scheduler_config.json
+//! <folder>/tiller_sampling.json             optional: the recommended sampler (Tiller's; diffusers
+//!                                           ignores it)
 //! ```
 //!
 //! Each part loads in Python as it is (`UNet2DConditionModel.from_pretrained(f, subfolder="unet")`,
@@ -25,6 +27,38 @@ use tiller_core::{Error, Result};
 /// The pipeline class name written to `model_index.json`.
 pub const PIPELINE_CLASS: &str = "TillerPixelPipeline";
 
+/// The file holding a pipeline's [`RecommendedSampling`].
+pub const SAMPLING_FILE: &str = "tiller_sampling.json";
+
+/// How a pipeline's author recommends sampling it: the step count, DDIM's eta (0 deterministic,
+/// 1 ancestral) and the classifier-free guidance scale. Commands use it unless told otherwise,
+/// so a model's documented numbers come back from its folder alone.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendedSampling {
+    pub steps: usize,
+    pub eta: f64,
+    pub guidance: f64,
+}
+
+impl RecommendedSampling {
+    /// The folder's recommendation, if it has one.
+    pub fn read(folder: &Path) -> Result<Option<Self>> {
+        let path = folder.join(SAMPLING_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let r: Self = tiller_core::config::from_json_file(&path)?;
+        if r.steps == 0 || !(0.0..=1.0).contains(&r.eta) || !r.guidance.is_finite() {
+            return Err(Error::format(
+                &path,
+                format!("steps must be >= 1, eta in [0, 1], guidance finite; got {r:?}"),
+            ));
+        }
+        Ok(Some(r))
+    }
+}
+
 /// Text encoder, UNet and scheduler of one text-to-image model.
 #[derive(Debug, Clone)]
 pub struct TextToImage {
@@ -33,6 +67,8 @@ pub struct TextToImage {
     pub unet_config: UNet2DConditionConfig,
     pub unet: UNet2DConditionModel,
     pub scheduler: SchedulerConfig,
+    /// From the folder's `tiller_sampling.json`; `None` when it has none.
+    pub recommended: Option<RecommendedSampling>,
 }
 
 impl TextToImage {
@@ -52,6 +88,7 @@ impl TextToImage {
             SchedulerConfig::from_diffusers_json(folder.join("scheduler/scheduler_config.json"))?;
         let tok_path = folder.join("tokenizer/tokenizer.json");
         let tokenizer = std::fs::read_to_string(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
+        let recommended = RecommendedSampling::read(folder)?;
         Ok((
             Self {
                 text_config,
@@ -59,6 +96,7 @@ impl TextToImage {
                 unet_config,
                 unet,
                 scheduler,
+                recommended,
             },
             tokenizer,
         ))
@@ -96,6 +134,11 @@ impl TextToImage {
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "scheduler": ["diffusers", scheduler_class],
         });
+        if let Some(r) = &self.recommended {
+            let text =
+                serde_json::to_string_pretty(r).map_err(|e| Error::invalid(e.to_string()))?;
+            atomic_write(&folder.join(SAMPLING_FILE), text.as_bytes())?;
+        }
         let text =
             serde_json::to_string_pretty(&index).map_err(|e| Error::invalid(e.to_string()))?;
         atomic_write(&folder.join("model_index.json"), text.as_bytes())

@@ -9,9 +9,10 @@
 //!   and the vector-Jacobian product is pushed through it. Peak memory is that of one step's graph,
 //!   whatever K is; the cost is one extra forward per differentiated step.
 //!
-//! All noise comes from the caller's [`SeededRng`], drawn in a fixed order (initial noise first, then
-//! one draw per step, also for deterministic steps), so the same seed gives the same chain whatever
-//! is recorded or differentiated.
+//! All noise comes from the caller's [`NoiseSource`], drawn in a fixed order (initial noise first,
+//! then one draw per step, also for deterministic steps), so the same seed gives the same chain
+//! whatever is recorded or differentiated. [`ExampleNoise`] gives every example its own stream, so
+//! an image depends on (seed, its index) and never on the batch it was sampled in.
 
 use crate::distribution::{Gaussian, LogProbReduction};
 use crate::models::unet::UNet2DConditionModel;
@@ -19,7 +20,78 @@ use crate::schedulers::Scheduler;
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
+use std::ops::Range;
 use tiller_core::{Error, Result, SeededRng};
+
+/// Where a chain's noise comes from: each call draws one standard-normal tensor [B, C, H, W].
+pub trait NoiseSource {
+    fn draw(&mut self, shape: [usize; 4], device: &Device) -> Result<Tensor<4>>;
+}
+
+/// One stream for the whole batch: what each example gets depends on the batch's layout.
+impl NoiseSource for SeededRng {
+    fn draw(&mut self, shape: [usize; 4], device: &Device) -> Result<Tensor<4>> {
+        Ok(self.normal(shape, device))
+    }
+}
+
+/// One stream per example: example `b` of every draw comes from stream `b` alone, so a chain is
+/// the same whether its example is sampled alone, in a batch of 4 or of 7.
+#[derive(Debug, Clone)]
+pub struct ExampleNoise {
+    streams: Vec<SeededRng>,
+}
+
+impl ExampleNoise {
+    pub fn new(streams: Vec<SeededRng>) -> Self {
+        Self { streams }
+    }
+
+    /// The streams of examples `indices` under `seed` ([`SeededRng::for_example`]).
+    pub fn for_examples(seed: u64, indices: impl IntoIterator<Item = u64>) -> Self {
+        Self::new(
+            indices
+                .into_iter()
+                .map(|i| SeededRng::for_example(seed, i))
+                .collect(),
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// The streams of examples `r` (a micro-batch), at their current positions.
+    pub fn slice(&self, r: Range<usize>) -> Self {
+        Self::new(self.streams[r].to_vec())
+    }
+
+    /// The streams of several parts, in order.
+    pub fn concat(parts: impl IntoIterator<Item = ExampleNoise>) -> Self {
+        Self::new(parts.into_iter().flat_map(|p| p.streams).collect())
+    }
+}
+
+impl NoiseSource for ExampleNoise {
+    fn draw(&mut self, shape: [usize; 4], device: &Device) -> Result<Tensor<4>> {
+        let [b, c, h, w] = shape;
+        if b != self.streams.len() {
+            return Err(Error::invalid(format!(
+                "a batch of {b} examples drew noise from {} per-example streams",
+                self.streams.len()
+            )));
+        }
+        let mut v = Vec::with_capacity(b * c * h * w);
+        for s in &mut self.streams {
+            v.extend(s.normal_vec(c * h * w));
+        }
+        Ok(Tensor::from_data(TensorData::new(v, shape), device))
+    }
+}
 
 /// A network that predicts the scheduler's target from a noisy sample.
 ///
@@ -137,10 +209,10 @@ pub struct Sample {
 pub fn initial_noise(
     scheduler: &dyn Scheduler,
     shape: [usize; 4],
-    rng: &mut SeededRng,
+    noise: &mut dyn NoiseSource,
     device: &Device,
-) -> Tensor<4> {
-    rng.normal(shape, device) * scheduler.init_noise_sigma()
+) -> Result<Tensor<4>> {
+    Ok(noise.draw(shape, device)? * scheduler.init_noise_sigma())
 }
 
 /// Runs the whole chain from `x_t` (usually [`initial_noise`]) without a graph.
@@ -149,7 +221,7 @@ pub fn sample<M: Denoiser>(
     scheduler: &dyn Scheduler,
     cond: &Conditioning,
     x_t: Tensor<4>,
-    rng: &mut SeededRng,
+    noise: &mut dyn NoiseSource,
     record: Record,
 ) -> Result<Sample> {
     let shape: [usize; 4] = x_t.dims();
@@ -167,8 +239,7 @@ pub fn sample<M: Denoiser>(
     for (i, &t) in scheduler.timesteps().iter().enumerate() {
         let pred = cond.predict(model, x.clone(), t);
         let step = scheduler.step(pred, i, x)?;
-        let noise = rng.normal(shape, &device);
-        let next = step.distribution.sample(noise);
+        let next = step.distribution.sample(noise.draw(shape, &device)?);
         if let (Some(traj), Record::Trajectory(reduction)) = (traj.as_mut(), record) {
             let lp = if step.distribution.is_deterministic() {
                 None
@@ -189,7 +260,7 @@ pub fn sample<M: Denoiser>(
 }
 
 /// The KL from `model`'s chain to `reference`'s, per dimension, summed over the chain's steps and
-/// averaged over the batch: along `model`'s own chain from `x_t` (noise from `rng`, in
+/// averaged over the batch: along `model`'s own chain from `x_t` (noise from `noise`, in
 /// [`sample`]'s order), the Gaussian KL between its step and `reference`'s step from the same
 /// x_t. Deterministic steps have no density and add nothing. 0 when the models are equal.
 pub fn chain_kl<M: Denoiser, R: Denoiser>(
@@ -198,7 +269,7 @@ pub fn chain_kl<M: Denoiser, R: Denoiser>(
     scheduler: &dyn Scheduler,
     cond: &Conditioning,
     x_t: Tensor<4>,
-    rng: &mut SeededRng,
+    noise: &mut dyn NoiseSource,
 ) -> Result<f64> {
     let shape: [usize; 4] = x_t.dims();
     let device = x_t.device();
@@ -217,7 +288,7 @@ pub fn chain_kl<M: Denoiser, R: Denoiser>(
                 .mean()
                 .into_scalar::<f64>();
         }
-        x = p.sample(rng.normal(shape, &device));
+        x = p.sample(noise.draw(shape, &device)?);
     }
     Ok(total)
 }
@@ -251,14 +322,14 @@ pub fn backprop_through_sampling<M>(
     scheduler: &dyn Scheduler,
     cond: &Conditioning,
     x_t: Tensor<4>,
-    rng: &mut SeededRng,
+    noise: &mut dyn NoiseSource,
     k: usize,
     loss: impl FnOnce(Tensor<4>) -> Tensor<1>,
 ) -> Result<ChainGradients>
 where
     M: Denoiser + Module,
 {
-    backprop_through_sampling_with(model, scheduler, cond, x_t, rng, k, loss, None)
+    backprop_through_sampling_with(model, scheduler, cond, x_t, noise, k, loss, None)
 }
 
 /// [`backprop_through_sampling`] with a per-step `penalty` added to the objective at every
@@ -269,7 +340,7 @@ pub fn backprop_through_sampling_with<M>(
     scheduler: &dyn Scheduler,
     cond: &Conditioning,
     x_t: Tensor<4>,
-    rng: &mut SeededRng,
+    noise: &mut dyn NoiseSource,
     k: usize,
     loss: impl FnOnce(Tensor<4>) -> Tensor<1>,
     mut penalty: Option<&mut StepPenalty<'_>>,
@@ -300,12 +371,12 @@ where
     let mut x = x_t.to_device(&plain);
     let mut saved: Vec<(Tensor<4>, Tensor<4>)> = Vec::with_capacity(n - first_diff);
     for (i, &t) in timesteps.iter().enumerate() {
-        let noise = rng.normal(shape, &plain);
+        let z = noise.draw(shape, &plain)?;
         if i >= first_diff {
-            saved.push((x.clone(), noise.clone()));
+            saved.push((x.clone(), z.clone()));
         }
         let pred = cond_plain.predict(&frozen, x.clone(), t);
-        x = scheduler.step(pred, i, x)?.distribution.sample(noise);
+        x = scheduler.step(pred, i, x)?.distribution.sample(z);
     }
 
     // d loss / d x_0.
@@ -327,12 +398,12 @@ where
 
     // Backward through the saved steps, last first: recompute one step with a graph, push the
     // vector-Jacobian product <upstream, step(x_i)> back to x_i, keep the parameter gradients.
-    for (j, (x_in, noise)) in saved.into_iter().enumerate().rev() {
+    for (j, (x_in, z)) in saved.into_iter().enumerate().rev() {
         let i = first_diff + j;
         let x_in = x_in.autodiff().require_grad();
         let pred = cond_ad.predict(model, x_in.clone(), timesteps[i]);
         let dist = scheduler.step(pred, i, x_in.clone())?.distribution;
-        let out = dist.sample(noise.autodiff());
+        let out = dist.sample(z.autodiff());
         let mut surrogate = (out * upstream.autodiff()).sum();
         if let Some(p) = penalty.as_mut() {
             let term = p(i, x_in.clone(), &dist)?;

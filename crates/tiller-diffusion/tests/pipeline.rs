@@ -4,7 +4,7 @@
 use burn::tensor::Device;
 use std::path::Path;
 use tiller_diffusion::models::{load_clip_text, load_unet};
-use tiller_diffusion::pipeline::TextToImage;
+use tiller_diffusion::pipeline::{RecommendedSampling, SAMPLING_FILE, TextToImage};
 use tiller_diffusion::schedulers::{DdimConfig, SchedulerConfig};
 
 #[test]
@@ -26,6 +26,11 @@ fn save_and_load_a_pipeline_folder() {
         unet_config,
         unet,
         scheduler: scheduler.clone(),
+        recommended: Some(RecommendedSampling {
+            steps: 30,
+            eta: 1.0,
+            guidance: 3.0,
+        }),
     };
     let dir = std::env::temp_dir().join(format!("tiller-pipeline-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -51,6 +56,18 @@ fn save_and_load_a_pipeline_folder() {
     assert_eq!(tok, "{\"model\": {}}");
     // eta is not a diffusers config key; everything else survives.
     assert_eq!(q.scheduler, scheduler);
+    // The recommended sampler travels with the folder; a bad one is refused, naming the file.
+    assert_eq!(q.recommended, p.recommended);
+    std::fs::write(
+        dir.join(SAMPLING_FILE),
+        r#"{"steps": 30, "eta": 2.0, "guidance": 3.0}"#,
+    )
+    .unwrap();
+    let e = TextToImage::load(&dir, &device).unwrap_err().to_string();
+    assert!(e.contains(SAMPLING_FILE) && e.contains("eta"), "{e}");
+    std::fs::write(dir.join(SAMPLING_FILE), r#"{"steps": 30, "etaa": 1.0}"#).unwrap();
+    let e = TextToImage::load(&dir, &device).unwrap_err().to_string();
+    assert!(e.contains("etaa"), "{e}");
     let ids = vec![vec![0i64, 5, 9, 98, 98, 98]];
     let a = p.encode(&ids, &device).unwrap();
     let b = q.encode(&ids, &device).unwrap();

@@ -11,7 +11,7 @@ use tiller_core::SeededRng;
 use tiller_diffusion::models::load_unet;
 use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_diffusion::sampling::{
-    Conditioning, Record, backprop_through_sampling, initial_noise, sample,
+    Conditioning, ExampleNoise, Record, backprop_through_sampling, initial_noise, sample,
 };
 use tiller_diffusion::schedulers::{DdimConfig, SchedulerConfig};
 use tiller_diffusion::{LogProbReduction, Scheduler};
@@ -56,7 +56,7 @@ fn trajectory_records_the_chain_and_its_log_probs() {
     let scheduler = ddim(1.0, 4);
     let mut rng = SeededRng::new(3);
     let cond = Conditioning::new(context(&mut rng, 2, &device));
-    let x_t = initial_noise(scheduler.as_ref(), [2, 3, 8, 8], &mut rng, &device);
+    let x_t = initial_noise(scheduler.as_ref(), [2, 3, 8, 8], &mut rng, &device).unwrap();
 
     let mut r1 = SeededRng::new(11);
     let plain = sample(
@@ -113,6 +113,50 @@ fn trajectory_records_the_chain_and_its_log_probs() {
     assert_ne!(values(other.images), values(plain.images));
 }
 
+/// With one noise stream per example, an example's chain is the same alone, in a batch of 3, or
+/// at another position: it depends on (seed, its index), never on the batch layout.
+#[test]
+fn per_example_noise_makes_chains_independent_of_the_batch() {
+    let device = Device::flex();
+    let model = unet(&device);
+    let scheduler = ddim(1.0, 3);
+    let mut rng = SeededRng::new(4);
+    let ctx = context(&mut rng, 3, &device);
+    let chains = |indices: &[u64], rows: &[usize]| {
+        let mut noise = ExampleNoise::for_examples(9, indices.iter().copied());
+        let b = indices.len();
+        let x_t = initial_noise(scheduler.as_ref(), [b, 3, 8, 8], &mut noise, &device).unwrap();
+        let rows = Tensor::<1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect(), [b]),
+            &device,
+        );
+        let cond = Conditioning::new(ctx.clone().select(0, rows));
+        let s = sample(
+            &model,
+            scheduler.as_ref(),
+            &cond,
+            x_t,
+            &mut noise,
+            Record::Nothing,
+        )
+        .unwrap();
+        values(s.images)
+    };
+    let together = chains(&[0, 1, 2], &[0, 1, 2]);
+    let n = together.len() / 3;
+    for i in 0..3 {
+        let alone = chains(&[i as u64], &[i]);
+        assert_close(&alone, &together[i * n..(i + 1) * n], 1e-5, 1e-6);
+    }
+    // Reversed order: each example keeps its own chain.
+    let reversed = chains(&[2, 1, 0], &[2, 1, 0]);
+    assert_close(&reversed[..n], &together[2 * n..], 1e-5, 1e-6);
+    // A stream of the wrong size is an error, not a silent reshuffle.
+    let mut two = ExampleNoise::for_examples(9, [0, 1]);
+    let err = initial_noise(scheduler.as_ref(), [3, 3, 8, 8], &mut two, &device).unwrap_err();
+    assert!(err.to_string().contains("3 examples"), "{err}");
+}
+
 #[test]
 fn deterministic_steps_record_no_log_prob() {
     let device = Device::flex();
@@ -120,7 +164,7 @@ fn deterministic_steps_record_no_log_prob() {
     let scheduler = ddim(0.0, 3);
     let mut rng = SeededRng::new(5);
     let cond = Conditioning::new(context(&mut rng, 1, &device));
-    let x_t = initial_noise(scheduler.as_ref(), [1, 3, 8, 8], &mut rng, &device);
+    let x_t = initial_noise(scheduler.as_ref(), [1, 3, 8, 8], &mut rng, &device).unwrap();
     let out = sample(
         &model,
         scheduler.as_ref(),
@@ -146,7 +190,7 @@ fn deterministic_steps_record_no_log_prob() {
     })
     .build(3)
     .unwrap();
-    let x_t = initial_noise(scheduler.as_ref(), [1, 3, 8, 8], &mut rng, &device);
+    let x_t = initial_noise(scheduler.as_ref(), [1, 3, 8, 8], &mut rng, &device).unwrap();
     let cond = Conditioning::new(context(&mut rng, 1, &device));
     let lps = sample(
         &model,

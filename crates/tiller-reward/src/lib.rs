@@ -18,6 +18,7 @@
 
 pub mod ensemble;
 pub mod fusion;
+pub mod load;
 pub mod losses;
 pub mod metrics;
 pub mod net;

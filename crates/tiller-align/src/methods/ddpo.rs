@@ -21,14 +21,17 @@
 //!
 //! with one backward per step, accumulated over the steps (the loss is divided by their number,
 //! as accelerate's accumulation does), and `approx_kl = 1/2 mean((log rho)^2)` and the clip
-//! fraction logged. Defaults: `config/base.py` (see `DdpoSection`).
+//! fraction logged. Defaults: `config/base.py` (see `DdpoConfig`).
 //!
-//! One deviation: ddpo-pytorch shuffles the trained steps independently per sample; here one
-//! permutation per update is shared by the batch (our UNet call takes one timestep per batch).
-//! With `timestep_fraction = 1` (the default) both train on every step.
+//! As in ddpo-pytorch (`scripts/train.py` l.493-500), the trained steps are drawn per sample and
+//! per inner epoch: a random permutation of the chain's stochastic steps, truncated to
+//! `timestep_fraction` of them. The loss is the mean over all (sample, trained step) pairs, which
+//! is what ddpo-pytorch's accumulation over `num_train_timesteps` computes; samples that train
+//! the same step share one UNet call.
 
-use crate::batch::{Batch, Collect};
-use crate::config::DdpoSection;
+use crate::batch::{Batch, Collect, Rollouts};
+use crate::config::{AlignConfig, AlignTrainSection};
+use crate::methods::MethodSpec;
 use crate::{Algorithm, Context, MicroStep};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Tensor, TensorData};
@@ -38,13 +41,86 @@ use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::LogProbReduction;
 use tiller_diffusion::models::unet::UNet2DConditionModel;
 
+/// `[method.ddpo]`: ddpo-pytorch `config/base.py` defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DdpoConfig {
+    /// PPO ratio clip epsilon (1e-4: the log-prob is a mean over dimensions).
+    pub clip_range: f64,
+    /// Advantages are clipped to +-this.
+    pub adv_clip_max: f64,
+    /// Optimizer passes over each collected batch.
+    pub inner_epochs: usize,
+    /// Fraction of the chain's steps trained on per pass (a random subset per rollout, drawn
+    /// per update).
+    pub timestep_fraction: f64,
+    /// Normalise rewards per prompt (ddpo-pytorch's `PerPromptStatTracker`) instead of per batch.
+    pub per_prompt_stat_tracking: bool,
+    pub stat_buffer: usize,
+    pub stat_min_count: usize,
+}
+
+impl Default for DdpoConfig {
+    fn default() -> Self {
+        Self {
+            clip_range: 1e-4,
+            adv_clip_max: 5.0,
+            inner_epochs: 1,
+            timestep_fraction: 1.0,
+            per_prompt_stat_tracking: true,
+            stat_buffer: 16,
+            stat_min_count: 16,
+        }
+    }
+}
+
+impl MethodSpec for DdpoConfig {
+    fn name(&self) -> &'static str {
+        "ddpo"
+    }
+
+    fn paper(&self) -> &'static str {
+        "Black et al., Training Diffusion Models with Reinforcement Learning, ICLR 2024"
+    }
+
+    fn validate(&self, config: &AlignConfig) -> Result<()> {
+        let bad = |field: &str, msg: &str| Err(Error::config(format!("method.ddpo.{field}"), msg));
+        if config.sampling.eta <= 0.0 {
+            return Err(Error::config(
+                "sampling.eta",
+                "must be > 0 for ddpo: a deterministic step has no log-probability",
+            ));
+        }
+        if !(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0) {
+            return bad("timestep_fraction", "must be in (0, 1]");
+        }
+        if self.inner_epochs == 0 {
+            return bad("inner_epochs", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn build(&self) -> Box<dyn Algorithm> {
+        Box::new(Ddpo::new(self.clone()))
+    }
+
+    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+        // Each collected batch costs its rollouts' rewards and gives `inner_epochs` updates.
+        let batch = train.effective_batch().max(1) as u64;
+        (
+            vec![format!("train.reward_budget={budget}")],
+            budget.div_ceil(batch) * self.inner_epochs as u64,
+        )
+    }
+}
+
 pub struct Ddpo {
-    pub config: DdpoSection,
+    pub config: DdpoConfig,
     tracker: PerPromptStats,
 }
 
 impl Ddpo {
-    pub fn new(config: DdpoSection) -> Self {
+    pub fn new(config: DdpoConfig) -> Self {
         let tracker = PerPromptStats::new(config.stat_buffer, config.stat_min_count);
         Self { config, tracker }
     }
@@ -127,6 +203,65 @@ pub fn step_log_prob(
     Ok((step, log_prob))
 }
 
+/// Which steps each rollout trains on in this update: a random `fraction` of its chain's
+/// stochastic steps (a deterministic step, DDIM's last, has no log-probability), drawn per
+/// rollout, as ddpo-pytorch draws them per sample and per inner epoch.
+pub fn draw_train_steps(r: &mut Rollouts, fraction: f64, rng: &mut SeededRng) {
+    let stochastic: Vec<usize> = (0..r.log_probs.len())
+        .filter(|&i| r.log_probs[i].is_some())
+        .collect();
+    let steps = stochastic.len();
+    let n = ((steps as f64 * fraction).round() as usize).clamp(1, steps.max(1));
+    r.train_steps = (0..r.prompts.len())
+        .map(|_| {
+            let mut order = stochastic.clone();
+            for i in (1..steps).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+            order.truncate(n);
+            order
+        })
+        .collect();
+}
+
+/// The rollouts' trained (sample, step) pairs grouped by chain step: calls `f` with each step
+/// some rollout trains, those rollouts (the batch itself when all of them do), and their share
+/// of all pairs (the weight of their mean loss in the update's mean over pairs).
+pub fn for_each_trained_step(
+    r: &Rollouts,
+    method: &str,
+    mut f: impl FnMut(usize, &Rollouts, f64) -> Result<()>,
+) -> Result<()> {
+    let b = r.prompts.len();
+    if r.train_steps.len() != b {
+        return Err(Error::invalid(format!(
+            "{method}: the trained steps were not drawn for this batch (begin_update)"
+        )));
+    }
+    let pairs = r.train_steps.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    for i in 0..r.log_probs.len() {
+        let rows: Vec<usize> = (0..b).filter(|&s| r.train_steps[s].contains(&i)).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let weight = rows.len() as f64 / pairs;
+        if rows.len() == b {
+            f(i, r, weight)?;
+        } else {
+            f(i, &r.select_rows(&rows), weight)?;
+        }
+    }
+    Ok(())
+}
+
+/// A tensor's values as f32s.
+pub fn to_f32(t: Tensor<1>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::invalid(format!("{e:?}")))
+}
+
 impl Algorithm for Ddpo {
     fn name(&self) -> &'static str {
         "ddpo"
@@ -142,8 +277,9 @@ impl Algorithm for Ddpo {
 
     fn prepare(
         &mut self,
+        _cx: &Context<'_>,
         batch: &mut Batch,
-        rng: &mut SeededRng,
+        _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, f64)>> {
         let Batch::Rollouts(r) = batch else {
             return Err(Error::invalid("ddpo needs rollouts"));
@@ -156,20 +292,21 @@ impl Algorithm for Ddpo {
         };
         let c = self.config.adv_clip_max;
         r.advantages = adv.into_iter().map(|a| a.clamp(-c, c)).collect();
-        // Which steps to train on: a random subset of `timestep_fraction` of the chain.
-        // Only stochastic steps have a log-probability (DDIM's last step may be deterministic).
-        let mut order: Vec<usize> = (0..r.log_probs.len())
-            .filter(|&i| r.log_probs[i].is_some())
-            .collect();
-        let steps = order.len();
-        for i in (1..steps).rev() {
-            order.swap(i, rng.below(i + 1));
-        }
-        let n = ((steps as f64 * self.config.timestep_fraction).round() as usize).clamp(1, steps);
-        order.truncate(n);
-        r.train_steps = order;
         let (am, _) = mean_std(&r.advantages);
         Ok(vec![("advantage_mean", am)])
+    }
+
+    fn begin_update(
+        &mut self,
+        batch: &mut Batch,
+        _epoch: usize,
+        rng: &mut SeededRng,
+    ) -> Result<()> {
+        let Batch::Rollouts(r) = batch else {
+            return Err(Error::invalid("ddpo needs rollouts"));
+        };
+        draw_train_steps(r, self.config.timestep_fraction, rng);
+        Ok(())
     }
 
     fn gradients(
@@ -184,22 +321,21 @@ impl Algorithm for Ddpo {
         };
         let policy = cx.policy;
         let ad = policy.autodiff_device();
-        let b = r.prompts.len();
-        let cond = policy.conditioning(&r.prompts, &ad);
-        let cond_plain = policy.conditioning(&r.prompts, &policy.device);
-        let adv = Tensor::<1>::from_data(
-            TensorData::new(r.advantages.iter().map(|&a| a as f32).collect(), [b]),
-            &ad,
-        );
         let eps = self.config.clip_range;
-        let n_steps = r.train_steps.len() as f64;
         let mut acc = GradientsAccumulator::<UNet2DConditionModel>::new();
         let (mut loss_sum, mut kl_sum, mut approx_kl, mut clipfrac, mut ratio_sum) =
             (0.0, 0.0, 0.0, 0.0, 0.0);
-        for &i in &r.train_steps {
-            let x_t = r.latents[i].clone().autodiff();
-            let (step, log_prob) = step_log_prob(policy, &cond, r, i)?;
-            let old = r.log_probs[i]
+        for_each_trained_step(r, "ddpo", |i, part, weight| {
+            let m = part.prompts.len();
+            let cond = policy.conditioning(&part.prompts, &ad);
+            let cond_plain = policy.conditioning(&part.prompts, &policy.device);
+            let adv = Tensor::<1>::from_data(
+                TensorData::new(part.advantages.iter().map(|&a| a as f32).collect(), [m]),
+                &ad,
+            );
+            let x_t = part.latents[i].clone().autodiff();
+            let (step, log_prob) = step_log_prob(policy, &cond, part, i)?;
+            let old = part.log_probs[i]
                 .clone()
                 .ok_or_else(|| Error::invalid(format!("step {i} has no log-probability")))?
                 .autodiff();
@@ -211,38 +347,36 @@ impl Algorithm for Ddpo {
             let value = loss.clone().into_scalar::<f64>();
             if cx.kl_weight > 0.0 {
                 let kl = policy.kl_to_reference(&cond_plain, &step, &x_t, i)?.mean();
-                kl_sum += kl.clone().into_scalar::<f64>();
+                kl_sum += kl.clone().into_scalar::<f64>() * weight;
                 loss = loss + kl * cx.kl_weight;
             }
-            let lr: Vec<f32> = log_ratio
-                .inner()
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| Error::invalid(format!("{e:?}")))?;
-            approx_kl += lr.iter().map(|x| 0.5 * (*x as f64).powi(2)).sum::<f64>() / b as f64;
+            let lr = to_f32(log_ratio.inner())?;
+            // Means over this step's rollouts, weighted into means over all pairs.
+            let w = weight / m as f64;
+            approx_kl += lr.iter().map(|x| 0.5 * (*x as f64).powi(2)).sum::<f64>() * w;
             clipfrac += lr
                 .iter()
                 .filter(|x| ((x.exp() as f64) - 1.0).abs() > eps)
                 .count() as f64
-                / b as f64;
-            ratio_sum += lr.iter().map(|x| x.exp() as f64).sum::<f64>() / b as f64;
-            loss_sum += value;
-            let scaled = loss * (scale / n_steps);
+                * w;
+            ratio_sum += lr.iter().map(|x| x.exp() as f64).sum::<f64>() * w;
+            loss_sum += value * weight;
+            let scaled = loss * (scale * weight);
             let g = GradientsParams::from_grads(scaled.backward(), &policy.unet);
             acc.accumulate(&policy.unet, g);
-        }
+            Ok(())
+        })?;
         let mut metrics = vec![
-            ("approx_kl", approx_kl / n_steps),
-            ("clipfrac", clipfrac / n_steps),
-            ("ratio_mean", ratio_sum / n_steps),
+            ("approx_kl", approx_kl),
+            ("clipfrac", clipfrac),
+            ("ratio_mean", ratio_sum),
         ];
         if cx.kl_weight > 0.0 {
-            metrics.push(("kl", kl_sum / n_steps));
+            metrics.push(("kl", kl_sum));
         }
         Ok(MicroStep {
             grads: acc.grads(),
-            loss: loss_sum / n_steps,
+            loss: loss_sum,
             metrics,
             rewards: Vec::new(),
         })

@@ -13,11 +13,47 @@
 //! per-step Gaussian KL to the reference model is added at every differentiated stochastic step.
 
 use crate::batch::{Batch, Collect};
+use crate::config::AlignConfig;
+use crate::methods::MethodSpec;
 use crate::{Algorithm, Context, MicroStep};
+use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::Gaussian;
 use tiller_diffusion::sampling::{StepPenalty, backprop_through_sampling_with};
+
+/// `[method.draft-k]`: DRaFT-K.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DraftConfig {
+    /// Steps differentiated, counted from the end of the chain; K = 1 is the paper's best; 0 means
+    /// all (memory stays one step's graph: step-level recomputation).
+    pub k: usize,
+}
+
+impl Default for DraftConfig {
+    fn default() -> Self {
+        Self { k: 1 }
+    }
+}
+
+impl MethodSpec for DraftConfig {
+    fn name(&self) -> &'static str {
+        "draft-k"
+    }
+
+    fn paper(&self) -> &'static str {
+        "Clark et al., Directly Fine-Tuning Diffusion Models on Differentiable Rewards, ICLR 2024"
+    }
+
+    fn validate(&self, _config: &AlignConfig) -> Result<()> {
+        Ok(())
+    }
+
+    fn build(&self) -> Box<dyn Algorithm> {
+        Box::new(DraftK { k: self.k })
+    }
+}
 
 pub struct DraftK {
     /// Differentiated steps from the end of the chain (0: all).
@@ -92,13 +128,13 @@ impl Algorithm for DraftK {
         } else {
             None
         };
-        let mut chain_rng = SeededRng::new(s.seed);
+        let mut chain_noise = s.noise.clone();
         let result = backprop_through_sampling_with(
             &policy.unet,
             policy.sampler.as_ref(),
             &cond,
             s.x_t.clone(),
-            &mut chain_rng,
+            &mut chain_noise,
             k,
             loss,
             penalty_ref,

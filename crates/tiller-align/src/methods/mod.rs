@@ -1,23 +1,207 @@
-//! One file per method, each reading like its paper.
+//! One file per method, each reading like its paper, and the one registry of them.
+//!
+//! A method is its file (its config section with the paper's defaults, its [`MethodSpec`] and its
+//! [`Algorithm`]) plus one line in [`registry!`] below. Everything that lists, parses, validates,
+//! builds or budgets methods (the `[method.<name>]` section of a preset, `tiller align --help`,
+//! `tiller compare`, every "valid: ..." message) reads the registry; the loop itself knows only
+//! [`Algorithm`] and the data it asks for.
 
 pub mod ddpo;
 pub mod diffusion_dpo;
+pub mod diffusion_kto;
+pub mod dpok;
 pub mod draft_k;
 
 pub use ddpo::Ddpo;
 pub use diffusion_dpo::DiffusionDpo;
+pub use diffusion_kto::DiffusionKto;
+pub use dpok::Dpok;
 pub use draft_k::DraftK;
 
 use crate::Algorithm;
-use crate::config::{AlignConfig, MethodName};
+use crate::config::{AlignConfig, AlignTrainSection};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use tiller_core::Result;
 
-/// The method a config names, with its section's settings.
-pub fn build(config: &AlignConfig) -> Box<dyn Algorithm> {
-    match config.method {
-        MethodName::Ddpo => Box::new(Ddpo::new(config.ddpo.clone())),
-        MethodName::DiffusionDpo => Box::new(DiffusionDpo {
-            beta: config.dpo.beta,
-        }),
-        MethodName::DraftK => Box::new(DraftK { k: config.draft.k }),
+/// Which feedback a method reads from a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreData {
+    /// Non-tie comparisons as (prompt, chosen, rejected) pairs.
+    Comparisons,
+    /// Likes and dislikes of single images.
+    Labels,
+}
+
+/// Preference data a method trains on, read from a store before training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreRead {
+    pub data: StoreData,
+    /// The store folder (`tiller feedback collect --store`).
+    pub store: String,
+    /// `train` or `test`.
+    pub split: String,
+    /// At most this many comparisons or labels (the first in the store; 0: all).
+    pub max_comparisons: usize,
+    /// The config key that names the store, for errors.
+    pub field: &'static str,
+}
+
+/// What the registry knows about a method, implemented by its config section.
+pub trait MethodSpec {
+    /// The name in presets (`[method.<name>]`) and on the command line.
+    fn name(&self) -> &'static str;
+    /// The paper, for help text and the methods table.
+    fn paper(&self) -> &'static str;
+    /// Checks of this method's own settings and of the run settings it depends on; errors name
+    /// the field.
+    fn validate(&self, config: &AlignConfig) -> Result<()>;
+    /// The algorithm, ready for the loop.
+    fn build(&self) -> Box<dyn Algorithm>;
+    /// Whether `train.kl_weight` (a per-step KL to the reference) applies.
+    fn takes_kl(&self) -> bool {
+        true
     }
+    /// Whether it samples from the policy (so `train.images_per_prompt` applies).
+    fn samples(&self) -> bool {
+        true
+    }
+    /// Preference data it reads from a store before training, if any.
+    fn store(&self) -> Option<StoreRead> {
+        None
+    }
+    /// `--set` overrides that hold a run to `budget` reward queries, and the optimizer updates
+    /// the run then takes (what `tiller compare` sizes every method with).
+    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+        let batch = train.effective_batch().max(1) as u64;
+        (
+            vec![format!("train.reward_budget={budget}")],
+            budget.div_ceil(batch),
+        )
+    }
+}
+
+/// Declares the methods: `Variant(ConfigType) = "name"`. Generates [`Method`] (one variant per
+/// method, `[method.<name>]` in TOML; `method = "<name>"` is short for its defaults), its list of
+/// names and its dispatch to [`MethodSpec`].
+macro_rules! registry {
+    ($($variant:ident($config:ty) = $name:literal),* $(,)?) => {
+        /// The alignment method of a run and its settings.
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        pub enum Method {
+            $(#[serde(rename = $name)] $variant($config),)*
+        }
+
+        impl Method {
+            /// Every method's name, in the registry's order.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            /// A method with its paper's defaults.
+            pub fn defaults(name: &str) -> Option<Method> {
+                match name {
+                    $($name => Some(Method::$variant(<$config>::default())),)*
+                    _ => None,
+                }
+            }
+
+            /// Every method with its defaults.
+            pub fn all() -> Vec<Method> {
+                vec![$(Method::$variant(<$config>::default())),*]
+            }
+
+            pub fn spec(&self) -> &dyn MethodSpec {
+                match self {
+                    $(Method::$variant(c) => c,)*
+                }
+            }
+
+            fn from_table<'de, A: MapAccess<'de>>(name: &str, map: &mut A) -> std::result::Result<Method, A::Error> {
+                match name {
+                    $($name => Ok(Method::$variant(map.next_value::<$config>()?)),)*
+                    other => Err(de::Error::custom(unknown(other))),
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    Ddpo(ddpo::DdpoConfig) = "ddpo",
+    DiffusionDpo(diffusion_dpo::DpoConfig) = "diffusion-dpo",
+    DraftK(draft_k::DraftConfig) = "draft-k",
+    Dpok(dpok::DpokConfig) = "dpok",
+    DiffusionKto(diffusion_kto::KtoConfig) = "diffusion-kto",
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        self.spec().name()
+    }
+
+    /// The algorithm of this method.
+    pub fn build(&self) -> Box<dyn Algorithm> {
+        self.spec().build()
+    }
+
+    /// `ddpo, diffusion-dpo, ...`: what "valid: ..." messages list.
+    pub fn names() -> String {
+        Self::NAMES.join(", ")
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Method::defaults(s).ok_or_else(|| unknown(s))
+    }
+}
+
+fn unknown(name: &str) -> String {
+    format!("unknown method `{name}`; valid: {}", Method::names())
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct MethodVisitor;
+        impl<'de> Visitor<'de> for MethodVisitor {
+            type Value = Method;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "a `[method.<name>]` table (or `method = \"<name>\"` for its defaults), name one of: {}",
+                    Method::names()
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<Method, E> {
+                Method::defaults(s).ok_or_else(|| E::custom(unknown(s)))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Method, A::Error> {
+                let Some(name) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(format!(
+                        "`[method]` names no method; add `[method.<name>]` with one of: {}",
+                        Method::names()
+                    )));
+                };
+                let method = Method::from_table(&name, &mut map)?;
+                if let Some(other) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "`[method]` names two methods, `{name}` and `{other}`; a run trains one"
+                    )));
+                }
+                Ok(method)
+            }
+        }
+        d.deserialize_any(MethodVisitor)
+    }
+}
+
+/// The algorithm a config names, with its settings.
+pub fn build(config: &AlignConfig) -> Box<dyn Algorithm> {
+    config.method.build()
 }

@@ -5,11 +5,18 @@ use std::process::Command;
 
 /// Runs `tiller args...` from the repository root; returns success and stdout + stderr.
 pub fn tiller(args: &[&str]) -> (bool, String) {
+    tiller_in(
+        &Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../.."),
+        args,
+    )
+}
+
+/// Runs `tiller args...` from `dir` (which must exist), as a user would from anywhere.
+pub fn tiller_in(dir: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tiller"))
-        .current_dir(
-            Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../.."),
-        )
+        .current_dir(dir)
         .env("RUST_BACKTRACE", "0")
+        .env_remove("TILLER_HOME")
         .args(args)
         .output()
         .unwrap();

@@ -1,0 +1,124 @@
+//! Flags shared by several commands (sampling, best-of-N), and where the models and rewards they
+//! name are opened: shipped paths resolved (crate::shipped), alignment runs accepted wherever a
+//! model is, errors with the flag's context.
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use clap::Args;
+use std::path::Path;
+use tiller_diffusion::pipeline::TextToImage;
+use tiller_diffusion::schedulers::{DdimConfig, SchedulerConfig};
+use tiller_eval::SampleSettings;
+use tiller_reward::Reward;
+use tiller_testbed::Tokenizer;
+
+/// How the chain steps: deterministically or with fresh noise at every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sampler {
+    /// DDIM with eta = 0: deterministic given the initial noise.
+    Ddim,
+    /// Ancestral: DDIM with eta = 1 (DDPM's posterior variance), or the DDPM scheduler itself.
+    #[value(alias = "ddpm")]
+    Ancestral,
+}
+
+/// Sampling flags shared by `sample`, `eval` and `feedback collect`. Unset flags take the model
+/// folder's recommendation (`tiller_sampling.json`), else 50 steps of DDIM at guidance 3.
+#[derive(Args, Clone, Default)]
+pub struct SamplingArgs {
+    /// Denoising steps [default: the model's recommendation, else 50].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// The sampler [default: the model's recommendation, else ddim].
+    #[arg(long, visible_alias = "scheduler", value_enum)]
+    pub sampler: Option<Sampler>,
+    /// Classifier-free guidance scale, 1 = no guidance [default: the model's recommendation,
+    /// else 3].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Images per model call (speed only: every image has its own noise stream).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Image size; must be the model's (the error says which it is).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl SamplingArgs {
+    /// Fixed settings (what `quickstart` uses for every stage).
+    pub fn fixed(steps: usize, sampler: Sampler, guidance: f64) -> Self {
+        Self {
+            steps: Some(steps),
+            sampler: Some(sampler),
+            guidance: Some(guidance),
+            batch: 32,
+            resolution: None,
+            device: "cpu".into(),
+        }
+    }
+
+    /// The sampler, built on the model's own noise schedule: the flags, else the model folder's
+    /// recommendation, else the defaults.
+    pub fn settings(&self, pipe: &TextToImage) -> Result<SampleSettings> {
+        let rec = pipe.recommended;
+        let eta = match self.sampler {
+            Some(Sampler::Ddim) => 0.0,
+            Some(Sampler::Ancestral) => 1.0,
+            None => rec.map_or(0.0, |r| r.eta),
+        };
+        let scheduler = match &pipe.scheduler {
+            SchedulerConfig::Ddim(c) => SchedulerConfig::Ddim(DdimConfig { eta, ..c.clone() }),
+            SchedulerConfig::Ddpm(c) if eta == 1.0 => SchedulerConfig::Ddpm(c.clone()),
+            other => bail!(
+                "--sampler with eta {eta}: the model's scheduler is {:?}; a DDIM schedule samples \
+                 either way, a DDPM schedule only with --sampler ancestral",
+                other.kind()
+            ),
+        };
+        Ok(SampleSettings {
+            scheduler,
+            steps: self.steps.or(rec.map(|r| r.steps)).unwrap_or(50),
+            guidance: self.guidance.or(rec.map(|r| r.guidance)).unwrap_or(3.0),
+            batch: self.batch,
+        })
+    }
+}
+
+/// Best-of-N flags shared by `sample` and `eval`.
+#[derive(Args, Clone)]
+pub struct BestOfArgs {
+    /// Best-of-N: sample N candidates per image and keep the one `--reward` scores highest.
+    #[arg(long, default_value_t = 1)]
+    pub best_of: usize,
+    /// The reward that picks among the candidates: `gold`, `jpeg` or a reward model folder.
+    #[arg(long, default_value = "gold")]
+    pub reward: String,
+}
+
+/// A model as every command takes it: a pipeline folder, an alignment run (`runs/<id>`) or one
+/// of its checkpoints; shipped paths (`assets/...`) are found from any directory.
+pub fn load_model(model: &Path, device: &Device) -> Result<(TextToImage, Tokenizer)> {
+    let model = &crate::shipped::resolve(model);
+    if !model.exists() {
+        return Err(crate::shipped::missing(model, "the model folder"));
+    }
+    if tiller_align::run::is_run(model) {
+        return tiller_align::run::load_aligned(model, device, &crate::shipped::resolve)
+            .with_context(|| format!("loading the alignment run {}", model.display()));
+    }
+    tiller_eval::load_pipeline(model, device)
+        .with_context(|| format!("loading the model folder {}", model.display()))
+}
+
+/// A reward as `--reward` names it (`tiller_reward::load::load`); shipped paths are found from
+/// any directory.
+pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
+    let located = match spec.strip_prefix("caption-match:") {
+        Some(path) => format!("caption-match:{}", crate::shipped::resolve_str(path)),
+        None => crate::shipped::resolve_str(spec),
+    };
+    tiller_reward::load::load(&located, tokenizer, device)
+        .with_context(|| format!("--reward {spec}"))
+}

@@ -1,0 +1,149 @@
+//! Sampling a pipeline on text prompts, one noise stream per image: the bridge between the
+//! Shapes world (tiller-testbed: images as RGB bytes, prompts as text, its tokenizer) and the
+//! tensor side (tiller-diffusion).
+
+use burn::tensor::Device;
+use std::path::Path;
+use tiller_core::{Error, Result, SeededRng};
+use tiller_diffusion::pipeline::TextToImage;
+use tiller_diffusion::sampling::{Conditioning, ExampleNoise, Record, initial_noise, sample};
+use tiller_diffusion::schedulers::SchedulerConfig;
+use tiller_testbed::{Image, Tokenizer};
+
+/// A pipeline folder and its tokenizer (`tokenizer/tokenizer.json`).
+pub fn load_pipeline(folder: &Path, device: &Device) -> Result<(TextToImage, Tokenizer)> {
+    let (pipe, tok_json) = TextToImage::load(folder, device)?;
+    let tokenizer = Tokenizer::from_json(&tok_json, &folder.join("tokenizer/tokenizer.json"))?;
+    Ok((pipe, tokenizer))
+}
+
+/// Token ids as the text encoder takes them.
+pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<i64>> {
+    Ok(tokenizer.encode(text)?.into_iter().map(i64::from).collect())
+}
+
+/// The empty prompt (`[bos, eos, eos, ...]`), the unconditional input of guidance.
+pub fn empty_prompt(tokenizer: &Tokenizer) -> Vec<i64> {
+    encode(tokenizer, "").expect("the empty prompt always encodes")
+}
+
+/// How to sample from a pipeline.
+#[derive(Debug, Clone)]
+pub struct SampleSettings {
+    pub scheduler: SchedulerConfig,
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 samples the conditional model alone (one pass).
+    pub guidance: f64,
+    pub batch: usize,
+}
+
+impl SampleSettings {
+    /// DDIM's eta (1 for the DDPM scheduler, which is ancestral by definition).
+    pub fn eta(&self) -> f64 {
+        match &self.scheduler {
+            SchedulerConfig::Ddim(c) => c.eta,
+            _ => 1.0,
+        }
+    }
+
+    /// `ddim` (eta 0: deterministic given the initial noise) or `ancestral` (fresh noise at every
+    /// step); `ddim(eta=x)` in between.
+    pub fn sampler_name(&self) -> String {
+        match self.eta() {
+            0.0 => "ddim".into(),
+            1.0 => "ancestral".into(),
+            eta => format!("ddim(eta={eta})"),
+        }
+    }
+}
+
+/// Samples `seeds.len()` images per prompt text, each from its own seed: its initial noise and
+/// every step's noise come from that seed's stream, so any image can be reproduced alone and the
+/// batch size (`settings.batch` images per model call) changes nothing but speed.
+pub fn sample_prompts(
+    pipe: &TextToImage,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    seeds: &[u64],
+    settings: &SampleSettings,
+    device: &Device,
+) -> Result<Vec<Vec<Image>>> {
+    let res = resolution(pipe)?;
+    let channels = pipe.unet_config.in_channels;
+    let scheduler = settings.scheduler.build(settings.steps)?;
+    let uncond = empty_prompt(tokenizer);
+    // (prompt index, seed) for every image, in order.
+    let jobs: Vec<(usize, u64)> = (0..texts.len())
+        .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
+        .collect();
+    let ids: Vec<Vec<i64>> = texts
+        .iter()
+        .map(|t| encode(tokenizer, t))
+        .collect::<Result<_>>()?;
+    let mut out: Vec<Vec<Image>> = vec![Vec::new(); texts.len()];
+    for chunk in jobs.chunks(settings.batch.max(1)) {
+        let b = chunk.len();
+        let batch_ids: Vec<Vec<i64>> = chunk.iter().map(|(p, _)| ids[*p].clone()).collect();
+        let context = pipe.encode(&batch_ids, device)?;
+        let mut cond = Conditioning::new(context);
+        if settings.guidance != 1.0 {
+            let u = pipe.encode(&vec![uncond.clone(); b], device)?;
+            cond = cond.with_guidance(u, settings.guidance);
+        }
+        // One stream per image, for its initial noise and then its step noise: an image depends
+        // on its seed alone, never on the batch it is sampled in.
+        let mut noise = ExampleNoise::new(
+            chunk
+                .iter()
+                .map(|(_, seed)| SeededRng::new(*seed))
+                .collect(),
+        );
+        let x_t = initial_noise(
+            scheduler.as_ref(),
+            [b, channels, res, res],
+            &mut noise,
+            device,
+        )?;
+        let s = sample(
+            &pipe.unet,
+            scheduler.as_ref(),
+            &cond,
+            x_t,
+            &mut noise,
+            Record::Nothing,
+        )?;
+        for ((p, _), img) in chunk.iter().zip(tiller_reward::tensor_to_images(s.images)?) {
+            out[*p].push(img);
+        }
+    }
+    Ok(out)
+}
+
+/// The model's image size (its UNet's `sample_size`).
+pub fn resolution(pipe: &TextToImage) -> Result<usize> {
+    pipe.resolution()
+        .ok_or_else(|| Error::config("unet.sample_size", "the UNet config has no sample_size"))
+}
+
+/// Checks that an image size matches the model's resolution.
+pub fn check_resolution(pipe: &TextToImage, requested: Option<usize>) -> Result<usize> {
+    let res = resolution(pipe)?;
+    if let Some(r) = requested
+        && r != res
+    {
+        return Err(Error::invalid(format!(
+            "resolution {r} requested, but this model was trained at {res}x{res}; sample at --resolution {res}"
+        )));
+    }
+    Ok(res)
+}
+
+/// Writes `pipe` as a pipeline folder with its tokenizer (`tokenizer.json` and the
+/// `tokenizer_config.json` transformers' `AutoTokenizer` reads).
+pub fn save_pipeline(pipe: &TextToImage, out: &Path, tokenizer: &Tokenizer) -> Result<()> {
+    pipe.save(out, &tokenizer.to_json())?;
+    tiller_core::fs::atomic_write(
+        &out.join("tokenizer/tokenizer_config.json"),
+        tokenizer.to_config_json().as_bytes(),
+    )
+}

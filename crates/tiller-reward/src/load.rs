@@ -1,0 +1,43 @@
+//! A reward by name, as every command's `--reward` and every config's `reward` key give it.
+
+use crate::fusion::Fusion;
+use crate::rewards::CaptionMatch;
+use crate::{GoldReward, JpegCompressibility, LearnedReward, Reward};
+use burn::tensor::Device;
+use std::path::Path;
+use tiller_core::{Error, Result};
+use tiller_testbed::Tokenizer;
+
+/// The spellings [`load`] accepts besides a folder.
+pub const NAMED: [&str; 2] = ["gold", "jpeg"];
+
+/// `gold` (the testbed's gold evaluator), `jpeg` (JPEG compressibility), `caption-match:<folder>`
+/// (the caption match of a folder's towers, e.g. `tiller reward pretrain`'s), a fusion folder
+/// (`tiller reward fuse`) or a reward-model folder (`tiller reward train`). Folders are read
+/// with `tokenizer` for their text tower, on `device`.
+pub fn load(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
+    let wrap = |what: &str, e: Error| Error::invalid(format!("reward `{spec}`: {what}: {e}"));
+    Ok(match spec {
+        "gold" => Box::new(GoldReward::default()),
+        "jpeg" => Box::new(JpegCompressibility),
+        _ if spec.starts_with("caption-match:") => {
+            let path = &spec["caption-match:".len()..];
+            Box::new(
+                CaptionMatch::load(Path::new(path), tokenizer.clone(), device)
+                    .map_err(|e| wrap(&format!("{path} is not a reward model folder"), e))?,
+            )
+        }
+        path if Fusion::is_fusion(Path::new(path)) => Box::new(
+            Fusion::load(Path::new(path), tokenizer.clone(), device)
+                .map_err(|e| wrap("a fusion folder that does not load", e))?,
+        ),
+        path => Box::new(
+            LearnedReward::load(Path::new(path), tokenizer.clone(), device).map_err(|e| {
+                wrap(
+                    "not `gold`, `jpeg`, `caption-match:<folder>` or a reward model folder",
+                    e,
+                )
+            })?,
+        ),
+    })
+}
