@@ -114,6 +114,7 @@ pub fn align(
     validate: &mut Validate<'_>,
 ) -> Result<Aligned> {
     let train = &config.train;
+    config.method.spec().check_policy(&policy)?;
     let store = CheckpointStore::new(run.checkpoints(), config.log.keep_checkpoints);
     let mut optim = optimizer(train);
     let mut policy = policy;

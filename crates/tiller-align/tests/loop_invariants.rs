@@ -8,7 +8,6 @@ use burn::tensor::{Device, Tensor};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use tiller_align::Method;
-use tiller_align::batch::Batch;
 use tiller_align::config::{AdapterKind, AdapterSection, AlignConfig};
 use tiller_align::methods::{Ddpo, DiffusionDpo, DraftK};
 use tiller_align::trainer::{AlignData, Draw, LabeledImage, PreferencePair, collect};
@@ -844,7 +843,6 @@ fn draft_k_refuses_a_reward_without_gradients() {
         .unwrap()
         .to_string();
     assert!(err.contains("not differentiable"), "{err}");
-    let _ = Batch::len;
 }
 
 #[test]
@@ -938,5 +936,59 @@ fn dpok_value_network_fits_the_rewards() {
     assert!(
         losses.last().unwrap() < &(losses[0] * 0.5),
         "value loss {losses:?}"
+    );
+}
+
+/// The test sampler's last step (timestep 0, alpha_prev = alpha_0) is the identity: DRaFT-1 on
+/// it would train nothing and is refused, naming the field; K = 2 reaches the model.
+#[test]
+fn draft_k_refuses_steps_that_ignore_the_model() {
+    let p = policy(AdapterKind::Lora, 1.0);
+    let spec = |k: usize| tiller_align::methods::draft_k::DraftConfig { k };
+    use tiller_align::MethodSpec;
+    let err = spec(1).check_policy(&p).unwrap_err().to_string();
+    assert!(
+        err.contains("method.draft-k.k") && err.contains("identity"),
+        "{err}"
+    );
+    spec(2).check_policy(&p).unwrap();
+    spec(0).check_policy(&p).unwrap();
+}
+
+/// DRaFT-K's KL term is the mean over the differentiated steps, as DDPO's is over its trained
+/// steps: the loss is -reward + kl_weight * mean KL (with K = 2 both steps count, the identity
+/// step with KL 0; summing them would double the term).
+#[test]
+fn draft_k_kl_term_is_a_mean_over_differentiated_steps() {
+    let d = data(&encode);
+    let p = trained("draft-k", 6, 1e-2);
+    let mut rng = SeededRng::new(0);
+    let (batch, _) = collect(
+        tiller_align::Collect::Starts,
+        &p,
+        &Brightness,
+        &d,
+        draw(2, 1, 2),
+        &mut rng,
+    )
+    .unwrap();
+    let run = |w: f64| {
+        let cx = Context {
+            policy: &p,
+            reward: &Brightness,
+            kl_weight: w,
+        };
+        DraftK { k: 2 }
+            .gradients(&cx, &batch, 1.0, &mut SeededRng::new(0))
+            .unwrap()
+    };
+    let (with, without) = (run(0.5), run(0.0));
+    let kl = with.metrics.iter().find(|(n, _)| *n == "kl").unwrap().1;
+    assert!(kl > 1e-9, "{kl}");
+    // One of the two differentiated steps is stochastic: its KL over 2 steps, times the weight.
+    let term = with.loss - without.loss;
+    assert!(
+        (term - 0.5 * kl / 2.0).abs() < 1e-6 * (1.0 + term.abs()),
+        "KL term {term} vs 0.5 * {kl} / 2"
     );
 }

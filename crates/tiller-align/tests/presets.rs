@@ -50,6 +50,15 @@ fn the_method_section_is_one_method_by_name() {
     let c = parse("[method.dpok]\nratio_clip = 0").unwrap();
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("method.dpok.ratio_clip"), "{e}");
+    // Preference methods never train on the held-out test split.
+    for m in ["diffusion-dpo", "diffusion-kto"] {
+        let c = parse(&format!("[method.{m}]\nsplit = \"test\"")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("method.{m}.split")) && e.contains("held out"),
+            "{e}"
+        );
+    }
     // And the loop's checks defer to the method: Diffusion-KTO has no per-step KL.
     let c = parse("method = \"diffusion-kto\"\n[train]\nkl_weight = 0.1").unwrap();
     let e = c.validate().unwrap_err().to_string();

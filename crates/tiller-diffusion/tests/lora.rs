@@ -123,9 +123,30 @@ fn attaching_changes_nothing_and_targets_every_attention_projection() {
     let f = factors(&adapted);
     let again = factors(&attach_lora(base(&device), &cfg(), &mut SeededRng::new(1)).unwrap());
     assert_eq!(f, again);
-    let (name, a) = f.iter().find(|(n, _)| n.ends_with("lora.a")).unwrap();
-    let bound = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(bound > 0.0, "{name}");
+    // Every A lies within +-1/sqrt(fan-in), the fan-in being the adapted layer's input width
+    // (burn's layout [d_in, r]), and per fan-in its second moment is the uniform's bound^2/3. The
+    // adapted layers have more than one fan-in, so a bound from a fixed width fails here.
+    let rank = cfg().rank;
+    // Per fan-in: (sum of (x / bound)^2, count), pooled over the layers of that width.
+    let mut pooled: std::collections::BTreeMap<usize, (f64, usize)> = Default::default();
+    for (name, a) in f.iter().filter(|(n, _)| n.ends_with("lora.a")) {
+        let d_in = a.len() / rank;
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let max = a.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        assert!(max <= bound * (1.0 + 1e-6), "{name}: {max} > {bound}");
+        let e = pooled.entry(d_in).or_default();
+        e.0 += a.iter().map(|v| (*v as f64 / bound).powi(2)).sum::<f64>();
+        e.1 += a.len();
+    }
+    assert!(pooled.len() > 1, "fan-ins seen: {:?}", pooled.keys());
+    for (d_in, (sum, n)) in pooled {
+        // U(-b, b) has E[(x / b)^2] = 1/3; its estimate's standard error is 0.30 / sqrt(n).
+        let m = sum / n as f64;
+        assert!(
+            (m - 1.0 / 3.0).abs() < 4.0 * 0.2981 / (n as f64).sqrt(),
+            "fan-in {d_in}: E[(x/b)^2] = {m} over {n} draws, not 1/3"
+        );
+    }
     for (n, v) in &f {
         if n.ends_with("lora.b") {
             assert!(v.iter().all(|x| *x == 0.0), "{n} must start at zero");

@@ -35,7 +35,8 @@ pub struct DpoConfig {
     pub beta: f64,
     /// The preference store the pairs come from.
     pub store: String,
-    /// Its split (`train` or `test`).
+    /// Its split: `train` (the test split holds the held-out feedback that reward models and
+    /// validation are measured on, and is refused).
     pub split: String,
     /// Train on at most this many comparisons (the first in the store; 0: all). `tiller compare`
     /// sets it to the reward-query budget: each comparison is one query to an annotator.
@@ -69,12 +70,7 @@ impl MethodSpec for DpoConfig {
                 format!("must be positive, got {}", self.beta),
             ));
         }
-        if !matches!(self.split.as_str(), "train" | "test") {
-            return Err(Error::config(
-                "method.diffusion-dpo.split",
-                format!("must be `train` or `test`, got `{}`", self.split),
-            ));
-        }
+        train_split("method.diffusion-dpo.split", &self.split)?;
         Ok(())
     }
 
@@ -139,6 +135,35 @@ pub(crate) fn denoising_error<M: Denoiser>(
         .reshape([b])
 }
 
+/// A store split a method may train on: `train` only; the test split is held out.
+pub(crate) fn train_split(field: &str, split: &str) -> Result<()> {
+    match split {
+        "train" => Ok(()),
+        "test" => Err(Error::config(
+            field,
+            "the test split is held out (reward models and validation are measured on it); train on `train`",
+        )),
+        other => Err(Error::config(
+            field,
+            format!("must be `train`, got `{other}`"),
+        )),
+    }
+}
+
+/// Salesforce's objective on the per-pair denoising errors of the chosen (`w`) and rejected
+/// (`l`) images under the policy and the reference, all [B]: returns the mean loss and `inside`
+/// [B], `-beta/2 * ((d_w - d_l) - (d_ref_w - d_ref_l))`.
+pub fn dpo_loss(
+    d_w: Tensor<1>,
+    d_l: Tensor<1>,
+    d_ref_w: Tensor<1>,
+    d_ref_l: Tensor<1>,
+    beta: f64,
+) -> (Tensor<1>, Tensor<1>) {
+    let inside = ((d_w - d_l) - (d_ref_w - d_ref_l)) * (-0.5 * beta);
+    (log_sigmoid(inside.clone()).neg().mean(), inside)
+}
+
 impl Algorithm for DiffusionDpo {
     fn name(&self) -> &'static str {
         "diffusion-dpo"
@@ -185,10 +210,14 @@ impl Algorithm for DiffusionDpo {
             &ts,
             context.autodiff(),
         );
-        let diff = d.clone().narrow(0, 0, b) - d.narrow(0, b, b);
-        let ref_diff = (d_ref.clone().narrow(0, 0, b) - d_ref.narrow(0, b, b)).autodiff();
-        let inside = (diff - ref_diff) * (-0.5 * self.beta);
-        let loss = log_sigmoid(inside.clone()).neg().mean();
+        let d_ref = d_ref.autodiff();
+        let (loss, inside) = dpo_loss(
+            d.clone().narrow(0, 0, b),
+            d.narrow(0, b, b),
+            d_ref.clone().narrow(0, 0, b),
+            d_ref.narrow(0, b, b),
+            self.beta,
+        );
         let value = loss.clone().into_scalar::<f64>();
         let inside: Vec<f32> = inside
             .inner()
@@ -204,5 +233,27 @@ impl Algorithm for DiffusionDpo {
             metrics: vec![("implicit_acc", implicit_acc)],
             rewards: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    /// The loss on numbers worked by hand; swapping chosen and rejected must change it.
+    #[test]
+    fn loss_by_hand() {
+        let device = Device::default();
+        let t = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v], [1]), &device);
+        // inside = -10/2 * ((0.1 - 0.3) - (0.2 - 0.2)) = 1: L = -log sigmoid(1) = 0.313262.
+        let (l, inside) = dpo_loss(t(0.1), t(0.3), t(0.2), t(0.2), 10.0);
+        assert!((inside.into_scalar::<f64>() - 1.0).abs() < 1e-6);
+        assert!((l.into_scalar::<f64>() - 0.313262).abs() < 1e-5);
+        let (flipped, _) = dpo_loss(t(0.3), t(0.1), t(0.2), t(0.2), 10.0);
+        assert!((flipped.into_scalar::<f64>() - 1.313262).abs() < 1e-5);
+        // The reference's own preference is subtracted: the same gap under both is no signal.
+        let (even, _) = dpo_loss(t(0.1), t(0.3), t(0.1), t(0.3), 10.0);
+        assert!((even.into_scalar::<f64>() - std::f64::consts::LN_2).abs() < 1e-6);
     }
 }

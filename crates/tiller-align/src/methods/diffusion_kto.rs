@@ -40,7 +40,7 @@ pub struct KtoConfig {
     pub lambda_undesirable: f64,
     /// The preference store the likes come from.
     pub store: String,
-    /// Its split (`train` or `test`).
+    /// Its split: `train` (the held-out test split is refused).
     pub split: String,
     /// Train on at most this many labels (the first in the store; 0: all). `tiller compare` sets
     /// it to the reward-query budget: each label is one query to an annotator.
@@ -82,13 +82,7 @@ impl MethodSpec for KtoConfig {
                 ));
             }
         }
-        if !matches!(self.split.as_str(), "train" | "test") {
-            return Err(Error::config(
-                "method.diffusion-kto.split",
-                format!("must be `train` or `test`, got `{}`", self.split),
-            ));
-        }
-        Ok(())
+        crate::methods::diffusion_dpo::train_split("method.diffusion-kto.split", &self.split)
     }
 
     fn build(&self) -> Box<dyn Algorithm> {

@@ -16,6 +16,7 @@ use crate::batch::{Batch, Collect};
 use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
 use crate::{Algorithm, Context, MicroStep};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use tiller_core::{Error, Result, SeededRng};
@@ -52,6 +53,40 @@ impl MethodSpec for DraftConfig {
 
     fn build(&self) -> Box<dyn Algorithm> {
         Box::new(DraftK { k: self.k })
+    }
+
+    /// Refuses a K whose differentiated steps all ignore the model's prediction (DDIM's last
+    /// step from timestep 0 with `alpha_prev = alpha_0` returns its input whatever the model
+    /// says): no reward gradient would reach the weights.
+    fn check_policy(&self, policy: &crate::Policy) -> Result<()> {
+        let steps = policy.sampler.timesteps().len();
+        let k = if self.k == 0 {
+            steps
+        } else {
+            self.k.min(steps)
+        };
+        let device = &policy.device;
+        let x = Tensor::<4>::zeros([1, 1, 2, 2], device);
+        for i in steps - k..steps {
+            let mean = |p: f32| -> Result<Vec<f32>> {
+                let pred = Tensor::<4>::full([1, 1, 2, 2], p, device);
+                let m = policy.sampler.step(pred, i, x.clone())?.distribution.mean;
+                crate::methods::ddpo::to_f32(m.reshape([4]))
+            };
+            let (a, b) = (mean(0.0)?, mean(1.0)?);
+            // A unit change of the prediction moves the step's mean by more than rounding.
+            if a.iter().zip(&b).any(|(u, v)| (u - v).abs() > 1e-4) {
+                return Ok(());
+            }
+        }
+        Err(Error::config(
+            "method.draft-k.k",
+            format!(
+                "the last {k} of this sampler's {steps} steps do not depend on the model's \
+                 prediction (e.g. DDIM's last step from timestep 0 is the identity when \
+                 steps_offset = 0), so no reward gradient reaches the weights; raise k"
+            ),
+        ))
     }
 }
 
@@ -110,6 +145,9 @@ impl Algorithm for DraftK {
         };
         let cond_plain = cond.clone();
         let kl_weight = cx.kl_weight;
+        // The KL term is the mean over the differentiated steps (Tiller's one normalisation, as
+        // DDPO's and DPOK's over their trained steps); a deterministic step counts with KL 0.
+        let differentiated = k.min(policy.sampler.timesteps().len()).max(1) as f64;
         let mut kl_sum = 0.0;
         let mut kl_steps = 0usize;
         let mut penalty = |i: usize, x_in: burn::tensor::Tensor<4>, dist: &Gaussian| {
@@ -121,7 +159,7 @@ impl Algorithm for DraftK {
             let kl = policy.kl_to_reference(&cond_plain, dist, &x_in, i)?.mean();
             kl_sum += kl.clone().into_scalar::<f64>();
             kl_steps += 1;
-            Ok(kl * (kl_weight * scale))
+            Ok(kl * (kl_weight * scale / differentiated))
         };
         let penalty_ref: Option<&mut StepPenalty<'_>> = if kl_weight > 0.0 {
             Some(&mut penalty)
@@ -150,9 +188,15 @@ impl Algorithm for DraftK {
         if kl_steps > 0 {
             metrics.push(("kl", kl_sum / kl_steps as f64));
         }
+        // The objective: -mean reward + kl_weight * (the KL's mean over differentiated steps).
+        let kl_term = if kl_weight > 0.0 {
+            out.penalty / scale
+        } else {
+            0.0
+        };
         Ok(MicroStep {
             grads: out.grads,
-            loss: -mean,
+            loss: -mean + kl_term,
             metrics,
             rewards,
         })

@@ -66,6 +66,11 @@ pub trait MethodSpec {
     fn samples(&self) -> bool {
         true
     }
+    /// Checks against the built policy what the config alone cannot show (DRaFT-K: that the
+    /// differentiated steps depend on the model at all).
+    fn check_policy(&self, _policy: &crate::Policy) -> Result<()> {
+        Ok(())
+    }
     /// Preference data it reads from a store before training, if any.
     fn store(&self) -> Option<StoreRead> {
         None
