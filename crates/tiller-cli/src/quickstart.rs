@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use tiller_align::run::{AlignSummary, Request, run, summary_markdown};
 use tiller_eval::comparison::{Comparison, MethodRun, read_points, svg};
 use tiller_eval::evaluate::{Evaluation, Source, evaluate};
+use tiller_eval::feedback::{Collection, Images, Kind};
 use tiller_eval::report::{Report, markdown};
+use tiller_feedback::{PanelConfig, Split};
 use tiller_testbed::Tokenizer;
 
 #[derive(Args)]
@@ -96,23 +98,27 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
 
     // Feedback on base samples.
     for (split, prompts, seed) in [
-        ("train", args.feedback_prompts, 0),
-        ("test", args.feedback_prompts.div_ceil(2), 1),
+        (Split::Train, args.feedback_prompts, 0),
+        (Split::Test, args.feedback_prompts.div_ceil(2), 1),
     ] {
-        crate::feedback::collect(crate::feedback::CollectArgs {
+        tiller_eval::feedback::collect(Collection {
+            images: Images::Model {
+                pipe: &pipe,
+                tokenizer: &tokenizer,
+                settings: sampling.settings(&pipe)?,
+                device: &device,
+            },
             model: model.clone(),
-            store: store.clone(),
-            split: split.into(),
+            store: &store,
+            split,
             prompts,
             per_prompt: 4,
             pairs_per_prompt: 6,
-            kinds: "rating,label,reason,region_mark".into(),
+            kinds: Kind::ALL.to_vec(),
             agreement_pairs: 200,
-            panel: None,
-            budget: None,
+            panel: PanelConfig::default(),
             panel_seed: 0,
             seed,
-            sampling: sampling.clone(),
         })?;
     }
     timer.stage("simulated feedback");

@@ -5,6 +5,7 @@
 //!   per image (an image depends on its seed alone, never on the batch).
 //! - [`suite`]: the prompt suites.
 //! - [`evaluate`]: one evaluation end to end (what `tiller eval` runs).
+//! - [`feedback`]: simulated annotators' feedback on a model's samples, into a store.
 //! - [`report`]: GenEval-style scoring with the gold evaluator, best-of-N, the report folder.
 //! - [`paired`]: two evaluations image by image; paired standard errors and the sign test.
 //! - [`validation`]: what an alignment run measures at each validation (KL to base, diversity,
@@ -14,6 +15,7 @@
 
 pub mod comparison;
 pub mod evaluate;
+pub mod feedback;
 pub mod noise_scale;
 pub mod paired;
 pub mod report;

@@ -57,9 +57,10 @@ impl SampleSettings {
     }
 }
 
-/// Samples `seeds.len()` images per prompt text, each from its own seed: its initial noise and
-/// every step's noise come from that seed's stream, so any image can be reproduced alone and the
-/// batch size (`settings.batch` images per model call) changes nothing but speed.
+/// Samples `seeds.len()` images per prompt text, each from its own stream (stream `p` of its
+/// seed for prompt `p`): its initial noise and every step's noise come from it, so any image can
+/// be reproduced alone, two prompts never share noise, and the batch size (`settings.batch`
+/// images per model call) changes nothing but speed.
 pub fn sample_prompts(
     pipe: &TextToImage,
     tokenizer: &Tokenizer,
@@ -90,12 +91,13 @@ pub fn sample_prompts(
             let u = pipe.encode(&vec![uncond.clone(); b], device)?;
             cond = cond.with_guidance(u, settings.guidance);
         }
-        // One stream per image, for its initial noise and then its step noise: an image depends
-        // on its seed alone, never on the batch it is sampled in.
+        // One stream per image, for its initial noise and then its step noise: image (prompt p,
+        // seed s) draws from stream p of seed s, so it depends on its prompt's index and its seed
+        // alone, never on the batch it is sampled in, and no two prompts share a chain's noise.
         let mut noise = ExampleNoise::new(
             chunk
                 .iter()
-                .map(|(_, seed)| SeededRng::new(*seed))
+                .map(|(p, seed)| SeededRng::for_example(*seed, *p as u64))
                 .collect(),
         );
         let x_t = initial_noise(
