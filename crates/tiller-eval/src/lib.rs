@@ -2,7 +2,7 @@
 //! runs, `tiller compare` and the quickstart.
 //!
 //! - [`sampling`]: a pipeline folder and its tokenizer; sampling prompts with one noise stream
-//!   per image (an image depends on its seed alone, never on the batch).
+//!   per image (an image depends on its prompt's index and its seed, never on the batch).
 //! - [`suite`]: the prompt suites.
 //! - [`evaluate`]: one evaluation end to end (what `tiller eval` runs).
 //! - [`feedback`]: simulated annotators' feedback on a model's samples, into a store.
