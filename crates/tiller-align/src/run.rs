@@ -313,10 +313,10 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         let store = (args.locate)(Path::new(&s.store));
         match s.data {
             StoreData::Comparisons => {
-                (pairs, upfront) = read_pairs(&store, &s.split, s.max_comparisons, s.field)?;
+                (pairs, upfront) = read_pairs(&store, &s.split, s.limit, s.field)?;
             }
             StoreData::Labels => {
-                (labels, upfront) = read_labels(&store, &s.split, s.max_comparisons, s.field)?;
+                (labels, upfront) = read_labels(&store, &s.split, s.limit, s.field)?;
             }
         }
     }
@@ -444,8 +444,8 @@ pub fn load_model(
     load_pipeline(&path, device)
 }
 
-/// A reward spec with its folder (if any) located.
-fn locate_spec(spec: &str, locate: &dyn Fn(&Path) -> PathBuf) -> String {
+/// A reward spec (`tiller_reward::load::load`) with its folder, if it names one, located.
+pub fn locate_spec(spec: &str, locate: &dyn Fn(&Path) -> PathBuf) -> String {
     match spec.strip_prefix("caption-match:") {
         Some(path) => format!("caption-match:{}", locate(Path::new(path)).display()),
         None if tiller_reward::load::NAMED.contains(&spec) => spec.to_string(),

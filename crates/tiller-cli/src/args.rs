@@ -100,25 +100,18 @@ pub struct BestOfArgs {
 /// A model as every command takes it: a pipeline folder, an alignment run (`runs/<id>`) or one
 /// of its checkpoints; shipped paths (`assets/...`) are found from any directory.
 pub fn load_model(model: &Path, device: &Device) -> Result<(TextToImage, Tokenizer)> {
-    let model = &crate::shipped::resolve(model);
-    if !model.exists() {
-        return Err(crate::shipped::missing(model, "the model folder"));
+    let located = crate::shipped::resolve(model);
+    if !located.exists() {
+        return Err(crate::shipped::missing(&located, "the model folder"));
     }
-    if tiller_align::run::is_run(model) {
-        return tiller_align::run::load_aligned(model, device, &crate::shipped::resolve)
-            .with_context(|| format!("loading the alignment run {}", model.display()));
-    }
-    tiller_eval::load_pipeline(model, device)
-        .with_context(|| format!("loading the model folder {}", model.display()))
+    tiller_align::run::load_model(&located, device, &crate::shipped::resolve)
+        .with_context(|| format!("loading the model {}", located.display()))
 }
 
 /// A reward as `--reward` names it (`tiller_reward::load::load`); shipped paths are found from
 /// any directory.
 pub fn load_reward(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
-    let located = match spec.strip_prefix("caption-match:") {
-        Some(path) => format!("caption-match:{}", crate::shipped::resolve_str(path)),
-        None => crate::shipped::resolve_str(spec),
-    };
+    let located = tiller_align::run::locate_spec(spec, &crate::shipped::resolve);
     tiller_reward::load::load(&located, tokenizer, device)
         .with_context(|| format!("--reward {spec}"))
 }

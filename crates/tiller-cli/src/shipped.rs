@@ -52,11 +52,6 @@ pub fn resolve(path: &Path) -> PathBuf {
         .unwrap_or_else(|| path.to_path_buf())
 }
 
-/// [`resolve`] for a path given as text (a `--model` or `--reward` value, a config's `base`).
-pub fn resolve_str(path: &str) -> String {
-    resolve(Path::new(path)).display().to_string()
-}
-
 /// An error for a shipped path found nowhere, saying where it was looked for.
 pub fn missing(path: &Path, what: &str) -> anyhow::Error {
     let mut places = vec![path.display().to_string()];

@@ -93,7 +93,7 @@ impl MethodSpec for DpoConfig {
             data: StoreData::Comparisons,
             store: self.store.clone(),
             split: self.split.clone(),
-            max_comparisons: self.max_comparisons,
+            limit: self.max_comparisons,
             field: "method.diffusion-dpo.store",
         })
     }

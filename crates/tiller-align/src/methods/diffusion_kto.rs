@@ -107,7 +107,7 @@ impl MethodSpec for KtoConfig {
             data: StoreData::Labels,
             store: self.store.clone(),
             split: self.split.clone(),
-            max_comparisons: self.max_labels,
+            limit: self.max_labels,
             field: "method.diffusion-kto.store",
         })
     }

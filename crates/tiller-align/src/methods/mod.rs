@@ -42,7 +42,7 @@ pub struct StoreRead {
     /// `train` or `test`.
     pub split: String,
     /// At most this many comparisons or labels (the first in the store; 0: all).
-    pub max_comparisons: usize,
+    pub limit: usize,
     /// The config key that names the store, for errors.
     pub field: &'static str,
 }
