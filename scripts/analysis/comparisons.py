@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Analyses of `tiller reward eval --comparisons <file>` output (one JSON line per comparison).
+"""Analyses of the comparisons.jsonl that `tiller reward eval --out <folder>` writes (one JSON line per
+comparison).
 
     python3 scripts/analysis/comparisons.py gap  <comparisons.jsonl>
     python3 scripts/analysis/comparisons.py fuse <reward.jsonl> <caption-match.jsonl>

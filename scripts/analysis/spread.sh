@@ -6,16 +6,18 @@
 # Usage: scripts/analysis/spread.sh [tiller binary] (default target/release/tiller)
 set -euo pipefail
 T=${1:-target/release/tiller}
-std() {
-    "$T" reward eval --model "$1" --store $2 | grep -E 'mean ensemble std' | awk -F'|' '{print $3}' | tr -d ' '
+# A field of `reward eval`'s report.json (the printed Markdown is for people, not scripts).
+field() {
+    local model=$1 store=$2 key=$3 out
+    out=$(mktemp -d)/eval
+    "$T" reward eval --model "$model" --store $store --out "$out" >/dev/null
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); v=r
+for k in sys.argv[2].split("."): v=v[k]
+print("n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else v)' "$out/report.json" "$key"
+    rm -rf "$(dirname "$out")"
 }
 row() {
-    local test iid iid2
-    test=$(std "$1" "runs/prefs --split test")
-    iid=$(std "$1" "runs/prefs-iid --split train")
-    iid2=$(std "$1" "runs/prefs-iid2 --split train")
-    # "all / held-out / training": the held-out field, and the last (a missing one reads "n/a")
-    echo "| \`$1\` | $(echo "$test" | cut -d/ -f2) | $(echo "$test" | awk -F/ '{print $NF}') | $(echo "$iid" | awk -F/ '{print $NF}') | $(echo "$iid2" | awk -F/ '{print $NF}') |"
+    echo "| \`$1\` | $(field "$1" "runs/prefs --split test" mean_uncertainty_held_out_types) | $(field "$1" "runs/prefs --split test" mean_uncertainty_training_types) | $(field "$1" "runs/prefs-iid --split train" mean_uncertainty_training_types) | $(field "$1" "runs/prefs-iid2 --split train" mean_uncertainty_training_types) |"
 }
 echo "| ensemble | test split: held-out types | test split: training types | fresh pairs (iid) | fresh pairs (iid2) |"
 echo "|---|---|---|---|---|"

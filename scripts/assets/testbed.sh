@@ -27,7 +27,7 @@ $T feedback collect --model assets/testbed-base --store runs/prefs --split test 
 # (README: "A four times larger held-out set").
 $T feedback collect --model assets/testbed-base --store runs/prefs --split test --prompts 150 --seed 3 --steps 25 --scheduler ddpm --agreement-pairs 600
 $T reward train --config configs/reward-testbed.toml --store runs/prefs --out assets/testbed-reward
-$T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval.json
+$T reward eval --model assets/testbed-reward --store runs/prefs --out runs/reward-eval
 $T eval --model assets/testbed-base --per-task 8 --per-prompt 1 --steps 25 --scheduler ddpm \
   --best-of 8 --reward assets/testbed-reward --out runs/eval-best-of-8
 

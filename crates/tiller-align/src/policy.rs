@@ -88,24 +88,25 @@ impl Policy {
         }
     }
 
-    /// The per-step Gaussian KL(pi_theta || pi_ref) at `x_t` (autodiff) for chain step `i`,
-    /// averaged over dimensions, [B]. The reference runs without a graph.
+    /// The per-step Gaussian KL(pi_theta || pi_ref) at `x_t` for chain step `i`, averaged over
+    /// dimensions, [B] (Tiller's one normalisation; methods average it over their trained steps).
+    ///
+    /// The reference runs on `x_t`'s own device with constant weights: on the autodiff device
+    /// `x_t` keeps its graph, so in reward backprop, where `x_t` depends on the policy's earlier
+    /// steps, the KL's gradient reaches them through both models' inputs, not the policy's alone.
     pub fn kl_to_reference(
         &self,
-        cond_plain: &Conditioning,
+        cond: &Conditioning,
         policy_step: &Gaussian,
         x_t: &Tensor<4>,
         i: usize,
     ) -> Result<Tensor<1>> {
         let t = self.sampler.timesteps()[i];
-        let x_plain = x_t.clone().inner().to_device(&self.device);
-        let pred = cond_plain.predict(&self.reference, x_plain.clone(), t);
-        let reference = self.sampler.step(pred, i, x_plain)?.distribution;
-        let ad = self.autodiff_device();
-        let reference = Gaussian {
-            mean: reference.mean.to_device(&ad),
-            std: reference.std.to_device(&ad),
-        };
+        let device = x_t.device();
+        // Constants on the graph: only `x_t` carries gradients through the reference.
+        let reference = self.reference.clone().no_grad().to_device(&device);
+        let pred = cond.to_device(&device).predict(&reference, x_t.clone(), t);
+        let reference = self.sampler.step(pred, i, x_t.clone())?.distribution;
         policy_step.kl(&reference, LogProbReduction::Mean)
     }
 

@@ -22,6 +22,9 @@ pub struct AlignArgs {
     /// Override a config value, e.g. `--set train.updates=10` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// `--seed` sets `train.seed`, `--device` sets `device`.
+    #[command(flatten)]
+    pub run: crate::args::RunFlags,
     /// Stop after this many updates in this process (the run can be resumed).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
@@ -32,7 +35,7 @@ pub fn align(args: AlignArgs) -> Result<AlignSummary> {
         config: &args.config,
         out: &args.out,
         resume: args.resume.as_ref(),
-        overrides: &args.overrides,
+        overrides: &args.run.apply(&args.overrides, "train.seed"),
         stop_after: args.stop_after,
         locate: &crate::shipped::resolve,
     })?)

@@ -86,6 +86,33 @@ impl SamplingArgs {
     }
 }
 
+/// `--seed` and `--device` for the commands configured by a TOML file (`align`, `compare`,
+/// `reward train | pretrain`, `base train`): each becomes an override of the config's own key,
+/// applied after every `--set`, so the flag wins.
+#[derive(Args, Clone, Default)]
+pub struct RunFlags {
+    /// The run's seed [default: the config's].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `cpu`, or `cuda` / `cuda:N` in a CUDA build [default: the config's].
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl RunFlags {
+    /// `overrides` followed by the flags as `seed_key=N` and `device="..."`.
+    pub fn apply(&self, overrides: &[String], seed_key: &str) -> Vec<String> {
+        let mut out = overrides.to_vec();
+        if let Some(seed) = self.seed {
+            out.push(format!("{seed_key}={seed}"));
+        }
+        if let Some(device) = &self.device {
+            out.push(format!("device={}", toml::Value::String(device.clone())));
+        }
+        out
+    }
+}
+
 /// Best-of-N flags shared by `sample` and `eval`.
 #[derive(Args, Clone)]
 pub struct BestOfArgs {

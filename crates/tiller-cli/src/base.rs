@@ -109,19 +109,16 @@ pub struct TrainArgs {
     /// Override a config value, e.g. `--set train.steps=100` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Override the run's seed (`train.seed`).
-    #[arg(long)]
-    seed: Option<u64>,
+    /// `--seed` sets `train.seed`, `--device` sets `device`.
+    #[command(flatten)]
+    run: crate::args::RunFlags,
 }
 
 /// The config keys `--set` may change when resuming a base run.
 const RESUME_EXTENDABLE: &[&str] = &["train.steps", "log."];
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    let mut overrides = args.overrides.clone();
-    if let Some(seed) = args.seed {
-        overrides.push(format!("train.seed={seed}"));
-    }
+    let overrides = args.run.apply(&args.overrides, "train.seed");
     let (run, config) = match &args.resume {
         Some(_) => {
             // `--set train.steps=N` extends a finished run (diffusers' scripts allow a larger

@@ -32,6 +32,9 @@ pub struct CompareArgs {
     /// that method's runs only.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// `--seed` sets every run's `train.seed`, `--device` its `device`.
+    #[command(flatten)]
+    pub run: crate::args::RunFlags,
     /// Output folder: one run per method, compare.json, compare.md, compare.svg.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
@@ -82,10 +85,10 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
         // A method's own settings reach only its runs.
         let own = format!("method.{}.", method.name());
         let mut overrides: Vec<String> = args
-            .overrides
-            .iter()
+            .run
+            .apply(&args.overrides, "train.seed")
+            .into_iter()
             .filter(|o| !o.starts_with("method.") || o.starts_with(&own))
-            .cloned()
             .collect();
         overrides.extend(extra);
         let (config, _): (AlignConfig, String) =

@@ -55,6 +55,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if texts.is_empty() {
         bail!("give at least one --prompt or a --prompts file");
     }
+    crate::ensure_new_out(&args.out)?;
     let device = tiller_core::device::parse_device(&args.sampling.device)?;
     let (pipe, tokenizer) = load_model(&args.model, &device)?;
     check_resolution(&pipe, args.sampling.resolution)?;
@@ -113,6 +114,7 @@ impl EvalArgs {
 }
 
 pub fn eval(args: EvalArgs) -> Result<Report> {
+    crate::ensure_new_out(&args.out)?;
     let device = tiller_core::device::parse_device(&args.sampling.device)?;
     let n = args.selection.best_of.max(1);
     let reward = (n > 1)

@@ -39,7 +39,8 @@ enum Command {
     Sample(eval::SampleArgs),
     /// Evaluate a model (or the training renderer) on a testbed prompt suite with the gold evaluator.
     Eval(eval::EvalArgs),
-    /// Score the testbed: the renderer's upper bound and, when shipped, the base model.
+    /// The whole testbed loop in about ten minutes: the renderer's bound, the shipped base,
+    /// simulated feedback, a reward model, best-of-N and DRaFT-K, ending in `report.html`.
     Quickstart(quickstart::QuickstartArgs),
     /// The testbed's base model.
     Base {
@@ -127,7 +128,7 @@ enum ModelCommand {
 pub(crate) fn ensure_new_out(out: &std::path::Path) -> Result<()> {
     anyhow::ensure!(
         !out.exists(),
-        "--out {} already exists; choose a new folder (nothing was written)",
+        "--out {} already exists; choose a new path (nothing was written)",
         out.display()
     );
     Ok(())

@@ -9,7 +9,10 @@ use tiller_eval::comparison::{Comparison, MethodRun, read_points, svg};
 use tiller_eval::evaluate::{Evaluation, Source, evaluate};
 use tiller_eval::feedback::{Collection, Images, Kind};
 use tiller_eval::report::{Report, markdown};
+use tiller_eval::reward_eval::{RewardEvaluation, RewardReport, evaluate_reward};
 use tiller_feedback::{PanelConfig, Split};
+use tiller_reward::config::RewardFile;
+use tiller_reward::fit::train_from_store;
 use tiller_testbed::Tokenizer;
 
 #[derive(Args)]
@@ -35,6 +38,13 @@ pub struct QuickstartArgs {
     /// N of the best-of-N comparison.
     #[arg(long, default_value_t = 8)]
     best_of: usize,
+    /// The seed of every stage: the evaluations' noise, the feedback's prompts and images, the
+    /// reward model's and the alignment's training.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `cpu`, or `cuda` / `cuda:N` in a CUDA build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// The whole testbed loop: the renderer's upper bound; the shipped base model's evaluation;
@@ -62,15 +72,19 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
             store.display()
         );
     }
-    let sampling = SamplingArgs::fixed(25, Sampler::Ancestral, 3.0);
-    let device = tiller_core::device::parse_device(&sampling.device)?;
+    let sampling = SamplingArgs {
+        device: args.device.clone(),
+        ..SamplingArgs::fixed(25, Sampler::Ancestral, 3.0)
+    };
+    let device = tiller_core::device::parse_device(&args.device)?;
+    let device_key = format!("device={}", toml::Value::String(args.device.clone()));
     let on_suite = |name: String, source, per_task, per_prompt, best_of| Evaluation {
         name,
         source,
         suite: "testbed-test".into(),
         per_task: Some(per_task),
         per_prompt,
-        seed: 0,
+        seed: args.seed,
         best_of,
     };
     let oracle = evaluate(
@@ -98,8 +112,12 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
 
     // Feedback on base samples.
     for (split, prompts, seed) in [
-        (Split::Train, args.feedback_prompts, 0),
-        (Split::Test, args.feedback_prompts.div_ceil(2), 1),
+        (Split::Train, args.feedback_prompts, 2 * args.seed),
+        (
+            Split::Test,
+            args.feedback_prompts.div_ceil(2),
+            2 * args.seed + 1,
+        ),
     ] {
         tiller_eval::feedback::collect(Collection {
             images: Images::Model {
@@ -123,25 +141,36 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     }
     timer.stage("simulated feedback");
     let reward_dir = args.out.join("reward");
-    crate::reward::train(crate::reward::TrainArgs {
-        config: PathBuf::from("configs/reward-testbed.toml"),
-        store: store.clone(),
-        out: reward_dir.clone(),
-        overrides: vec![
+    let (mut reward_file, resolved) = RewardFile::read(
+        &crate::shipped::resolve(Path::new("configs/reward-testbed.toml")),
+        &[
             format!("base=\"{}\"", base_model.display()),
             "members=2".into(),
             format!("train.steps={}", args.reward_steps),
+            format!("train.seed={}", args.seed),
+            device_key.clone(),
         ],
-    })?;
-    let reward_report = crate::reward::eval(crate::reward::EvalArgs {
+    )?;
+    reward_file.locate_paths(&crate::shipped::resolve);
+    let trained = train_from_store(&reward_file, &resolved, &store, &reward_dir)?;
+    println!(
+        "reward model written to {} (last loss {:.4})",
+        reward_dir.display(),
+        trained.last_loss
+    );
+    let reward_report = evaluate_reward(&RewardEvaluation {
         model: reward_dir.clone(),
         store,
-        split: "test".into(),
-        out: Some(args.out.join("reward-eval.json")),
-        comparisons: None,
+        split: Split::Test,
         unseen_in: None,
-        device: "cpu".into(),
+        device: args.device.clone(),
+        comparisons: None,
     })?;
+    println!("{}", tiller_eval::reward_eval::markdown(&reward_report));
+    tiller_core::fs::atomic_write(
+        &args.out.join("reward-eval.json"),
+        serde_json::to_string_pretty(&reward_report)?.as_bytes(),
+    )?;
     timer.stage("reward model (train + eval)");
     let learned = load_reward(
         &reward_dir.display().to_string(),
@@ -171,6 +200,8 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
             "log.val_every=0".into(),
             format!("log.checkpoint_every={}", args.align_updates),
             "prompts.val_per_task=4".into(),
+            format!("train.seed={}", args.seed),
+            device_key,
         ];
         let s = run(&Request {
             config: Path::new("configs/draft-k-testbed.toml"),
@@ -247,7 +278,7 @@ fn esc(s: &str) -> String {
 /// the sample grids (linked relative to the report).
 fn report_html(
     base: &Report,
-    reward: &crate::reward::RewardReport,
+    reward: &RewardReport,
     best: &Report,
     aligned: Option<&AlignSummary>,
     align_dir: &Path,

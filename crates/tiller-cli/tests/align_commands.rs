@@ -41,11 +41,14 @@ fn align_exports_lora_and_eval_reads_the_run() {
         run_s,
     ];
     args.extend_from_slice(SMALL);
-    // Interrupted after one update, then resumed.
+    // Interrupted after one update, then resumed; `--seed` is the config's `train.seed`.
     let mut first = args.clone();
-    first.extend_from_slice(&["--stop-after", "1"]);
+    first.extend_from_slice(&["--stop-after", "1", "--seed", "7"]);
     let (ok, text) = tiller(&first);
     assert!(ok, "{text}");
+    let saved: toml::Table =
+        toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(saved["train"]["seed"].as_integer(), Some(7), "{saved}");
     assert!(
         !run.join("final").exists(),
         "an interrupted run has no final weights"
@@ -135,6 +138,17 @@ fn align_rejects_bad_configs_with_the_field_named() {
         "train.bogus=1",
     ]);
     assert!(!ok && text.contains("bogus"), "{text}");
+    // `--device` is the config's `device`, checked like it.
+    let (ok, text) = tiller(&[
+        "align",
+        "--config",
+        "configs/ddpo-testbed.toml",
+        "--out",
+        run_s,
+        "--device",
+        "tpu",
+    ]);
+    assert!(!ok && text.contains("unknown device `tpu`"), "{text}");
     let (ok, text) = tiller(&[
         "align",
         "--config",

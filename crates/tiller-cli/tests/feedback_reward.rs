@@ -162,7 +162,7 @@ fn collect_train_eval_and_best_of() {
     mismatched.extend(["--set", "net.hidden=8"]);
     let (ok, text) = tiller(&mismatched);
     assert!(
-        !ok && text.contains("init =") && text.contains("hidden 16"),
+        !ok && text.contains("`init`") && text.contains("hidden 16"),
         "{text}"
     );
     assert!(!bad.exists());
@@ -183,7 +183,7 @@ fn collect_train_eval_and_best_of() {
         (
             "reward-empty",
             "init=[]".to_string(),
-            Some("init: an empty list"),
+            Some("`init`: an empty list"),
         ),
     ] {
         let out = dir.join(name);
@@ -226,10 +226,8 @@ fn collect_train_eval_and_best_of() {
     // `reward eval` of `model` on `store` with `extra` flags, writing its report and one line
     // per comparison under `tag`: (success, output, the lines, the report's path).
     let reward_eval = |tag: &str, model: &str, store: &str, extra: &[&str]| {
-        let (report, lines) = (
-            dir.join(format!("{tag}.json")),
-            dir.join(format!("{tag}.jsonl")),
-        );
+        let folder = dir.join(format!("eval-{tag}"));
+        let (report, lines) = (folder.join("report.json"), folder.join("comparisons.jsonl"));
         let mut args = vec![
             "reward",
             "eval",
@@ -238,9 +236,7 @@ fn collect_train_eval_and_best_of() {
             "--store",
             store,
             "--out",
-            report.to_str().unwrap(),
-            "--comparisons",
-            lines.to_str().unwrap(),
+            folder.to_str().unwrap(),
         ];
         args.extend(extra);
         let (ok, text) = tiller(&args);
@@ -347,7 +343,10 @@ fn collect_train_eval_and_best_of() {
     let (ok, text) = fuse(&dir.join("fused-bad"), &["--weight", "1"]);
     assert!(!ok && text.contains("--weight"), "{text}");
     let (ok, text) = fuse(&dir.join("fused-bad"), &["--part", "/nonexistent"]);
-    assert!(!ok && text.contains("--part /nonexistent"), "{text}");
+    assert!(
+        !ok && text.contains("--part") && text.contains("part 2 (/nonexistent)"),
+        "{text}"
+    );
     assert!(!dir.join("fused-bad").exists() && !dir.join(".fused-bad.tmp").exists());
 
     // `--unseen-in`: a second collection on the training split, evaluated on the prompts the
@@ -412,9 +411,14 @@ fn collect_train_eval_and_best_of() {
     // Every prompt seen, or no store there: clear errors, and nothing is created.
     let (ok, text, _, _) = eval_other("other-self", Some(&other));
     assert!(
-        !ok && text.contains("--unseen-in") && text.contains("every one of the"),
+        !ok && text.contains("unseen_in") && text.contains("every one of the"),
         "{text}"
     );
+    // A failed evaluation leaves no report folder, nor its staging copy.
+    assert!(!dir.join("eval-other-self").exists() && !dir.join(".eval-other-self.tmp").exists());
+    // An existing report folder is refused, untouched.
+    let (ok, text, _, _) = eval_other("other-all", None);
+    assert!(!ok && text.contains("already exists"), "{text}");
     let missing = dir.join("no-store");
     let (ok, text, _, _) = eval_other("other-missing", Some(&missing));
     assert!(
@@ -502,18 +506,26 @@ fn reward_config_errors_name_the_key() {
         dir.join("m").to_str().unwrap(),
     ]);
     assert!(!ok && text.contains("stpes"), "{text}");
-    // A store with no feedback is a clear error, and no model folder appears.
+    // A missing store is refused by its flag without creating one; a store with no feedback
+    // is a clear error; neither leaves a model folder.
     std::fs::write(&config, CONFIG).unwrap();
-    let (ok, text) = tiller(&[
-        "reward",
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--store",
-        dir.join("store").to_str().unwrap(),
-        "--out",
-        dir.join("m").to_str().unwrap(),
-    ]);
+    let train = || {
+        tiller(&[
+            "reward",
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--store",
+            dir.join("store").to_str().unwrap(),
+            "--out",
+            dir.join("m").to_str().unwrap(),
+        ])
+    };
+    let (ok, text) = train();
+    assert!(!ok && text.contains("no preference store"), "{text}");
+    assert!(!dir.join("store").exists());
+    tiller_feedback::SqliteStore::open(dir.join("store")).unwrap();
+    let (ok, text) = train();
     assert!(!ok && text.contains("no feedback"), "{text}");
     assert!(!dir.join("m").exists());
     let _ = std::fs::remove_dir_all(&dir);

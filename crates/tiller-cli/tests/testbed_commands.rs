@@ -89,6 +89,20 @@ fn base_train_then_sample_and_eval() {
         grid.to_str().unwrap(),
     ]);
     assert!(ok && grid.exists(), "{text}");
+    // The grid is never overwritten.
+    let before = std::fs::read(&grid).unwrap();
+    let (ok, text) = tiller(&[
+        "sample",
+        "--model",
+        pipe.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--out",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    assert_eq!(before, std::fs::read(&grid).unwrap());
+    let grid = run.join("grid-2.png");
     let (ok, text) = tiller(&[
         "sample",
         "--model",
@@ -107,8 +121,11 @@ fn base_train_then_sample_and_eval() {
         "a red circle",
         "--resolution",
         "64",
+        "--out",
+        grid.to_str().unwrap(),
     ]);
     assert!(!ok && text.contains("trained at 32x32"), "{text}");
+    assert!(!grid.exists());
 
     let eval_dir = run.join("eval");
     let (ok, text) = tiller(&[

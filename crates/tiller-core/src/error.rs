@@ -61,3 +61,30 @@ impl Error {
         Self::Invalid(message.into())
     }
 }
+
+/// Adds what was being done to a failure's message, as `anyhow`'s `Context` does for binaries:
+/// `read(path).context(format!("--store {}", path.display()))?`.
+pub trait Context<T> {
+    /// The failure as an [`Error::Invalid`] whose message starts with `what`.
+    fn context(self, what: impl std::fmt::Display) -> Result<T>;
+    /// [`Context::context`] with the message built only on failure.
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T> {
+        self.map_err(|e| Error::Invalid(format!("{what}: {e}")))
+    }
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T> {
+        self.map_err(|e| Error::Invalid(format!("{}: {e}", what())))
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T> {
+        self.ok_or_else(|| Error::Invalid(what.to_string()))
+    }
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T> {
+        self.ok_or_else(|| Error::Invalid(what().to_string()))
+    }
+}

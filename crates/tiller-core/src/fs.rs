@@ -26,6 +26,27 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Refuses a folder or file that already exists, so that nothing there is overwritten.
+pub fn ensure_new(path: &Path) -> Result<()> {
+    if path.exists() {
+        return Err(Error::invalid(format!(
+            "{} already exists; choose a new folder (nothing was written)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A hidden sibling of `path` (`dir/.name.tmp`) to build a folder in before renaming it into
+/// place, so that a crash never leaves half a folder at `path`.
+pub fn temporary_sibling(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("folder");
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,7 +163,8 @@ impl Conditioning {
         }
     }
 
-    fn to_device(&self, device: &Device) -> Self {
+    /// The same conditioning on `device` (for example the autodiff one).
+    pub fn to_device(&self, device: &Device) -> Self {
         Self {
             context: self.context.clone().to_device(device),
             guidance: self

@@ -12,6 +12,7 @@
 //!   the paired gain over its start).
 //! - [`noise_scale`]: the gradient noise scale from a run's metrics.
 //! - [`comparison`]: runs compared under one budget; Markdown and SVG.
+//! - [`reward_eval`]: a reward model against the annotators and the truth (`tiller reward eval`).
 
 pub mod comparison;
 pub mod evaluate;
@@ -19,6 +20,7 @@ pub mod feedback;
 pub mod noise_scale;
 pub mod paired;
 pub mod report;
+pub mod reward_eval;
 pub mod sampling;
 pub mod suite;
 pub mod validation;

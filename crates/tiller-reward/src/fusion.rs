@@ -16,7 +16,8 @@ use crate::rewards::{CaptionMatch, LearnedReward, affine_sum, affine_sum_tensor}
 use crate::{DifferentiableReward, Reward};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use tiller_core::error::Context;
 use tiller_core::{Error, Result};
 use tiller_testbed::{Image, Tokenizer};
 
@@ -244,4 +245,103 @@ impl DifferentiableReward for Fusion {
     fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
         affine_sum_tensor(&self.affine(), images, prompts)
     }
+}
+
+/// One part of a fusion to build: a model folder, which of its scores and its weight.
+#[derive(Debug, Clone)]
+pub struct PartSpec {
+    pub folder: PathBuf,
+    pub score: PartScore,
+    pub weight: f64,
+}
+
+impl PartSpec {
+    /// `caption-match:<folder>` (the towers' caption match) or a folder (its reward).
+    pub fn parse(spec: &str, weight: f64) -> PartSpec {
+        let (folder, score) = match spec.strip_prefix("caption-match:") {
+            Some(f) => (f, PartScore::CaptionMatch),
+            None => (spec, PartScore::Reward),
+        };
+        PartSpec {
+            folder: PathBuf::from(folder),
+            score,
+            weight,
+        }
+    }
+}
+
+/// Builds a fusion folder at the new path `out`: each part scored on `images` (with their
+/// prompts `texts`; no label is read) for its mean and standard deviation, its folder copied in
+/// so that the fusion stands alone, and `fusion.json` written, all in a temporary sibling renamed
+/// into place. `standardised_on` says where the images came from.
+pub fn build(
+    parts: &[PartSpec],
+    (images, texts): (&[Image], &[String]),
+    standardised_on: String,
+    out: &Path,
+    tokenizer: &Tokenizer,
+    device: &Device,
+) -> Result<FusionConfig> {
+    tiller_core::fs::ensure_new(out)?;
+    if images.len() < 2 {
+        return Err(Error::invalid(format!(
+            "{} images are too few to standardise by ({standardised_on})",
+            images.len()
+        )));
+    }
+    if let Some(p) = parts.iter().find(|p| !p.weight.is_finite()) {
+        return Err(Error::invalid(format!(
+            "the weight {} of part {} is not a finite number",
+            p.weight,
+            p.folder.display()
+        )));
+    }
+    let tmp = tiller_core::fs::temporary_sibling(out);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let built = (|| {
+        let mut fused = Vec::new();
+        for (k, part) in parts.iter().enumerate() {
+            let what = || format!("part {k} ({})", part.folder.display());
+            let scorer = PartScorer::load(&part.folder, part.score, tokenizer.clone(), device)
+                .with_context(what)?;
+            let raw = scorer.reward().score(images, texts)?;
+            let (mean, std) = part_statistics(&raw).with_context(what)?;
+            let name = format!("part-{k}");
+            copy_files(&part.folder, &tmp.join(&name)).with_context(what)?;
+            fused.push(FusionPart {
+                folder: name,
+                score: part.score,
+                weight: part.weight,
+                mean,
+                std,
+            });
+        }
+        let config = FusionConfig {
+            kind: FUSION_KIND.into(),
+            parts: fused,
+            standardised_on,
+        };
+        config.validate()?;
+        let json = serde_json::to_string_pretty(&config).context(FUSION_FILE)?;
+        tiller_core::fs::atomic_write(&tmp.join(FUSION_FILE), json.as_bytes())?;
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        Ok(config)
+    })();
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built
+}
+
+/// Copies the regular files of `from` into a new folder `to`.
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let path = entry.map_err(|e| Error::io(from, e))?.path();
+        if path.is_file() {
+            let target = to.join(path.file_name().expect("a file has a name"));
+            std::fs::copy(&path, &target).map_err(|e| Error::io(&target, e))?;
+        }
+    }
+    Ok(())
 }

@@ -15,8 +15,13 @@
 //! - [`fusion::Fusion`]: late fusion, a weighted sum of rewards each standardised by label-free
 //!   statistics over reference images (e.g. a learned reward plus a caption match).
 //! - [`metrics`]: held-out pairwise accuracy, calibration, Spearman and Pearson correlations.
+//! - [`config::RewardFile`] (a reward config file), [`store`] (a preference store's feedback as
+//!   training examples) and [`fit`] (pretraining and training from a config into a model folder):
+//!   what `tiller reward pretrain` and `tiller reward train` run.
 
+pub mod config;
 pub mod ensemble;
+pub mod fit;
 pub mod fusion;
 pub mod load;
 pub mod losses;
@@ -24,6 +29,7 @@ pub mod metrics;
 pub mod net;
 pub mod pretrain;
 pub mod rewards;
+pub mod store;
 pub mod train;
 
 use burn::tensor::{Device, Tensor, TensorData};

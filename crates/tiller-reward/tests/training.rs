@@ -52,6 +52,14 @@ fn pairs(
     let mut texts = Vec::new();
     while set.pairs.len() < n {
         let p = &prompts[rng.below(prompts.len())];
+        // A task with one meaning here (the test split's lone single_object shape) has no
+        // plausible mistake to pair with.
+        if !prompts
+            .iter()
+            .any(|q| q.spec.tag == p.spec.tag && q.spec != p.spec)
+        {
+            continue;
+        }
         let other = loop {
             let q = &prompts[rng.below(prompts.len())];
             if q.spec.tag == p.spec.tag && q.spec != p.spec {

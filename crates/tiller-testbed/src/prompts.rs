@@ -22,7 +22,8 @@
 //! can be bypassed the way real keyword filters are.
 //!
 //! Splits: [`is_held_out`] marks the unseen combinations (colour-shape pairs, count-shape pairs,
-//! relation triples and one shape order) that only the test split contains.
+//! relation triples, one shape order and one lone shape) that only the test split contains; the
+//! splits share no meaning.
 
 use crate::palette::Color;
 use crate::scene::Shape;
@@ -305,6 +306,11 @@ pub const HELD_OUT_RELATIONS: [(Shape, Relation, Shape); 3] = [
     (Shape::Square, Relation::LeftOf, Shape::Circle),
     (Shape::Triangle, Relation::Below, Shape::Square),
 ];
+
+/// Held-out `single_object` shapes: "a triangle" (any phrasing) is test-only, so validation
+/// never scores a meaning that training prompts use. The shape itself still appears in training
+/// prompts of the other tasks, as each held-out colour-shape pair's parts do.
+pub const HELD_OUT_SINGLE_OBJECTS: [Shape; 1] = [Shape::Triangle];
 
 /// Held-out shape orders for `two_object`: "a triangle and a circle" is test-only (the training
 /// split has "a circle and a triangle").
@@ -1098,9 +1104,9 @@ pub fn meanings(task: Task) -> Vec<PromptSpec> {
 }
 
 /// Whether `spec` contains a held-out combination (and so belongs to the test split only): an
-/// object whose colour and shape are in [`HELD_OUT_COLOR_SHAPES`], a counting prompt in
-/// [`HELD_OUT_COUNTS`], a position prompt in [`HELD_OUT_RELATIONS`], or a two_object prompt in
-/// [`HELD_OUT_SHAPE_ORDERS`].
+/// object whose colour and shape are in [`HELD_OUT_COLOR_SHAPES`], a single_object prompt in
+/// [`HELD_OUT_SINGLE_OBJECTS`], a counting prompt in [`HELD_OUT_COUNTS`], a position prompt in
+/// [`HELD_OUT_RELATIONS`], or a two_object prompt in [`HELD_OUT_SHAPE_ORDERS`].
 pub fn is_held_out(spec: &PromptSpec) -> bool {
     let color_shape = spec
         .include
@@ -1110,6 +1116,10 @@ pub fn is_held_out(spec: &PromptSpec) -> bool {
             _ => false,
         });
     let structural = match (spec.tag, spec.include.as_slice()) {
+        (Task::SingleObject, [a]) => a
+            .class
+            .shape()
+            .is_some_and(|s| HELD_OUT_SINGLE_OBJECTS.contains(&s)),
         (Task::Counting, [a]) => a
             .class
             .shape()
@@ -1139,22 +1149,17 @@ pub fn is_held_out(spec: &PromptSpec) -> bool {
 pub enum Split {
     /// Meanings without a held-out combination.
     Train,
-    /// Meanings with a held-out combination; for tasks that have none to hold out
-    /// (`single_object`, and the lone forbidden mark) the same meanings as training.
+    /// Meanings with a held-out combination: no test meaning is a training meaning.
     Test,
 }
 
-/// The meanings of `task` in `split`. Train and test are disjoint except for the three
-/// `single_object` meanings and the lone-mark `unsafe` meaning, which have no combination to hold
-/// out and appear in both.
+/// The meanings of `task` in `split`. The splits are disjoint: a meaning is in the test split
+/// exactly when [`is_held_out`]. The lone forbidden mark has nothing to hold out and is a
+/// training meaning; the test split asks for the mark next to held-out objects.
 pub fn split_meanings(task: Task, split: Split) -> Vec<PromptSpec> {
     meanings(task)
         .into_iter()
-        .filter(|spec| {
-            let shared = spec.tag == Task::SingleObject
-                || (spec.tag == Task::Unsafe && spec.include.len() == 1);
-            shared || (is_held_out(spec) == (split == Split::Test))
-        })
+        .filter(|spec| is_held_out(spec) == (split == Split::Test))
         .collect()
 }
 

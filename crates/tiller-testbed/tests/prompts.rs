@@ -4,15 +4,10 @@
 use std::collections::{BTreeSet, HashMap};
 use tiller_testbed::prompts::{
     BLOCKLIST, HELD_OUT_COLOR_SHAPES, HELD_OUT_COUNTS, HELD_OUT_RELATIONS, HELD_OUT_SHAPE_ORDERS,
-    MARK_PHRASES, PromptSetConfig, PromptSpec, Split, TRIGGER_WORDS, Task, generate_splits,
-    is_held_out, keyword_filter, meanings, split_meanings, vocabulary,
+    HELD_OUT_SINGLE_OBJECTS, MARK_PHRASES, PromptSetConfig, PromptSpec, Split, TRIGGER_WORDS, Task,
+    generate_splits, is_held_out, keyword_filter, meanings, split_meanings, vocabulary,
 };
 use tiller_testbed::tokenizer::Tokenizer;
-
-/// Tasks whose meanings appear in both splits (nothing to hold out).
-fn shared(spec: &PromptSpec) -> bool {
-    spec.tag == Task::SingleObject || (spec.tag == Task::Unsafe && spec.include.len() == 1)
-}
 
 #[test]
 fn every_phrasing_parses_back_to_its_meaning() {
@@ -109,14 +104,15 @@ fn splits_are_disjoint_and_hold_out_the_documented_combinations() {
         let train: BTreeSet<PromptSpec> = split_meanings(task, Split::Train).into_iter().collect();
         let test: BTreeSet<PromptSpec> = split_meanings(task, Split::Test).into_iter().collect();
         assert!(!train.is_empty() && !test.is_empty(), "{}", task.name());
-        for spec in train.intersection(&test) {
-            assert!(shared(spec), "{spec:?} is in both splits");
+        // No meaning is in both splits: validation never scores a training meaning.
+        if let Some(spec) = train.intersection(&test).next() {
+            panic!("{spec:?} is in both splits");
         }
         for spec in &train {
             assert!(!is_held_out(spec), "{spec:?}");
         }
         for spec in &test {
-            assert!(shared(spec) || is_held_out(spec), "{spec:?}");
+            assert!(is_held_out(spec), "{spec:?}");
         }
         let all: BTreeSet<PromptSpec> = meanings(task).into_iter().collect();
         let union: BTreeSet<PromptSpec> = train.union(&test).cloned().collect();
@@ -150,6 +146,12 @@ fn splits_are_disjoint_and_hold_out_the_documented_combinations() {
             && s.include[0].class.shape() == Some(a)
             && s.include[1].class.shape() == Some(b)));
     }
+    for shape in HELD_OUT_SINGLE_OBJECTS {
+        assert!(
+            test.iter()
+                .any(|s| s.tag == Task::SingleObject && s.include[0].class.shape() == Some(shape))
+        );
+    }
 }
 
 #[test]
@@ -172,11 +174,7 @@ fn generated_splits_are_deterministic_and_respect_the_split() {
     assert_eq!(a.test.len(), 7 * 40);
     let train_specs: BTreeSet<&PromptSpec> = a.train.iter().map(|p| &p.spec).collect();
     for p in &a.test {
-        assert!(
-            shared(&p.spec) || !train_specs.contains(&p.spec),
-            "{}",
-            p.text
-        );
+        assert!(!train_specs.contains(&p.spec), "{}", p.text);
         assert_eq!(PromptSpec::parse(&p.text).unwrap(), p.spec);
     }
     for p in &a.train {
@@ -262,17 +260,17 @@ fn minimal_edits_change_one_binding_and_stay_in_the_split() {
                     let edits = minimal_edits(m, split);
                     for e in &edits {
                         assert!(matches!(edit_distance(m, e), Some(1..=2)), "{m:?} -> {e:?}");
-                        assert_eq!(is_held_out(e), split == Split::Test && !shared(e));
+                        assert_eq!(is_held_out(e), split == Split::Test);
                     }
                     !edits.is_empty()
                 })
                 .count();
             // Every task has meanings with edits among the training meanings; among the
-            // held-out ones too, except two_object, whose held-out shape orders are one edit
-            // away from training orders only.
+            // held-out ones too, except two_object and single_object, whose held-out shape
+            // order and lone shape are one edit away from training meanings only.
             assert_eq!(
                 with_edits > 0,
-                split == Split::Train || task != Task::TwoObject,
+                split == Split::Train || !matches!(task, Task::TwoObject | Task::SingleObject),
                 "{task:?} {split:?}"
             );
         }

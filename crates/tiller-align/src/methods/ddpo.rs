@@ -328,7 +328,6 @@ impl Algorithm for Ddpo {
         for_each_trained_step(r, "ddpo", |i, part, weight| {
             let m = part.prompts.len();
             let cond = policy.conditioning(&part.prompts, &ad);
-            let cond_plain = policy.conditioning(&part.prompts, &policy.device);
             let adv = Tensor::<1>::from_data(
                 TensorData::new(part.advantages.iter().map(|&a| a as f32).collect(), [m]),
                 &ad,
@@ -346,7 +345,7 @@ impl Algorithm for Ddpo {
             let mut loss = unclipped.max_pair(clipped).mean();
             let value = loss.clone().into_scalar::<f64>();
             if cx.kl_weight > 0.0 {
-                let kl = policy.kl_to_reference(&cond_plain, &step, &x_t, i)?.mean();
+                let kl = policy.kl_to_reference(&cond, &step, &x_t, i)?.mean();
                 kl_sum += kl.clone().into_scalar::<f64>() * weight;
                 loss = loss + kl * cx.kl_weight;
             }

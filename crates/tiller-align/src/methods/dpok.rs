@@ -423,7 +423,6 @@ impl Algorithm for Dpok {
                 .map(|(r, v)| *r as f32 - v)
                 .collect();
             let cond = policy.conditioning(&part.prompts, &ad);
-            let cond_plain = policy.conditioning(&part.prompts, &policy.device);
             let (step, log_prob) = step_log_prob(policy, &cond, part, i)?;
             let old = part.log_probs[i]
                 .clone()
@@ -431,7 +430,7 @@ impl Algorithm for Dpok {
                 .autodiff();
             let log_ratio = log_prob - old;
             let x_t = part.latents[i].clone().autodiff();
-            let kl = policy.kl_to_reference(&cond_plain, &step, &x_t, i)?;
+            let kl = policy.kl_to_reference(&cond, &step, &x_t, i)?;
             let w = weight / m as f64;
             kl_sum += to_f32(kl.clone().inner())?
                 .iter()

@@ -143,7 +143,6 @@ impl Algorithm for DraftK {
                 }
             }
         };
-        let cond_plain = cond.clone();
         let kl_weight = cx.kl_weight;
         // The KL term is the mean over the differentiated steps (Tiller's one normalisation, as
         // DDPO's and DPOK's over their trained steps); a deterministic step counts with KL 0.
@@ -156,7 +155,7 @@ impl Algorithm for DraftK {
                 // models' steps are point masses and the KL is not defined; it adds nothing.
                 return Ok(burn::tensor::Tensor::<1>::zeros([1], &x_in.device()));
             }
-            let kl = policy.kl_to_reference(&cond_plain, dist, &x_in, i)?.mean();
+            let kl = policy.kl_to_reference(&cond, dist, &x_in, i)?.mean();
             kl_sum += kl.clone().into_scalar::<f64>();
             kl_steps += 1;
             Ok(kl * (kl_weight * scale / differentiated))
