@@ -6,16 +6,7 @@
 # Usage: scripts/analysis/confirm.sh [tiller binary] (default target/release/tiller)
 set -euo pipefail
 T=${1:-target/release/tiller}
-# A field of `reward eval`'s report.json (the printed Markdown is for people, not scripts).
-field() {
-    local model=$1 store=$2 key=$3 out
-    out=$(mktemp -d)/eval
-    "$T" reward eval --model "$model" --store $store --out "$out" >/dev/null
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); v=r
-for k in sys.argv[2].split("."): v=v[k]
-print("n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else v)' "$out/report.json" "$key"
-    rm -rf "$(dirname "$out")"
-}
+source "$(dirname "$0")/lib.sh"
 acc() {
     field "$1" "$2" pairwise_accuracy
 }

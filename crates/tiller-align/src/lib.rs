@@ -17,16 +17,17 @@ pub mod trainer;
 pub use batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Starts};
 pub use config::AlignConfig;
 pub use methods::{Method, MethodSpec};
-pub use policy::Policy;
+pub use policy::{Policy, PolicyModel};
 pub use trainer::{AlignData, Aligned, align};
 
 use burn::optim::GradientsParams;
 use tiller_core::{Result, SeededRng};
+use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_reward::Reward;
 
 /// What a method sees when computing gradients.
-pub struct Context<'a> {
-    pub policy: &'a Policy,
+pub struct Context<'a, M: PolicyModel = UNet2DConditionModel> {
+    pub policy: &'a Policy<M>,
     /// The reward being optimised (the proxy).
     pub reward: &'a dyn Reward,
     /// Weight of the per-step KL to the reference (0: off).
@@ -46,7 +47,8 @@ pub struct MicroStep {
 }
 
 /// An alignment method: which batch it needs, and the gradients of its loss on a micro-batch.
-pub trait Algorithm {
+/// Methods implement it for every [`PolicyModel`]: the loop is the same for any denoiser.
+pub trait Algorithm<M: PolicyModel = UNet2DConditionModel> {
     fn name(&self) -> &'static str;
 
     /// The data the loop collects for it.
@@ -62,7 +64,7 @@ pub trait Algorithm {
     /// reference point). Returns scalars to log.
     fn prepare(
         &mut self,
-        _cx: &Context<'_>,
+        _cx: &Context<'_, M>,
         _batch: &mut Batch,
         _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, f64)>> {
@@ -84,7 +86,7 @@ pub trait Algorithm {
     /// accumulated update equals one big batch).
     fn gradients(
         &mut self,
-        cx: &Context<'_>,
+        cx: &Context<'_, M>,
         batch: &Batch,
         scale: f64,
         rng: &mut SeededRng,

@@ -1,4 +1,9 @@
 //! The model being aligned, its frozen reference, and the sampler both are read through.
+//!
+//! The loop and the methods see the model only through [`PolicyModel`]: a burn module the
+//! samplers read through [`Denoiser`] (x_t, t, context -> prediction), which exports itself. The
+//! diffusers UNet is one; a flow transformer is trained by implementing it, without touching the
+//! loop.
 
 use crate::batch::Prompts;
 use crate::config::{AdapterKind, AdapterSection};
@@ -9,18 +14,37 @@ use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::lora::{LoraFormat, attach_lora, merge_lora, save_lora};
 use tiller_diffusion::models::save_unet;
 use tiller_diffusion::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use tiller_diffusion::sampling::Conditioning;
+use tiller_diffusion::sampling::{Conditioning, Denoiser};
 use tiller_diffusion::schedulers::{Scheduler, SchedulerConfig};
 use tiller_diffusion::{Gaussian, LogProbReduction};
 
-/// The trainable UNet on the autodiff device, a frozen copy of the starting weights (the
+/// A denoiser the loop can train: a burn module (LoRA attaches to its linear layers, the
+/// optimizer and checkpoints see its parameters) that predicts through [`Denoiser`] and writes
+/// its full weights in its ecosystem's layout.
+pub trait PolicyModel: Denoiser + Module + 'static {
+    /// The architecture config the full weights are written with.
+    type Config: Clone;
+
+    /// Writes every weight into `folder` (the UNet: a diffusers `unet/` subfolder).
+    fn export_full(&self, config: &Self::Config, folder: &Path) -> Result<()>;
+}
+
+impl PolicyModel for UNet2DConditionModel {
+    type Config = UNet2DConditionConfig;
+
+    fn export_full(&self, config: &UNet2DConditionConfig, folder: &Path) -> Result<()> {
+        save_unet(&folder.join("unet"), config, self)
+    }
+}
+
+/// The trainable model on the autodiff device, a frozen copy of the starting weights (the
 /// reference of DPO and of the KL regulariser), and the sampling chain.
-pub struct Policy {
+pub struct Policy<M: PolicyModel = UNet2DConditionModel> {
     /// Trainable (LoRA adapters only, or every weight), on `device.autodiff()`.
-    pub unet: UNet2DConditionModel,
+    pub model: M,
     /// The starting weights, frozen, on the plain device.
-    pub reference: UNet2DConditionModel,
-    pub unet_config: UNet2DConditionConfig,
+    pub reference: M,
+    pub model_config: M::Config,
     /// The chain of rollouts and differentiable samples (DDIM with the configured eta).
     pub sampler: Box<dyn Scheduler>,
     /// The training noise schedule (add_noise / training targets: Diffusion-DPO).
@@ -31,12 +55,13 @@ pub struct Policy {
     pub device: Device,
 }
 
-impl Policy {
+impl<M: PolicyModel> Policy<M> {
     /// Wraps `base` (on `device`): LoRA adapters attached (initialised from `rng`) or every
     /// parameter made trainable, then moved to the autodiff device.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        base: UNet2DConditionModel,
-        unet_config: UNet2DConditionConfig,
+        base: M,
+        model_config: M::Config,
         sampler: Box<dyn Scheduler>,
         noise: Box<dyn Scheduler>,
         guidance: f64,
@@ -51,11 +76,11 @@ impl Policy {
         };
         // burn 0.22: moving to the autodiff device keeps tensors plain; `train()` puts the
         // trainable parameters on the graph (adapter factors only, for LoRA).
-        let unet = trainable.to_device(&device.clone().autodiff()).train();
+        let model = trainable.to_device(&device.clone().autodiff()).train();
         Ok(Self {
-            unet,
+            model,
             reference,
-            unet_config,
+            model_config,
             sampler,
             noise,
             guidance,
@@ -69,13 +94,13 @@ impl Policy {
     }
 
     /// The current weights without a graph, on the plain device.
-    pub fn current(&self) -> UNet2DConditionModel {
-        self.unet.valid()
+    pub fn current(&self) -> M {
+        self.model.valid()
     }
 
-    /// The current weights as a plain UNet (adapters merged).
-    pub fn merged(&self) -> UNet2DConditionModel {
-        merge_lora(self.unet.valid())
+    /// The current weights as a plain model (adapters merged).
+    pub fn merged(&self) -> M {
+        merge_lora(self.model.valid())
     }
 
     /// The conditioning of `prompts` on `device` (guided when `guidance != 1`).
@@ -111,18 +136,17 @@ impl Policy {
     }
 
     /// Writes the trained weights: LoRA as `pytorch_lora_weights.safetensors` (diffusers/PEFT
-    /// keys) and `lora_kohya.safetensors` (kohya keys); a full fine-tune as a diffusers `unet/`.
+    /// keys) and `lora_kohya.safetensors` (kohya keys); a full fine-tune as the model writes
+    /// itself ([`PolicyModel::export_full`]).
     pub fn export(&self, folder: &Path) -> Result<()> {
         std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
+        let plain = self.current();
         match self.adapter {
             AdapterKind::Lora => {
-                let plain = self.current();
                 save_lora(&plain, &folder.join(LORA_PEFT_FILE), LoraFormat::Peft)?;
                 save_lora(&plain, &folder.join(LORA_KOHYA_FILE), LoraFormat::Kohya)
             }
-            AdapterKind::Full => {
-                save_unet(&folder.join("unet"), &self.unet_config, &self.current())
-            }
+            AdapterKind::Full => plain.export_full(&self.model_config, folder),
         }
     }
 }

@@ -18,9 +18,8 @@
 
 use crate::batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Starts};
 use crate::config::{AlignConfig, AlignTrainSection};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyModel};
 use crate::{Algorithm, Context};
-use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -28,7 +27,6 @@ use std::time::Instant;
 use tiller_core::rng::RngState;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::LogProbReduction;
-use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_diffusion::sampling::{ExampleNoise, Record, initial_noise, sample};
 use tiller_engine::checkpoint::{
     CheckpointStore, Resume, load_module, load_optimizer, load_state, save_module, save_optimizer,
@@ -72,11 +70,11 @@ pub struct AlignData<'a> {
 
 /// Called with the update number and the current weights (adapters merged, plain device);
 /// returns scalars to log under `val/`.
-pub type Validate<'a> = dyn FnMut(u64, &UNet2DConditionModel) -> Result<Vec<(String, f64)>> + 'a;
+pub type Validate<'a, M> = dyn FnMut(u64, &M) -> Result<Vec<(String, f64)>> + 'a;
 
 /// What [`align`] returns.
-pub struct Aligned {
-    pub policy: Policy,
+pub struct Aligned<M: PolicyModel> {
+    pub policy: Policy<M>,
     pub updates: u64,
     pub reward_queries: u64,
     pub wall_s: f64,
@@ -102,19 +100,22 @@ const STATE_FILE: &str = "state.json";
 /// Runs (or resumes) an alignment run. `stop_after` ends it after that many updates in this
 /// process (tests of interruption).
 #[allow(clippy::too_many_arguments)]
-pub fn align(
+pub fn align<M: PolicyModel>(
     run: &RunDir,
     config: &AlignConfig,
-    policy: Policy,
-    algorithm: &mut dyn Algorithm,
+    policy: Policy<M>,
+    algorithm: &mut dyn Algorithm<M>,
     reward: &dyn Reward,
     data: &AlignData<'_>,
     resume: Option<&Resume>,
     stop_after: Option<u64>,
-    validate: &mut Validate<'_>,
-) -> Result<Aligned> {
+    validate: &mut Validate<'_, M>,
+) -> Result<Aligned<M>> {
     let train = &config.train;
-    config.method.spec().check_policy(&policy)?;
+    config
+        .method
+        .spec()
+        .check_sampler(policy.sampler.as_ref(), &policy.device)?;
     let store = CheckpointStore::new(run.checkpoints(), config.log.keep_checkpoints);
     let mut optim = optimizer(train);
     let mut policy = policy;
@@ -128,9 +129,9 @@ pub fn align(
         // As at the start of a run: load into the plain module, then put it on the autodiff
         // device (loading restores parameter ids, which the optimizer state is keyed by).
         let ad = policy.autodiff_device();
-        let unet = load_module(&dir.join(MODEL_FILE), policy.unet.valid())?;
+        let model = load_module(&dir.join(MODEL_FILE), policy.model.valid())?;
         policy = Policy {
-            unet: unet.to_device(&ad).train(),
+            model: model.to_device(&ad).train(),
             ..policy
         };
         optim = load_optimizer(&dir.join(OPTIM_FILE), optim)?;
@@ -231,7 +232,7 @@ pub fn align(
             algorithm.begin_update(&mut batch, epoch, &mut rng)?;
             // ---- micro-batches: gradients of loss / grad_accum, summed
             let scale = 1.0 / train.grad_accum as f64;
-            let mut acc = GradientsAccumulator::<UNet2DConditionModel>::new();
+            let mut acc = GradientsAccumulator::<M>::new();
             let mut loss = 0.0;
             let mut sums: Vec<(&'static str, f64)> = Vec::new();
             let mut step_rewards = collected_rewards.clone();
@@ -263,10 +264,10 @@ pub fn align(
                 step_rewards.extend(out.rewards);
                 if train.grad_accum > 1 {
                     // The micro-batch's own mean gradient is `out.grads / scale`.
-                    let norm = tiller_engine::optim::grad_norm(&policy.unet, &out.grads) / scale;
+                    let norm = tiller_engine::optim::grad_norm(&policy.model, &out.grads) / scale;
                     micro_sq += norm * norm / train.grad_accum as f64;
                 }
-                acc.accumulate(&policy.unet, out.grads);
+                acc.accumulate(&policy.model, out.grads);
             }
             let rate = lr.at(step);
             let (stepped, grad_norm) = optimizer_step(policy, &mut optim, acc.grads(), train, rate);
@@ -386,21 +387,21 @@ pub fn optimizer(train: &AlignTrainSection) -> ModuleOptimizer {
 /// One optimizer update from an update's summed gradients: clipped as `train.grad_clip` says
 /// (global by default, torch's `clip_grad_norm_`), then an AdamW step at learning rate `rate`.
 /// Returns the stepped policy and the gradient norm before clipping.
-pub fn optimizer_step(
-    policy: Policy,
+pub fn optimizer_step<M: PolicyModel>(
+    policy: Policy<M>,
     optim: &mut ModuleOptimizer,
     mut grads: GradientsParams,
     train: &AlignTrainSection,
     rate: f64,
-) -> (Policy, f64) {
+) -> (Policy<M>, f64) {
     let grad_norm = tiller_engine::optim::clip_gradients(
-        &policy.unet,
+        &policy.model,
         &mut grads,
         train.max_grad_norm,
         train.grad_clip,
     );
-    let unet = optim.step(rate, policy.unet, grads);
-    (Policy { unet, ..policy }, grad_norm)
+    let model = optim.step(rate, policy.model, grads);
+    (Policy { model, ..policy }, grad_norm)
 }
 
 /// `rollouts.jsonl`: every scored rollout's prompt and reward, one line each, under the update it
@@ -511,9 +512,9 @@ pub struct Draw {
 
 /// Collects one update's batch (prompts and pairs drawn from `rng`, noise per example as
 /// [`Draw`] says); returns it with the rewards spent on it.
-pub fn collect(
+pub fn collect<M: PolicyModel>(
     kind: Collect,
-    policy: &Policy,
+    policy: &Policy<M>,
     reward: &dyn Reward,
     data: &AlignData<'_>,
     draw: Draw,
@@ -673,8 +674,8 @@ pub fn collect(
 
 /// Each example's training noise [C, H, W] and timestep, from its own stream (its pair's, its
 /// labelled image's), whatever the micro-batch.
-fn example_noise_and_timesteps(
-    policy: &Policy,
+fn example_noise_and_timesteps<M: PolicyModel>(
+    policy: &Policy<M>,
     indices: std::ops::Range<u64>,
     seed: u64,
     [c, h, w]: [usize; 3],
@@ -702,18 +703,18 @@ fn check_finite(rewards: &[f64], reward: &dyn Reward) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn save_checkpoint(
+fn save_checkpoint<M: PolicyModel>(
     store: &CheckpointStore,
     step: u64,
-    policy: &Policy,
+    policy: &Policy<M>,
     optim: &ModuleOptimizer,
     rng: &SeededRng,
     reward_queries: u64,
     wall_s: f64,
-    algorithm: &dyn Algorithm,
+    algorithm: &dyn Algorithm<M>,
 ) -> Result<()> {
     store.save(step, |dir| {
-        save_module(&dir.join(MODEL_FILE), &policy.unet)?;
+        save_module(&dir.join(MODEL_FILE), &policy.model)?;
         save_optimizer(&dir.join(OPTIM_FILE), optim)?;
         let state = AlignState {
             step,

@@ -266,7 +266,7 @@ fn check_updated(
     grad_prefixes: &[&str],
     case: &Case,
 ) -> usize {
-    let after = collect_tensors(&stepped.unet.valid());
+    let after = collect_tensors(&stepped.model.valid());
     let mut ambiguous = 0;
     for key in trained {
         let name = &key["grad.".len()..];
@@ -321,9 +321,9 @@ fn run_case(meta: &Meta, case: &Case) {
             let lora = dir.join(format!("{}.lora.safetensors", case.name));
             let (adapted, _, _) = load_lora(base.clone(), &lora).unwrap();
             Policy {
-                unet: adapted.to_device(&device.clone().autodiff()).train(),
+                model: adapted.to_device(&device.clone().autodiff()).train(),
                 reference: base,
-                unet_config,
+                model_config: unet_config,
                 sampler: sampler(),
                 noise: sampler(),
                 guidance: case.guidance,
@@ -359,7 +359,7 @@ fn run_case(meta: &Meta, case: &Case) {
         &mut rng,
     )
     .unwrap();
-    ddpo.begin_update(&mut batch, 0, &mut rng).unwrap();
+    <Ddpo as Algorithm>::begin_update(&mut ddpo, &mut batch, 0, &mut rng).unwrap();
     let Batch::Rollouts(r) = &batch else {
         unreachable!()
     };
@@ -375,7 +375,7 @@ fn run_case(meta: &Meta, case: &Case) {
     for i in 0..meta.steps {
         let x_t = r.latents[i].clone().autodiff();
         let t = policy.sampler.timesteps()[i];
-        let pred = values(cond.predict(&policy.unet, x_t, t).inner());
+        let pred = values(cond.predict(&policy.model, x_t, t).inner());
         let (step, lp) = step_log_prob(&policy, &cond, r, i).unwrap();
         let mean = values(step.mean.inner());
         let lp = values(lp.inner());
@@ -449,7 +449,7 @@ fn run_case(meta: &Meta, case: &Case) {
     assert!((metric("clipfrac") - scalar(&io, "clipfrac")).abs() < 1e-6);
     assert!((metric("approx_kl") - scalar(&io, "approx_kl")).abs() < 1e-9);
 
-    let grads = gradients_by_name(&policy.unet, out.grads);
+    let grads = gradients_by_name(&policy.model, out.grads);
     let trained: Vec<&String> = io.keys().filter(|k| k.starts_with("grad.")).collect();
     assert_eq!(trained.len(), case.trainable_tensors);
     // Guided predictions are u + g (c - u) with g = 3, which triples the float32 error of the
@@ -535,7 +535,7 @@ fn run_case(meta: &Meta, case: &Case) {
         &mut rng,
     )
     .unwrap();
-    ddpo.begin_update(&mut batch, 0, &mut rng).unwrap();
+    <Ddpo as Algorithm>::begin_update(&mut ddpo, &mut batch, 0, &mut rng).unwrap();
     let Batch::Rollouts(r) = &batch else {
         unreachable!()
     };
@@ -561,7 +561,7 @@ fn run_case(meta: &Meta, case: &Case) {
         metric("clipfrac"),
         metric("ratio_mean") - 1.0
     );
-    let grads = gradients_by_name(&stepped.unet, out.grads);
+    let grads = gradients_by_name(&stepped.model, out.grads);
     // The first step left a few sign-ambiguous weights 2 lr from the reference's (above), which
     // moves the second update's gradients by more than float32 rounding alone.
     let second_rtol = 2e-3;

@@ -87,7 +87,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "assets/testbed-base")]
     model: String,
     /// The prompt suite: `testbed-test` (held-out prompts) or `testbed-train`.
-    #[arg(long, default_value = "testbed-test")]
+    #[arg(long, default_value = "testbed-test", value_parser = tiller_eval::suite::SUITES)]
     suite: String,
     /// Prompts per task (default: all of the suite's, 64).
     #[arg(long)]

@@ -26,7 +26,7 @@ pub struct CollectArgs {
     #[arg(long)]
     pub store: PathBuf,
     /// Which prompts: `train` (the training split) or `test` (held-out prompts).
-    #[arg(long, default_value = "train")]
+    #[arg(long, default_value = "train", value_parser = ["train", "test"])]
     pub split: String,
     /// Prompts to draw from the split (seeded shuffle).
     #[arg(long, default_value_t = 64)]

@@ -104,7 +104,7 @@ pub struct FuseArgs {
     #[arg(long)]
     pub store: PathBuf,
     /// The store's split to take them over.
-    #[arg(long, default_value = "train")]
+    #[arg(long, default_value = "train", value_parser = ["train", "test"])]
     pub split: String,
     /// The fusion folder to write (must not exist).
     #[arg(long)]
@@ -185,7 +185,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub store: PathBuf,
     /// The split to evaluate on (held-out prompts: `test`).
-    #[arg(long, default_value = "test")]
+    #[arg(long, default_value = "test", value_parser = ["train", "test"])]
     pub split: String,
     /// Also write a report folder (must not exist): report.json, report.md and comparisons.jsonl
     /// (one JSON line per comparison: prompt, task, both images' reward, spread, caption match,

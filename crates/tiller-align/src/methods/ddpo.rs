@@ -32,14 +32,13 @@
 use crate::batch::{Batch, Collect, Rollouts};
 use crate::config::{AlignConfig, AlignTrainSection};
 use crate::methods::MethodSpec;
-use crate::{Algorithm, Context, MicroStep};
+use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::LogProbReduction;
-use tiller_diffusion::models::unet::UNet2DConditionModel;
 
 /// `[method.ddpo]`: ddpo-pytorch `config/base.py` defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,7 +99,7 @@ impl MethodSpec for DdpoConfig {
         Ok(())
     }
 
-    fn build(&self) -> Box<dyn Algorithm> {
+    fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
         Box::new(Ddpo::new(self.clone()))
     }
 
@@ -188,8 +187,8 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 /// Step `i` of rollout chain `r` re-scored under the current (autodiff) weights: the step's
 /// Gaussian and log pi_theta(x_{t-1} | x_t) of the recorded x_{t-1}, [B] (mean over dimensions).
 /// `cond` is the rollouts' conditioning on the autodiff device.
-pub fn step_log_prob(
-    policy: &crate::Policy,
+pub fn step_log_prob<M: PolicyModel>(
+    policy: &crate::Policy<M>,
     cond: &tiller_diffusion::sampling::Conditioning,
     r: &crate::batch::Rollouts,
     i: usize,
@@ -197,7 +196,7 @@ pub fn step_log_prob(
     let t = policy.sampler.timesteps()[i];
     let x_t = r.latents[i].clone().autodiff();
     let next = r.latents[i + 1].clone().autodiff();
-    let pred = cond.predict(&policy.unet, x_t.clone(), t);
+    let pred = cond.predict(&policy.model, x_t.clone(), t);
     let step = policy.sampler.step(pred, i, x_t)?.distribution;
     let log_prob = step.log_prob(next, LogProbReduction::Mean)?;
     Ok((step, log_prob))
@@ -262,7 +261,7 @@ pub fn to_f32(t: Tensor<1>) -> Result<Vec<f32>> {
         .map_err(|e| Error::invalid(format!("{e:?}")))
 }
 
-impl Algorithm for Ddpo {
+impl<M: PolicyModel> Algorithm<M> for Ddpo {
     fn name(&self) -> &'static str {
         "ddpo"
     }
@@ -277,7 +276,7 @@ impl Algorithm for Ddpo {
 
     fn prepare(
         &mut self,
-        _cx: &Context<'_>,
+        _cx: &Context<'_, M>,
         batch: &mut Batch,
         _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, f64)>> {
@@ -311,7 +310,7 @@ impl Algorithm for Ddpo {
 
     fn gradients(
         &mut self,
-        cx: &Context<'_>,
+        cx: &Context<'_, M>,
         batch: &Batch,
         scale: f64,
         _rng: &mut SeededRng,
@@ -322,7 +321,7 @@ impl Algorithm for Ddpo {
         let policy = cx.policy;
         let ad = policy.autodiff_device();
         let eps = self.config.clip_range;
-        let mut acc = GradientsAccumulator::<UNet2DConditionModel>::new();
+        let mut acc = GradientsAccumulator::<M>::new();
         let (mut loss_sum, mut kl_sum, mut approx_kl, mut clipfrac, mut ratio_sum) =
             (0.0, 0.0, 0.0, 0.0, 0.0);
         for_each_trained_step(r, "ddpo", |i, part, weight| {
@@ -361,8 +360,8 @@ impl Algorithm for Ddpo {
             ratio_sum += lr.iter().map(|x| x.exp() as f64).sum::<f64>() * w;
             loss_sum += value * weight;
             let scaled = loss * (scale * weight);
-            let g = GradientsParams::from_grads(scaled.backward(), &policy.unet);
-            acc.accumulate(&policy.unet, g);
+            let g = GradientsParams::from_grads(scaled.backward(), &policy.model);
+            acc.accumulate(&policy.model, g);
             Ok(())
         })?;
         let mut metrics = vec![

@@ -18,7 +18,7 @@
 use crate::batch::{Batch, Collect};
 use crate::config::{AlignConfig, AlignTrainSection};
 use crate::methods::{MethodSpec, StoreData, StoreRead};
-use crate::{Algorithm, Context, MicroStep};
+use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{Tensor, TensorData};
@@ -74,7 +74,7 @@ impl MethodSpec for DpoConfig {
         Ok(())
     }
 
-    fn build(&self) -> Box<dyn Algorithm> {
+    fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
         Box::new(DiffusionDpo { beta: self.beta })
     }
 
@@ -164,7 +164,7 @@ pub fn dpo_loss(
     (log_sigmoid(inside.clone()).neg().mean(), inside)
 }
 
-impl Algorithm for DiffusionDpo {
+impl<M: PolicyModel> Algorithm<M> for DiffusionDpo {
     fn name(&self) -> &'static str {
         "diffusion-dpo"
     }
@@ -175,7 +175,7 @@ impl Algorithm for DiffusionDpo {
 
     fn gradients(
         &mut self,
-        cx: &Context<'_>,
+        cx: &Context<'_, M>,
         batch: &Batch,
         scale: f64,
         _rng: &mut SeededRng,
@@ -204,7 +204,7 @@ impl Algorithm for DiffusionDpo {
             context.clone(),
         );
         let d = denoising_error(
-            &policy.unet,
+            &policy.model,
             x_t.autodiff(),
             target.autodiff(),
             &ts,
@@ -226,7 +226,7 @@ impl Algorithm for DiffusionDpo {
             .try_into_vec::<f32>()
             .map_err(|e| Error::invalid(format!("{e:?}")))?;
         let implicit_acc = inside.iter().filter(|v| **v > 0.0).count() as f64 / b as f64;
-        let grads = GradientsParams::from_grads((loss * scale).backward(), &policy.unet);
+        let grads = GradientsParams::from_grads((loss * scale).backward(), &policy.model);
         Ok(MicroStep {
             grads,
             loss: value,

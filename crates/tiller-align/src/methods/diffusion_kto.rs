@@ -21,7 +21,7 @@ use crate::batch::{Batch, Collect};
 use crate::config::{AlignConfig, AlignTrainSection};
 use crate::methods::diffusion_dpo::denoising_error;
 use crate::methods::{MethodSpec, StoreData, StoreRead};
-use crate::{Algorithm, Context, MicroStep};
+use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Tensor, TensorData};
@@ -85,7 +85,7 @@ impl MethodSpec for KtoConfig {
         crate::methods::diffusion_dpo::train_split("method.diffusion-kto.split", &self.split)
     }
 
-    fn build(&self) -> Box<dyn Algorithm> {
+    fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
         Box::new(DiffusionKto {
             config: self.clone(),
             z0: None,
@@ -152,8 +152,8 @@ pub fn kto_loss(g: Tensor<1>, likes: &[bool], z0: f64, config: &KtoConfig) -> Te
 impl DiffusionKto {
     /// The implicit rewards g [B] of a batch of labelled images: `d_ref - d_theta`, on the policy's
     /// autodiff device when `grad`, else without a graph.
-    fn implicit_rewards(
-        cx: &Context<'_>,
+    fn implicit_rewards<M: PolicyModel>(
+        cx: &Context<'_, M>,
         l: &crate::batch::Labeled,
         grad: bool,
     ) -> Result<Tensor<1>> {
@@ -175,7 +175,7 @@ impl DiffusionKto {
         );
         Ok(if grad {
             let d = denoising_error(
-                &policy.unet,
+                &policy.model,
                 x_t.autodiff(),
                 target.autodiff(),
                 ts,
@@ -189,7 +189,7 @@ impl DiffusionKto {
     }
 }
 
-impl Algorithm for DiffusionKto {
+impl<M: PolicyModel> Algorithm<M> for DiffusionKto {
     fn name(&self) -> &'static str {
         "diffusion-kto"
     }
@@ -201,7 +201,7 @@ impl Algorithm for DiffusionKto {
     /// The reference point: the mean implicit reward of the whole batch before its update.
     fn prepare(
         &mut self,
-        cx: &Context<'_>,
+        cx: &Context<'_, M>,
         batch: &mut Batch,
         _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, f64)>> {
@@ -221,7 +221,7 @@ impl Algorithm for DiffusionKto {
 
     fn gradients(
         &mut self,
-        cx: &Context<'_>,
+        cx: &Context<'_, M>,
         batch: &Batch,
         scale: f64,
         _rng: &mut SeededRng,
@@ -241,7 +241,7 @@ impl Algorithm for DiffusionKto {
             .count();
         let loss = kto_loss(g, &l.likes, z0, &self.config);
         let value = loss.clone().into_scalar::<f64>();
-        let grads = GradientsParams::from_grads((loss * scale).backward(), &cx.policy.unet);
+        let grads = GradientsParams::from_grads((loss * scale).backward(), &cx.policy.model);
         Ok(MicroStep {
             grads,
             loss: value,

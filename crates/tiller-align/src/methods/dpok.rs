@@ -31,7 +31,7 @@ use crate::batch::{Batch, Collect, Rollouts};
 use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
 use crate::methods::ddpo::{draw_train_steps, for_each_trained_step, step_log_prob, to_f32};
-use crate::{Algorithm, Context, MicroStep};
+use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
@@ -42,7 +42,6 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::layers::{conv2d, linear};
-use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_engine::checkpoint::{load_module, load_optimizer, save_module, save_optimizer};
 use tiller_engine::optim::ClipScope;
 
@@ -128,7 +127,7 @@ impl MethodSpec for DpokConfig {
         Ok(())
     }
 
-    fn build(&self) -> Box<dyn Algorithm> {
+    fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
         Box::new(Dpok::new(self.clone()))
     }
 
@@ -284,7 +283,7 @@ pub fn dpok_loss(
     (advantages * rho * (-config.reward_weight) + kl * config.kl_weight).mean()
 }
 
-impl Algorithm for Dpok {
+impl<M: PolicyModel> Algorithm<M> for Dpok {
     fn name(&self) -> &'static str {
         "dpok"
     }
@@ -300,7 +299,7 @@ impl Algorithm for Dpok {
     /// Trains the value network on the batch's transitions (DPOK's `_train_value_func`).
     fn prepare(
         &mut self,
-        _cx: &Context<'_>,
+        _cx: &Context<'_, M>,
         batch: &mut Batch,
         rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, f64)>> {
@@ -399,7 +398,7 @@ impl Algorithm for Dpok {
 
     fn gradients(
         &mut self,
-        cx: &Context<'_>,
+        cx: &Context<'_, M>,
         batch: &Batch,
         scale: f64,
         _rng: &mut SeededRng,
@@ -410,7 +409,7 @@ impl Algorithm for Dpok {
         let policy = cx.policy;
         let ad = policy.autodiff_device();
         let eps = self.config.ratio_clip;
-        let mut acc = GradientsAccumulator::<UNet2DConditionModel>::new();
+        let mut acc = GradientsAccumulator::<M>::new();
         let (mut loss_sum, mut kl_sum, mut adv_sum, mut clipfrac) = (0.0, 0.0, 0.0, 0.0);
         for_each_trained_step(r, "dpok", |i, part, weight| {
             let m = part.prompts.len();
@@ -446,8 +445,9 @@ impl Algorithm for Dpok {
             let adv = Tensor::<1>::from_data(TensorData::new(adv, [m]), &ad);
             let loss = dpok_loss(adv, log_ratio, kl, &self.config);
             loss_sum += loss.clone().into_scalar::<f64>() * weight;
-            let g = GradientsParams::from_grads((loss * (scale * weight)).backward(), &policy.unet);
-            acc.accumulate(&policy.unet, g);
+            let g =
+                GradientsParams::from_grads((loss * (scale * weight)).backward(), &policy.model);
+            acc.accumulate(&policy.model, g);
             Ok(())
         })?;
         Ok(MicroStep {

@@ -15,13 +15,14 @@
 use crate::batch::{Batch, Collect};
 use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
-use crate::{Algorithm, Context, MicroStep};
-use burn::tensor::Tensor;
+use crate::{Algorithm, Context, MicroStep, PolicyModel};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::Gaussian;
 use tiller_diffusion::sampling::{StepPenalty, backprop_through_sampling_with};
+use tiller_diffusion::schedulers::Scheduler;
 
 /// `[method.draft-k]`: DRaFT-K.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,26 +52,25 @@ impl MethodSpec for DraftConfig {
         Ok(())
     }
 
-    fn build(&self) -> Box<dyn Algorithm> {
+    fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
         Box::new(DraftK { k: self.k })
     }
 
     /// Refuses a K whose differentiated steps all ignore the model's prediction (DDIM's last
     /// step from timestep 0 with `alpha_prev = alpha_0` returns its input whatever the model
     /// says): no reward gradient would reach the weights.
-    fn check_policy(&self, policy: &crate::Policy) -> Result<()> {
-        let steps = policy.sampler.timesteps().len();
+    fn check_sampler(&self, sampler: &dyn Scheduler, device: &Device) -> Result<()> {
+        let steps = sampler.timesteps().len();
         let k = if self.k == 0 {
             steps
         } else {
             self.k.min(steps)
         };
-        let device = &policy.device;
         let x = Tensor::<4>::zeros([1, 1, 2, 2], device);
         for i in steps - k..steps {
             let mean = |p: f32| -> Result<Vec<f32>> {
                 let pred = Tensor::<4>::full([1, 1, 2, 2], p, device);
-                let m = policy.sampler.step(pred, i, x.clone())?.distribution.mean;
+                let m = sampler.step(pred, i, x.clone())?.distribution.mean;
                 crate::methods::ddpo::to_f32(m.reshape([4]))
             };
             let (a, b) = (mean(0.0)?, mean(1.0)?);
@@ -95,7 +95,7 @@ pub struct DraftK {
     pub k: usize,
 }
 
-impl Algorithm for DraftK {
+impl<M: PolicyModel> Algorithm<M> for DraftK {
     fn name(&self) -> &'static str {
         "draft-k"
     }
@@ -106,7 +106,7 @@ impl Algorithm for DraftK {
 
     fn gradients(
         &mut self,
-        cx: &Context<'_>,
+        cx: &Context<'_, M>,
         batch: &Batch,
         scale: f64,
         _rng: &mut SeededRng,
@@ -167,7 +167,7 @@ impl Algorithm for DraftK {
         };
         let mut chain_noise = s.noise.clone();
         let result = backprop_through_sampling_with(
-            &policy.unet,
+            &policy.model,
             policy.sampler.as_ref(),
             &cond,
             s.x_t.clone(),

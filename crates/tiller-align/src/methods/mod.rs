@@ -18,8 +18,8 @@ pub use diffusion_kto::DiffusionKto;
 pub use dpok::Dpok;
 pub use draft_k::DraftK;
 
-use crate::Algorithm;
 use crate::config::{AlignConfig, AlignTrainSection};
+use crate::{Algorithm, PolicyModel};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use tiller_core::Result;
@@ -56,8 +56,10 @@ pub trait MethodSpec {
     /// Checks of this method's own settings and of the run settings it depends on; errors name
     /// the field.
     fn validate(&self, config: &AlignConfig) -> Result<()>;
-    /// The algorithm, ready for the loop.
-    fn build(&self) -> Box<dyn Algorithm>;
+    /// The algorithm, ready for the loop, for a policy of model `M`.
+    fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>>
+    where
+        Self: Sized;
     /// Whether `train.kl_weight` (a per-step KL to the reference) applies.
     fn takes_kl(&self) -> bool {
         true
@@ -66,9 +68,13 @@ pub trait MethodSpec {
     fn samples(&self) -> bool {
         true
     }
-    /// Checks against the built policy what the config alone cannot show (DRaFT-K: that the
+    /// Checks against the run's sampler what the config alone cannot show (DRaFT-K: that the
     /// differentiated steps depend on the model at all).
-    fn check_policy(&self, _policy: &crate::Policy) -> Result<()> {
+    fn check_sampler(
+        &self,
+        _sampler: &dyn tiller_diffusion::schedulers::Scheduler,
+        _device: &burn::tensor::Device,
+    ) -> Result<()> {
         Ok(())
     }
     /// Preference data it reads from a store before training, if any.
@@ -120,6 +126,12 @@ macro_rules! registry {
                 }
             }
 
+            fn build_for<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
+                match self {
+                    $(Method::$variant(c) => c.build::<M>(),)*
+                }
+            }
+
             fn from_table<'de, A: MapAccess<'de>>(name: &str, map: &mut A) -> std::result::Result<Method, A::Error> {
                 match name {
                     $($name => Ok(Method::$variant(map.next_value::<$config>()?)),)*
@@ -143,9 +155,9 @@ impl Method {
         self.spec().name()
     }
 
-    /// The algorithm of this method.
-    pub fn build(&self) -> Box<dyn Algorithm> {
-        self.spec().build()
+    /// The algorithm of this method, for a policy of model `M`.
+    pub fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
+        self.build_for::<M>()
     }
 
     /// `ddpo, diffusion-dpo, ...`: what "valid: ..." messages list.
@@ -206,7 +218,7 @@ impl<'de> Deserialize<'de> for Method {
     }
 }
 
-/// The algorithm a config names, with its settings.
-pub fn build(config: &AlignConfig) -> Box<dyn Algorithm> {
-    config.method.build()
+/// The algorithm a config names, with its settings, for a policy of model `M`.
+pub fn build<M: PolicyModel>(config: &AlignConfig) -> Box<dyn Algorithm<M>> {
+    config.method.build::<M>()
 }
