@@ -25,7 +25,7 @@ use tiller_core::SeededRng;
 use tiller_diffusion::models::load_unet;
 use tiller_diffusion::models::lora::load_lora;
 use tiller_diffusion::models::unet::UNet2DConditionModel;
-use tiller_diffusion::models::weights::{HostTensor, collect_tensors, read_safetensors};
+use tiller_diffusion::models::weights::{HostTensor, collect_tensors, load_into, read_safetensors};
 use tiller_diffusion::schedulers::SchedulerConfig;
 use tiller_reward::Reward;
 use tiller_testbed::Image;
@@ -176,14 +176,17 @@ fn assert_tensor_close(name: &str, actual: &[f32], expected: &[f32], rtol: f64) 
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
         let d = (*a as f64 - *e as f64).abs();
         assert!(
-            d <= 4.0 * rtol * scale + 1e-12,
+            !rtol.is_finite() || d <= 4.0 * rtol * scale + 1e-12,
             "{name}[{i}]: {a} vs reference {e} (|diff| {d:.3e}, tensor scale {scale:.3e})"
         );
         diff += d * d;
         norm += (*e as f64).powi(2);
     }
     let l2 = diff.sqrt() / norm.sqrt().max(1e-30);
-    assert!(l2 <= rtol, "{name}: relative L2 error {l2:.3e}");
+    assert!(
+        !rtol.is_finite() || l2 <= rtol,
+        "{name}: relative L2 error {l2:.3e}"
+    );
     l2
 }
 
@@ -564,7 +567,10 @@ fn run_case(meta: &Meta, case: &Case) {
     let grads = gradients_by_name(&stepped.model, out.grads);
     // The first step left a few sign-ambiguous weights 2 lr from the reference's (above), which
     // moves the second update's gradients by more than float32 rounding alone.
-    let second_rtol = 2e-3;
+    // On a fixture of the shipped base (TILLER_DDPO_FIXTURE, a measurement, not a golden) that
+    // gap is larger; it is printed, and the checks from the reference's weights below still run.
+    let measuring = std::env::var_os("TILLER_DDPO_FIXTURE").is_some();
+    let second_rtol = if measuring { f64::INFINITY } else { 2e-3 };
     let mut second_worst = 0f64;
     for key in &trained {
         let name = &key["grad.".len()..];
@@ -580,6 +586,82 @@ fn run_case(meta: &Meta, case: &Case) {
         "{}: second gradients' worst relative L2 error {second_worst:.2e}",
         case.name
     );
+    if case.adapter == "full" {
+        // The same second update from the reference's own weights after the first step: the
+        // gradients depend on the weights, the rollout and the advantages only, so what is left
+        // of the difference above is not the weights (issue 28: is the second update's gap the
+        // first step's sign-ambiguous weights, or state carried between updates?).
+        let after: BTreeMap<String, HostTensor> = trained
+            .iter()
+            .map(|k| {
+                let name = &k["grad.".len()..];
+                (name.to_string(), io[&format!("after.{name}")].clone())
+            })
+            .collect();
+        let model = load_into(
+            stepped.model.valid(),
+            &after,
+            Path::new("the reference's weights after update 1"),
+        )
+        .unwrap();
+        let from_reference = Policy {
+            model: model.to_device(&device.clone().autodiff()).train(),
+            reference: stepped.reference.clone(),
+            model_config: stepped.model_config.clone(),
+            sampler: sampler(),
+            noise: sampler(),
+            guidance: case.guidance,
+            adapter: AdapterKind::Full,
+            device: device.clone(),
+        };
+        let cx = Context {
+            policy: &from_reference,
+            reward: &NoReward,
+            kl_weight: 0.0,
+        };
+        let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
+        let grads = gradients_by_name(&from_reference.model, out.grads);
+        let mut worst = 0f64;
+        for key in &trained {
+            let name = &key["grad.".len()..];
+            let l2 = assert_tensor_close(
+                &format!(
+                    "{} second grad from the reference's weights {name}",
+                    case.name
+                ),
+                &torch_view(&grads, name),
+                &io[&format!("second.grad.{name}")].data,
+                rtol,
+            );
+            worst = worst.max(l2);
+        }
+        eprintln!(
+            "{}: second gradients from the reference's weights: worst relative L2 error {worst:.2e}",
+            case.name
+        );
+        // And Tiller's AdamW, carrying its own moments and step count from the first update,
+        // steps those weights to the reference's second-update weights.
+        let mut carried = optimizer(&train).load_record(optim.to_record());
+        let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
+        let (stepped_from_reference, _) =
+            optimizer_step(from_reference, &mut carried, out.grads, &train, case.lr);
+        let ambiguous = check_updated(
+            &io,
+            &trained,
+            &stepped_from_reference,
+            "second.",
+            &["grad.", "second.grad."],
+            case,
+        );
+        eprintln!(
+            "{}: second step from the reference's weights, {ambiguous} weights with an ambiguous gradient",
+            case.name
+        );
+    }
+    if measuring {
+        // Tiller's own second step starts from weights the reference never had.
+        return;
+    }
     let out = ddpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap();
     let (stepped, norm) = optimizer_step(stepped, &mut optim, out.grads, &train, case.lr);
     let expected_norm = scalar(&io, "second.grad_norm");
