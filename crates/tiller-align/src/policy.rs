@@ -58,7 +58,6 @@ pub struct Policy<M: PolicyModel = UNet2DConditionModel> {
 impl<M: PolicyModel> Policy<M> {
     /// Wraps `base` (on `device`): LoRA adapters attached (initialised from `rng`) or every
     /// parameter made trainable, then moved to the autodiff device.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         base: M,
         model_config: M::Config,

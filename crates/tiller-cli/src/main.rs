@@ -126,12 +126,7 @@ enum ModelCommand {
 
 /// Commands that write a new folder refuse an existing one, before any work and before writing.
 pub(crate) fn ensure_new_out(out: &std::path::Path) -> Result<()> {
-    anyhow::ensure!(
-        !out.exists(),
-        "--out {} already exists; choose a new path (nothing was written)",
-        out.display()
-    );
-    Ok(())
+    tiller_core::fs::ensure_new(out).map_err(|e| anyhow::anyhow!("--out {e}"))
 }
 
 fn args_out(args: &eval::EvalArgs) -> PathBuf {

@@ -77,7 +77,12 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         ..SamplingArgs::fixed(25, Sampler::Ancestral, 3.0)
     };
     let device = tiller_core::device::parse_device(&args.device)?;
-    let device_key = format!("device={}", toml::Value::String(args.device.clone()));
+    // The reward's and the alignment's configs take the seed and device as `--seed`/`--device`
+    // give them to `reward train` and `align`.
+    let run_flags = crate::args::RunFlags {
+        seed: Some(args.seed),
+        device: Some(args.device.clone()),
+    };
     let on_suite = |name: String, source, per_task, per_prompt, best_of| Evaluation {
         name,
         source,
@@ -143,13 +148,14 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     let reward_dir = args.out.join("reward");
     let (mut reward_file, resolved) = RewardFile::read(
         &crate::shipped::resolve(Path::new("configs/reward-testbed.toml")),
-        &[
-            format!("base=\"{}\"", base_model.display()),
-            "members=2".into(),
-            format!("train.steps={}", args.reward_steps),
-            format!("train.seed={}", args.seed),
-            device_key.clone(),
-        ],
+        &run_flags.apply(
+            &[
+                format!("base=\"{}\"", base_model.display()),
+                "members=2".into(),
+                format!("train.steps={}", args.reward_steps),
+            ],
+            "train.seed",
+        ),
     )?;
     reward_file.locate_paths(&crate::shipped::resolve);
     let trained = train_from_store(&reward_file, &resolved, &store, &reward_dir)?;
@@ -193,16 +199,17 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
     // Align: DRaFT-K (K = 1) on the reward model just trained, LoRA on the shipped base.
     let align_dir = args.out.join("align");
     let aligned = if args.align_updates > 0 {
-        let overrides = vec![
-            format!("base=\"{}\"", base_model.display()),
-            format!("reward=\"{}\"", reward_dir.display()),
-            format!("train.updates={}", args.align_updates),
-            "log.val_every=0".into(),
-            format!("log.checkpoint_every={}", args.align_updates),
-            "prompts.val_per_task=4".into(),
-            format!("train.seed={}", args.seed),
-            device_key,
-        ];
+        let overrides = run_flags.apply(
+            &[
+                format!("base=\"{}\"", base_model.display()),
+                format!("reward=\"{}\"", reward_dir.display()),
+                format!("train.updates={}", args.align_updates),
+                "log.val_every=0".into(),
+                format!("log.checkpoint_every={}", args.align_updates),
+                "prompts.val_per_task=4".into(),
+            ],
+            "train.seed",
+        );
         let s = run(&Request {
             config: Path::new("configs/draft-k-testbed.toml"),
             out: &align_dir,

@@ -210,46 +210,34 @@ pub fn eval(args: EvalArgs) -> Result<RewardReport> {
     if let Some(path) = &args.unseen_in {
         open_existing(path, "--unseen-in")?;
     }
-    let staging = match &args.out {
-        Some(out) => {
-            crate::ensure_new_out(out)?;
-            let tmp = tiller_core::fs::temporary_sibling(out);
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp).with_context(|| format!("--out {}", out.display()))?;
-            Some((out, tmp))
-        }
-        None => None,
-    };
-    let written = (|| -> Result<RewardReport> {
-        let report = evaluate_reward(&RewardEvaluation {
+    let split = Split::parse(&args.split)?;
+    let evaluate = |comparisons: Option<PathBuf>| {
+        evaluate_reward(&RewardEvaluation {
             model: args.model.clone(),
             store: args.store.clone(),
-            split: Split::parse(&args.split)?,
+            split,
             unseen_in: args.unseen_in.clone(),
             device: args.device.clone(),
-            comparisons: staging
-                .as_ref()
-                .map(|(_, tmp)| tmp.join("comparisons.jsonl")),
-        })?;
-        let text = markdown(&report);
-        println!("{text}");
-        if let Some((out, tmp)) = &staging {
-            tiller_core::fs::atomic_write(
-                &tmp.join("report.json"),
-                serde_json::to_string_pretty(&report)?.as_bytes(),
-            )?;
-            tiller_core::fs::atomic_write(&tmp.join("report.md"), text.as_bytes())?;
-            std::fs::rename(tmp, out).with_context(|| format!("--out {}", out.display()))?;
-            println!("report written to {}", out.display());
-        }
+            comparisons,
+        })
+    };
+    let Some(out) = &args.out else {
+        let report = evaluate(None)?;
+        println!("{}", markdown(&report));
+        return Ok(report);
+    };
+    crate::ensure_new_out(out)?;
+    let report = tiller_core::fs::build_folder(out, |tmp| {
+        let report = evaluate(Some(tmp.join("comparisons.jsonl")))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| tiller_core::Error::invalid(format!("report.json: {e}")))?;
+        tiller_core::fs::atomic_write(&tmp.join("report.json"), json.as_bytes())?;
+        tiller_core::fs::atomic_write(&tmp.join("report.md"), markdown(&report).as_bytes())?;
         Ok(report)
-    })();
-    if written.is_err()
-        && let Some((_, tmp)) = &staging
-    {
-        let _ = std::fs::remove_dir_all(tmp);
-    }
-    written
+    })?;
+    println!("{}", markdown(&report));
+    println!("report written to {}", out.display());
+    Ok(report)
 }
 
 #[derive(Args)]

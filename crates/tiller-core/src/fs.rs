@@ -30,21 +30,33 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn ensure_new(path: &Path) -> Result<()> {
     if path.exists() {
         return Err(Error::invalid(format!(
-            "{} already exists; choose a new folder (nothing was written)",
+            "{} already exists; choose a new path (nothing was written)",
             path.display()
         )));
     }
     Ok(())
 }
 
-/// A hidden sibling of `path` (`dir/.name.tmp`) to build a folder in before renaming it into
-/// place, so that a crash never leaves half a folder at `path`.
-pub fn temporary_sibling(path: &Path) -> std::path::PathBuf {
+/// Builds the new folder `path`: `build` writes into a hidden sibling (`dir/.name.tmp`, emptied
+/// first), which is renamed to `path` once `build` succeeds and removed if it fails, so a failed
+/// or interrupted build never leaves half a folder at `path`.
+pub fn build_folder<T>(path: &Path, build: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("folder");
-    path.with_file_name(format!(".{name}.tmp"))
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let built = (|| {
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let value = build(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        Ok(value)
+    })();
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built
 }
 
 #[cfg(test)]
@@ -63,6 +75,31 @@ mod tests {
         // A path whose parent is a file fails with the path named, and writes nothing.
         let e = atomic_write(&p.join("c"), b"x").unwrap_err().to_string();
         assert!(e.contains("b.txt"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_built_folder_appears_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("tiller-core-build-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("model");
+        let failed: Result<()> = build_folder(&out, |tmp| {
+            atomic_write(&tmp.join("half.txt"), b"x")?;
+            Err(Error::invalid("stopped halfway"))
+        });
+        assert!(failed.unwrap_err().to_string().contains("stopped halfway"));
+        assert!(!out.exists() && !dir.join(".model.tmp").exists());
+        let n = build_folder(&out, |tmp| {
+            atomic_write(&tmp.join("a.txt"), b"a")?;
+            Ok(7)
+        })
+        .unwrap();
+        assert_eq!(n, 7);
+        assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"a");
+        assert!(!dir.join(".model.tmp").exists());
+        let e = ensure_new(&out).unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -251,17 +251,11 @@ fn write_model_folder(
     config: &RewardModelConfig,
     extra: &[(&str, &[u8])],
 ) -> Result<()> {
-    let tmp = tiller_core::fs::temporary_sibling(out);
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = (|| {
-        model.save(&tmp, config)?;
+    tiller_core::fs::build_folder(out, |tmp| {
+        model.save(tmp, config)?;
         for (name, bytes) in extra {
             tiller_core::fs::atomic_write(&tmp.join(name), bytes)?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| tiller_core::Error::io(out, e))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    written
+        Ok(())
+    })
 }

@@ -296,9 +296,7 @@ pub fn build(
             p.folder.display()
         )));
     }
-    let tmp = tiller_core::fs::temporary_sibling(out);
-    let _ = std::fs::remove_dir_all(&tmp);
-    let built = (|| {
+    tiller_core::fs::build_folder(out, |tmp| {
         let mut fused = Vec::new();
         for (k, part) in parts.iter().enumerate() {
             let what = || format!("part {k} ({})", part.folder.display());
@@ -324,13 +322,8 @@ pub fn build(
         config.validate()?;
         let json = serde_json::to_string_pretty(&config).context(FUSION_FILE)?;
         tiller_core::fs::atomic_write(&tmp.join(FUSION_FILE), json.as_bytes())?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
         Ok(config)
-    })();
-    if built.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    built
+    })
 }
 
 /// Copies the regular files of `from` into a new folder `to`.
