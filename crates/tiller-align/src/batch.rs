@@ -134,6 +134,46 @@ pub struct Starts {
     /// x_T [N, C, H, W]
     pub x_t: Tensor<4>,
     pub noise: ExampleNoise,
+    /// Pre-training images, one per chain, when the method asks for them (ReFL).
+    pub pretrain: Option<Supervised>,
+}
+
+/// Images to train the denoising objective on, each with its own noise and training timestep.
+#[derive(Debug, Clone)]
+pub struct Supervised {
+    pub prompts: Prompts,
+    /// [N, C, H, W] in [-1, 1]
+    pub images: Tensor<4>,
+    /// [N, C, H, W]
+    pub noise: Tensor<4>,
+    pub timesteps: Vec<f64>,
+}
+
+impl Supervised {
+    pub fn slice(&self, r: Range<usize>) -> Self {
+        Self {
+            prompts: self.prompts.slice(r.clone()),
+            images: narrow4(&self.images, &r),
+            noise: narrow4(&self.noise, &r),
+            timesteps: self.timesteps[r].to_vec(),
+        }
+    }
+}
+
+/// The policy's own final samples with their rewards, to be fitted by the denoising objective
+/// (RWR, RAFT, reward-weighted likelihood).
+#[derive(Debug, Clone)]
+pub struct Samples {
+    /// The samples x_0 with the noise and timestep each is trained at.
+    pub samples: Supervised,
+    /// The reward of each sample.
+    pub rewards: Vec<f64>,
+    /// Each sample's weight in the loss (filled by the method before training).
+    pub weights: Vec<f64>,
+    /// Samples per prompt, side by side (`train.images_per_prompt`).
+    pub group: usize,
+    /// Pre-training images, one per sample, when the method asks for them.
+    pub pretrain: Option<Supervised>,
 }
 
 /// One update's data (built once per update; its size does not matter).
@@ -144,6 +184,7 @@ pub enum Batch {
     Pairs(Pairs),
     Labeled(Labeled),
     Starts(Starts),
+    Samples(Samples),
 }
 
 /// Which [`Batch`] a method needs.
@@ -153,6 +194,8 @@ pub enum Collect {
     Pairs,
     Labeled,
     Starts,
+    /// Final samples only (no trajectories), scored.
+    Samples,
 }
 
 impl Batch {
@@ -170,6 +213,7 @@ impl Batch {
             Batch::Pairs(p) => &p.prompts,
             Batch::Labeled(l) => &l.prompts,
             Batch::Starts(s) => &s.prompts,
+            Batch::Samples(s) => &s.samples.prompts,
         }
     }
 
@@ -206,7 +250,15 @@ impl Batch {
             Batch::Starts(x) => Batch::Starts(Starts {
                 prompts: x.prompts.slice(r.clone()),
                 x_t: narrow4(&x.x_t, &r),
-                noise: x.noise.slice(r),
+                noise: x.noise.slice(r.clone()),
+                pretrain: x.pretrain.as_ref().map(|p| p.slice(r)),
+            }),
+            Batch::Samples(x) => Batch::Samples(Samples {
+                samples: x.samples.slice(r.clone()),
+                rewards: slice_or_empty(&x.rewards, &r),
+                weights: slice_or_empty(&x.weights, &r),
+                group: x.group,
+                pretrain: x.pretrain.as_ref().map(|p| p.slice(r)),
             }),
         }
     }

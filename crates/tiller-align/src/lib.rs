@@ -14,7 +14,7 @@ pub mod policy;
 pub mod run;
 pub mod trainer;
 
-pub use batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Starts};
+pub use batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Samples, Starts, Supervised};
 pub use config::AlignConfig;
 pub use methods::{Method, MethodSpec};
 pub use policy::{Policy, PolicyModel};
@@ -57,6 +57,12 @@ pub trait Algorithm<M: PolicyModel = UNet2DConditionModel> {
     /// Optimizer updates taken on each collected batch (DDPO's inner epochs); 1 for the rest.
     fn updates_per_batch(&self) -> usize {
         1
+    }
+
+    /// Whether the batch also carries pre-training images, one per example (the base model's
+    /// own training data: ReFL's and reward-weighted likelihood's regulariser).
+    fn pretrain(&self) -> bool {
+        false
     }
 
     /// Called once per collected batch before its micro-batches, with the policy as it is before

@@ -16,7 +16,9 @@
 //! atomically: `--resume latest` continues exactly as an uninterrupted run. A non-finite loss or
 //! reward stops the run with the update number.
 
-use crate::batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Starts};
+use crate::batch::{
+    Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Samples, Starts, Supervised,
+};
 use crate::config::{AlignConfig, AlignTrainSection};
 use crate::policy::{Policy, PolicyModel};
 use crate::{Algorithm, Context};
@@ -62,11 +64,18 @@ pub struct AlignData<'a> {
     pub labels: Vec<LabeledImage>,
     /// Reward queries spent before training starts (the labels behind `pairs` or `labels`).
     pub upfront_queries: u64,
+    /// The base model's own training data, for methods that regularise with it (ReFL,
+    /// reward-weighted likelihood): example index -> (prompt, pixels CHW in [-1, 1]), the same
+    /// for the same index. The testbed renders its training prompts.
+    pub pretrain: Option<&'a PretrainSource<'a>>,
     /// Text -> the text encoder's hidden states [N, L, D] on the plain device.
     pub encode: &'a dyn Fn(&[String]) -> Result<Tensor<3>>,
     /// Image shape [C, H, W].
     pub image_shape: [usize; 3],
 }
+
+/// Pre-training example `i` of a run: its prompt and its image (CHW floats in [-1, 1]).
+pub type PretrainSource<'a> = dyn Fn(u64) -> Result<(String, Vec<f32>)> + 'a;
 
 /// Called with the update number and the current weights (adapters merged, plain device);
 /// returns scalars to log under `val/`.
@@ -213,6 +222,9 @@ pub fn align<M: PolicyModel>(
         };
         let (mut batch, collected_rewards) =
             collect(algorithm.collects(), &policy, reward, data, draw, &mut rng)?;
+        if algorithm.pretrain() {
+            attach_pretrain(&mut batch, algorithm.name(), &policy, data, draw)?;
+        }
         queries += collected_rewards.len() as u64;
         rollouts.log(step + 1, &batch.prompts().texts, &collected_rewards)?;
         let prepared = {
@@ -665,11 +677,119 @@ pub fn collect<M: PolicyModel>(
                     prompts,
                     x_t,
                     noise,
+                    pretrain: None,
                 }),
                 Vec::new(),
             ))
         }
+        Collect::Samples => {
+            let prompts = draw_prompts(data, n, group, rng)?;
+            let current = policy.current();
+            let noise = ExampleNoise::for_examples(seed, indices.clone());
+            let mut parts = Vec::new();
+            for start in (0..n).step_by(micro.max(1)) {
+                let range = start..(start + micro).min(n);
+                let part = prompts.slice(range.clone());
+                let mut part_noise = noise.slice(range);
+                let cond = policy.conditioning(&part, device);
+                let x_t = initial_noise(
+                    policy.sampler.as_ref(),
+                    [part.len(), c, h, w],
+                    &mut part_noise,
+                    device,
+                )?;
+                let s = sample(
+                    &current,
+                    policy.sampler.as_ref(),
+                    &cond,
+                    x_t,
+                    &mut part_noise,
+                    Record::Nothing,
+                )?;
+                parts.push(s.images);
+            }
+            // Scored (and trained on) as the reward sees them: clipped to the image range.
+            let images = Tensor::cat(parts, 0).clamp(-1.0, 1.0);
+            let rewards = reward.score(&tensor_to_images(images.clone())?, &prompts.texts)?;
+            check_finite(&rewards, reward)?;
+            // Each sample's training noise and timestep from a stream of its own, apart from
+            // the chain's.
+            let (values, timesteps) =
+                example_noise_and_timesteps(policy, indices, seed ^ SAMPLE_SALT, [c, h, w]);
+            let noise = Tensor::<4>::from_data(TensorData::new(values, [n, c, h, w]), device);
+            Ok((
+                Batch::Samples(Samples {
+                    samples: Supervised {
+                        prompts,
+                        images,
+                        noise,
+                        timesteps,
+                    },
+                    rewards: rewards.clone(),
+                    weights: Vec::new(),
+                    group,
+                    pretrain: None,
+                }),
+                rewards,
+            ))
+        }
     }
+}
+
+/// Salts of the per-example streams of a sample's training noise and of pre-training examples,
+/// apart from the chain's stream (`seed`) of the same example.
+const SAMPLE_SALT: u64 = 0x5a3b_1e00_0000_0001;
+const PRETRAIN_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Adds one pre-training image per example (`data.pretrain` of the example's global index, with
+/// its noise and timestep from the example's own pre-training stream) to a batch of chain starts
+/// or samples.
+pub fn attach_pretrain<M: PolicyModel>(
+    batch: &mut Batch,
+    method: &str,
+    policy: &Policy<M>,
+    data: &AlignData<'_>,
+    draw: Draw,
+) -> Result<()> {
+    let source = data.pretrain.ok_or_else(|| {
+        Error::invalid(format!(
+            "{method} trains on the base model's own training data as well, and this run has none"
+        ))
+    })?;
+    let [c, h, w] = data.image_shape;
+    let indices = draw.first..draw.first + draw.n as u64;
+    let mut texts = Vec::with_capacity(draw.n);
+    let mut pixels = Vec::with_capacity(draw.n * c * h * w);
+    for i in indices.clone() {
+        let (prompt, image) = source(i)?;
+        if image.len() != c * h * w {
+            return Err(Error::invalid(format!(
+                "pre-training image {i} has {} values; the model's images have {c}x{h}x{w}",
+                image.len()
+            )));
+        }
+        texts.push(prompt);
+        pixels.extend(image);
+    }
+    let device = &policy.device;
+    let (noise, timesteps) =
+        example_noise_and_timesteps(policy, indices, draw.seed ^ PRETRAIN_SALT, [c, h, w]);
+    let supervised = Supervised {
+        prompts: encode_prompts(data, texts)?,
+        images: Tensor::<4>::from_data(TensorData::new(pixels, [draw.n, c, h, w]), device),
+        noise: Tensor::<4>::from_data(TensorData::new(noise, [draw.n, c, h, w]), device),
+        timesteps,
+    };
+    match batch {
+        Batch::Starts(s) => s.pretrain = Some(supervised),
+        Batch::Samples(s) => s.pretrain = Some(supervised),
+        _ => {
+            return Err(Error::invalid(format!(
+                "{method}: pre-training images go with chain starts or samples"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Each example's training noise [C, H, W] and timestep, from its own stream (its pair's, its

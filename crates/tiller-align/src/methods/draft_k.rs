@@ -60,34 +60,57 @@ impl MethodSpec for DraftConfig {
     /// step from timestep 0 with `alpha_prev = alpha_0` returns its input whatever the model
     /// says): no reward gradient would reach the weights.
     fn check_sampler(&self, sampler: &dyn Scheduler, device: &Device) -> Result<()> {
-        let steps = sampler.timesteps().len();
-        let k = if self.k == 0 {
-            steps
-        } else {
-            self.k.min(steps)
-        };
-        let x = Tensor::<4>::zeros([1, 1, 2, 2], device);
-        for i in steps - k..steps {
-            let mean = |p: f32| -> Result<Vec<f32>> {
-                let pred = Tensor::<4>::full([1, 1, 2, 2], p, device);
-                let m = sampler.step(pred, i, x.clone())?.distribution.mean;
-                crate::methods::ddpo::to_f32(m.reshape([4]))
-            };
-            let (a, b) = (mean(0.0)?, mean(1.0)?);
-            // A unit change of the prediction moves the step's mean by more than rounding.
-            if a.iter().zip(&b).any(|(u, v)| (u - v).abs() > 1e-4) {
-                return Ok(());
-            }
-        }
-        Err(Error::config(
-            "method.draft-k.k",
-            format!(
-                "the last {k} of this sampler's {steps} steps do not depend on the model's \
-                 prediction (e.g. DDIM's last step from timestep 0 is the identity when \
-                 steps_offset = 0), so no reward gradient reaches the weights; raise k"
-            ),
-        ))
+        check_last_steps(sampler, self.k, device, "method.draft-k.k")
     }
+}
+
+/// Refuses `k` differentiated steps from the end of the chain (0: all) when none of them depends
+/// on the model's prediction; `field` names the setting in the error.
+pub(crate) fn check_last_steps(
+    sampler: &dyn Scheduler,
+    k: usize,
+    device: &Device,
+    field: &str,
+) -> Result<()> {
+    let steps = sampler.timesteps().len();
+    let k = if k == 0 { steps } else { k.min(steps) };
+    let x = Tensor::<4>::zeros([1, 1, 2, 2], device);
+    for i in steps - k..steps {
+        let mean = |p: f32| -> Result<Vec<f32>> {
+            let pred = Tensor::<4>::full([1, 1, 2, 2], p, device);
+            let m = sampler.step(pred, i, x.clone())?.distribution.mean;
+            crate::methods::ddpo::to_f32(m.reshape([4]))
+        };
+        let (a, b) = (mean(0.0)?, mean(1.0)?);
+        // A unit change of the prediction moves the step's mean by more than rounding.
+        if a.iter().zip(&b).any(|(u, v)| (u - v).abs() > 1e-4) {
+            return Ok(());
+        }
+    }
+    Err(Error::config(
+        field,
+        format!(
+            "the last {k} of this sampler's {steps} steps do not depend on the model's \
+             prediction (e.g. DDIM's last step from timestep 0 is the identity when \
+             steps_offset = 0), so no reward gradient reaches the weights; differentiate more steps"
+        ),
+    ))
+}
+
+/// The differentiable form of the run's reward, or an error naming `method`.
+pub(crate) fn differentiable<'a>(
+    reward: &'a dyn tiller_reward::Reward,
+    method: &str,
+) -> Result<&'a dyn tiller_reward::DifferentiableReward> {
+    reward.differentiable().ok_or_else(|| {
+        Error::config(
+            "reward",
+            format!(
+                "{method} backpropagates the reward, but `{}` is not differentiable; use a reward model folder",
+                reward.name()
+            ),
+        )
+    })
 }
 
 pub struct DraftK {
@@ -114,95 +137,106 @@ impl<M: PolicyModel> Algorithm<M> for DraftK {
         let Batch::Starts(s) = batch else {
             return Err(Error::invalid("draft-k needs chain starts"));
         };
-        let reward = cx.reward.differentiable().ok_or_else(|| {
-            Error::config(
-                "reward",
-                format!(
-                    "draft-k backpropagates the reward, but `{}` is not differentiable; use a reward model folder",
-                    cx.reward.name()
-                ),
-            )
-        })?;
-        let policy = cx.policy;
-        let cond = policy.conditioning(&s.prompts, &policy.device);
-        let k = if self.k == 0 { usize::MAX } else { self.k };
-        let scores: RefCell<Option<Result<Vec<f64>>>> = RefCell::new(None);
-        let texts = &s.prompts.texts;
-        let loss = |x0: burn::tensor::Tensor<4>| {
-            match reward.score_tensor(x0, texts) {
-                Ok(r) => {
-                    *scores.borrow_mut() = Some(to_vec(&r));
-                    // Maximise the mean reward: minimise its negative (scaled for accumulation).
-                    r.mean().neg() * scale
-                }
-                Err(e) => {
-                    *scores.borrow_mut() = Some(Err(e));
-                    // A constant NaN loss: the chain code reports it as non-finite; the reward's
-                    // own error is returned below instead.
-                    burn::tensor::Tensor::<1>::from_floats([f32::NAN], &policy.autodiff_device())
-                }
-            }
-        };
-        let kl_weight = cx.kl_weight;
-        // The KL term is the mean over the differentiated steps (Tiller's one normalisation, as
-        // DDPO's and DPOK's over their trained steps); a deterministic step counts with KL 0.
-        let differentiated = k.min(policy.sampler.timesteps().len()).max(1) as f64;
-        let mut kl_sum = 0.0;
-        let mut kl_steps = 0usize;
-        let mut penalty = |i: usize, x_in: burn::tensor::Tensor<4>, dist: &Gaussian| {
-            if dist.is_deterministic() {
-                // A deterministic step (DDIM's last with alpha_prev = 1) has no density: both
-                // models' steps are point masses and the KL is not defined; it adds nothing.
-                return Ok(burn::tensor::Tensor::<1>::zeros([1], &x_in.device()));
-            }
-            let kl = policy.kl_to_reference(&cond, dist, &x_in, i)?.mean();
-            kl_sum += kl.clone().into_scalar::<f64>();
-            kl_steps += 1;
-            Ok(kl * (kl_weight * scale / differentiated))
-        };
-        let penalty_ref: Option<&mut StepPenalty<'_>> = if kl_weight > 0.0 {
-            Some(&mut penalty)
-        } else {
-            None
-        };
-        let mut chain_noise = s.noise.clone();
-        let result = backprop_through_sampling_with(
-            &policy.model,
-            policy.sampler.as_ref(),
-            &cond,
-            s.x_t.clone(),
-            &mut chain_noise,
-            k,
-            loss,
-            penalty_ref,
-        );
-        let rewards = match scores.into_inner() {
-            Some(r) => r?,
-            None => return Err(Error::invalid("the reward was never evaluated")),
-        };
-        let out = result?;
-        let mean = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
-        // The rewards themselves are logged by the loop (reward_mean / reward_std).
-        let mut metrics = Vec::new();
-        if kl_steps > 0 {
-            metrics.push(("kl", kl_sum / kl_steps as f64));
-        }
-        // The objective: -mean reward + kl_weight * (the KL's mean over differentiated steps).
-        let kl_term = if kl_weight > 0.0 {
-            out.penalty / scale
-        } else {
-            0.0
-        };
-        Ok(MicroStep {
-            grads: out.grads,
-            loss: -mean + kl_term,
-            metrics,
-            rewards,
-        })
+        // Maximise the mean reward: minimise its negative.
+        backprop_reward(cx, s, scale, self.k, "draft-k", &|r| r.neg())
     }
 }
 
-fn to_vec(t: &burn::tensor::Tensor<1>) -> Result<Vec<f64>> {
+/// The reward-backpropagation update shared by DRaFT-K and AlignProp: the chains of `s` sampled
+/// to the end, and the gradient of `scale * mean(objective(r(x_0)))` (plus the per-step KL to the
+/// reference at every differentiated step when `train.kl_weight > 0`) through the last `k` steps
+/// (0: all; memory stays one step's graph by step-level recomputation). `objective` maps the
+/// rewards [B] to per-sample losses [B].
+pub(crate) fn backprop_reward<M: PolicyModel>(
+    cx: &Context<'_, M>,
+    s: &crate::batch::Starts,
+    scale: f64,
+    k: usize,
+    method: &str,
+    objective: &dyn Fn(Tensor<1>) -> Tensor<1>,
+) -> Result<MicroStep> {
+    let reward = differentiable(cx.reward, method)?;
+    let policy = cx.policy;
+    let cond = policy.conditioning(&s.prompts, &policy.device);
+    let k = if k == 0 { usize::MAX } else { k };
+    let scores: RefCell<Option<Result<Vec<f64>>>> = RefCell::new(None);
+    let objective_value: RefCell<f64> = RefCell::new(0.0);
+    let texts = &s.prompts.texts;
+    let loss = |x0: burn::tensor::Tensor<4>| {
+        match reward.score_tensor(x0, texts) {
+            Ok(r) => {
+                *scores.borrow_mut() = Some(to_vec(&r));
+                let l = objective(r).mean();
+                *objective_value.borrow_mut() = l.clone().into_scalar::<f64>();
+                // Scaled for accumulation.
+                l * scale
+            }
+            Err(e) => {
+                *scores.borrow_mut() = Some(Err(e));
+                // A constant NaN loss: the chain code reports it as non-finite; the reward's
+                // own error is returned below instead.
+                burn::tensor::Tensor::<1>::from_floats([f32::NAN], &policy.autodiff_device())
+            }
+        }
+    };
+    let kl_weight = cx.kl_weight;
+    // The KL term is the mean over the differentiated steps (Tiller's one normalisation, as
+    // DDPO's and DPOK's over their trained steps); a deterministic step counts with KL 0.
+    let differentiated = k.min(policy.sampler.timesteps().len()).max(1) as f64;
+    let mut kl_sum = 0.0;
+    let mut kl_steps = 0usize;
+    let mut penalty = |i: usize, x_in: burn::tensor::Tensor<4>, dist: &Gaussian| {
+        if dist.is_deterministic() {
+            // A deterministic step (DDIM's last with alpha_prev = 1) has no density: both
+            // models' steps are point masses and the KL is not defined; it adds nothing.
+            return Ok(burn::tensor::Tensor::<1>::zeros([1], &x_in.device()));
+        }
+        let kl = policy.kl_to_reference(&cond, dist, &x_in, i)?.mean();
+        kl_sum += kl.clone().into_scalar::<f64>();
+        kl_steps += 1;
+        Ok(kl * (kl_weight * scale / differentiated))
+    };
+    let penalty_ref: Option<&mut StepPenalty<'_>> = if kl_weight > 0.0 {
+        Some(&mut penalty)
+    } else {
+        None
+    };
+    let mut chain_noise = s.noise.clone();
+    let result = backprop_through_sampling_with(
+        &policy.model,
+        policy.sampler.as_ref(),
+        &cond,
+        s.x_t.clone(),
+        &mut chain_noise,
+        k,
+        loss,
+        penalty_ref,
+    );
+    let rewards = match scores.into_inner() {
+        Some(r) => r?,
+        None => return Err(Error::invalid("the reward was never evaluated")),
+    };
+    let out = result?;
+    // The rewards themselves are logged by the loop (reward_mean / reward_std).
+    let mut metrics = Vec::new();
+    if kl_steps > 0 {
+        metrics.push(("kl", kl_sum / kl_steps as f64));
+    }
+    // The objective: its mean + kl_weight * (the KL's mean over differentiated steps).
+    let kl_term = if kl_weight > 0.0 {
+        out.penalty / scale
+    } else {
+        0.0
+    };
+    Ok(MicroStep {
+        grads: out.grads,
+        loss: objective_value.into_inner() + kl_term,
+        metrics,
+        rewards,
+    })
+}
+
+pub(crate) fn to_vec(t: &burn::tensor::Tensor<1>) -> Result<Vec<f64>> {
     let v = t
         .clone()
         .inner()

@@ -6,17 +6,32 @@
 //! `tiller compare`, every "valid: ..." message) reads the registry; the loop itself knows only
 //! [`Algorithm`] and the data it asks for.
 
+pub mod alignprop;
 pub mod ddpo;
+pub mod denoising;
 pub mod diffusion_dpo;
 pub mod diffusion_kto;
 pub mod dpok;
 pub mod draft_k;
+pub mod draft_lv;
+pub mod prdp;
+pub mod raft;
+pub mod refl;
+pub mod reward_weighted;
+pub mod rwr;
 
+pub use alignprop::AlignProp;
 pub use ddpo::Ddpo;
 pub use diffusion_dpo::DiffusionDpo;
 pub use diffusion_kto::DiffusionKto;
 pub use dpok::Dpok;
 pub use draft_k::DraftK;
+pub use draft_lv::DraftLv;
+pub use prdp::Prdp;
+pub use raft::Raft;
+pub use refl::Refl;
+pub use reward_weighted::RewardWeighted;
+pub use rwr::Rwr;
 
 use crate::config::{AlignConfig, AlignTrainSection};
 use crate::{Algorithm, PolicyModel};
@@ -148,6 +163,13 @@ registry! {
     DraftK(draft_k::DraftConfig) = "draft-k",
     Dpok(dpok::DpokConfig) = "dpok",
     DiffusionKto(diffusion_kto::KtoConfig) = "diffusion-kto",
+    RewardWeighted(reward_weighted::RewardWeightedConfig) = "reward-weighted",
+    Rwr(rwr::RwrConfig) = "rwr",
+    Raft(raft::RaftConfig) = "raft",
+    Prdp(prdp::PrdpConfig) = "prdp",
+    Refl(refl::ReflConfig) = "refl",
+    DraftLv(draft_lv::DraftLvConfig) = "draft-lv",
+    AlignProp(alignprop::AlignPropConfig) = "alignprop",
 }
 
 impl Method {
