@@ -553,25 +553,8 @@ pub fn collect<M: PolicyModel>(
             // Sampled in micro-batches: the same batch layout as training, so the first ratio
             // of an on-policy update is exactly 1.
             let noise = ExampleNoise::for_examples(seed, indices);
-            for start in (0..n).step_by(micro.max(1)) {
-                let range = start..(start + micro).min(n);
-                let part = prompts.slice(range.clone());
-                let mut part_noise = noise.slice(range);
-                let cond = policy.conditioning(&part, device);
-                let x_t = initial_noise(
-                    policy.sampler.as_ref(),
-                    [part.len(), c, h, w],
-                    &mut part_noise,
-                    device,
-                )?;
-                let s = sample(
-                    &current,
-                    policy.sampler.as_ref(),
-                    &cond,
-                    x_t,
-                    &mut part_noise,
-                    Record::Trajectory(LogProbReduction::Mean),
-                )?;
+            let record = Record::Trajectory(LogProbReduction::Mean);
+            for s in sample_parts(policy, &current, &prompts, &noise, micro, [c, h, w], record)? {
                 let traj = s.trajectory.expect("recorded");
                 for (i, x) in traj.latents.into_iter().enumerate() {
                     latents[i].push(x);
@@ -686,28 +669,18 @@ pub fn collect<M: PolicyModel>(
             let prompts = draw_prompts(data, n, group, rng)?;
             let current = policy.current();
             let noise = ExampleNoise::for_examples(seed, indices.clone());
-            let mut parts = Vec::new();
-            for start in (0..n).step_by(micro.max(1)) {
-                let range = start..(start + micro).min(n);
-                let part = prompts.slice(range.clone());
-                let mut part_noise = noise.slice(range);
-                let cond = policy.conditioning(&part, device);
-                let x_t = initial_noise(
-                    policy.sampler.as_ref(),
-                    [part.len(), c, h, w],
-                    &mut part_noise,
-                    device,
-                )?;
-                let s = sample(
-                    &current,
-                    policy.sampler.as_ref(),
-                    &cond,
-                    x_t,
-                    &mut part_noise,
-                    Record::Nothing,
-                )?;
-                parts.push(s.images);
-            }
+            let parts: Vec<Tensor<4>> = sample_parts(
+                policy,
+                &current,
+                &prompts,
+                &noise,
+                micro,
+                [c, h, w],
+                Record::Nothing,
+            )?
+            .into_iter()
+            .map(|s| s.images)
+            .collect();
             // Scored (and trained on) as the reward sees them: clipped to the image range.
             let images = Tensor::cat(parts, 0).clamp(-1.0, 1.0);
             let rewards = reward.score(&tensor_to_images(images.clone())?, &prompts.texts)?;
@@ -734,6 +707,44 @@ pub fn collect<M: PolicyModel>(
             ))
         }
     }
+}
+
+/// The chains of `prompts` sampled by `model` (the policy's current weights) `micro` at a time,
+/// each example's noise from its own stream in `noise`: the same batch layout as training, so the
+/// first ratio of an on-policy update is exactly 1.
+fn sample_parts<M: PolicyModel>(
+    policy: &Policy<M>,
+    model: &M,
+    prompts: &Prompts,
+    noise: &ExampleNoise,
+    micro: usize,
+    [c, h, w]: [usize; 3],
+    record: Record,
+) -> Result<Vec<tiller_diffusion::sampling::Sample>> {
+    let n = prompts.len();
+    let device = &policy.device;
+    let mut out = Vec::new();
+    for start in (0..n).step_by(micro.max(1)) {
+        let range = start..(start + micro).min(n);
+        let part = prompts.slice(range.clone());
+        let mut part_noise = noise.slice(range);
+        let cond = policy.conditioning(&part, device);
+        let x_t = initial_noise(
+            policy.sampler.as_ref(),
+            [part.len(), c, h, w],
+            &mut part_noise,
+            device,
+        )?;
+        out.push(sample(
+            model,
+            policy.sampler.as_ref(),
+            &cond,
+            x_t,
+            &mut part_noise,
+            record,
+        )?);
+    }
+    Ok(out)
 }
 
 /// Salts of the per-example streams of a sample's training noise and of pre-training examples,

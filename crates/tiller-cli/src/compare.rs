@@ -16,9 +16,10 @@ pub struct CompareArgs {
     /// lists them).
     #[arg(long, default_value_t = tiller_align::Method::NAMES.join(","))]
     pub methods: String,
-    /// Reward queries each method may spend: rollout scores (DDPO, DPOK), reward gradients
-    /// (DRaFT-K), annotator labels (Diffusion-DPO's comparisons, Diffusion-KTO's likes: each
-    /// trains on at most this many).
+    /// Reward queries each method may spend: rollout and sample scores (DDPO, DPOK, PRDP, RWR,
+    /// RAFT, reward-weighted likelihood), reward gradients (DRaFT-K, DRaFT-LV's extra examples
+    /// included, AlignProp, ReFL), annotator labels (Diffusion-DPO's comparisons,
+    /// Diffusion-KTO's likes: each trains on at most this many).
     #[arg(long)]
     pub budget: u64,
     /// Also run every method that takes `train.kl_weight` with this KL-to-base weight

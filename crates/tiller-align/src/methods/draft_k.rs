@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::Gaussian;
-use tiller_diffusion::sampling::{StepPenalty, backprop_through_sampling_with};
+use tiller_diffusion::sampling::{
+    ExampleNoise, NoiseSource, StepPenalty, backprop_through_sampling_with,
+};
 use tiller_diffusion::schedulers::Scheduler;
 
 /// `[method.draft-k]`: DRaFT-K.
@@ -95,6 +97,44 @@ pub(crate) fn check_last_steps(
              steps_offset = 0), so no reward gradient reaches the weights; differentiate more steps"
         ),
     ))
+}
+
+/// The first `steps` steps of the chains of `s` under the policy's current weights, without a
+/// graph: x after them, and the chains' noise streams positioned after their draws.
+pub(crate) fn run_prefix<M: PolicyModel>(
+    policy: &crate::Policy<M>,
+    s: &crate::batch::Starts,
+    steps: usize,
+) -> Result<(Tensor<4>, ExampleNoise)> {
+    let device = &policy.device;
+    let sampler = policy.sampler.as_ref();
+    let shape: [usize; 4] = s.x_t.dims();
+    let frozen = policy.current();
+    let cond = policy.conditioning(&s.prompts, device);
+    let mut noise = s.noise.clone();
+    let mut x = s.x_t.clone();
+    for (i, &t) in sampler.timesteps().iter().enumerate().take(steps) {
+        let z = noise.draw(shape, device)?;
+        let pred = cond.predict(&frozen, x.clone(), t);
+        x = sampler.step(pred, i, x)?.distribution.sample(z);
+    }
+    Ok((x, noise))
+}
+
+/// A reward tensor's values; a non-finite one is an error naming the reward and the example.
+pub(crate) fn reward_values(reward: &dyn tiller_reward::Reward, r: &Tensor<1>) -> Result<Vec<f64>> {
+    let values: Vec<f64> = crate::methods::ddpo::to_f32(r.clone().inner())?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::NonFinite(format!(
+            "reward `{}` returned {} for example {i}",
+            reward.name(),
+            values[i]
+        ))),
+        None => Ok(values),
+    }
 }
 
 /// The differentiable form of the run's reward, or an error naming `method`.

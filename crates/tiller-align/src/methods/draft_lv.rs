@@ -21,7 +21,7 @@
 use crate::batch::{Batch, Collect, Prompts};
 use crate::config::{AlignConfig, AlignTrainSection};
 use crate::methods::MethodSpec;
-use crate::methods::draft_k::{check_last_steps, differentiable};
+use crate::methods::draft_k::{check_last_steps, differentiable, reward_values, run_prefix};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
@@ -118,18 +118,12 @@ impl<M: PolicyModel> Algorithm<M> for DraftLv {
         let b = shape[0];
 
         // The chain to its last step's input, without a graph.
-        let frozen = policy.current();
-        let cond = policy.conditioning(&s.prompts, device);
-        let mut noise = s.noise.clone();
-        let mut x = s.x_t.clone();
-        for (i, &t) in timesteps.iter().enumerate().take(last) {
-            let z = noise.draw(shape, device)?;
-            let pred = cond.predict(&frozen, x.clone(), t);
-            x = sampler.step(pred, i, x)?.distribution.sample(z);
-        }
+        let (x, mut noise) = run_prefix(policy, s, last)?;
         let z = noise.draw(shape, device)?;
         let t = timesteps[last];
-        let pred = cond.predict(&frozen, x.clone(), t);
+        let pred = policy
+            .conditioning(&s.prompts, device)
+            .predict(&policy.current(), x.clone(), t);
         let x0 = sampler
             .step(pred, last, x.clone())?
             .distribution
@@ -153,17 +147,7 @@ impl<M: PolicyModel> Algorithm<M> for DraftLv {
         let dist = sampler.step(pred, last, x_in.clone())?.distribution;
         let out = dist.sample(z);
         let r = reward.score_tensor(out, &all.texts)?;
-        let rewards: Vec<f64> = crate::methods::ddpo::to_f32(r.clone().inner())?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        if let Some(i) = rewards.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite(format!(
-                "reward `{}` returned {} for example {i}",
-                cx.reward.name(),
-                rewards[i]
-            )));
-        }
+        let rewards = reward_values(cx.reward, &r)?;
         let mut loss = r.mean().neg();
         let mut metrics = Vec::new();
         if cx.kl_weight > 0.0 && !dist.is_deterministic() {

@@ -21,14 +21,13 @@
 
 use crate::batch::{Batch, Collect};
 use crate::config::{AlignConfig, AlignTrainSection};
-use crate::methods::draft_k::differentiable;
+use crate::methods::draft_k::{differentiable, reward_values, run_prefix};
 use crate::methods::{MethodSpec, denoising};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
-use tiller_diffusion::sampling::NoiseSource;
 
 /// `[method.refl]`: `ReFL.py`'s defaults, the step range as a fraction of the chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -204,40 +203,20 @@ impl<M: PolicyModel> Algorithm<M> for Refl {
             Phase::Reward(mid) => mid,
         };
         let reward = differentiable(cx.reward, "refl")?;
-        let device = &policy.device;
         let sampler = policy.sampler.as_ref();
-        let timesteps = sampler.timesteps();
-        let shape: [usize; 4] = s.x_t.dims();
         // Steps [0, mid) without a graph.
-        let frozen = policy.current();
-        let cond = policy.conditioning(&s.prompts, device);
-        let mut noise = s.noise.clone();
-        let mut x = s.x_t.clone();
-        for (i, &t) in timesteps.iter().enumerate().take(mid) {
-            let z = noise.draw(shape, device)?;
-            let pred = cond.predict(&frozen, x.clone(), t);
-            x = sampler.step(pred, i, x)?.distribution.sample(z);
-        }
+        let (x, _) = run_prefix(policy, s, mid)?;
         // One model call with a graph at step `mid`; its prediction of x_0 is scored.
         let ad = policy.autodiff_device();
         let x = x.autodiff();
-        let pred =
-            policy
-                .conditioning(&s.prompts, &ad)
-                .predict(&policy.model, x.clone(), timesteps[mid]);
+        let pred = policy.conditioning(&s.prompts, &ad).predict(
+            &policy.model,
+            x.clone(),
+            sampler.timesteps()[mid],
+        );
         let x0 = sampler.step(pred, mid, x)?.pred_original_sample;
         let r = reward.score_tensor(x0, &s.prompts.texts)?;
-        let rewards: Vec<f64> = crate::methods::ddpo::to_f32(r.clone().inner())?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        if let Some(i) = rewards.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite(format!(
-                "reward `{}` returned {} for sample {i}",
-                cx.reward.name(),
-                rewards[i]
-            )));
-        }
+        let rewards = reward_values(cx.reward, &r)?;
         let loss = relu(r.neg() + self.config.hinge).mean() * self.config.grad_scale;
         let value = loss.clone().into_scalar::<f64>();
         let grads = GradientsParams::from_grads((loss * scale).backward(), &policy.model);
