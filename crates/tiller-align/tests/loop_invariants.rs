@@ -735,6 +735,7 @@ fn refl_raises_the_reward() {
     };
     r.pretrain = false;
     let end = end_brightness(&c, "refl-rises");
+    eprintln!("refl: brightness 0.6166 -> {end:.4}");
     // Measured: 0.6166 -> 0.6305 over 20 updates.
     assert!(end > 0.6166 + 0.005, "refl: brightness 0.6166 -> {end:.4}");
 }

@@ -14,12 +14,12 @@ use tiller_core::{Error, Result};
 /// conditioning (the conditional model, as the base was trained). `weights = None` weighs every
 /// image 1. Methods normalise their weights over the whole collected batch (mean 1), so that the
 /// mean over a micro-batch, scaled by the loop's `1 / grad_accum`, sums to the whole batch's
-/// weighted mean. Returns the loss and the per-image errors.
+/// weighted mean.
 pub fn weighted_loss<M: PolicyModel>(
     policy: &Policy<M>,
     images: &Supervised,
     weights: Option<&[f64]>,
-) -> Result<(Tensor<1>, Vec<f64>)> {
+) -> Result<Tensor<1>> {
     let b = images.timesteps.len();
     let ts = &images.timesteps;
     let x_t = policy
@@ -35,10 +35,6 @@ pub fn weighted_loss<M: PolicyModel>(
         ts,
         images.prompts.context.clone().autodiff(),
     );
-    let errors = crate::methods::ddpo::to_f32(d.clone().inner())?
-        .into_iter()
-        .map(f64::from)
-        .collect();
     let w: Vec<f32> = match weights {
         Some(w) if w.len() != b => {
             return Err(Error::invalid(format!(
@@ -50,5 +46,5 @@ pub fn weighted_loss<M: PolicyModel>(
         None => vec![1.0; b],
     };
     let w = Tensor::<1>::from_data(TensorData::new(w, [b]), &d.device());
-    Ok(((d * w).mean(), errors))
+    Ok((d * w).mean())
 }

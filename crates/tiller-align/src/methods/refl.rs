@@ -190,7 +190,7 @@ impl<M: PolicyModel> Algorithm<M> for Refl {
                     .pretrain
                     .as_ref()
                     .ok_or_else(|| Error::invalid("refl: the batch has no pre-training images"))?;
-                let (loss, _) = denoising::weighted_loss(policy, images, None)?;
+                let loss = denoising::weighted_loss(policy, images, None)?;
                 let value = loss.clone().into_scalar::<f64>();
                 let grads = GradientsParams::from_grads((loss * scale).backward(), &policy.model);
                 return Ok(MicroStep {

@@ -144,13 +144,13 @@ impl<M: PolicyModel> Algorithm<M> for RewardWeighted {
         let Batch::Samples(s) = batch else {
             return Err(Error::invalid("reward-weighted needs scored samples"));
         };
-        let (mut loss, _) = denoising::weighted_loss(cx.policy, &s.samples, Some(&s.weights))?;
+        let mut loss = denoising::weighted_loss(cx.policy, &s.samples, Some(&s.weights))?;
         let mut metrics = Vec::new();
         if self.config.pretrain_weight > 0.0 {
             let pretrain = s.pretrain.as_ref().ok_or_else(|| {
                 Error::invalid("reward-weighted: the batch has no pre-training images")
             })?;
-            let (pre, _) = denoising::weighted_loss(cx.policy, pretrain, None)?;
+            let pre = denoising::weighted_loss(cx.policy, pretrain, None)?;
             metrics.push(("pretrain_loss", pre.clone().into_scalar::<f64>()));
             loss = loss + pre * self.config.pretrain_weight;
         }

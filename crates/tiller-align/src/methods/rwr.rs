@@ -109,7 +109,7 @@ pub(crate) fn fit_samples<M: PolicyModel>(
     let Batch::Samples(s) = batch else {
         return Err(Error::invalid(format!("{method} needs scored samples")));
     };
-    let (loss, _) = denoising::weighted_loss(cx.policy, &s.samples, Some(&s.weights))?;
+    let loss = denoising::weighted_loss(cx.policy, &s.samples, Some(&s.weights))?;
     let value = loss.clone().into_scalar::<f64>();
     let grads = GradientsParams::from_grads((loss * scale).backward(), &cx.policy.model);
     Ok(MicroStep {
