@@ -47,10 +47,16 @@ pub struct Rollouts {
     /// log pi_old(x_{t-1} | x_t) of each step [N] (mean over dimensions, ddpo-pytorch's
     /// convention); `None` for a deterministic step (DDIM's last step with alpha_prev = 1).
     pub log_probs: Vec<Option<Tensor<1>>>,
+    /// The model's estimate of x_0 at each chain step, from x_t (`steps` tensors [N, C, H, W]):
+    /// what a critic of intermediate states sees (TDPO-R).
+    pub predicted: Vec<Tensor<4>>,
     /// The reward of each final sample.
     pub rewards: Vec<f64>,
     /// Filled by the method before training (normalised, clipped rewards).
     pub advantages: Vec<f64>,
+    /// Per-step advantages `[rollout][step]`, when a method gives each step its own (TDPO-R's
+    /// temporal rewards); empty otherwise, and then every step takes the rollout's advantage.
+    pub step_advantages: Vec<Vec<f64>>,
     /// The chain steps each rollout trains on in this update (filled by the method; ddpo-pytorch
     /// draws them per sample and per inner epoch).
     pub train_steps: Vec<Vec<usize>>,
@@ -91,8 +97,20 @@ impl Rollouts {
                 .iter()
                 .map(|t| t.as_ref().map(|t| t.clone().select(0, idx.clone())))
                 .collect(),
+            predicted: self
+                .predicted
+                .iter()
+                .map(|t| t.clone().select(0, idx.clone()))
+                .collect(),
             rewards: pick(&self.rewards),
             advantages: pick(&self.advantages),
+            step_advantages: if self.step_advantages.is_empty() {
+                Vec::new()
+            } else {
+                rows.iter()
+                    .map(|&r| self.step_advantages[r].clone())
+                    .collect()
+            },
             train_steps: Vec::new(),
         }
     }
@@ -229,8 +247,10 @@ impl Batch {
                     .iter()
                     .map(|t| t.as_ref().map(|t| narrow1(t, &r)))
                     .collect(),
+                predicted: x.predicted.iter().map(|t| narrow4(t, &r)).collect(),
                 rewards: slice_or_empty(&x.rewards, &r),
                 advantages: slice_or_empty(&x.advantages, &r),
+                step_advantages: slice_or_empty(&x.step_advantages, &r),
                 train_steps: slice_or_empty(&x.train_steps, &r),
             }),
             Batch::Pairs(x) => Batch::Pairs(Pairs {

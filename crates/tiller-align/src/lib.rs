@@ -51,10 +51,18 @@ pub struct MicroStep {
 pub trait Algorithm<M: PolicyModel = UNet2DConditionModel> {
     fn name(&self) -> &'static str;
 
-    /// The data the loop collects for it.
+    /// The data the loop collects for it, asked before each batch.
     fn collects(&self) -> Collect;
 
+    /// Sees the run's policy (its sampler above all) before the loop asks anything else, e.g.
+    /// to count the chain's stochastic steps (TDPO-R takes one update per trained step).
+    fn bind(&mut self, _policy: &Policy<M>) -> Result<()> {
+        Ok(())
+    }
+
     /// Optimizer updates taken on each collected batch (DDPO's inner epochs); 1 for the rest.
+    /// Asked before each batch is collected, with [`Self::collects`]: a method whose batches
+    /// differ answers for the one about to be collected (SEIKO's true-reward queries take none).
     fn updates_per_batch(&self) -> usize {
         1
     }

@@ -125,10 +125,23 @@ impl<M: PolicyModel> Policy<M> {
         x_t: &Tensor<4>,
         i: usize,
     ) -> Result<Tensor<1>> {
+        self.kl_to(&self.reference, cond, policy_step, x_t, i)
+    }
+
+    /// [`Self::kl_to_reference`] with another model as the reference (SEIKO: the model as the
+    /// round began).
+    pub fn kl_to(
+        &self,
+        reference: &M,
+        cond: &Conditioning,
+        policy_step: &Gaussian,
+        x_t: &Tensor<4>,
+        i: usize,
+    ) -> Result<Tensor<1>> {
         let t = self.sampler.timesteps()[i];
         let device = x_t.device();
         // Constants on the graph: only `x_t` carries gradients through the reference.
-        let reference = self.reference.clone().no_grad().to_device(&device);
+        let reference = reference.clone().no_grad().to_device(&device);
         let pred = cond.to_device(&device).predict(&reference, x_t.clone(), t);
         let reference = self.sampler.step(pred, i, x_t.clone())?.distribution;
         policy_step.kl(&reference, LogProbReduction::Mean)

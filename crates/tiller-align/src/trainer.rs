@@ -99,6 +99,10 @@ struct AlignState {
     reward_queries: u64,
     wall_s: f64,
     method: serde_json::Value,
+    /// Batches collected so far (absent in checkpoints of runs whose every batch took the same
+    /// number of updates: `step / updates_per_batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batches: Option<u64>,
 }
 
 /// The policy module's record in each checkpoint folder (`tiller eval` loads it from a checkpoint).
@@ -125,11 +129,13 @@ pub fn align<M: PolicyModel>(
         .method
         .spec()
         .check_sampler(policy.sampler.as_ref(), &policy.device)?;
+    algorithm.bind(&policy)?;
     let store = CheckpointStore::new(run.checkpoints(), config.log.keep_checkpoints);
     let mut optim = optimizer(train);
     let mut policy = policy;
     let mut rng = SeededRng::new(train.seed);
     let mut step = 0u64;
+    let mut batches = 0u64;
     let mut queries = data.upfront_queries;
     let mut wall_before = 0.0;
     if let Some(resume) = resume {
@@ -147,7 +153,7 @@ pub fn align<M: PolicyModel>(
         algorithm.restore(&state.method)?;
         algorithm.load_files(&dir, &policy.device)?;
         rng = SeededRng::from_state(&state.rng)?;
-        let per_batch = algorithm.updates_per_batch() as u64;
+        let per_batch = algorithm.updates_per_batch().max(1) as u64;
         if !s.is_multiple_of(per_batch) {
             return Err(Error::config(
                 "train.updates",
@@ -160,6 +166,7 @@ pub fn align<M: PolicyModel>(
             ));
         }
         step = s;
+        batches = state.batches.unwrap_or(s / per_batch);
         queries = state.reward_queries;
         wall_before = state.wall_s;
         eprintln!("resumed from {} (update {step})", dir.display());
@@ -211,17 +218,18 @@ pub fn align<M: PolicyModel>(
     while step < train.updates && budget_left(queries) && stop_after.is_none_or(|n| done_here < n) {
         // ---- collect and score the whole effective batch
         let n = train.effective_batch();
-        // Checkpoints fall on batch boundaries, so this is the number of batches collected.
-        let collected = step / per_batch;
+        // What the method asks of this batch (SEIKO's query batches take no update).
+        let updates = algorithm.updates_per_batch();
         let draw = Draw {
             n,
             group: train.images_per_prompt,
             micro: train.batch_size,
             seed: train.seed,
-            first: collected * n as u64,
+            first: batches * n as u64,
         };
         let (mut batch, collected_rewards) =
             collect(algorithm.collects(), &policy, reward, data, draw, &mut rng)?;
+        batches += 1;
         if algorithm.pretrain() {
             attach_pretrain(&mut batch, algorithm.name(), &policy, data, draw)?;
         }
@@ -237,10 +245,12 @@ pub fn align<M: PolicyModel>(
         };
 
         let mut checkpoint_due = false;
-        for epoch in 0..per_batch as usize {
+        let mut taken = 0;
+        for epoch in 0..updates {
             if step >= train.updates || stop_after.is_some_and(|m| done_here >= m) {
                 break;
             }
+            taken += 1;
             algorithm.begin_update(&mut batch, epoch, &mut rng)?;
             // ---- micro-batches: gradients of loss / grad_accum, summed
             let scale = 1.0 / train.grad_accum as f64;
@@ -331,7 +341,8 @@ pub fn align<M: PolicyModel>(
             progress.update(step, &status);
 
             // ---- validate, checkpoint
-            let last = step == train.updates || !budget_left(queries);
+            // The run's last update: the budget ends a run only after the batch's updates.
+            let last = step == train.updates || (!budget_left(queries) && epoch + 1 == updates);
             if (config.log.val_every > 0 && step.is_multiple_of(config.log.val_every)) || last {
                 last_validation = validate(step, &policy.merged())?;
                 log_validation(
@@ -348,15 +359,18 @@ pub fn align<M: PolicyModel>(
         // Checkpoints fall on batch boundaries (or the run's end): a resumed run collects its
         // next batch exactly as the uninterrupted one does.
         let last = step == train.updates || !budget_left(queries);
-        if checkpoint_due && (step.is_multiple_of(per_batch) || last) {
+        if checkpoint_due && (taken == updates || last) {
             save_checkpoint(
                 &store,
-                step,
+                Progressed {
+                    step,
+                    batches,
+                    queries,
+                    wall_s: wall(&started),
+                },
                 &policy,
                 &optim,
                 &rng,
-                queries,
-                wall(&started),
                 algorithm,
             )?;
         }
@@ -549,6 +563,7 @@ pub fn collect<M: PolicyModel>(
             let steps = policy.sampler.timesteps().len();
             let mut latents: Vec<Vec<Tensor<4>>> = vec![Vec::new(); steps + 1];
             let mut log_probs: Vec<Vec<Tensor<1>>> = vec![Vec::new(); steps];
+            let mut predicted: Vec<Vec<Tensor<4>>> = vec![Vec::new(); steps];
             let mut stochastic = vec![true; steps];
             // Sampled in micro-batches: the same batch layout as training, so the first ratio
             // of an on-policy update is exactly 1.
@@ -558,6 +573,9 @@ pub fn collect<M: PolicyModel>(
                 let traj = s.trajectory.expect("recorded");
                 for (i, x) in traj.latents.into_iter().enumerate() {
                     latents[i].push(x);
+                }
+                for (i, x0) in traj.predicted.into_iter().enumerate() {
+                    predicted[i].push(x0);
                 }
                 for (i, lp) in traj.log_probs.into_iter().enumerate() {
                     match lp {
@@ -587,8 +605,10 @@ pub fn collect<M: PolicyModel>(
                     latents,
                     timesteps: policy.sampler.timesteps().to_vec(),
                     log_probs,
+                    predicted: predicted.into_iter().map(|v| Tensor::cat(v, 0)).collect(),
                     rewards: rewards.clone(),
                     advantages: Vec::new(),
+                    step_advantages: Vec::new(),
                     train_steps: Vec::new(),
                 }),
                 rewards,
@@ -833,26 +853,32 @@ fn check_finite(rewards: &[f64], reward: &dyn Reward) -> Result<()> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How far a run has come: what a checkpoint records besides weights and states.
+struct Progressed {
+    step: u64,
+    batches: u64,
+    queries: u64,
+    wall_s: f64,
+}
+
 fn save_checkpoint<M: PolicyModel>(
     store: &CheckpointStore,
-    step: u64,
+    at: Progressed,
     policy: &Policy<M>,
     optim: &ModuleOptimizer,
     rng: &SeededRng,
-    reward_queries: u64,
-    wall_s: f64,
     algorithm: &dyn Algorithm<M>,
 ) -> Result<()> {
-    store.save(step, |dir| {
+    store.save(at.step, |dir| {
         save_module(&dir.join(MODEL_FILE), &policy.model)?;
         save_optimizer(&dir.join(OPTIM_FILE), optim)?;
         let state = AlignState {
-            step,
+            step: at.step,
             rng: rng.state(),
-            reward_queries,
-            wall_s,
+            reward_queries: at.queries,
+            wall_s: at.wall_s,
             method: algorithm.state(),
+            batches: Some(at.batches),
         };
         algorithm.save_files(dir)?;
         save_state(&dir.join(STATE_FILE), &state)

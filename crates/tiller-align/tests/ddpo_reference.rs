@@ -248,12 +248,15 @@ fn recorded_rollouts(
         latents: (0..=steps).map(|i| row(latents, i, device)).collect(),
         timesteps: Vec::new(),
         log_probs: (0..steps).map(|i| Some(row(old, i, device))).collect(),
+        // The fixture records no estimates of x_0: DDPO reads none.
+        predicted: Vec::new(),
         rewards: io[&format!("{prefix}rewards")]
             .data
             .iter()
             .map(|&r| r as f64)
             .collect(),
         advantages: Vec::new(),
+        step_advantages: Vec::new(),
         train_steps: Vec::new(),
     })
 }

@@ -461,6 +461,25 @@ fn config(method: &str, updates: u64, lr: f64) -> AlignConfig {
             d.truncation = tiller_align::methods::alignprop::Truncation::Uniform;
             d.loss = tiller_align::methods::alignprop::AlignPropLoss::NegativeReward;
         }
+        Method::Seiko(d) => {
+            // Two rounds of one query batch and two fine-tuning updates each (4 updates: the
+            // checkpoint at 2 falls between the rounds); a short surrogate fit; the testbed's
+            // objective (the negative reward) at a scale this tiny chain moves under.
+            d.query_batches = vec![1, 1];
+            d.updates_per_round = 2;
+            d.surrogate_epochs = 50;
+            d.loss = tiller_align::methods::alignprop::AlignPropLoss::NegativeReward;
+            d.loss_coeff = 1.0;
+        }
+        Method::Tdpo(d) => {
+            // DDPO's wider test trust region; two of the chain's three stochastic steps per
+            // batch (two updates: checkpoints every two fall on batch boundaries); a reset every
+            // batch, so that the invariants cover it.
+            d.clip_range = 1e-2;
+            d.stat_min_count = 2;
+            d.timestep_fraction = 0.67;
+            d.reset_every = 1;
+        }
         Method::Dpok(d) => {
             // The same wider trust region as DDPO's here; one update per batch so that
             // checkpoints (at batch boundaries) fall every two updates; small value batches.
@@ -649,6 +668,25 @@ fn ddpo_with_inner_epochs_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&b);
 }
 
+/// A reward budget ends a run after the updates of the batch that spent it: DDPO with two inner
+/// epochs on a budget of two batches takes four updates and validates at the start and after the
+/// fourth only (not after each update of the last batch).
+#[test]
+fn a_spent_budget_ends_the_run_after_its_batch() {
+    let mut c = config("ddpo", 100, 3e-3);
+    let Method::Ddpo(d) = &mut c.method else {
+        unreachable!()
+    };
+    d.inner_epochs = 2;
+    c.train.reward_budget = 16;
+    c.log.val_every = 0;
+    let dir = scratch("budget-end");
+    let (_, seen) = run_config(&c, &dir, None, None);
+    let _ = std::fs::remove_dir_all(&dir);
+    let steps: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![0, 4]);
+}
+
 /// The whole loop, collection included, with the effective batch of 4 as 4 x 1 and as 1 x 4: every
 /// example's prompt, noise (and pair, and timestep) depends on the run's seed and its index in
 /// the run, never on the micro-batch, so both runs take the same updates (to f32 rounding).
@@ -750,6 +788,57 @@ fn draft_lv_raises_the_reward() {
 fn alignprop_raises_the_reward() {
     // Measured: 0.6166 -> 0.6211 over 20 updates.
     rises("alignprop", 20, 3e-3, 0.003);
+}
+
+#[test]
+fn tdpo_r_raises_the_reward() {
+    // Measured: 0.6166 -> 0.6241 over 40 updates (20 batches of two per-step updates, a reset
+    // after each); DDPO over the same 20 batches: 0.6223.
+    rises("tdpo-r", 40, 1e-2, 0.003);
+}
+
+/// SEIKO (UCB) raises the toy reward while the true reward is queried only on its query
+/// batches: 4 rounds of one batch of 8 samples are 32 queries, whatever the 20 fine-tuning
+/// updates do; and every optimism (UCB, bootstrap, Thompson, greedy) runs.
+#[test]
+fn seiko_raises_the_reward_on_its_query_budget() {
+    use tiller_align::methods::seiko::Optimism;
+    let mut c = config("seiko", 20, 3e-3);
+    let Method::Seiko(d) = &mut c.method else {
+        unreachable!()
+    };
+    d.query_batches = vec![1, 1, 1, 1];
+    d.updates_per_round = 5;
+    let dir = scratch("seiko-rises");
+    let (_, seen) = run_config(&c, &dir, None, None);
+    let queries: Vec<f64> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("reward_queries").and_then(|q| q.as_f64()))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (first, last) = (seen.first().unwrap().1, seen.last().unwrap().1);
+    eprintln!("seiko: brightness {first:.4} -> {last:.4}, queries {queries:?}");
+    assert_eq!(queries.last().copied(), Some(32.0), "{queries:?}");
+    // The first round's 8 queries before its 5 updates, the second's after them.
+    assert_eq!(queries[..6], [8.0, 8.0, 8.0, 8.0, 8.0, 16.0]);
+    // Measured: 0.6166 -> 0.6217 over 20 updates on 32 queries (DDPO: 0.6223 on 160).
+    assert!(
+        last > first + 0.003,
+        "seiko: brightness {first:.4} -> {last:.4}"
+    );
+    for optimism in [Optimism::Bootstrap, Optimism::Thompson, Optimism::None] {
+        let mut c = config("seiko", 4, 3e-3);
+        let Method::Seiko(d) = &mut c.method else {
+            unreachable!()
+        };
+        d.optimism = optimism;
+        let dir = scratch(&format!("seiko-{optimism:?}"));
+        let (weights, _) = run_config(&c, &dir, None, None);
+        assert!(!weights.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
@@ -990,6 +1079,67 @@ fn chain_kl_is_zero_for_the_reference_and_grows_with_training() {
     };
     assert_eq!(kl(&policy(AdapterKind::Lora, 1.0)), 0.0);
     assert!(kl(&trained("draft-k", 4, 1e-2)) > 0.0);
+}
+
+/// TDPO-R's critic learns the returns of the transitions it is trained on: its clipped value
+/// loss falls over rounds of per-step updates on one batch, and with a reset of the active
+/// neurons after every round it starts over (the loss after a reset is above the fitted one).
+#[test]
+fn tdpo_r_critic_fits_the_returns_and_a_reset_forgets() {
+    use tiller_align::methods::tdpo::{Tdpo, TdpoConfig};
+    let policy = policy(AdapterKind::Lora, 1.0);
+    let d = data(&encode);
+    let mut rng = SeededRng::new(4);
+    let (batch, _) = collect(
+        tiller_align::Collect::Rollouts,
+        &policy,
+        &Brightness,
+        &d,
+        draw(8, 1, 8),
+        &mut rng,
+    )
+    .unwrap();
+    let losses = |neuron_reset: bool| -> Vec<f64> {
+        let mut algorithm = Tdpo::new(TdpoConfig {
+            critic_lr: 3e-3,
+            critic_dropout: false,
+            per_prompt_stat_tracking: false,
+            neuron_reset,
+            reset_every: 1,
+            ..Default::default()
+        });
+        let tdpo: &mut dyn Algorithm<UNet2DConditionModel> = &mut algorithm;
+        tdpo.bind(&policy).unwrap();
+        let slots = tdpo.updates_per_batch();
+        let mut batch = batch.clone();
+        let mut rng = SeededRng::new(9);
+        let cx = Context {
+            policy: &policy,
+            reward: &Brightness,
+            kl_weight: 0.0,
+        };
+        let mut out = Vec::new();
+        for _ in 0..8 {
+            tdpo.prepare(&cx, &mut batch, &mut rng).unwrap();
+            for epoch in 0..slots {
+                tdpo.begin_update(&mut batch, epoch, &mut rng).unwrap();
+                let m = tdpo.gradients(&cx, &batch, 1.0, &mut rng).unwrap().metrics;
+                out.push(m.iter().find(|(k, _)| *k == "critic_loss").unwrap().1);
+            }
+        }
+        out
+    };
+    let kept = losses(false);
+    eprintln!("critic loss per update, no reset: {kept:?}");
+    let n = kept.len();
+    assert!(kept[n - 1] < kept[0] * 0.5, "critic loss {kept:?}");
+    let reset = losses(true);
+    eprintln!("critic loss per update, reset every round: {reset:?}");
+    assert_eq!(reset[..3], kept[..3], "the same until the first reset");
+    assert!(
+        reset[n - 1] > kept[n - 1],
+        "no reset {kept:?}, reset {reset:?}"
+    );
 }
 
 /// DPOK's value network learns the reward of the transitions it is trained on: repeated value

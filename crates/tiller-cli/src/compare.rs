@@ -16,10 +16,11 @@ pub struct CompareArgs {
     /// lists them).
     #[arg(long, default_value_t = tiller_align::Method::NAMES.join(","))]
     pub methods: String,
-    /// Reward queries each method may spend: rollout and sample scores (DDPO, DPOK, PRDP, RWR,
-    /// RAFT, reward-weighted likelihood), reward gradients (DRaFT-K, DRaFT-LV's extra examples
-    /// included, AlignProp, ReFL), annotator labels (Diffusion-DPO's comparisons,
-    /// Diffusion-KTO's likes: each trains on at most this many).
+    /// Reward queries each method may spend: rollout and sample scores (DDPO, DPOK, TDPO-R, PRDP,
+    /// RWR, RAFT, reward-weighted likelihood), reward gradients (DRaFT-K, DRaFT-LV's extra examples
+    /// included, AlignProp, ReFL), true-reward queries on SEIKO's query batches (its surrogate
+    /// costs none), annotator labels (Diffusion-DPO's comparisons, Diffusion-KTO's likes: each
+    /// trains on at most this many).
     #[arg(long)]
     pub budget: u64,
     /// Also run every method that takes `train.kl_weight` with this KL-to-base weight
@@ -62,6 +63,9 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
     {
         let method: Method = m.parse().map_err(anyhow::Error::msg)?;
         plan.push((m.to_string(), method.clone(), Vec::new()));
+        for (suffix, set) in method.spec().variants() {
+            plan.push((format!("{m}-{suffix}"), method.clone(), set));
+        }
         if let Some(w) = args.kl
             && method.spec().takes_kl()
         {
@@ -113,10 +117,7 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
             overrides.push(format!("train.grad_accum={k}"));
         }
         // Sized by the method the preset names (its settings included).
-        let (budgeted, updates) = config
-            .method
-            .spec()
-            .size_to_budget(&config.train, args.budget);
+        let (budgeted, updates) = config.method.spec().size_to_budget(&config, args.budget);
         overrides.extend(budgeted);
         overrides.push(format!("train.updates={updates}"));
         overrides.push(format!("log.val_every={}", updates.div_ceil(5).max(1)));

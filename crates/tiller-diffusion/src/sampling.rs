@@ -196,6 +196,8 @@ pub struct Trajectory {
     pub distributions: Vec<Gaussian>,
     /// log pi(x_{t-1} | x_t) of the step taken, [B] each; `None` for deterministic steps.
     pub log_probs: Vec<Option<Tensor<1>>>,
+    /// The model's estimate of x_0 at each step, from x_t (`steps`, [B, C, H, W] each).
+    pub predicted: Vec<Tensor<4>>,
 }
 
 /// The result of [`sample`].
@@ -235,6 +237,7 @@ pub fn sample<M: Denoiser>(
             timesteps: Vec::new(),
             distributions: Vec::new(),
             log_probs: Vec::new(),
+            predicted: Vec::new(),
         }),
     };
     for (i, &t) in scheduler.timesteps().iter().enumerate() {
@@ -251,6 +254,7 @@ pub fn sample<M: Denoiser>(
             traj.latents.push(next.clone());
             traj.distributions.push(step.distribution);
             traj.log_probs.push(lp);
+            traj.predicted.push(step.pred_original_sample);
         }
         x = next;
     }

@@ -30,7 +30,7 @@
 //! the same step share one UNet call.
 
 use crate::batch::{Batch, Collect, Rollouts};
-use crate::config::{AlignConfig, AlignTrainSection};
+use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -103,7 +103,8 @@ impl MethodSpec for DdpoConfig {
         Box::new(Ddpo::new(self.clone()))
     }
 
-    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         // Each collected batch costs its rollouts' rewards and gives `inner_epochs` updates.
         let batch = train.effective_batch().max(1) as u64;
         (
@@ -170,6 +171,45 @@ impl PerPromptStats {
             }
         }
         out
+    }
+}
+
+impl PerPromptStats {
+    /// The buffers as JSON, each reward as Rust's shortest round-trip text: serde_json's default
+    /// float parsing is not exact, and a resumed run must normalise with exactly the same
+    /// statistics.
+    pub fn to_json(&self) -> serde_json::Value {
+        let history: BTreeMap<&String, Vec<String>> = self
+            .history
+            .iter()
+            .map(|(k, v)| (k, v.iter().map(|x| format!("{x:?}")).collect()))
+            .collect();
+        serde_json::json!(history)
+    }
+
+    /// Replaces the buffers with those [`Self::to_json`] wrote; errors name `method`'s state.
+    pub fn restore(&mut self, json: &serde_json::Value, method: &str) -> Result<()> {
+        let bad = |what: &str| Error::invalid(format!("{method} state in the checkpoint: {what}"));
+        let map = json
+            .as_object()
+            .ok_or_else(|| bad("per_prompt_rewards is not a table"))?;
+        let mut history = BTreeMap::new();
+        for (prompt, values) in map {
+            let values = values
+                .as_array()
+                .ok_or_else(|| bad("rewards are not a list"))?;
+            let parsed = values
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .and_then(|t| t.parse::<f64>().ok())
+                        .ok_or_else(|| bad(&format!("reward {v} of `{prompt}`")))
+                })
+                .collect::<Result<VecDeque<f64>>>()?;
+            history.insert(prompt.clone(), parsed);
+        }
+        self.history = history;
+        Ok(())
     }
 }
 
@@ -253,6 +293,85 @@ pub fn for_each_trained_step(
     Ok(())
 }
 
+/// The advantage of rollout `s` at step `i`: the step's own when the method gave each step one
+/// (TDPO-R's temporal rewards), otherwise the rollout's.
+pub fn advantage_at(r: &Rollouts, s: usize, i: usize) -> f64 {
+    match r.step_advantages.get(s) {
+        Some(steps) => steps[i],
+        None => r.advantages[s],
+    }
+}
+
+/// PPO's clipped surrogate over the rollouts' trained steps, `mean(max(-A * rho, -A * clip(rho,
+/// 1 - eps, 1 + eps)))` over (rollout, step) pairs with one backward per step, plus the loop's KL
+/// to the reference when `cx.kl_weight > 0`: the gradients of `scale *` it, the loss, and
+/// `approx_kl`, the clip fraction and the mean ratio (DDPO; TDPO-R with per-step advantages).
+pub fn clipped_surrogate<M: PolicyModel>(
+    cx: &Context<'_, M>,
+    r: &Rollouts,
+    eps: f64,
+    scale: f64,
+    method: &str,
+) -> Result<MicroStep> {
+    let policy = cx.policy;
+    let ad = policy.autodiff_device();
+    let mut acc = GradientsAccumulator::<M>::new();
+    let (mut loss_sum, mut kl_sum, mut approx_kl, mut clipfrac, mut ratio_sum) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
+    for_each_trained_step(r, method, |i, part, weight| {
+        let m = part.prompts.len();
+        let cond = policy.conditioning(&part.prompts, &ad);
+        let adv: Vec<f32> = (0..m).map(|s| advantage_at(part, s, i) as f32).collect();
+        let adv = Tensor::<1>::from_data(TensorData::new(adv, [m]), &ad);
+        let x_t = part.latents[i].clone().autodiff();
+        let (step, log_prob) = step_log_prob(policy, &cond, part, i)?;
+        let old = part.log_probs[i]
+            .clone()
+            .ok_or_else(|| Error::invalid(format!("step {i} has no log-probability")))?
+            .autodiff();
+        let log_ratio = log_prob - old;
+        let ratio = log_ratio.clone().exp();
+        let unclipped = adv.clone().neg() * ratio.clone();
+        let clipped = adv.clone().neg() * ratio.clone().clamp(1.0 - eps, 1.0 + eps);
+        let mut loss = unclipped.max_pair(clipped).mean();
+        let value = loss.clone().into_scalar::<f64>();
+        if cx.kl_weight > 0.0 {
+            let kl = policy.kl_to_reference(&cond, &step, &x_t, i)?.mean();
+            kl_sum += kl.clone().into_scalar::<f64>() * weight;
+            loss = loss + kl * cx.kl_weight;
+        }
+        let lr = to_f32(log_ratio.inner())?;
+        // Means over this step's rollouts, weighted into means over all pairs.
+        let w = weight / m as f64;
+        approx_kl += lr.iter().map(|x| 0.5 * (*x as f64).powi(2)).sum::<f64>() * w;
+        clipfrac += lr
+            .iter()
+            .filter(|x| ((x.exp() as f64) - 1.0).abs() > eps)
+            .count() as f64
+            * w;
+        ratio_sum += lr.iter().map(|x| x.exp() as f64).sum::<f64>() * w;
+        loss_sum += value * weight;
+        let scaled = loss * (scale * weight);
+        let g = GradientsParams::from_grads(scaled.backward(), &policy.model);
+        acc.accumulate(&policy.model, g);
+        Ok(())
+    })?;
+    let mut metrics = vec![
+        ("approx_kl", approx_kl),
+        ("clipfrac", clipfrac),
+        ("ratio_mean", ratio_sum),
+    ];
+    if cx.kl_weight > 0.0 {
+        metrics.push(("kl", kl_sum));
+    }
+    Ok(MicroStep {
+        grads: acc.grads(),
+        loss: loss_sum,
+        metrics,
+        rewards: Vec::new(),
+    })
+}
+
 /// A tensor's values as f32s.
 pub fn to_f32(t: Tensor<1>) -> Result<Vec<f32>> {
     t.into_data()
@@ -318,103 +437,18 @@ impl<M: PolicyModel> Algorithm<M> for Ddpo {
         let Batch::Rollouts(r) = batch else {
             return Err(Error::invalid("ddpo needs rollouts"));
         };
-        let policy = cx.policy;
-        let ad = policy.autodiff_device();
-        let eps = self.config.clip_range;
-        let mut acc = GradientsAccumulator::<M>::new();
-        let (mut loss_sum, mut kl_sum, mut approx_kl, mut clipfrac, mut ratio_sum) =
-            (0.0, 0.0, 0.0, 0.0, 0.0);
-        for_each_trained_step(r, "ddpo", |i, part, weight| {
-            let m = part.prompts.len();
-            let cond = policy.conditioning(&part.prompts, &ad);
-            let adv = Tensor::<1>::from_data(
-                TensorData::new(part.advantages.iter().map(|&a| a as f32).collect(), [m]),
-                &ad,
-            );
-            let x_t = part.latents[i].clone().autodiff();
-            let (step, log_prob) = step_log_prob(policy, &cond, part, i)?;
-            let old = part.log_probs[i]
-                .clone()
-                .ok_or_else(|| Error::invalid(format!("step {i} has no log-probability")))?
-                .autodiff();
-            let log_ratio = log_prob - old;
-            let ratio = log_ratio.clone().exp();
-            let unclipped = adv.clone().neg() * ratio.clone();
-            let clipped = adv.clone().neg() * ratio.clone().clamp(1.0 - eps, 1.0 + eps);
-            let mut loss = unclipped.max_pair(clipped).mean();
-            let value = loss.clone().into_scalar::<f64>();
-            if cx.kl_weight > 0.0 {
-                let kl = policy.kl_to_reference(&cond, &step, &x_t, i)?.mean();
-                kl_sum += kl.clone().into_scalar::<f64>() * weight;
-                loss = loss + kl * cx.kl_weight;
-            }
-            let lr = to_f32(log_ratio.inner())?;
-            // Means over this step's rollouts, weighted into means over all pairs.
-            let w = weight / m as f64;
-            approx_kl += lr.iter().map(|x| 0.5 * (*x as f64).powi(2)).sum::<f64>() * w;
-            clipfrac += lr
-                .iter()
-                .filter(|x| ((x.exp() as f64) - 1.0).abs() > eps)
-                .count() as f64
-                * w;
-            ratio_sum += lr.iter().map(|x| x.exp() as f64).sum::<f64>() * w;
-            loss_sum += value * weight;
-            let scaled = loss * (scale * weight);
-            let g = GradientsParams::from_grads(scaled.backward(), &policy.model);
-            acc.accumulate(&policy.model, g);
-            Ok(())
-        })?;
-        let mut metrics = vec![
-            ("approx_kl", approx_kl),
-            ("clipfrac", clipfrac),
-            ("ratio_mean", ratio_sum),
-        ];
-        if cx.kl_weight > 0.0 {
-            metrics.push(("kl", kl_sum));
-        }
-        Ok(MicroStep {
-            grads: acc.grads(),
-            loss: loss_sum,
-            metrics,
-            rewards: Vec::new(),
-        })
+        clipped_surrogate(cx, r, self.config.clip_range, scale, "ddpo")
     }
 
     fn state(&self) -> serde_json::Value {
-        // Rewards as Rust's shortest round-trip text: serde_json's default float parsing is not
-        // exact, and a resumed run must normalise with exactly the same statistics.
-        let history: BTreeMap<&String, Vec<String>> = self
-            .tracker
-            .history
-            .iter()
-            .map(|(k, v)| (k, v.iter().map(|x| format!("{x:?}")).collect()))
-            .collect();
-        serde_json::json!({ "per_prompt_rewards": history })
+        serde_json::json!({ "per_prompt_rewards": self.tracker.to_json() })
     }
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
-        let bad = |what: &str| Error::invalid(format!("ddpo state in the checkpoint: {what}"));
-        let map = state
+        let history = state
             .get("per_prompt_rewards")
-            .and_then(|v| v.as_object())
-            .ok_or_else(|| bad("no per_prompt_rewards"))?;
-        let mut history = BTreeMap::new();
-        for (prompt, values) in map {
-            let values = values
-                .as_array()
-                .ok_or_else(|| bad("rewards are not a list"))?;
-            let parsed = values
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .and_then(|t| t.parse::<f64>().ok())
-                        .ok_or_else(|| bad(&format!("reward {v} of `{prompt}`")))
-                })
-                .collect::<Result<VecDeque<f64>>>()?;
-            history.insert(prompt.clone(), parsed);
-        }
-        self.tracker.history = history;
-        Ok(())
+            .ok_or_else(|| Error::invalid("ddpo state in the checkpoint: no per_prompt_rewards"))?;
+        self.tracker.restore(history, "ddpo")
     }
 }
 

@@ -16,7 +16,7 @@
 //! relative to the reference).
 
 use crate::batch::{Batch, Collect};
-use crate::config::{AlignConfig, AlignTrainSection};
+use crate::config::AlignConfig;
 use crate::methods::{MethodSpec, StoreData, StoreRead};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::GradientsParams;
@@ -100,7 +100,8 @@ impl MethodSpec for DpoConfig {
 
     /// Each comparison is one query to an annotator: the budget caps the comparisons read; the
     /// run's updates stay as configured.
-    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         (
             vec![format!("method.diffusion-dpo.max_comparisons={budget}")],
             train.updates,

@@ -18,7 +18,7 @@
 //! the weights before its update (computed in `prepare`), so micro-batching does not change it.
 
 use crate::batch::{Batch, Collect};
-use crate::config::{AlignConfig, AlignTrainSection};
+use crate::config::AlignConfig;
 use crate::methods::diffusion_dpo::denoising_error;
 use crate::methods::{MethodSpec, StoreData, StoreRead};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
@@ -113,7 +113,8 @@ impl MethodSpec for KtoConfig {
     }
 
     /// Each label is one query to an annotator: the budget caps the labels read.
-    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         (
             vec![format!("method.diffusion-kto.max_labels={budget}")],
             train.updates,

@@ -29,8 +29,8 @@
 
 use crate::batch::{Batch, Collect, Rollouts};
 use crate::config::AlignConfig;
-use crate::methods::MethodSpec;
 use crate::methods::ddpo::{draw_train_steps, for_each_trained_step, step_log_prob, to_f32};
+use crate::methods::{Fields, MethodSpec};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::module::Module;
 use burn::nn::Linear;
@@ -95,36 +95,21 @@ impl MethodSpec for DpokConfig {
     }
 
     fn validate(&self, config: &AlignConfig) -> Result<()> {
-        let bad =
-            |field: &str, msg: String| Err(Error::config(format!("method.dpok.{field}"), msg));
-        if config.sampling.eta <= 0.0 {
-            return Err(Error::config(
-                "sampling.eta",
-                "must be > 0 for dpok: a deterministic step has no log-probability",
-            ));
-        }
-        for (field, v) in [
+        let f = Fields("dpok");
+        f.stochastic_steps(config)?;
+        f.positive(&[
             ("reward_weight", self.reward_weight),
             ("ratio_clip", self.ratio_clip),
             ("value_lr", self.value_lr),
-        ] {
-            if !(v > 0.0 && v.is_finite()) {
-                return bad(field, format!("must be positive, got {v}"));
-            }
-        }
-        if !(self.kl_weight >= 0.0 && self.kl_weight.is_finite()) {
-            return bad("kl_weight", format!("must be >= 0, got {}", self.kl_weight));
-        }
+        ])?;
+        f.non_negative(&[("kl_weight", self.kl_weight)])?;
         if !(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0) {
-            return bad("timestep_fraction", "must be in (0, 1]".into());
+            return Err(f.error("timestep_fraction", "must be in (0, 1]"));
         }
-        if self.policy_steps == 0 || self.value_batch == 0 {
-            return bad(
-                "policy_steps",
-                "policy_steps and value_batch must be at least 1".into(),
-            );
-        }
-        Ok(())
+        f.at_least_one(&[
+            ("policy_steps", self.policy_steps),
+            ("value_batch", self.value_batch),
+        ])
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
@@ -136,11 +121,8 @@ impl MethodSpec for DpokConfig {
         false
     }
 
-    fn size_to_budget(
-        &self,
-        train: &crate::config::AlignTrainSection,
-        budget: u64,
-    ) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         let batch = train.effective_batch().max(1) as u64;
         (
             vec![format!("train.reward_budget={budget}")],

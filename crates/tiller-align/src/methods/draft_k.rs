@@ -195,6 +195,20 @@ pub(crate) fn backprop_reward<M: PolicyModel>(
     method: &str,
     objective: &dyn Fn(Tensor<1>) -> Tensor<1>,
 ) -> Result<MicroStep> {
+    backprop_reward_to(cx, s, scale, k, method, objective, None)
+}
+
+/// [`backprop_reward`] with the KL taken to `reference` instead of the policy's frozen base when
+/// one is given (SEIKO: the model as the round began).
+pub(crate) fn backprop_reward_to<M: PolicyModel>(
+    cx: &Context<'_, M>,
+    s: &crate::batch::Starts,
+    scale: f64,
+    k: usize,
+    method: &str,
+    objective: &dyn Fn(Tensor<1>) -> Tensor<1>,
+    reference: Option<&M>,
+) -> Result<MicroStep> {
     let reward = differentiable(cx.reward, method)?;
     let policy = cx.policy;
     let cond = policy.conditioning(&s.prompts, &policy.device);
@@ -231,7 +245,15 @@ pub(crate) fn backprop_reward<M: PolicyModel>(
             // models' steps are point masses and the KL is not defined; it adds nothing.
             return Ok(burn::tensor::Tensor::<1>::zeros([1], &x_in.device()));
         }
-        let kl = policy.kl_to_reference(&cond, dist, &x_in, i)?.mean();
+        let kl = policy
+            .kl_to(
+                reference.unwrap_or(&policy.reference),
+                &cond,
+                dist,
+                &x_in,
+                i,
+            )?
+            .mean();
         kl_sum += kl.clone().into_scalar::<f64>();
         kl_steps += 1;
         Ok(kl * (kl_weight * scale / differentiated))

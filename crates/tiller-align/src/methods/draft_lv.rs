@@ -19,7 +19,7 @@
 //! `train.kl_weight > 0` the per-step KL to the reference at the last step is added.
 
 use crate::batch::{Batch, Collect, Prompts};
-use crate::config::{AlignConfig, AlignTrainSection};
+use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
 use crate::methods::draft_k::{check_last_steps, differentiable, reward_values, run_prefix};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
@@ -67,7 +67,8 @@ impl MethodSpec for DraftLvConfig {
     }
 
     /// Each update spends `(extra + 1) x batch` reward gradients.
-    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         let per_update = (train.effective_batch().max(1) * (self.extra + 1)) as u64;
         (
             vec![format!("train.reward_budget={budget}")],

@@ -14,11 +14,14 @@ pub mod diffusion_kto;
 pub mod dpok;
 pub mod draft_k;
 pub mod draft_lv;
+pub mod mlp;
 pub mod prdp;
 pub mod raft;
 pub mod refl;
 pub mod reward_weighted;
 pub mod rwr;
+pub mod seiko;
+pub mod tdpo;
 
 pub use alignprop::AlignProp;
 pub use ddpo::Ddpo;
@@ -32,8 +35,10 @@ pub use raft::Raft;
 pub use refl::Refl;
 pub use reward_weighted::RewardWeighted;
 pub use rwr::Rwr;
+pub use seiko::Seiko;
+pub use tdpo::Tdpo;
 
-use crate::config::{AlignConfig, AlignTrainSection};
+use crate::config::AlignConfig;
 use crate::{Algorithm, PolicyModel};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -96,9 +101,15 @@ pub trait MethodSpec {
     fn store(&self) -> Option<StoreRead> {
         None
     }
-    /// `--set` overrides that hold a run to `budget` reward queries, and the optimizer updates
+    /// Baselines `tiller compare` runs beside the method, as (suffix, `--set` overrides): rows
+    /// `<name>-<suffix>` (SEIKO's greedy and non-adaptive).
+    fn variants(&self) -> Vec<(&'static str, Vec<String>)> {
+        Vec::new()
+    }
+    /// `--set` overrides that hold a run of `config` to `budget` reward queries, and the optimizer updates
     /// the run then takes (what `tiller compare` sizes every method with).
-    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         let batch = train.effective_batch().max(1) as u64;
         (
             vec![format!("train.reward_budget={budget}")],
@@ -170,6 +181,8 @@ registry! {
     Refl(refl::ReflConfig) = "refl",
     DraftLv(draft_lv::DraftLvConfig) = "draft-lv",
     AlignProp(alignprop::AlignPropConfig) = "alignprop",
+    Tdpo(tdpo::TdpoConfig) = "tdpo-r",
+    Seiko(seiko::SeikoConfig) = "seiko",
 }
 
 impl Method {
@@ -243,4 +256,51 @@ impl<'de> Deserialize<'de> for Method {
 /// The algorithm a config names, with its settings, for a policy of model `M`.
 pub fn build<M: PolicyModel>(config: &AlignConfig) -> Box<dyn Algorithm<M>> {
     config.method.build::<M>()
+}
+
+/// The field checks methods' validations share; every error names `method.<name>.<field>`.
+pub(crate) struct Fields(pub &'static str);
+
+impl Fields {
+    pub(crate) fn error(&self, field: &str, msg: impl Into<String>) -> tiller_core::Error {
+        tiller_core::Error::config(format!("method.{}.{field}", self.0), msg.into())
+    }
+
+    /// Each value positive and finite.
+    pub(crate) fn positive(&self, fields: &[(&str, f64)]) -> Result<()> {
+        match fields.iter().find(|(_, v)| !(*v > 0.0 && v.is_finite())) {
+            Some((f, v)) => Err(self.error(f, format!("must be positive, got {v}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Each value at least 0 and finite.
+    pub(crate) fn non_negative(&self, fields: &[(&str, f64)]) -> Result<()> {
+        match fields.iter().find(|(_, v)| !(*v >= 0.0 && v.is_finite())) {
+            Some((f, v)) => Err(self.error(f, format!("must be >= 0, got {v}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Each count at least 1.
+    pub(crate) fn at_least_one(&self, fields: &[(&str, usize)]) -> Result<()> {
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((f, _)) => Err(self.error(f, "must be at least 1")),
+            None => Ok(()),
+        }
+    }
+
+    /// `sampling.eta > 0`: the method reads the log-probability of every step taken.
+    pub(crate) fn stochastic_steps(&self, config: &AlignConfig) -> Result<()> {
+        if config.sampling.eta <= 0.0 {
+            return Err(tiller_core::Error::config(
+                "sampling.eta",
+                format!(
+                    "must be > 0 for {}: a deterministic step has no log-probability",
+                    self.0
+                ),
+            ));
+        }
+        Ok(())
+    }
 }

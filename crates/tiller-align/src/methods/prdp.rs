@@ -24,7 +24,7 @@
 //! (`e` held constant), and the steps' gradients sum to the loss's.
 
 use crate::batch::{Batch, Collect, Rollouts};
-use crate::config::{AlignConfig, AlignTrainSection};
+use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
 use crate::methods::ddpo::{mean_std, step_log_prob, to_f32};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
@@ -116,7 +116,8 @@ impl MethodSpec for PrdpConfig {
         false
     }
 
-    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         let batch = train.effective_batch().max(1) as u64;
         (
             vec![format!("train.reward_budget={budget}")],

@@ -20,7 +20,7 @@
 //! `ReFL.py` draws one per step.
 
 use crate::batch::{Batch, Collect};
-use crate::config::{AlignConfig, AlignTrainSection};
+use crate::config::AlignConfig;
 use crate::methods::draft_k::{differentiable, reward_values, run_prefix};
 use crate::methods::{MethodSpec, denoising};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
@@ -96,7 +96,8 @@ impl MethodSpec for ReflConfig {
     }
 
     /// Each collected batch costs its chains' rewards and gives two updates with pre-training.
-    fn size_to_budget(&self, train: &AlignTrainSection, budget: u64) -> (Vec<String>, u64) {
+    fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
+        let train = &config.train;
         let batch = train.effective_batch().max(1) as u64;
         let per_batch = if self.pretrain { 2 } else { 1 };
         (
