@@ -88,8 +88,10 @@ fn device_tensor(v: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
 
 impl Mlp {
     pub fn new(input: usize, init: Init, rng: &mut SeededRng, device: &Device) -> Self {
-        let params = shapes(input)
-            .into_iter()
+        let shapes = shapes(input);
+        let params = shapes
+            .iter()
+            .copied()
             .enumerate()
             .map(|(k, s)| {
                 let n = s[0] * s[1];
@@ -100,7 +102,7 @@ impl Mlp {
                     Init::Normal(_) => vec![0.0; n],
                     Init::Torch => {
                         // The fan-in of a bias is its layer's input width.
-                        let fan_in = shapes(input)[k - k % 2][0];
+                        let fan_in = shapes[k - k % 2][0];
                         let bound = 1.0 / (fan_in as f64).sqrt();
                         (0..n)
                             .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)

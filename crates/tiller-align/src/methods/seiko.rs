@@ -425,6 +425,13 @@ pub fn covariance(x: &[f64], n: usize, d: usize) -> Vec<f64> {
 }
 
 const FILE: &str = "seiko.safetensors";
+/// The scalars of a fit, logged with the updates after it (and checkpointed with it).
+const FIT_SCALARS: [&str; 4] = [
+    "surrogate_train_mse",
+    "surrogate_val_mae",
+    "queried_samples",
+    "round",
+];
 const ROUND_MODEL_FILE: &str = "round_model.bpk";
 
 pub struct Seiko<M: PolicyModel> {
@@ -733,7 +740,8 @@ impl<M: PolicyModel> Algorithm<M> for Seiko<M> {
             "input": self.input,
             "heads": self.fitted.as_ref().map(|f| f.heads.len()),
             "round_model": self.round_model.is_some(),
-            "logged": self.logged.iter().map(|(k, v)| (k.to_string(), format!("{v:?}"))).collect::<BTreeMap<_, _>>(),
+            // In order, each value as Rust's shortest round-trip text.
+            "logged": self.logged.iter().map(|(k, v)| [k.to_string(), format!("{v:?}")]).collect::<Vec<_>>(),
         })
     }
 
@@ -840,20 +848,14 @@ impl<M: PolicyModel> Algorithm<M> for Seiko<M> {
         };
         self.logged = state
             .get("logged")
-            .and_then(|l| l.as_object())
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| {
-                        let v = v.as_str()?.parse::<f64>().ok()?;
-                        let k = [
-                            "surrogate_train_mse",
-                            "surrogate_val_mae",
-                            "queried_samples",
-                            "round",
-                        ]
-                        .into_iter()
-                        .find(|n| n == k)?;
-                        Some((k, v))
+            .and_then(|l| l.as_array())
+            .map(|pairs| {
+                pairs
+                    .iter()
+                    .filter_map(|pair| {
+                        let name = pair.get(0)?.as_str()?;
+                        let v = pair.get(1)?.as_str()?.parse::<f64>().ok()?;
+                        Some((FIT_SCALARS.into_iter().find(|n| *n == name)?, v))
                     })
                     .collect()
             })

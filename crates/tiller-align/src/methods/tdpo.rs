@@ -498,7 +498,6 @@ impl<M: PolicyModel> Algorithm<M> for Tdpo {
             .iter()
             .flat_map(|v| (0..steps).filter(|&i| stochastic[i]).map(|i| v[i]))
             .collect();
-        r.advantages = rewards;
         r.step_advantages = adv;
         self.transitions = Some(Transitions {
             embeds,
