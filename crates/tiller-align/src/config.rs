@@ -37,6 +37,8 @@ pub struct AlignConfig {
     pub prompts: PromptsSection,
     #[serde(default)]
     pub log: AlignLogSection,
+    #[serde(default, skip_serializing_if = "PretrainSection::is_default")]
+    pub pretrain: PretrainSection,
 }
 
 fn default_base() -> String {
@@ -234,6 +236,78 @@ impl Default for AlignLogSection {
     }
 }
 
+/// Where the base model's own training data comes from (`[pretrain]`), for the methods that
+/// regularise with it: ReFL's pre-training loss and reward-weighted likelihood's
+/// (`crate::pretraining` reads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PretrainData {
+    /// The testbed renderer's images of the training prompts (what the shipped base learnt).
+    #[default]
+    Testbed,
+    /// An image folder in the Hugging Face `imagefolder` layout diffusers' `train_text_to_image.py`
+    /// reads: images beside `metadata.jsonl` (`file_name` and a caption column per line).
+    Folder,
+    /// Every image a preference store holds feedback on in `split`, with its prompt.
+    Store,
+}
+
+/// `[pretrain]`: `source = "testbed"` (the default), or `source = "folder"` / `"store"` with
+/// `path`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainSection {
+    pub source: PretrainData,
+    /// The image folder or the store (a folder with `preferences.sqlite`).
+    pub path: String,
+    /// The caption key in `metadata.jsonl` (diffusers' `--caption_column`, default `text`); a list
+    /// of captions gives one at random per example, as diffusers does in training.
+    pub caption_column: String,
+    /// The store's split: `train` or `test`.
+    pub split: String,
+}
+
+impl Default for PretrainSection {
+    fn default() -> Self {
+        Self {
+            source: PretrainData::Testbed,
+            path: String::new(),
+            caption_column: "text".into(),
+            split: "train".into(),
+        }
+    }
+}
+
+impl PretrainSection {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn validate(&self) -> tiller_core::Result<()> {
+        use tiller_core::Error;
+        match self.source {
+            PretrainData::Testbed if !self.path.is_empty() => Err(Error::config(
+                "pretrain.path",
+                "applies to `source = \"folder\"` or `\"store\"`; the testbed renders its own",
+            )),
+            PretrainData::Folder | PretrainData::Store if self.path.is_empty() => Err(
+                Error::config("pretrain.path", "must name the image folder or the store"),
+            ),
+            PretrainData::Folder if self.caption_column.is_empty() => Err(Error::config(
+                "pretrain.caption_column",
+                "must name the caption key of metadata.jsonl",
+            )),
+            PretrainData::Store if !["train", "test"].contains(&self.split.as_str()) => {
+                Err(Error::config(
+                    "pretrain.split",
+                    format!("must be `train` or `test`, got {:?}", self.split),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl AlignConfig {
     /// Checks what serde cannot; errors name the field.
     pub fn validate(&self) -> tiller_core::Result<()> {
@@ -296,6 +370,7 @@ impl AlignConfig {
         if self.prompts.tasks.is_empty() {
             return bad("prompts.tasks", "must name at least one task".into());
         }
+        self.pretrain.validate()?;
         method.validate(self)
     }
 }

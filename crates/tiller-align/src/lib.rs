@@ -11,6 +11,7 @@ pub mod batch;
 pub mod config;
 pub mod methods;
 pub mod policy;
+pub mod pretraining;
 pub mod run;
 pub mod trainer;
 

@@ -5,6 +5,7 @@
 use crate::config::AdapterKind;
 use crate::methods::StoreData;
 use crate::policy::{LORA_PEFT_FILE, sampler_config};
+use crate::pretraining::Pretraining;
 use crate::trainer::{AlignData, LabeledImage, MODEL_FILE, PreferencePair};
 use crate::{AlignConfig, Policy};
 use burn::tensor::{Device, Tensor};
@@ -341,7 +342,15 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         pipe.encode(&ids, &device)
     };
     let res = tiller_eval::sampling::resolution(&pipe)?;
-    let pretrain = testbed_pretraining(&train_prompts, res, config.train.seed);
+    let pretraining = Pretraining::open(
+        &config.pretrain,
+        &(args.locate)(Path::new(&config.pretrain.path)),
+        &train_prompts,
+        res,
+        config.train.seed,
+    )?;
+    pretraining.check_texts(&|text| tokenizer.encode(text).map(|_| ()))?;
+    let pretrain = |i: u64| pretraining.example(i);
     let data = AlignData {
         prompts: train_prompts.iter().map(|p| p.text.clone()).collect(),
         pairs,
@@ -430,32 +439,6 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         updates: out.updates,
         noise_scale,
     })
-}
-
-/// The testbed's pre-training data (what the base model was trained on): example `i` is a
-/// training prompt and a fresh rendering of it, both drawn from stream `i` of `seed`, at the
-/// model's resolution with the renderer's default flaws.
-pub fn testbed_pretraining(
-    prompts: &[tiller_testbed::Prompt],
-    resolution: usize,
-    seed: u64,
-) -> impl Fn(u64) -> Result<(String, Vec<f32>)> + '_ {
-    let render = tiller_testbed::RenderConfig {
-        resolution,
-        ..Default::default()
-    };
-    move |i: u64| {
-        if prompts.is_empty() {
-            return Err(Error::invalid("no training prompts to render"));
-        }
-        let mut rng = SeededRng::for_example(seed ^ 0x7072_6574_7261_696e, i);
-        let prompt = &prompts[rng.below(prompts.len())];
-        let rendered =
-            tiller_testbed::render_prompt(prompt, &render, rng.below(usize::MAX) as u64)?;
-        let mut pixels = Vec::new();
-        rendered.image.to_chw_floats(&mut pixels);
-        Ok((prompt.text.clone(), pixels))
-    }
 }
 
 /// A model as commands name it: an alignment run, one of its checkpoints, or a pipeline folder;

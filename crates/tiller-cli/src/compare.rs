@@ -63,9 +63,6 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
     {
         let method: Method = m.parse().map_err(anyhow::Error::msg)?;
         plan.push((m.to_string(), method.clone(), Vec::new()));
-        for (suffix, set) in method.spec().variants() {
-            plan.push((format!("{m}-{suffix}"), method.clone(), set));
-        }
         if let Some(w) = args.kl
             && method.spec().takes_kl()
         {
@@ -82,47 +79,19 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
     if args.budget == 0 {
         bail!("--budget must be at least 1 reward query");
     }
-    // Every preset is read, sized to the budget and checked before anything runs or is written.
+    // Every preset is read, sized to the budget and checked before anything runs or is written;
+    // a method's baselines (its `variants`) are derived from its preset as read.
     let mut runs = Vec::new();
     for (name, method, extra) in plan {
-        let preset =
-            crate::shipped::resolve(&args.configs.join(format!("{}-testbed.toml", method.name())));
-        // A method's own settings reach only its runs.
-        let own = format!("method.{}.", method.name());
-        let mut overrides: Vec<String> = args
-            .run
-            .apply(&args.overrides, "train.seed")
-            .into_iter()
-            .filter(|o| !o.starts_with("method.") || o.starts_with(&own))
-            .collect();
-        overrides.extend(extra);
-        let (config, _): (AlignConfig, String) =
-            tiller_core::config::from_toml_file_with_overrides(&preset, &overrides)?;
-        if config.method.name() != method.name() {
-            bail!(
-                "{}: names method `{}`, but it is the preset for {}",
-                preset.display(),
-                config.method.name(),
-                method.name()
-            );
+        let (run, config) = sized(&args, &name, &method, extra.clone())?;
+        runs.push(run);
+        if !extra.is_empty() {
+            continue;
         }
-        let batch = config.train.effective_batch() as u64;
-        let k = args.micro_batches;
-        if k > 1 && config.train.grad_accum == 1 {
-            let b = config.train.batch_size;
-            if !b.is_multiple_of(k) {
-                bail!("--micro-batches {k}: {name}'s train.batch_size {b} is not a multiple of it");
-            }
-            overrides.push(format!("train.batch_size={}", b / k));
-            overrides.push(format!("train.grad_accum={k}"));
+        for (suffix, set) in config.method.spec().variants(&config, args.budget) {
+            let (run, _) = sized(&args, &format!("{name}-{suffix}"), &method, set)?;
+            runs.push(run);
         }
-        // Sized by the method the preset names (its settings included).
-        let (budgeted, updates) = config.method.spec().size_to_budget(&config, args.budget);
-        overrides.extend(budgeted);
-        overrides.push(format!("train.updates={updates}"));
-        overrides.push(format!("log.val_every={}", updates.div_ceil(5).max(1)));
-        overrides.push(format!("log.checkpoint_every={}", updates.max(1)));
-        runs.push((name, preset, overrides, updates, batch as usize));
     }
     std::fs::create_dir_all(&args.out)?;
     let mut methods = Vec::new();
@@ -180,4 +149,59 @@ pub fn compare(args: CompareArgs) -> Result<Comparison> {
         args.out.display()
     );
     Ok(cmp)
+}
+
+/// One run of `tiller compare`: (row name, preset, overrides, updates, batch), with its config.
+type SizedRun = (String, PathBuf, Vec<String>, u64, usize);
+
+/// The run of `method`'s preset with `extra` overrides, sized to the budget: its overrides
+/// (the command's own, the method's, `extra`, the micro-batches and the budget's) and its config
+/// before sizing.
+fn sized(
+    args: &CompareArgs,
+    name: &str,
+    method: &Method,
+    extra: Vec<String>,
+) -> Result<(SizedRun, AlignConfig)> {
+    let preset =
+        crate::shipped::resolve(&args.configs.join(format!("{}-testbed.toml", method.name())));
+    // A method's own settings reach only its runs.
+    let own = format!("method.{}.", method.name());
+    let mut overrides: Vec<String> = args
+        .run
+        .apply(&args.overrides, "train.seed")
+        .into_iter()
+        .filter(|o| !o.starts_with("method.") || o.starts_with(&own))
+        .collect();
+    overrides.extend(extra);
+    let (config, _): (AlignConfig, String) =
+        tiller_core::config::from_toml_file_with_overrides(&preset, &overrides)?;
+    if config.method.name() != method.name() {
+        bail!(
+            "{}: names method `{}`, but it is the preset for {}",
+            preset.display(),
+            config.method.name(),
+            method.name()
+        );
+    }
+    let batch = config.train.effective_batch() as u64;
+    let k = args.micro_batches;
+    if k > 1 && config.train.grad_accum == 1 {
+        let b = config.train.batch_size;
+        if !b.is_multiple_of(k) {
+            bail!("--micro-batches {k}: {name}'s train.batch_size {b} is not a multiple of it");
+        }
+        overrides.push(format!("train.batch_size={}", b / k));
+        overrides.push(format!("train.grad_accum={k}"));
+    }
+    // Sized by the method the preset names (its settings included).
+    let (budgeted, updates) = config.method.spec().size_to_budget(&config, args.budget);
+    overrides.extend(budgeted);
+    overrides.push(format!("train.updates={updates}"));
+    overrides.push(format!("log.val_every={}", updates.div_ceil(5).max(1)));
+    overrides.push(format!("log.checkpoint_every={}", updates.max(1)));
+    Ok((
+        (name.to_string(), preset, overrides, updates, batch as usize),
+        config,
+    ))
 }

@@ -124,6 +124,74 @@ fn align_exports_lora_and_eval_reads_the_run() {
     let _ = std::fs::remove_dir_all(&out2);
 }
 
+/// Reward-weighted likelihood's pre-training loss on a user's image folder (`[pretrain]`, the
+/// Hugging Face imagefolder layout) instead of the testbed's renderings; a folder without its
+/// metadata is refused before the run folder exists.
+#[test]
+fn align_trains_on_an_image_folder() {
+    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tiller-align/tests/fixtures/pretrain-folder");
+    let run = scratch("align-folder");
+    let run_s = run.to_str().unwrap();
+    let source = "pretrain.source=\"folder\"".to_string();
+    let path = format!("pretrain.path=\"{}\"", folder.display());
+    let mut args = vec![
+        "align",
+        "--config",
+        "configs/reward-weighted-testbed.toml",
+        "--out",
+        run_s,
+        "--set",
+        &source,
+        "--set",
+        &path,
+    ];
+    args.extend_from_slice(SMALL);
+    let (ok, text) = tiller(&args);
+    assert!(ok, "{text}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("pretrain_loss"), "{metrics}");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("[pretrain]") && saved.contains("folder"),
+        "{saved}"
+    );
+    let _ = std::fs::remove_dir_all(&run);
+
+    let empty = scratch("align-folder-empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let path = format!("pretrain.path=\"{}\"", empty.display());
+    let mut args = vec![
+        "align",
+        "--config",
+        "configs/refl-testbed.toml",
+        "--out",
+        run_s,
+        "--set",
+        &source,
+        "--set",
+        &path,
+    ];
+    args.extend_from_slice(SMALL);
+    let (ok, text) = tiller(&args);
+    assert!(!ok && text.contains("no metadata.jsonl"), "{text}");
+    assert!(!run.exists(), "a refused run leaves no folder");
+    // A caption with a word the model's tokenizer lacks is named before training.
+    std::fs::copy(folder.join("c.png"), empty.join("c.png")).unwrap();
+    std::fs::write(
+        empty.join("metadata.jsonl"),
+        "{\"file_name\": \"c.png\", \"text\": \"a grey triangle\"}\n",
+    )
+    .unwrap();
+    let (ok, text) = tiller(&args);
+    assert!(
+        !ok && text.contains("c.png") && text.contains("unknown word \"grey\""),
+        "{text}"
+    );
+    assert!(!run.exists(), "a refused run leaves no folder");
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
 #[test]
 fn align_rejects_bad_configs_with_the_field_named() {
     let run = scratch("align-bad");

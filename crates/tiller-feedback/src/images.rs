@@ -3,11 +3,13 @@
 //! a file at its final name is always complete. Identical images are stored once.
 //!
 //! The format and size are read from the header (PNG `IHDR`; JPEG `SOFn`; WebP `VP8 `, `VP8L` or
-//! `VP8X`) without decoding, so imported JPEG and WebP images need no codec.
+//! `VP8X`) without decoding, so importing JPEG and WebP images needs no codec. [`decode_rgb`] decodes
+//! PNG and JPEG to RGB pixels for the code that trains on them (WebP is not decoded).
 
 use crate::vocab::{ImageFormat, ImageId, ImageRecord};
 use std::path::{Path, PathBuf};
 use tiller_core::{Error, Result};
+use tiller_testbed::Image;
 
 /// A folder of content-addressed image files.
 #[derive(Debug, Clone)]
@@ -194,6 +196,75 @@ pub fn sniff(bytes: &[u8]) -> Result<(ImageFormat, u32, u32)> {
         };
     }
     Err(bad("not a PNG, JPEG or WebP image"))
+}
+
+/// Decodes PNG (any colour type and bit depth) or JPEG bytes to 8-bit RGB, as PIL's
+/// `Image.convert("RGB")` does: grey is repeated into the three channels, alpha is dropped (not
+/// composited), 16-bit samples keep their high byte. `path` names the file in errors; WebP is an
+/// error that says to convert it.
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<Image> {
+    let (format, _, _) = sniff(bytes).map_err(|e| Error::format(path, e.to_string()))?;
+    match format {
+        ImageFormat::Png => decode_png_rgb(bytes, path),
+        ImageFormat::Jpeg => decode_jpeg_rgb(bytes, path),
+        ImageFormat::Webp => Err(Error::format(
+            path,
+            "WebP images are not decoded; convert them to PNG or JPEG",
+        )),
+    }
+}
+
+fn decode_png_rgb(bytes: &[u8], path: &Path) -> Result<Image> {
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(std::io::Cursor::new(bytes)));
+    // Palettes and low bit depths expand to 8 bits; 16-bit samples are stripped to 8.
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| Error::format(path, format!("not a readable PNG: {e}")))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| Error::format(path, "PNG too large"))?;
+    let mut buf = vec![0; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| Error::format(path, format!("corrupt PNG data: {e}")))?;
+    buf.truncate(info.buffer_size());
+    let channels = match info.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        other => {
+            return Err(Error::format(
+                path,
+                format!("PNG colour type {other:?} after expansion"),
+            ));
+        }
+    };
+    let rgb = buf
+        .chunks_exact(channels)
+        .flat_map(|p| match channels {
+            1 | 2 => [p[0], p[0], p[0]],
+            _ => [p[0], p[1], p[2]],
+        })
+        .collect();
+    Image::from_rgb(info.width as usize, info.height as usize, rgb)
+        .map_err(|e| Error::format(path, e.to_string()))
+}
+
+fn decode_jpeg_rgb(bytes: &[u8], path: &Path) -> Result<Image> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let rgb = decoder
+        .decode()
+        .map_err(|e| Error::format(path, format!("not a decodable JPEG: {e:?}")))?;
+    let (w, h) = decoder
+        .dimensions()
+        .ok_or_else(|| Error::format(path, "JPEG without dimensions"))?;
+    Image::from_rgb(w, h, rgb).map_err(|e| Error::format(path, e.to_string()))
 }
 
 #[cfg(test)]

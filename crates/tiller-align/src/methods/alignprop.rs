@@ -89,31 +89,72 @@ impl Default for AlignPropConfig {
 }
 
 impl AlignPropConfig {
+    /// One candidate first step of an `n`-step chain, before the check that it lies inside.
+    fn candidate(&self, n: f64, rng: &mut SeededRng) -> f64 {
+        match self.truncation {
+            Truncation::Gaussian => {
+                (n * (self.mean + self.std * f64::from(rng.normal_vec(1)[0]))).floor()
+            }
+            Truncation::Uniform => {
+                let (lo, hi) = ((self.min * n).floor(), (self.max * n).floor());
+                lo + rng.below(((hi - lo) as usize).max(1)) as f64
+            }
+            Truncation::Fixed => (self.value * n).floor(),
+        }
+    }
+
     /// The first differentiated step of a chain of `steps` (1 <= b < steps, redrawn until it is,
-    /// as the reference does; a one-step chain differentiates its one step).
-    pub fn draw_start(&self, steps: usize, rng: &mut SeededRng) -> usize {
+    /// as the reference does; a one-step chain differentiates its one step). Validation refuses a
+    /// distribution with no mass inside the chain, so the draws that all miss are an error, not a
+    /// fallback.
+    pub fn draw_start(&self, steps: usize, rng: &mut SeededRng) -> Result<usize> {
         if steps <= 1 {
-            return 0;
+            return Ok(0);
         }
         let n = steps as f64;
-        for _ in 0..10_000 {
-            let b = match self.truncation {
-                Truncation::Gaussian => {
-                    (n * (self.mean + self.std * f64::from(rng.normal_vec(1)[0]))).floor()
-                }
-                Truncation::Uniform => {
-                    let (lo, hi) = ((self.min * n).floor(), (self.max * n).floor());
-                    lo + rng.below(((hi - lo) as usize).max(1)) as f64
-                }
-                Truncation::Fixed => (self.value * n).floor(),
-            };
+        for _ in 0..1_000_000 {
+            let b = self.candidate(n, rng);
             if b >= 1.0 && b < n {
-                return b as usize;
+                return Ok(b as usize);
             }
         }
-        // Only a distribution with no mass inside the chain gets here; validation refuses those
-        // it can see. The last step is the one every variant can reach.
-        steps - 1
+        Err(Error::config(
+            format!("method.alignprop.{}", self.field()),
+            format!(
+                "a million draws of the {:?} truncation all fell outside steps 1..{steps}",
+                self.truncation
+            ),
+        ))
+    }
+
+    /// Why the truncation cannot start inside a chain of `steps`, if it cannot: a distribution
+    /// with (almost) no mass there would redraw forever, so 10,000 draws from a fixed stream must
+    /// land inside at least once.
+    pub fn misses_the_chain(&self, steps: usize) -> Option<String> {
+        let n = steps as f64;
+        if steps <= 1 {
+            return None;
+        }
+        let mut rng = SeededRng::new(0);
+        let inside = (0..10_000)
+            .filter(|_| in_chain_step(self.candidate(n, &mut rng), n))
+            .count();
+        (inside == 0).then(|| {
+            format!(
+                "the {:?} truncation puts no mass on steps 1..{} of the {steps}-step chain (none of 10000 draws)",
+                self.truncation,
+                steps - 1
+            )
+        })
+    }
+
+    /// The setting that places the truncation, for errors.
+    fn field(&self) -> &'static str {
+        match self.truncation {
+            Truncation::Gaussian => "mean",
+            Truncation::Uniform => "min",
+            Truncation::Fixed => "value",
+        }
     }
 }
 
@@ -161,6 +202,9 @@ impl MethodSpec for AlignPropConfig {
             }
             _ => {}
         }
+        if let Some(msg) = self.misses_the_chain(config.sampling.steps) {
+            return bad(self.field(), msg);
+        }
         if !(self.loss_coeff > 0.0 && self.loss_coeff.is_finite()) {
             return bad(
                 "loss_coeff",
@@ -184,13 +228,16 @@ impl MethodSpec for AlignPropConfig {
             return Ok(());
         }
         let steps = sampler.timesteps().len();
-        let b = self.draw_start(steps, &mut SeededRng::new(0));
+        let b = self.draw_start(steps, &mut SeededRng::new(0))?;
         check_last_steps(sampler, steps - b, device, "method.alignprop.value")
     }
 }
 
 fn in_chain(fraction: f64, steps: f64) -> bool {
-    let b = (fraction * steps).floor();
+    in_chain_step((fraction * steps).floor(), steps)
+}
+
+fn in_chain_step(b: f64, steps: f64) -> bool {
     b >= 1.0 && b < steps
 }
 
@@ -229,7 +276,7 @@ impl<M: PolicyModel> Algorithm<M> for AlignProp {
         _epoch: usize,
         rng: &mut SeededRng,
     ) -> Result<()> {
-        self.start = Some(self.config.draw_start(self.steps, rng));
+        self.start = Some(self.config.draw_start(self.steps, rng)?);
         Ok(())
     }
 
@@ -272,7 +319,9 @@ mod tests {
     fn truncations_fall_inside_the_chain() {
         let mut rng = SeededRng::new(1);
         let c = AlignPropConfig::default();
-        let draws: Vec<usize> = (0..2000).map(|_| c.draw_start(50, &mut rng)).collect();
+        let draws: Vec<usize> = (0..2000)
+            .map(|_| c.draw_start(50, &mut rng).unwrap())
+            .collect();
         assert!(draws.iter().all(|&b| (1..50).contains(&b)));
         // The reference's int(N(42, 5)) on 50 steps, redrawn above 49: the last 9 differentiated
         // on average (8 from the mean, 0.5 from rounding down, 0.5 from the redrawn tail).
@@ -282,18 +331,57 @@ mod tests {
             truncation: Truncation::Fixed,
             ..Default::default()
         };
-        assert_eq!(fixed.draw_start(50, &mut rng), 49);
-        assert_eq!(fixed.draw_start(20, &mut rng), 19);
+        assert_eq!(fixed.draw_start(50, &mut rng).unwrap(), 49);
+        assert_eq!(fixed.draw_start(20, &mut rng).unwrap(), 19);
         let uniform = AlignPropConfig {
             truncation: Truncation::Uniform,
             ..Default::default()
         };
         let u: Vec<usize> = (0..4000)
-            .map(|_| uniform.draw_start(10, &mut rng))
+            .map(|_| uniform.draw_start(10, &mut rng).unwrap())
             .collect();
         for b in 1..10 {
             let f = u.iter().filter(|&&x| x == b).count() as f64 / 4000.0;
             assert!((f - 1.0 / 9.0).abs() < 0.03, "step {b}: {f}");
         }
+    }
+
+    #[test]
+    fn a_truncation_with_no_mass_in_the_chain_is_refused_not_replaced() {
+        let config = |c: AlignPropConfig| -> String {
+            let mut run: AlignConfig = toml::from_str("method = \"alignprop\"").unwrap();
+            run.method = crate::Method::AlignProp(c);
+            run.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        // N(3, 0.1) of the chain: every draw lands past the last step.
+        let far = AlignPropConfig {
+            mean: 3.0,
+            ..Default::default()
+        };
+        let e = config(far.clone());
+        assert!(
+            e.contains("method.alignprop.mean") && e.contains("no mass"),
+            "{e}"
+        );
+        let e = far
+            .draw_start(20, &mut SeededRng::new(0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("method.alignprop.mean"), "{e}");
+        // Uniform on [0, 0.04) of 20 steps is always step 0, which is never differentiated alone.
+        let e = config(AlignPropConfig {
+            truncation: Truncation::Uniform,
+            min: 0.0,
+            max: 0.04,
+            ..Default::default()
+        });
+        assert!(
+            e.contains("method.alignprop.min") && e.contains("no mass"),
+            "{e}"
+        );
+        assert_eq!(config(AlignPropConfig::default()), "");
     }
 }

@@ -101,9 +101,10 @@ pub trait MethodSpec {
     fn store(&self) -> Option<StoreRead> {
         None
     }
-    /// Baselines `tiller compare` runs beside the method, as (suffix, `--set` overrides): rows
-    /// `<name>-<suffix>` (SEIKO's greedy and non-adaptive).
-    fn variants(&self) -> Vec<(&'static str, Vec<String>)> {
+    /// Baselines `tiller compare` runs beside a run of `config` (this method's preset as read)
+    /// at `budget` reward queries, as (suffix, `--set` overrides): rows `<name>-<suffix>`
+    /// (SEIKO's greedy and non-adaptive).
+    fn variants(&self, _config: &AlignConfig, _budget: u64) -> Vec<(&'static str, Vec<String>)> {
         Vec::new()
     }
     /// `--set` overrides that hold a run of `config` to `budget` reward queries, and the optimizer updates

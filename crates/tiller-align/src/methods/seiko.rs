@@ -241,6 +241,10 @@ impl MethodSpec for SeikoConfig {
                 "need 0 <= truncation_min < truncation_max <= 1",
             ));
         }
+        // The range must reach a step the chain can start differentiating at (AlignProp's check).
+        if let Some(msg) = self.backprop().misses_the_chain(config.sampling.steps) {
+            return Err(f.error("truncation_min", msg));
+        }
         if self.kl_weight > 0.0 {
             // The KL is between the two models' step densities.
             f.stochastic_steps(config)?;
@@ -259,9 +263,11 @@ impl MethodSpec for SeikoConfig {
 
     /// The reference's baselines: greedy (no bonus) and non-adaptive (no bonus, every query in
     /// one first round, then as many updates as all the rounds take).
-    fn variants(&self) -> Vec<(&'static str, Vec<String>)> {
+    fn variants(&self, config: &AlignConfig, budget: u64) -> Vec<(&'static str, Vec<String>)> {
         let none = "method.seiko.optimism=\"none\"".to_string();
-        let updates = self.query_batches.len() * self.updates_per_round;
+        // The non-adaptive baseline spends every query in one round, then fine-tunes for as many
+        // updates as the adaptive run takes over all its rounds at this budget.
+        let (_, updates) = self.size_to_budget(config, budget);
         vec![
             ("greedy", vec![none.clone()]),
             (
@@ -680,7 +686,7 @@ impl<M: PolicyModel> Algorithm<M> for Seiko<M> {
         rng: &mut SeededRng,
     ) -> Result<()> {
         // Drawn once per update, so every micro-batch differentiates the same steps.
-        let b = self.config.backprop().draw_start(self.steps, rng);
+        let b = self.config.backprop().draw_start(self.steps, rng)?;
         self.k = (self.steps - b).max(1);
         Ok(())
     }
@@ -902,6 +908,37 @@ mod tests {
         // Fewer batches than rounds: the last rounds.
         assert_eq!(share_batches(&[1, 2, 4, 8], 2), vec![1, 1]);
         assert_eq!(share_batches(&[15], 15), vec![15]);
+    }
+
+    /// The non-adaptive baseline takes as many fine-tuning updates as the adaptive run it is
+    /// compared with, sized from the preset as read (here 3 rounds of 7), not from the defaults.
+    #[test]
+    fn the_non_adaptive_row_matches_the_sized_runs_updates() {
+        let mut config: AlignConfig = toml::from_str("method = \"seiko\"").unwrap();
+        config.train.batch_size = 8;
+        let seiko = SeikoConfig {
+            query_batches: vec![1, 2, 4],
+            updates_per_round: 7,
+            ..Default::default()
+        };
+        config.method = crate::Method::Seiko(seiko.clone());
+        // 48 queries at a batch of 8: 6 query batches over 3 rounds.
+        let (set, updates) = seiko.size_to_budget(&config, 48);
+        assert_eq!(set, vec!["method.seiko.query_batches=[1,1,4]".to_string()]);
+        assert_eq!(updates, 21);
+        let variants = seiko.variants(&config, 48);
+        let (name, set) = &variants[1];
+        assert_eq!(*name, "non-adaptive");
+        assert!(
+            set.contains(&"method.seiko.updates_per_round=21".to_string()),
+            "{set:?}"
+        );
+        // Two query batches: two rounds, so 14 updates.
+        let (_, set) = &seiko.variants(&config, 16)[1];
+        assert!(
+            set.contains(&"method.seiko.updates_per_round=14".to_string()),
+            "{set:?}"
+        );
     }
 
     /// The schedule: each round's query batches, then its updates; fine-tuning after the last.
