@@ -42,20 +42,23 @@ pub enum Pretraining<'a> {
         render: RenderConfig,
         seed: u64,
     },
-    /// Files of an image folder with their captions.
-    Folder {
-        files: Vec<(PathBuf, Vec<String>)>,
-        resolution: usize,
-        seed: u64,
-    },
-    /// Images of a preference store with their prompts.
-    Store {
-        store: Box<SqliteStore>,
+    /// An image folder's files or a store's images, each with its captions (a store's: its
+    /// prompt).
+    Images {
+        entries: Vec<(Entry, Vec<String>)>,
+        /// The store the entries are in (none for a folder).
+        store: Option<Box<SqliteStore>>,
+        /// The folder or the store, for errors.
         root: PathBuf,
-        images: Vec<(ImageId, String)>,
         resolution: usize,
         seed: u64,
     },
+}
+
+/// Where a pre-training image's bytes are.
+pub enum Entry {
+    File(PathBuf),
+    Stored(ImageId),
 }
 
 impl<'a> Pretraining<'a> {
@@ -68,70 +71,69 @@ impl<'a> Pretraining<'a> {
         resolution: usize,
         seed: u64,
     ) -> Result<Self> {
-        Ok(match section.source {
-            PretrainData::Testbed => Pretraining::Testbed {
-                prompts,
-                render: RenderConfig {
-                    resolution,
-                    ..Default::default()
-                },
-                seed,
-            },
-            PretrainData::Folder => Pretraining::Folder {
-                files: read_folder(path, &section.caption_column)?,
-                resolution,
-                seed,
-            },
+        let (entries, store) = match section.source {
+            PretrainData::Testbed => {
+                return Ok(Pretraining::Testbed {
+                    prompts,
+                    render: RenderConfig {
+                        resolution,
+                        ..Default::default()
+                    },
+                    seed,
+                });
+            }
+            PretrainData::Folder => {
+                let files = read_folder(path, &section.caption_column)?;
+                let entries = files
+                    .into_iter()
+                    .map(|(file, captions)| (Entry::File(file), captions))
+                    .collect();
+                (entries, None)
+            }
             PretrainData::Store => {
                 let (store, images) = read_store(path, &section.split)?;
-                Pretraining::Store {
-                    store: Box::new(store),
-                    root: path.to_path_buf(),
-                    images,
-                    resolution,
-                    seed,
-                }
+                let entries = images
+                    .into_iter()
+                    .map(|(id, prompt)| (Entry::Stored(id), vec![prompt]))
+                    .collect();
+                (entries, Some(Box::new(store)))
             }
+        };
+        Ok(Pretraining::Images {
+            entries,
+            store,
+            root: path.to_path_buf(),
+            resolution,
+            seed,
         })
     }
 
     /// Checks every caption or prompt with `check` (the model's tokenizer) before training, so a
     /// word the model cannot read is an error naming its file or image, not a failure mid-run.
     pub fn check_texts(&self, check: &dyn Fn(&str) -> Result<()>) -> Result<()> {
-        match self {
-            Pretraining::Testbed { .. } => Ok(()),
-            Pretraining::Folder { files, .. } => {
-                for (path, captions) in files {
-                    for c in captions {
-                        check(c)
-                            .map_err(|e| Error::format(path, format!("its caption {c:?}: {e}")))?;
-                    }
-                }
-                Ok(())
-            }
-            Pretraining::Store { root, images, .. } => {
-                for (id, prompt) in images {
-                    check(prompt).map_err(|e| {
-                        Error::format(root, format!("image {}'s prompt {prompt:?}: {e}", id.0))
-                    })?;
-                }
-                Ok(())
+        let Pretraining::Images { entries, root, .. } = self else {
+            return Ok(());
+        };
+        for (entry, captions) in entries {
+            for c in captions {
+                check(c).map_err(|e| {
+                    Error::format(name(root, entry), format!("its caption {c:?}: {e}"))
+                })?;
             }
         }
+        Ok(())
     }
 
     /// Example `i`: its prompt and its image (CHW floats in [-1, 1]).
     pub fn example(&self, i: u64) -> Result<(String, Vec<f32>)> {
+        let mut rng = SeededRng::for_example(self.seed() ^ SALT, i);
         match self {
             Pretraining::Testbed {
-                prompts,
-                render,
-                seed,
+                prompts, render, ..
             } => {
                 if prompts.is_empty() {
                     return Err(Error::invalid("no training prompts to render"));
                 }
-                let mut rng = SeededRng::for_example(seed ^ SALT, i);
                 let prompt = &prompts[rng.below(prompts.len())];
                 let rendered =
                     tiller_testbed::render_prompt(prompt, render, rng.below(usize::MAX) as u64)?;
@@ -139,32 +141,45 @@ impl<'a> Pretraining<'a> {
                 rendered.image.to_chw_floats(&mut pixels);
                 Ok((prompt.text.clone(), pixels))
             }
-            Pretraining::Folder {
-                files,
-                resolution,
-                seed,
-            } => {
-                let mut rng = SeededRng::for_example(seed ^ SALT, i);
-                let (path, captions) = &files[rng.below(files.len())];
-                let caption = &captions[rng.below(captions.len())];
-                let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-                let image = decode_rgb(&bytes, path)?;
-                Ok((caption.clone(), preprocess(&image, *resolution)))
-            }
-            Pretraining::Store {
+            Pretraining::Images {
+                entries,
                 store,
                 root,
-                images,
                 resolution,
-                seed,
+                ..
             } => {
-                let mut rng = SeededRng::for_example(seed ^ SALT, i);
-                let (id, prompt) = &images[rng.below(images.len())];
-                let bytes = store.image_bytes(id)?;
-                let image = decode_rgb(&bytes, &root.join(format!("image {}", id.0)))?;
-                Ok((prompt.clone(), preprocess(&image, *resolution)))
+                let (entry, captions) = &entries[rng.below(entries.len())];
+                let caption = &captions[rng.below(captions.len())];
+                let bytes = match (entry, store) {
+                    (Entry::File(path), _) => {
+                        std::fs::read(path).map_err(|e| Error::io(path, e))?
+                    }
+                    (Entry::Stored(id), Some(store)) => store.image_bytes(id)?,
+                    (Entry::Stored(id), None) => {
+                        return Err(Error::invalid(format!(
+                            "pre-training image {} names no open store",
+                            id.0
+                        )));
+                    }
+                };
+                let image = decode_rgb(&bytes, &name(root, entry))?;
+                Ok((caption.clone(), preprocess(&image, *resolution)))
             }
         }
+    }
+
+    fn seed(&self) -> u64 {
+        match self {
+            Pretraining::Testbed { seed, .. } | Pretraining::Images { seed, .. } => *seed,
+        }
+    }
+}
+
+/// An entry as errors name it: its file, or its image in the store.
+fn name(root: &Path, entry: &Entry) -> PathBuf {
+    match entry {
+        Entry::File(path) => path.clone(),
+        Entry::Stored(id) => root.join(format!("image {}", id.0)),
     }
 }
 

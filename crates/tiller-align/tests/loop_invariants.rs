@@ -1581,3 +1581,36 @@ fn draft_lv_without_extras_is_draft_1() {
         assert!((a - b).abs() < 1e-6);
     }
 }
+
+/// A measurement, not a check (run with `--ignored --nocapture`): PRDP and DDPO on the toy
+/// brightness reward over seeds 1-3, which is why PRDP has no "reward rises" test. Its gradient at
+/// one epoch per batch is DDPO's with a per-pair baseline, and neither rises on every seed here.
+#[test]
+#[ignore]
+fn prdp_and_ddpo_on_the_toy_across_seeds() {
+    let rows: [(&str, u64, usize); 5] = [
+        ("prdp", 20, 4),
+        ("prdp", 40, 4),
+        ("prdp", 20, 8),
+        ("ddpo", 40, 4),
+        ("ddpo", 20, 8),
+    ];
+    for (method, updates, batch_size) in rows {
+        let ends: Vec<f64> = (1..=3u64)
+            .map(|seed| {
+                let mut c = config(method, updates, 1e-2);
+                c.train.seed = seed;
+                c.train.batch_size = batch_size;
+                end_brightness(
+                    &c,
+                    &format!("across-{method}-{updates}-{batch_size}-{seed}"),
+                )
+            })
+            .collect();
+        assert!(ends.iter().all(|e| e.is_finite()), "{ends:?}");
+        eprintln!(
+            "{method}, {updates} updates, batch {}: brightness 0.6166 -> {ends:.4?} (seeds 1-3)",
+            batch_size * 2
+        );
+    }
+}

@@ -133,21 +133,24 @@ fn align_trains_on_an_image_folder() {
         .join("../tiller-align/tests/fixtures/pretrain-folder");
     let run = scratch("align-folder");
     let run_s = run.to_str().unwrap();
-    let source = "pretrain.source=\"folder\"".to_string();
-    let path = format!("pretrain.path=\"{}\"", folder.display());
-    let mut args = vec![
-        "align",
-        "--config",
-        "configs/reward-weighted-testbed.toml",
-        "--out",
-        run_s,
-        "--set",
-        &source,
-        "--set",
-        &path,
-    ];
-    args.extend_from_slice(SMALL);
-    let (ok, text) = tiller(&args);
+    // `tiller align` of `preset` into `run` with pre-training images from `folder`.
+    let align_on = |preset: &str, folder: &std::path::Path| {
+        let path = format!("pretrain.path=\"{}\"", folder.display());
+        let mut args = vec![
+            "align",
+            "--config",
+            preset,
+            "--out",
+            run_s,
+            "--set",
+            "pretrain.source=\"folder\"",
+            "--set",
+            &path,
+        ];
+        args.extend_from_slice(SMALL);
+        tiller(&args)
+    };
+    let (ok, text) = align_on("configs/reward-weighted-testbed.toml", &folder);
     assert!(ok, "{text}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("pretrain_loss"), "{metrics}");
@@ -160,20 +163,7 @@ fn align_trains_on_an_image_folder() {
 
     let empty = scratch("align-folder-empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let path = format!("pretrain.path=\"{}\"", empty.display());
-    let mut args = vec![
-        "align",
-        "--config",
-        "configs/refl-testbed.toml",
-        "--out",
-        run_s,
-        "--set",
-        &source,
-        "--set",
-        &path,
-    ];
-    args.extend_from_slice(SMALL);
-    let (ok, text) = tiller(&args);
+    let (ok, text) = align_on("configs/refl-testbed.toml", &empty);
     assert!(!ok && text.contains("no metadata.jsonl"), "{text}");
     assert!(!run.exists(), "a refused run leaves no folder");
     // A caption with a word the model's tokenizer lacks is named before training.
@@ -183,7 +173,7 @@ fn align_trains_on_an_image_folder() {
         "{\"file_name\": \"c.png\", \"text\": \"a grey triangle\"}\n",
     )
     .unwrap();
-    let (ok, text) = tiller(&args);
+    let (ok, text) = align_on("configs/refl-testbed.toml", &empty);
     assert!(
         !ok && text.contains("c.png") && text.contains("unknown word \"grey\""),
         "{text}"

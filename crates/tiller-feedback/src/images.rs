@@ -205,51 +205,13 @@ pub fn sniff(bytes: &[u8]) -> Result<(ImageFormat, u32, u32)> {
 pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<Image> {
     let (format, _, _) = sniff(bytes).map_err(|e| Error::format(path, e.to_string()))?;
     match format {
-        ImageFormat::Png => decode_png_rgb(bytes, path),
+        ImageFormat::Png => tiller_testbed::image::decode_png_converted(bytes, path),
         ImageFormat::Jpeg => decode_jpeg_rgb(bytes, path),
         ImageFormat::Webp => Err(Error::format(
             path,
             "WebP images are not decoded; convert them to PNG or JPEG",
         )),
     }
-}
-
-fn decode_png_rgb(bytes: &[u8], path: &Path) -> Result<Image> {
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(std::io::Cursor::new(bytes)));
-    // Palettes and low bit depths expand to 8 bits; 16-bit samples are stripped to 8.
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| Error::format(path, format!("not a readable PNG: {e}")))?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| Error::format(path, "PNG too large"))?;
-    let mut buf = vec![0; size];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| Error::format(path, format!("corrupt PNG data: {e}")))?;
-    buf.truncate(info.buffer_size());
-    let channels = match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::GrayscaleAlpha => 2,
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
-        other => {
-            return Err(Error::format(
-                path,
-                format!("PNG colour type {other:?} after expansion"),
-            ));
-        }
-    };
-    let rgb = buf
-        .chunks_exact(channels)
-        .flat_map(|p| match channels {
-            1 | 2 => [p[0], p[0], p[0]],
-            _ => [p[0], p[1], p[2]],
-        })
-        .collect();
-    Image::from_rgb(info.width as usize, info.height as usize, rgb)
-        .map_err(|e| Error::format(path, e.to_string()))
 }
 
 fn decode_jpeg_rgb(bytes: &[u8], path: &Path) -> Result<Image> {

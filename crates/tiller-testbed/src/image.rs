@@ -337,11 +337,8 @@ pub fn encode_png(image: &Image) -> Result<Vec<u8>> {
 
 /// Decodes an 8-bit RGB PNG (other colour types and depths are an error, never converted).
 pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Image> {
-    let decoder = png::Decoder::new(BufReader::new(Cursor::new(bytes)));
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| Error::format(path, format!("not a readable PNG: {e}")))?;
-    let (color, depth) = reader.output_color_type();
+    let (info, buf) = png_frame(bytes, path, png::Transformations::IDENTITY)?;
+    let (color, depth) = (info.color_type, info.bit_depth);
     if color != png::ColorType::Rgb || depth != png::BitDepth::Eight {
         return Err(Error::format(
             path,
@@ -350,6 +347,52 @@ pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Image> {
             ),
         ));
     }
+    Image::from_rgb(info.width as usize, info.height as usize, buf)
+}
+
+/// Decodes a PNG of any colour type and bit depth to 8-bit RGB, as PIL's `Image.convert("RGB")`
+/// does: palettes expand, grey is repeated into the three channels, alpha is dropped (not
+/// composited), 16-bit samples keep their high byte.
+pub fn decode_png_converted(bytes: &[u8], path: &Path) -> Result<Image> {
+    let (info, buf) = png_frame(
+        bytes,
+        path,
+        png::Transformations::EXPAND | png::Transformations::STRIP_16,
+    )?;
+    let channels = match info.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        other => {
+            return Err(Error::format(
+                path,
+                format!("PNG colour type {other:?} after expansion"),
+            ));
+        }
+    };
+    let rgb = buf
+        .chunks_exact(channels)
+        .flat_map(|p| match channels {
+            1 | 2 => [p[0], p[0], p[0]],
+            _ => [p[0], p[1], p[2]],
+        })
+        .collect();
+    Image::from_rgb(info.width as usize, info.height as usize, rgb)
+        .map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// The first frame of a PNG with `transformations` applied, and its output info.
+fn png_frame(
+    bytes: &[u8],
+    path: &Path,
+    transformations: png::Transformations,
+) -> Result<(png::OutputInfo, Vec<u8>)> {
+    let mut decoder = png::Decoder::new(BufReader::new(Cursor::new(bytes)));
+    decoder.set_transformations(transformations);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| Error::format(path, format!("not a readable PNG: {e}")))?;
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| Error::format(path, "PNG too large"))?;
@@ -358,7 +401,7 @@ pub fn decode_png(bytes: &[u8], path: &Path) -> Result<Image> {
         .next_frame(&mut buf)
         .map_err(|e| Error::format(path, format!("corrupt PNG data: {e}")))?;
     buf.truncate(info.buffer_size());
-    Image::from_rgb(info.width as usize, info.height as usize, buf)
+    Ok((info, buf))
 }
 
 /// Writes `image` to `path` as an 8-bit RGB PNG.
