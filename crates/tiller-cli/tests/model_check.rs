@@ -59,20 +59,39 @@ fn clip_forward_through_the_cli_matches_transformers() {
     let io = read_safetensors(&folder.join("io.safetensors")).unwrap();
     let inputs = BTreeMap::from([("input_ids".to_string(), io["input_ids"].clone())]);
     write_safetensors(&dir.join("in.safetensors"), &inputs, Default::default()).unwrap();
-    let out = dir.join("out.safetensors");
-    let (ok, text) = tiller(&[
-        "model",
-        "check",
-        folder.to_str().unwrap(),
-        "--inputs",
-        dir.join("in.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{text}");
-    let got = read_safetensors(&out).unwrap();
-    assert!(max_abs_diff(&got["last_hidden_state"], &io["last_hidden_state"]) < 1e-4);
-    assert!(max_abs_diff(&got["pooler_output"], &io["pooler_output"]) < 1e-4);
+    // The same weights as transformers 5's `save_pretrained` writes them: no `text_model.` prefix.
+    let unprefixed = dir.join("transformers5");
+    std::fs::create_dir_all(&unprefixed).unwrap();
+    std::fs::copy(folder.join("config.json"), unprefixed.join("config.json")).unwrap();
+    let weights: BTreeMap<String, HostTensor> = read_safetensors(&folder.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("text_model.").unwrap().to_string(), v))
+        .collect();
+    write_safetensors(
+        &unprefixed.join("model.safetensors"),
+        &weights,
+        Default::default(),
+    )
+    .unwrap();
+    for model in [&folder, &unprefixed] {
+        let out = dir.join("out.safetensors");
+        let (ok, text) = tiller(&[
+            "model",
+            "check",
+            model.to_str().unwrap(),
+            "--inputs",
+            dir.join("in.safetensors").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{}: {text}", model.display());
+        let got = read_safetensors(&out).unwrap();
+        assert!(max_abs_diff(&got["last_hidden_state"], &io["last_hidden_state"]) < 1e-4);
+        assert!(max_abs_diff(&got["pooler_output"], &io["pooler_output"]) < 1e-4);
+        std::fs::remove_file(&out).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

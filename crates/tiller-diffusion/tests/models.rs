@@ -135,8 +135,13 @@ fn unet_sd2_gradients_match_pytorch() {
 }
 
 fn clip_forward_matches(name: &str, variant: Option<&str>, rtol: f64) {
+    clip_folder_matches(&fixture(name), name, variant, rtol);
+}
+
+/// The CLIP model in `folder` reproduces the goldens of fixture `name`.
+fn clip_folder_matches(folder: &Path, name: &str, variant: Option<&str>, rtol: f64) {
     let device = Device::flex();
-    let (_, clip) = load_clip_text(&fixture(name), variant, &device).unwrap();
+    let (_, clip) = load_clip_text(folder, variant, &device).unwrap();
     let io = io(name);
     let out = clip.forward_ids(&input_ids(name), &device).unwrap();
     assert_matches(
@@ -232,6 +237,84 @@ fn save_then_load_round_trips_exactly() {
     models::save_clip_text(&dir.join("te"), &ccfg, &clip).unwrap();
     load_clip_text(&dir.join("te"), None, &device).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `fixture`'s CLIP folder as transformers 5's `save_pretrained` writes it: the same tensors
+/// without the `text_model.` prefix (its `conversion_mapping.py` removes it for `CLIPTextModel`;
+/// `scripts/fixtures/models.py` adds it back for the canonical fixture). `edit` changes the
+/// unprefixed tensors first.
+fn transformers5_folder(
+    fixture_name: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut BTreeMap<String, HostTensor>),
+) -> PathBuf {
+    let src = fixture(fixture_name);
+    let dir = scratch(tag);
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut t: BTreeMap<String, HostTensor> = read_safetensors(&src.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("text_model.").unwrap().to_string(), v))
+        .collect();
+    edit(&mut t);
+    models::weights::write_safetensors(&dir.join("model.safetensors"), &t, Default::default())
+        .unwrap();
+    dir
+}
+
+#[test]
+fn clip_saved_by_transformers_5_without_the_prefix_loads_and_matches() {
+    let dir = transformers5_folder("tiny-clip", "tf5", |t| {
+        assert!(t.contains_key("final_layer_norm.weight"));
+    });
+    clip_folder_matches(&dir, "tiny-clip", None, 1e-4);
+    // Saving writes the prefixed names transformers 4 and 5 both read.
+    let device = Device::flex();
+    let (cfg, clip) = load_clip_text(&dir, None, &device).unwrap();
+    models::save_clip_text(&dir.join("saved"), &cfg, &clip).unwrap();
+    let saved = read_safetensors(&dir.join("saved/model.safetensors")).unwrap();
+    assert!(
+        saved.keys().all(|k| k.starts_with("text_model.")),
+        "{:?}",
+        saved.keys()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unprefixed_clip_file_with_a_bad_tensor_says_how_its_names_were_read() {
+    let device = Device::flex();
+    let dir = transformers5_folder("tiny-clip", "tf5-bad", |t| {
+        t.remove("final_layer_norm.bias");
+    });
+    let e = load_clip_text(&dir, None, &device).unwrap_err().to_string();
+    assert!(
+        e.contains("missing tensor `text_model.final_layer_norm.bias`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("no `text_model.` prefix, as transformers 5"),
+        "{e}"
+    );
+    // A file mixing both layouts is not renamed: its names are reported as they are in the file.
+    let mixed = transformers5_folder("tiny-clip", "tf5-mixed", |t| {
+        let w = t.remove("final_layer_norm.weight").unwrap();
+        t.insert("text_model.final_layer_norm.weight".into(), w);
+    });
+    let e = load_clip_text(&mixed, None, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("missing tensor `text_model.embeddings.token_embedding.weight`"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("missing tensor `text_model.final_layer_norm.weight`"),
+        "{e}"
+    );
+    assert!(!e.contains("transformers 5"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&mixed);
 }
 
 fn scratch(tag: &str) -> PathBuf {

@@ -2,7 +2,10 @@
 //! Natural Language Supervision"): token and position embeddings, a pre-LayerNorm causal
 //! transformer, a final LayerNorm, and the pooled output at the end-of-text token. Parameter paths
 //! (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...) and config.json fields are
-//! transformers', so Stable Diffusion's `text_encoder/` folders load as they are.
+//! transformers', so Stable Diffusion's `text_encoder/` folders load as they are. transformers 5
+//! saves `CLIPTextModel` without the `text_model.` prefix (its `conversion_mapping.py` declares
+//! `PrefixChange(prefix_to_remove="text_model")` for the class); such files load too
+//! ([`with_text_model_prefix`]), and Tiller writes the prefixed names both versions read.
 
 use crate::models::layers::{layer_norm, linear, multi_head_attention, quick_gelu};
 use burn::module::Module;
@@ -212,6 +215,26 @@ pub struct ClipTextTransformer {
     pub embeddings: ClipEmbeddings,
     pub encoder: ClipEncoder,
     pub final_layer_norm: LayerNorm,
+}
+
+/// The prefix transformers 4 gives every `CLIPTextModel` tensor (`text_model.final_layer_norm.weight`).
+pub const TEXT_MODEL_PREFIX: &str = "text_model.";
+
+/// Names a `CLIPTextModel` file's tensors as this module does: a file where no tensor has the
+/// `text_model.` prefix (transformers 5's layout) gets it on every name; any other file is
+/// returned as it is, so a file mixing the layouts fails loading with each stray tensor named.
+/// The flag says whether names were changed, for error messages.
+pub fn with_text_model_prefix<T>(
+    tensors: std::collections::BTreeMap<String, T>,
+) -> (std::collections::BTreeMap<String, T>, bool) {
+    if tensors.is_empty() || tensors.keys().any(|k| k.starts_with(TEXT_MODEL_PREFIX)) {
+        return (tensors, false);
+    }
+    let renamed = tensors
+        .into_iter()
+        .map(|(k, v)| (format!("{TEXT_MODEL_PREFIX}{k}"), v))
+        .collect();
+    (renamed, true)
 }
 
 /// transformers' `CLIPTextModel`.

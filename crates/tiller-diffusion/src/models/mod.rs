@@ -122,7 +122,8 @@ pub fn load_unet(
     Ok((config, model))
 }
 
-/// Loads a transformers `CLIPTextModel` folder (config.json + model.safetensors).
+/// Loads a transformers `CLIPTextModel` folder (config.json + model.safetensors), saved by
+/// transformers 4 (`text_model.`-prefixed names) or 5 (unprefixed).
 pub fn load_clip_text(
     folder: &Path,
     variant: Option<&str>,
@@ -133,7 +134,17 @@ pub fn load_clip_text(
         .validate()
         .map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
     let (source, tensors) = read_folder_weights(folder, TRANSFORMERS_WEIGHTS, variant)?;
-    let model = load_into(config.init(device)?, &tensors, &source)?;
+    let (tensors, renamed) = clip::with_text_model_prefix(tensors);
+    let model = load_into(config.init(device)?, &tensors, &source).map_err(|e| match e {
+        Error::Format { path, message } if renamed => Error::Format {
+            path,
+            message: format!(
+                "{message}\n  (the file's names have no `text_model.` prefix, as transformers 5 \
+                 saves CLIPTextModel; they are shown above with it)"
+            ),
+        },
+        e => e,
+    })?;
     Ok((config, model))
 }
 
@@ -166,7 +177,8 @@ pub fn save_unet(
     save_folder(folder, config, model, DIFFUSERS_WEIGHTS)
 }
 
-/// Saves a CLIP text model as transformers' `save_pretrained` does.
+/// Saves a CLIP text model as transformers 4's `save_pretrained` does: `text_model.`-prefixed
+/// names, which transformers 4 and 5 both load.
 pub fn save_clip_text(folder: &Path, config: &ClipTextConfig, model: &ClipTextModel) -> Result<()> {
     let mut config = config.clone();
     config
