@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use tiller_diffusion::models::weights::{
     HostTensor, parameter_shapes, read_safetensors, to_device, write_safetensors,
 };
-use tiller_diffusion::models::{ModelKind, detect_kind, load_clip_text, load_unet};
+use tiller_diffusion::models::{ModelKind, detect_kind, load_clip_text, load_unet, load_vae};
 
 fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
     let shape = t.dims().to_vec();
@@ -90,6 +90,43 @@ pub fn run(
                 let out = model.forward_ids(&rows, &device)?;
                 outputs.insert("last_hidden_state".into(), host(out.last_hidden_state));
                 outputs.insert("pooler_output".into(), host(out.pooler_output));
+            }
+            parameter_shapes(&model)
+        }
+        ModelKind::AutoencoderKL => {
+            let (config, model) = load_vae(folder, variant, &device)?;
+            println!("AutoencoderKL from {}", folder.display());
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
+                // Either input, or both: images are encoded, latents (unscaled) decoded.
+                let sample = inputs.get("sample");
+                let latents = inputs.get("latents");
+                if sample.is_none() && latents.is_none() {
+                    bail!(
+                        "{}: no input tensor `sample` (images) or `latents` (found: {})",
+                        path.display(),
+                        inputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
+                if let Some(sample) = sample {
+                    let sample = to_device::<4>(sample, &device)
+                        .context("`sample` must be [B, C, H, W] images in [-1, 1]")?;
+                    let f = config.downsampling_factor();
+                    let [_, _, h, w] = sample.dims();
+                    if h % f != 0 || w % f != 0 {
+                        bail!("`sample` is {h}x{w}; this VAE needs sides divisible by {f}");
+                    }
+                    let posterior = model.encode(sample);
+                    let reconstruction = model.decode(posterior.mode());
+                    outputs.insert("latent_mean".into(), host(posterior.mean));
+                    outputs.insert("latent_logvar".into(), host(posterior.logvar));
+                    outputs.insert("reconstruction".into(), host(reconstruction));
+                }
+                if let Some(latents) = latents {
+                    let latents = to_device::<4>(latents, &device)
+                        .context("`latents` must be [B, latent_channels, h, w]")?;
+                    outputs.insert("decoded".into(), host(model.decode(latents)));
+                }
             }
             parameter_shapes(&model)
         }

@@ -95,6 +95,54 @@ fn clip_forward_through_the_cli_matches_transformers() {
 }
 
 #[test]
+fn vae_encode_and_decode_through_the_cli_match_diffusers() {
+    let dir = std::env::temp_dir().join(format!("tiller-cli-vae-{}", std::process::id()));
+    let folder = fixtures().join("tiny-vae");
+    let io = read_safetensors(&folder.join("io.safetensors")).unwrap();
+    let inputs = BTreeMap::from([
+        ("sample".to_string(), io["sample"].clone()),
+        ("latents".to_string(), io["latents"].clone()),
+    ]);
+    write_safetensors(&dir.join("in.safetensors"), &inputs, Default::default()).unwrap();
+    let out = dir.join("out.safetensors");
+    let (ok, text) = tiller(&[
+        "model",
+        "check",
+        folder.to_str().unwrap(),
+        "--inputs",
+        dir.join("in.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("AutoencoderKL"), "{text}");
+    let got = read_safetensors(&out).unwrap();
+    for key in ["latent_mean", "latent_logvar", "decoded", "reconstruction"] {
+        assert!(max_abs_diff(&got[key], &io[key]) < 1e-4, "{key}");
+    }
+    // An image whose sides the VAE cannot halve is refused with the factor it needs.
+    let odd = BTreeMap::from([(
+        "sample".to_string(),
+        HostTensor {
+            shape: vec![1, 3, 6, 7],
+            data: vec![0.0; 126],
+        },
+    )]);
+    write_safetensors(&dir.join("odd.safetensors"), &odd, Default::default()).unwrap();
+    let (ok, text) = tiller(&[
+        "model",
+        "check",
+        folder.to_str().unwrap(),
+        "--inputs",
+        dir.join("odd.safetensors").to_str().unwrap(),
+        "--out",
+        dir.join("odd-out.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("divisible by 2"), "{text}");
+    assert!(!dir.join("odd-out.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bad_folders_and_inputs_fail_with_a_named_cause() {
     let (ok, text) = tiller(&["model", "check", "/nonexistent/folder"]);
     assert!(

@@ -208,7 +208,11 @@ impl Profiler {
         let h = self.op(Kind::Silu, h, silu);
         let h = self.conv(&r.conv1, h);
         let t = self.op(Kind::Silu, temb, silu);
-        let t = self.op(Kind::Linear, t, |t| r.time_emb_proj.forward(t));
+        let proj = r
+            .time_emb_proj
+            .as_ref()
+            .expect("a UNet resnet has a time projection");
+        let t = self.op(Kind::Linear, t, |t| proj.forward(t));
         let h = self.op(Kind::Add, (h, t), |(h, t)| {
             h + t.unsqueeze_dims::<4>(&[2, 3])
         });

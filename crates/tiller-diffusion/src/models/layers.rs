@@ -66,12 +66,14 @@ pub fn layer_norm(d: usize, eps: f64, device: &Device) -> LayerNorm {
     LayerNormConfig::new(d).with_epsilon(eps).init(device)
 }
 
-/// diffusers' `ResnetBlock2D` with the default time-embedding shift ("default": added, not scale-shift).
+/// diffusers' `ResnetBlock2D` with the default time-embedding shift ("default": added, not
+/// scale-shift). The VAE's blocks have no time embedding (`temb_channels=None`): no
+/// `time_emb_proj`.
 #[derive(Module, Debug)]
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
     pub conv1: Conv2d,
-    pub time_emb_proj: Linear,
+    pub time_emb_proj: Option<Linear>,
     pub norm2: GroupNorm,
     pub conv2: Conv2d,
     /// 1x1 projection of the input when input and output channels differ.
@@ -80,10 +82,11 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
+    /// `temb`: width of the time embedding, `None` for a block without one.
     pub fn new(
         c_in: usize,
         c_out: usize,
-        temb: usize,
+        temb: Option<usize>,
         groups: usize,
         eps: f64,
         output_scale_factor: f64,
@@ -92,7 +95,7 @@ impl ResnetBlock2D {
         Self {
             norm1: group_norm(groups, c_in, eps, device),
             conv1: conv2d(c_in, c_out, 3, 1, device),
-            time_emb_proj: linear(temb, c_out, true, device),
+            time_emb_proj: temb.map(|t| linear(t, c_out, true, device)),
             norm2: group_norm(groups, c_out, eps, device),
             conv2: conv2d(c_out, c_out, 3, 1, device),
             conv_shortcut: (c_in != c_out).then(|| conv2d(c_in, c_out, 1, 1, device)),
@@ -100,14 +103,23 @@ impl ResnetBlock2D {
         }
     }
 
-    /// x: [B, C_in, H, W], temb: [B, T] -> [B, C_out, H, W]
+    /// x: [B, C_in, H, W], temb: [B, T] (ignored by a block without `time_emb_proj`)
+    /// -> [B, C_out, H, W]
     pub fn forward(&self, x: Tensor<4>, temb: Tensor<2>) -> Tensor<4> {
+        self.forward_with(x, Some(temb))
+    }
+
+    /// The block without a time embedding, as the VAE runs it. x: [B, C_in, H, W] -> [B, C_out, H, W]
+    pub fn forward_unconditional(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_with(x, None)
+    }
+
+    fn forward_with(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
         let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let t = self
-            .time_emb_proj
-            .forward(silu(temb))
-            .unsqueeze_dims::<4>(&[2, 3]);
-        let h = h + t;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => h + proj.forward(silu(temb)).unsqueeze_dims::<4>(&[2, 3]),
+            _ => h,
+        };
         let h = self.conv2.forward(silu(self.norm2.forward(h)));
         let skip = match &self.conv_shortcut {
             Some(c) => conv1x1(c, x),
@@ -129,12 +141,17 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
+    /// `padding` as diffusers' `downsample_padding`: pixels on every side, except that 0 means
+    /// one pixel on the bottom and right only (diffusers pads `(0, 1, 0, 1)` before the
+    /// convolution; the VAE's encoder uses this).
     pub fn new(channels: usize, padding: usize, device: &Device) -> Self {
+        let pad = match padding {
+            0 => PaddingConfig2d::Explicit(0, 0, 1, 1),
+            p => PaddingConfig2d::Explicit(p, p, p, p),
+        };
         let conv = Conv2dConfig::new([channels, channels], [3, 3])
             .with_stride([2, 2])
-            .with_padding(PaddingConfig2d::Explicit(
-                padding, padding, padding, padding,
-            ))
+            .with_padding(pad)
             .init(device);
         Self { conv }
     }

@@ -8,10 +8,12 @@ pub mod clip;
 pub mod layers;
 pub mod lora;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::weights::{
     HostTensor, collect_tensors, load_into, read_safetensors, refuse_pickle,
 };
@@ -31,9 +33,10 @@ pub const TRANSFORMERS_WEIGHTS: &str = "model";
 pub enum ModelKind {
     UNet2DCondition,
     ClipText,
+    AutoencoderKL,
 }
 
-/// Reads config.json's class to tell a UNet folder from a CLIP text-encoder folder.
+/// Reads config.json's class to tell a UNet, VAE or CLIP text-encoder folder apart.
 pub fn detect_kind(folder: &Path) -> Result<ModelKind> {
     let path = folder.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -48,12 +51,14 @@ pub fn detect_kind(folder: &Path) -> Result<ModelKind> {
     let model_type = v.get("model_type").and_then(|c| c.as_str());
     match (class, arch, model_type) {
         (Some("UNet2DConditionModel"), _, _) => Ok(ModelKind::UNet2DCondition),
+        (Some("AutoencoderKL"), _, _) => Ok(ModelKind::AutoencoderKL),
         (_, Some("CLIPTextModel"), _) | (_, _, Some("clip_text_model")) => Ok(ModelKind::ClipText),
         _ => Err(Error::format(
             &path,
             format!(
                 "unsupported model (_class_name {class:?}, architectures[0] {arch:?}, model_type \
-                 {model_type:?}); supported: UNet2DConditionModel, CLIPTextModel"
+                 {model_type:?}); supported: UNet2DConditionModel, AutoencoderKL, \
+                 CLIPTextModel"
             ),
         )),
     }
@@ -122,6 +127,24 @@ pub fn load_unet(
     Ok((config, model))
 }
 
+/// Loads a diffusers `AutoencoderKL` folder (config.json + diffusion_pytorch_model.safetensors),
+/// with the mid-block attention under its current names or diffusers' deprecated ones.
+pub fn load_vae(
+    folder: &Path,
+    variant: Option<&str>,
+    device: &Device,
+) -> Result<(AutoencoderKLConfig, AutoencoderKL)> {
+    let config: AutoencoderKLConfig =
+        tiller_core::config::from_json_file(&folder.join("config.json"))?;
+    config
+        .validate()
+        .map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
+    let (source, mut tensors) = read_folder_weights(folder, DIFFUSERS_WEIGHTS, variant)?;
+    vae::rename_deprecated_attention(&mut tensors);
+    let model = load_into(config.init(device)?, &tensors, &source)?;
+    Ok((config, model))
+}
+
 /// Loads a transformers `CLIPTextModel` folder (config.json + model.safetensors), saved by
 /// transformers 4 (`text_model.`-prefixed names) or 5 (unprefixed).
 pub fn load_clip_text(
@@ -174,6 +197,11 @@ pub fn save_unet(
     config: &UNet2DConditionConfig,
     model: &UNet2DConditionModel,
 ) -> Result<()> {
+    save_folder(folder, config, model, DIFFUSERS_WEIGHTS)
+}
+
+/// Saves a VAE as diffusers' `save_pretrained` does.
+pub fn save_vae(folder: &Path, config: &AutoencoderKLConfig, model: &AutoencoderKL) -> Result<()> {
     save_folder(folder, config, model, DIFFUSERS_WEIGHTS)
 }
 

@@ -437,7 +437,7 @@ impl UNet2DConditionConfig {
             let resnets = (0..plan.layers[i])
                 .map(|j| {
                     let cin = if j == 0 { c_in } else { c_out };
-                    ResnetBlock2D::new(cin, c_out, temb, groups, eps, 1.0, device)
+                    ResnetBlock2D::new(cin, c_out, Some(temb), groups, eps, 1.0, device)
                 })
                 .collect();
             let attentions = match kind {
@@ -475,7 +475,7 @@ impl UNet2DConditionConfig {
                     ResnetBlock2D::new(
                         c_mid,
                         c_mid,
-                        temb,
+                        Some(temb),
                         groups,
                         eps,
                         self.mid_block_scale_factor,
@@ -509,7 +509,7 @@ impl UNet2DConditionConfig {
                 .map(|j| {
                     let skip = if j == num_layers - 1 { c_in } else { c_out };
                     let res_in = if j == 0 { prev_out } else { c_out };
-                    ResnetBlock2D::new(res_in + skip, c_out, temb, groups, eps, 1.0, device)
+                    ResnetBlock2D::new(res_in + skip, c_out, Some(temb), groups, eps, 1.0, device)
                 })
                 .collect();
             let attentions = match kind {
