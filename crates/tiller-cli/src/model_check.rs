@@ -72,7 +72,11 @@ pub fn run(
         }
         ModelKind::ClipText => {
             let (config, model) = load_clip_text(folder, variant, &device)?;
-            println!("CLIPTextModel from {}", folder.display());
+            let class = match config.with_projection() {
+                true => "CLIPTextModelWithProjection",
+                false => "CLIPTextModel",
+            };
+            println!("{class} from {}", folder.display());
             println!("{}", serde_json::to_string_pretty(&config)?);
             if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
                 let ids = input(inputs, "input_ids", path)?;
@@ -90,6 +94,9 @@ pub fn run(
                 let out = model.forward_ids(&rows, &device)?;
                 outputs.insert("last_hidden_state".into(), host(out.last_hidden_state));
                 outputs.insert("pooler_output".into(), host(out.pooler_output));
+                if let Some(embeds) = out.text_embeds {
+                    outputs.insert("text_embeds".into(), host(embeds));
+                }
             }
             parameter_shapes(&model)
         }

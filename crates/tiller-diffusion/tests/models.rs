@@ -206,6 +206,42 @@ fn clip_gradients_match_pytorch() {
     assert!(checked >= 5);
 }
 
+/// SDXL's `text_encoder_2`: the pooled `text_embeds` through `text_projection`, and the
+/// penultimate hidden states it conditions on, in value and gradient; saved and reloaded as the
+/// same class.
+#[test]
+fn clip_with_projection_matches_transformers() {
+    let name = "tiny-clip-projection";
+    clip_folder_matches(&fixture(name), name, None, 1e-4);
+    let device = Device::flex().autodiff();
+    let (cfg, clip) = load_clip_text(&fixture(name), None, &device).unwrap();
+    assert!(cfg.with_projection());
+    let io = io(name);
+    let out = clip.forward_ids(&input_ids(name), &device).unwrap();
+    let embeds = out.text_embeds.expect("a projection model returns text_embeds");
+    assert_matches(&values(embeds.clone()), &io["text_embeds"], 1e-4, "text_embeds");
+    let n = out.hidden_states.len();
+    let loss = (embeds * to_device::<2>(&io["loss_weights_embeds"], &device).unwrap()).sum()
+        + (out.hidden_states[n - 2].clone() * to_device::<3>(&io["loss_weights"], &device).unwrap())
+            .sum();
+    let grads = loss.backward();
+    let params = collect_gradients(&clip, &grads);
+    let mut checked = 0;
+    for (key, golden) in io.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let actual = &params[&key["grad.".len()..]].data;
+        assert_matches(actual, golden, 1e-3, key);
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+    let dir = std::env::temp_dir().join(format!("tiller-clip-proj-{}", std::process::id()));
+    models::save_clip_text(&dir, &cfg, &clip).unwrap();
+    assert_eq!(models::detect_kind(&dir).unwrap(), models::ModelKind::ClipText);
+    let saved = read_safetensors(&dir.join("model.safetensors")).unwrap();
+    assert!(saved.contains_key("text_projection.weight"));
+    clip_folder_matches(&dir, name, None, 1e-4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn save_then_load_round_trips_exactly() {
     let device = Device::flex();

@@ -135,6 +135,14 @@ impl ClipTextConfig {
         Ok(())
     }
 
+    /// Whether `architectures` names `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`),
+    /// which adds `text_projection` to `projection_dim` on the pooled output.
+    pub fn with_projection(&self) -> bool {
+        self.architectures
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|c| c == "CLIPTextModelWithProjection"))
+    }
+
     /// A randomly initialised model on `device`.
     pub fn init(&self, device: &Device) -> Result<ClipTextModel> {
         self.validate()?;
@@ -168,6 +176,9 @@ impl ClipTextConfig {
                 encoder: ClipEncoder { layers },
                 final_layer_norm: layer_norm(d, eps, device),
             },
+            text_projection: self
+                .with_projection()
+                .then(|| linear(d, self.projection_dim, false, device)),
             eos_token_id: self.eos_token_id,
             max_positions: self.max_position_embeddings,
             vocab_size: self.vocab_size,
@@ -221,8 +232,9 @@ pub struct ClipTextTransformer {
 pub const TEXT_MODEL_PREFIX: &str = "text_model.";
 
 /// Names a `CLIPTextModel` file's tensors as this module does: a file where no tensor has the
-/// `text_model.` prefix (transformers 5's layout) gets it on every name; any other file is
-/// returned as it is, so a file mixing the layouts fails loading with each stray tensor named.
+/// `text_model.` prefix (transformers 5's layout) gets it on every name but `text_projection.*`;
+/// any other file is returned as it is, so a file mixing the layouts fails loading with each
+/// stray tensor named.
 /// The flag says whether names were changed, for error messages.
 pub fn with_text_model_prefix<T>(
     tensors: std::collections::BTreeMap<String, T>,
@@ -232,15 +244,21 @@ pub fn with_text_model_prefix<T>(
     }
     let renamed = tensors
         .into_iter()
-        .map(|(k, v)| (format!("{TEXT_MODEL_PREFIX}{k}"), v))
+        .map(|(k, v)| match k.starts_with("text_projection.") {
+            true => (k, v),
+            false => (format!("{TEXT_MODEL_PREFIX}{k}"), v),
+        })
         .collect();
     (renamed, true)
 }
 
-/// transformers' `CLIPTextModel`.
+/// transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` when `text_projection` is
+/// present (same names: `text_model.*`, `text_projection.weight`).
 #[derive(Module, Debug)]
 pub struct ClipTextModel {
     pub text_model: ClipTextTransformer,
+    /// `hidden_size -> projection_dim`, no bias.
+    pub text_projection: Option<Linear>,
     pub eos_token_id: i64,
     pub max_positions: usize,
     pub vocab_size: usize,
@@ -256,6 +274,9 @@ pub struct ClipTextOutput {
     /// The embeddings and each layer's output, before the final LayerNorm: `num_hidden_layers + 1`
     /// tensors [B, L, D]; `hidden_states[len - 2]` is the "penultimate layer" of clip-skip.
     pub hidden_states: Vec<Tensor<3>>,
+    /// [B, projection_dim]: `text_projection(pooler_output)`, for `CLIPTextModelWithProjection`
+    /// (the pooled embedding SDXL adds to the UNet's time embedding).
+    pub text_embeds: Option<Tensor<2>>,
 }
 
 impl ClipEncoderLayer {
@@ -368,10 +389,16 @@ impl ClipTextModel {
                     .reshape([1, d])
             })
             .collect();
+        let pooler_output = Tensor::cat(pooled, 0);
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|p| p.forward(pooler_output.clone()));
         ClipTextOutput {
             last_hidden_state: last,
-            pooler_output: Tensor::cat(pooled, 0),
+            pooler_output,
             hidden_states,
+            text_embeds,
         }
     }
 }

@@ -52,13 +52,14 @@ pub fn detect_kind(folder: &Path) -> Result<ModelKind> {
     match (class, arch, model_type) {
         (Some("UNet2DConditionModel"), _, _) => Ok(ModelKind::UNet2DCondition),
         (Some("AutoencoderKL"), _, _) => Ok(ModelKind::AutoencoderKL),
-        (_, Some("CLIPTextModel"), _) | (_, _, Some("clip_text_model")) => Ok(ModelKind::ClipText),
+        (_, Some("CLIPTextModel" | "CLIPTextModelWithProjection"), _)
+        | (_, _, Some("clip_text_model")) => Ok(ModelKind::ClipText),
         _ => Err(Error::format(
             &path,
             format!(
                 "unsupported model (_class_name {class:?}, architectures[0] {arch:?}, model_type \
                  {model_type:?}); supported: UNet2DConditionModel, AutoencoderKL, \
-                 CLIPTextModel"
+                 CLIPTextModel, CLIPTextModelWithProjection"
             ),
         )),
     }
