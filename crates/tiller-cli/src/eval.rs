@@ -9,6 +9,7 @@ use crate::args::{BestOfArgs, SamplingArgs, load_model, load_reward};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::path::{Path, PathBuf};
+use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
 use tiller_eval::evaluate::{Evaluation, Source, evaluate};
 use tiller_eval::report::{Report, best_of};
 use tiller_eval::sampling::{check_resolution, sample_prompts};
@@ -17,7 +18,8 @@ use tiller_testbed::{Image, Tokenizer, geneval};
 #[derive(Args)]
 pub struct SampleArgs {
     /// A pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/), an
-    /// alignment run or one of its checkpoints.
+    /// alignment run or one of its checkpoints, or a diffusers StableDiffusionPipeline folder
+    /// (SD 1.x/2.x; default 50 steps at guidance 7.5, as diffusers).
     #[arg(long, default_value = "assets/testbed-base")]
     model: PathBuf,
     /// The prompt (repeatable).
@@ -57,6 +59,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     }
     crate::ensure_new_out(&args.out)?;
     let device = tiller_core::device::parse_device(&args.sampling.device)?;
+    let located = crate::shipped::resolve(&args.model);
+    if is_stable_diffusion(&located) {
+        return sample_stable_diffusion(&args, &located, &texts, &device);
+    }
     let (pipe, tokenizer) = load_model(&args.model, &device)?;
     check_resolution(&pipe, args.sampling.resolution)?;
     // Tokenise everything first: an unknown word fails before any sampling.
@@ -74,6 +80,63 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         rows = best_of(rows, &texts, n, r.as_ref())?;
     }
     let images: Vec<Image> = rows.into_iter().flatten().collect();
+    geneval::write_grid_png(&args.out, &images, args.n)?;
+    println!("wrote {} images to {}", images.len(), args.out.display());
+    Ok(())
+}
+
+/// `tiller sample` on a diffusers `StableDiffusionPipeline` folder: DDIM (eta 0, or 1 with
+/// `--sampler ancestral`) from the folder's noise schedule, diffusers' defaults of 50 steps and
+/// guidance 7.5, images at the UNet's `sample_size` times the VAE's scale factor.
+fn sample_stable_diffusion(
+    args: &SampleArgs,
+    folder: &Path,
+    texts: &[String],
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    if args.selection.best_of > 1 {
+        bail!(
+            "--best-of needs a reward for this model's images; it is not available for Stable Diffusion folders yet"
+        );
+    }
+    let mut sd = StableDiffusion::load(folder, device)
+        .with_context(|| format!("loading the model {}", folder.display()))?;
+    let s = &args.sampling;
+    if let tiller_diffusion::SchedulerConfig::Ddim(c) = &mut sd.scheduler {
+        c.eta = match s.sampler {
+            Some(crate::args::Sampler::Ancestral) => 1.0,
+            _ => 0.0,
+        };
+    }
+    let side = match s.resolution {
+        Some(r) => r,
+        None => sd.default_resolution()?,
+    };
+    let prompts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for p in &prompts {
+        let t = sd.tokenizer.encode(p)?;
+        if t.dropped > 0 {
+            eprintln!(
+                "warning: {p:?} is longer than the tokenizer's {} tokens; {} were cut",
+                sd.tokenizer.max_length(),
+                t.dropped
+            );
+        }
+    }
+    let seeds: Vec<u64> = (0..args.n as u64).map(|i| args.seed + i).collect();
+    let rows = sd.sample_prompts(
+        &prompts,
+        &seeds,
+        s.steps.unwrap_or(50),
+        s.guidance.unwrap_or(7.5),
+        (side, side),
+        s.batch,
+        device,
+    )?;
+    let mut images = Vec::new();
+    for row in rows {
+        images.extend(tiller_reward::tensor_to_images(row * 2.0 - 1.0)?);
+    }
     geneval::write_grid_png(&args.out, &images, args.n)?;
     println!("wrote {} images to {}", images.len(), args.out.display());
     Ok(())

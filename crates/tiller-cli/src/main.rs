@@ -106,13 +106,15 @@ enum ModelCommand {
     /// Load a model folder (config.json + safetensors), print its config and parameter count, and
     /// optionally run one forward pass on named input tensors.
     Check {
-        /// A diffusers `UNet2DConditionModel` or transformers `CLIPTextModel` folder.
+        /// A diffusers `UNet2DConditionModel` or `AutoencoderKL` folder, or a transformers
+        /// `CLIPTextModel(WithProjection)` folder.
         folder: PathBuf,
         /// Weight variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
         #[arg(long)]
         variant: Option<String>,
         /// Input tensors named as diffusers/transformers name the forward arguments: `sample`,
-        /// `timestep`, `encoder_hidden_states` (UNet) or `input_ids` (CLIP).
+        /// `timestep`, `encoder_hidden_states` (UNet; SDXL's also `text_embeds`, `time_ids`),
+        /// `input_ids` (CLIP), or `sample` and/or `latents` (VAE).
         #[arg(long, requires = "out")]
         inputs: Option<PathBuf>,
         /// Where to write the outputs (`sample`; or `last_hidden_state`, `pooler_output`).

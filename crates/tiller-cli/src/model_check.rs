@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use tiller_diffusion::models::unet::AddedConditions;
 use tiller_diffusion::models::weights::{
     HostTensor, parameter_shapes, read_safetensors, to_device, write_safetensors,
 };
@@ -63,9 +64,29 @@ pub fn run(
                 };
                 let ctx = to_device::<3>(input(inputs, "encoder_hidden_states", path)?, &device)
                     .context("`encoder_hidden_states` must be [B, L, D]")?;
+                // SDXL's added_cond_kwargs.
+                let added = match model.takes_added_conditions() {
+                    false => None,
+                    true => Some(AddedConditions {
+                        text_embeds: to_device::<2>(input(inputs, "text_embeds", path)?, &device)
+                            .context("`text_embeds` must be [B, P]")?,
+                        time_ids: to_device::<2>(input(inputs, "time_ids", path)?, &device)
+                            .context("`time_ids` must be [B, 6]")?,
+                    }),
+                };
+                if let Some(a) = &added {
+                    let (p, ids) = (a.text_embeds.dims(), a.time_ids.dims());
+                    let want = config.pooled_text_dim().unwrap_or(0);
+                    if p != [b, want] || ids != [b, 6] {
+                        bail!(
+                            "`text_embeds` is {p:?} and `time_ids` {ids:?}; this UNet takes \
+                             [{b}, {want}] and [{b}, 6]"
+                        );
+                    }
+                }
                 outputs.insert(
                     "sample".to_string(),
-                    host(model.forward(sample, timestep, ctx)),
+                    host(model.forward_with(sample, timestep, ctx, added.as_ref())),
                 );
             }
             parameter_shapes(&model)

@@ -24,12 +24,22 @@ fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> f32 {
 
 #[test]
 fn unet_forward_through_the_cli_matches_diffusers() {
-    let dir = std::env::temp_dir().join(format!("tiller-cli-check-{}", std::process::id()));
+    unet_forward_through_the_cli("tiny-unet-sd1", &[]);
+}
+
+#[test]
+fn sdxl_unet_forward_through_the_cli_takes_its_added_conditions() {
+    unet_forward_through_the_cli("tiny-unet-sdxl", &["text_embeds", "time_ids"]);
+}
+
+fn unet_forward_through_the_cli(name: &str, added: &[&str]) {
+    let dir = std::env::temp_dir().join(format!("tiller-cli-check-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let folder = fixtures().join("tiny-unet-sd1");
+    let folder = fixtures().join(name);
     let io = read_safetensors(&folder.join("io.safetensors")).unwrap();
-    let inputs: BTreeMap<String, HostTensor> = ["sample", "timestep", "encoder_hidden_states"]
+    let mut inputs: BTreeMap<String, HostTensor> = ["sample", "timestep", "encoder_hidden_states"]
         .iter()
+        .chain(added)
         .map(|k| (k.to_string(), io[*k].clone()))
         .collect();
     write_safetensors(&dir.join("in.safetensors"), &inputs, Default::default()).unwrap();
@@ -50,6 +60,21 @@ fn unet_forward_through_the_cli_matches_diffusers() {
     );
     let got = read_safetensors(&out).unwrap();
     assert!(max_abs_diff(&got["sample"], &io["out_sample"]) < 1e-4);
+    if let Some(first) = added.first() {
+        // Without its added conditions the SDXL UNet is refused, naming the missing input.
+        inputs.remove(*first);
+        write_safetensors(&dir.join("in.safetensors"), &inputs, Default::default()).unwrap();
+        let (ok, text) = tiller(&[
+            "model",
+            "check",
+            folder.to_str().unwrap(),
+            "--inputs",
+            dir.join("in.safetensors").to_str().unwrap(),
+            "--out",
+            dir.join("out2.safetensors").to_str().unwrap(),
+        ]);
+        assert!(!ok && text.contains(first), "{text}");
+    }
 }
 
 #[test]
@@ -184,4 +209,47 @@ fn bad_folders_and_inputs_fail_with_a_named_cause() {
         "tpu",
     ]);
     assert!(!ok && text.contains("unknown device `tpu`"), "{text}");
+}
+
+#[test]
+fn sample_draws_from_a_stable_diffusion_folder_independently_of_the_batch() {
+    let dir = std::env::temp_dir().join(format!("tiller-cli-sd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let folder = fixtures().join("tiny-sd-pipeline");
+    let run = |batch: &str, out: &Path| {
+        tiller(&[
+            "sample",
+            "--model",
+            folder.to_str().unwrap(),
+            "--prompt",
+            "a photo of a red cube",
+            "--prompt",
+            "an astronaut riding a horse",
+            "--n",
+            "3",
+            "--steps",
+            "3",
+            "--batch",
+            batch,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+    let (ok, text) = run("1", &a);
+    assert!(ok && text.contains("wrote 6 images"), "{text}");
+    let (ok, text) = run("4", &b);
+    assert!(ok, "{text}");
+    let grid = std::fs::read(&a).unwrap();
+    assert_eq!(
+        grid,
+        std::fs::read(&b).unwrap(),
+        "the batch changed the images"
+    );
+    // The grid is 3 images of 16x16 across and 2 down with one-pixel gaps (IHDR width, height).
+    assert_eq!(&grid[16..24], &[0, 0, 0, 50, 0, 0, 0, 33]);
+    // An existing output is not overwritten.
+    let (ok, text) = run("4", &b);
+    assert!(!ok && text.contains("--out"), "{text}");
 }

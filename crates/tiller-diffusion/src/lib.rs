@@ -9,6 +9,7 @@ pub mod models;
 pub mod pipeline;
 pub mod sampling;
 pub mod schedulers;
+pub mod stable_diffusion;
 
 pub use distribution::{Gaussian, LogProbReduction};
 pub use schedulers::{Scheduler, SchedulerConfig, StepOutput};

@@ -15,7 +15,7 @@
 //! an image depends on (seed, its index) and never on the batch it was sampled in.
 
 use crate::distribution::{Gaussian, LogProbReduction};
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{AddedConditions, UNet2DConditionModel};
 use crate::schedulers::Scheduler;
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -99,11 +99,34 @@ impl NoiseSource for ExampleNoise {
 pub trait Denoiser {
     /// x_t: [B, C, H, W], timesteps: [B], context: [B, L, D] -> prediction [B, C, H, W]
     fn predict(&self, x_t: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>) -> Tensor<4>;
+
+    /// [`Self::predict`] with SDXL's added conditioning (pooled text embeddings and time ids,
+    /// batched as x_t). Only models that take it need to implement this.
+    fn predict_added(
+        &self,
+        x_t: Tensor<4>,
+        timesteps: Tensor<1>,
+        context: Tensor<3>,
+        added: &AddedConditions,
+    ) -> Tensor<4> {
+        let _ = added;
+        self.predict(x_t, timesteps, context)
+    }
 }
 
 impl Denoiser for UNet2DConditionModel {
     fn predict(&self, x_t: Tensor<4>, timesteps: Tensor<1>, context: Tensor<3>) -> Tensor<4> {
         self.forward(x_t, timesteps, context)
+    }
+
+    fn predict_added(
+        &self,
+        x_t: Tensor<4>,
+        timesteps: Tensor<1>,
+        context: Tensor<3>,
+        added: &AddedConditions,
+    ) -> Tensor<4> {
+        self.forward_with(x_t, timesteps, context, Some(added))
     }
 }
 
@@ -121,6 +144,9 @@ pub struct Conditioning {
     /// The empty prompt's hidden states [B, L, D] and the guidance scale, for classifier-free
     /// guidance; `None` samples from the conditional model alone.
     pub guidance: Option<(Tensor<3>, f64)>,
+    /// SDXL's added conditioning for the prompts and, under guidance, for the unconditional
+    /// half: `(cond, uncond)`.
+    pub added: Option<(AddedConditions, Option<AddedConditions>)>,
 }
 
 impl Conditioning {
@@ -129,7 +155,15 @@ impl Conditioning {
         Self {
             context,
             guidance: None,
+            added: None,
         }
+    }
+
+    /// With SDXL's added conditioning: `cond` for the prompts, `uncond` for the unconditional
+    /// half under guidance.
+    pub fn with_added(mut self, cond: AddedConditions, uncond: Option<AddedConditions>) -> Self {
+        self.added = Some((cond, uncond));
+        self
     }
 
     /// With classifier-free guidance at `scale` against the unconditional `uncond` [B, L, D].
@@ -145,7 +179,10 @@ impl Conditioning {
         match &self.guidance {
             None => {
                 let ts = Tensor::<1>::from_data(TensorData::new(vec![t as f32; b], [b]), &device);
-                model.predict(x_t, ts, self.context.clone())
+                match &self.added {
+                    None => model.predict(x_t, ts, self.context.clone()),
+                    Some((added, _)) => model.predict_added(x_t, ts, self.context.clone(), added),
+                }
             }
             Some((uncond, scale)) => {
                 let ts = Tensor::<1>::from_data(
@@ -154,7 +191,15 @@ impl Conditioning {
                 );
                 let x = Tensor::cat(vec![x_t.clone(), x_t], 0);
                 let ctx = Tensor::cat(vec![uncond.clone(), self.context.clone()], 0);
-                let out = model.predict(x, ts, ctx);
+                let out = match &self.added {
+                    None => model.predict(x, ts, ctx),
+                    Some((cond, uncond)) => {
+                        let uncond = uncond
+                            .as_ref()
+                            .expect("guided SDXL conditioning has an unconditional half");
+                        model.predict_added(x, ts, ctx, &uncond.cat(cond))
+                    }
+                };
                 let mut halves = out.chunk(2, 0);
                 let cond = halves.pop().expect("two halves");
                 let unc = halves.pop().expect("two halves");
@@ -171,6 +216,10 @@ impl Conditioning {
                 .guidance
                 .as_ref()
                 .map(|(u, s)| (u.clone().to_device(device), *s)),
+            added: self
+                .added
+                .as_ref()
+                .map(|(c, u)| (c.to_device(device), u.as_ref().map(|u| u.to_device(device)))),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The UNet and the CLIP text encoder against diffusers/transformers goldens made by
+//! The UNet (SD 1.x, 2.x and SDXL layouts) and the CLIP text encoder against diffusers/transformers goldens made by
 //! `scripts/fixtures/models.py`: forward outputs within 1e-4 relative, parameter and input
 //! gradients of a scalar loss within 1e-3 relative, f16/bf16 weight loading, save round-trips and
 //! the errors for bad folders.
@@ -6,6 +6,7 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use tiller_diffusion::models::unet::AddedConditions;
 use tiller_diffusion::models::weights::{
     HostTensor, collect_gradients, read_safetensors, to_device,
 };
@@ -56,14 +57,25 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .unwrap()
 }
 
+/// SDXL's `text_embeds` and `time_ids` when the fixture has them.
+fn added(io: &BTreeMap<String, HostTensor>, device: &Device) -> Option<AddedConditions> {
+    Some(AddedConditions {
+        text_embeds: to_device(io.get("text_embeds")?, device).unwrap(),
+        time_ids: to_device(&io["time_ids"], device).unwrap(),
+    })
+}
+
 fn unet_forward_matches(name: &str, variant: Option<&str>, golden_key: &str) {
     let device = Device::flex();
     let (_, unet) = load_unet(&fixture(name), variant, &device).unwrap();
     let io = io(name);
-    let out = unet.forward(
+    let added = added(&io, &device);
+    assert_eq!(unet.takes_added_conditions(), added.is_some());
+    let out = unet.forward_with(
         to_device(&io["sample"], &device).unwrap(),
         to_device(&io["timestep"], &device).unwrap(),
         to_device(&io["encoder_hidden_states"], &device).unwrap(),
+        added.as_ref(),
     );
     assert_matches(
         &values(out),
@@ -84,6 +96,17 @@ fn unet_sd2_forward_matches_diffusers() {
 }
 
 #[test]
+fn unet_sdxl_with_text_time_conditioning_matches_diffusers() {
+    unet_forward_matches("tiny-unet-sdxl", None, "out_sample");
+    unet_forward_matches("tiny-unet-sdxl", Some("fp16"), "out_sample_fp16_weights");
+}
+
+#[test]
+fn unet_sdxl_gradients_match_pytorch() {
+    unet_gradients_match("tiny-unet-sdxl");
+}
+
+#[test]
 fn unet_fp16_weights_load_and_match() {
     unet_forward_matches("tiny-unet-sd1", Some("fp16"), "out_sample_fp16_weights");
 }
@@ -98,10 +121,15 @@ fn unet_gradients_match(name: &str) {
     let context = to_device::<3>(&io["encoder_hidden_states"], &device)
         .unwrap()
         .require_grad();
-    let out = unet.forward(
+    let added = added(&io, &device).map(|a| AddedConditions {
+        text_embeds: a.text_embeds.require_grad(),
+        ..a
+    });
+    let out = unet.forward_with(
         sample.clone(),
         to_device(&io["timestep"], &device).unwrap(),
         context.clone(),
+        added.as_ref(),
     );
     let loss = (out * to_device::<4>(&io["loss_weights"], &device).unwrap()).sum();
     let grads = loss.backward();
@@ -112,6 +140,14 @@ fn unet_gradients_match(name: &str) {
         let actual = match name {
             "sample" => values(sample.grad(&grads).unwrap()),
             "encoder_hidden_states" => values(context.grad(&grads).unwrap()),
+            "text_embeds" => values(
+                added
+                    .as_ref()
+                    .expect("SDXL inputs")
+                    .text_embeds
+                    .grad(&grads)
+                    .unwrap(),
+            ),
             _ => params
                 .get(name)
                 .unwrap_or_else(|| panic!("no gradient for `{name}`"))
@@ -218,12 +254,20 @@ fn clip_with_projection_matches_transformers() {
     assert!(cfg.with_projection());
     let io = io(name);
     let out = clip.forward_ids(&input_ids(name), &device).unwrap();
-    let embeds = out.text_embeds.expect("a projection model returns text_embeds");
-    assert_matches(&values(embeds.clone()), &io["text_embeds"], 1e-4, "text_embeds");
+    let embeds = out
+        .text_embeds
+        .expect("a projection model returns text_embeds");
+    assert_matches(
+        &values(embeds.clone()),
+        &io["text_embeds"],
+        1e-4,
+        "text_embeds",
+    );
     let n = out.hidden_states.len();
     let loss = (embeds * to_device::<2>(&io["loss_weights_embeds"], &device).unwrap()).sum()
-        + (out.hidden_states[n - 2].clone() * to_device::<3>(&io["loss_weights"], &device).unwrap())
-            .sum();
+        + (out.hidden_states[n - 2].clone()
+            * to_device::<3>(&io["loss_weights"], &device).unwrap())
+        .sum();
     let grads = loss.backward();
     let params = collect_gradients(&clip, &grads);
     let mut checked = 0;
@@ -235,7 +279,10 @@ fn clip_with_projection_matches_transformers() {
     assert_eq!(checked, 4);
     let dir = std::env::temp_dir().join(format!("tiller-clip-proj-{}", std::process::id()));
     models::save_clip_text(&dir, &cfg, &clip).unwrap();
-    assert_eq!(models::detect_kind(&dir).unwrap(), models::ModelKind::ClipText);
+    assert_eq!(
+        models::detect_kind(&dir).unwrap(),
+        models::ModelKind::ClipText
+    );
     let saved = read_safetensors(&dir.join("model.safetensors")).unwrap();
     assert!(saved.contains_key("text_projection.weight"));
     clip_folder_matches(&dir, name, None, 1e-4);

@@ -333,8 +333,12 @@ impl UNet2DConditionConfig {
         if self.num_class_embeds.is_some() {
             return unsupported("num_class_embeds", &self.num_class_embeds);
         }
-        if self.addition_embed_type.is_some() {
-            return unsupported("addition_embed_type", &self.addition_embed_type);
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                self.text_time_dims()?;
+            }
+            Some(_) => return unsupported("addition_embed_type", &self.addition_embed_type),
         }
         if self.resnet_time_scale_shift != "default" {
             return unsupported("resnet_time_scale_shift", &self.resnet_time_scale_shift);
@@ -400,6 +404,45 @@ impl UNet2DConditionConfig {
             }
         }
         Ok(())
+    }
+
+    /// `addition_time_embed_dim` and `projection_class_embeddings_input_dim` of SDXL's
+    /// `text_time` added conditioning; `None` without it.
+    pub fn text_time_dims(&self) -> Result<Option<(usize, usize)>> {
+        if self.addition_embed_type.as_deref() != Some("text_time") {
+            return Ok(None);
+        }
+        let need = |v: Option<usize>, field: &str| {
+            v.filter(|&d| d > 0).ok_or_else(|| {
+                Error::config(
+                    field,
+                    "must be a positive integer with addition_embed_type \"text_time\"",
+                )
+            })
+        };
+        let time = need(self.addition_time_embed_dim, "addition_time_embed_dim")?;
+        let input = need(
+            self.projection_class_embeddings_input_dim,
+            "projection_class_embeddings_input_dim",
+        )?;
+        if input <= 6 * time {
+            return Err(Error::config(
+                "projection_class_embeddings_input_dim",
+                format!(
+                    "{input} leaves no room for the pooled text embedding after the six time ids \
+                     of {time} each"
+                ),
+            ));
+        }
+        Ok(Some((time, input)))
+    }
+
+    /// Width of the pooled text embedding SDXL's UNet takes (`text_embeds`), if it takes one.
+    pub fn pooled_text_dim(&self) -> Option<usize> {
+        self.text_time_dims()
+            .ok()
+            .flatten()
+            .map(|(time, input)| input - 6 * time)
     }
 
     fn plan(&self) -> Result<Plan> {
@@ -540,12 +583,18 @@ impl UNet2DConditionConfig {
             });
         }
 
+        let text_time = self.text_time_dims()?;
         Ok(UNet2DConditionModel {
             conv_in: conv2d(self.in_channels, boc[0], 3, 1, device),
             time_embedding: TimestepEmbedding {
                 linear_1: linear(boc[0], temb, true, device),
                 linear_2: linear(temb, temb, true, device),
             },
+            add_embedding: text_time.map(|(_, input)| TimestepEmbedding {
+                linear_1: linear(input, temb, true, device),
+                linear_2: linear(temb, temb, true, device),
+            }),
+            add_time_proj_dim: text_time.map_or(0, |(time, _)| time),
             down_blocks,
             mid_block,
             up_blocks,
@@ -589,11 +638,43 @@ pub struct UpBlock {
     pub upsamplers: Vec<Upsample2D>,
 }
 
-/// diffusers' `UNet2DConditionModel` (SD 1.x / 2.x block types).
+/// SDXL's added conditioning, diffusers' `added_cond_kwargs`.
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    /// [B, P]: the pooled output of the second text encoder (`text_embeds`).
+    pub text_embeds: Tensor<2>,
+    /// [B, 6]: original height and width, crop top and left, target height and width.
+    pub time_ids: Tensor<2>,
+}
+
+impl AddedConditions {
+    /// Both halves stacked along the batch, `self` first.
+    pub fn cat(&self, other: &Self) -> Self {
+        Self {
+            text_embeds: Tensor::cat(vec![self.text_embeds.clone(), other.text_embeds.clone()], 0),
+            time_ids: Tensor::cat(vec![self.time_ids.clone(), other.time_ids.clone()], 0),
+        }
+    }
+
+    /// The same on `device`.
+    pub fn to_device(&self, device: &Device) -> Self {
+        Self {
+            text_embeds: self.text_embeds.clone().to_device(device),
+            time_ids: self.time_ids.clone().to_device(device),
+        }
+    }
+}
+
+/// diffusers' `UNet2DConditionModel` (SD 1.x / 2.x / SDXL block types).
 #[derive(Module, Debug)]
 pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding` (`addition_embed_type: "text_time"`): Linear, SiLU, Linear on the
+    /// pooled text embedding concatenated with the sinusoidal projections of the six time ids.
+    pub add_embedding: Option<TimestepEmbedding>,
+    /// Width of each time id's sinusoidal projection (`add_time_proj`); 0 without it.
+    pub add_time_proj_dim: usize,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: MidBlock,
     pub up_blocks: Vec<UpBlock>,
@@ -639,11 +720,35 @@ impl UNet2DConditionModel {
     ///
     /// sample: [B, C_in, H, W], timesteps: [B], encoder_hidden_states: [B, L, cross_attention_dim]
     /// -> [B, C_out, H, W]
+    ///
+    /// # Panics
+    /// If the model has SDXL's added conditioning ([`Self::takes_added_conditions`]); use
+    /// [`Self::forward_with`].
     pub fn forward(
         &self,
         sample: Tensor<4>,
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
+    ) -> Tensor<4> {
+        self.forward_with(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// Whether the model needs [`AddedConditions`] (SDXL's `text_time`).
+    pub fn takes_added_conditions(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// [`Self::forward`] with SDXL's added conditioning, which a `text_time` model requires
+    /// and any other ignores.
+    ///
+    /// # Panics
+    /// If the model takes added conditions and `added` is `None`, or their shapes do not fit.
+    pub fn forward_with(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: Option<&AddedConditions>,
     ) -> Tensor<4> {
         let sample = if self.center_input_sample {
             sample * 2.0 - 1.0
@@ -656,10 +761,26 @@ impl UNet2DConditionModel {
             self.flip_sin_to_cos,
             self.freq_shift,
         );
-        let temb = self
+        let mut temb = self
             .time_embedding
             .linear_2
             .forward(silu(self.time_embedding.linear_1.forward(t)));
+        if let Some(add) = &self.add_embedding {
+            let added = added.expect(
+                "this UNet has SDXL's text_time conditioning: call forward_with with the pooled \
+                 text embeddings and time ids",
+            );
+            let [b, n] = added.time_ids.dims();
+            let ids = timestep_embedding(
+                added.time_ids.clone().reshape([b * n]),
+                self.add_time_proj_dim,
+                self.flip_sin_to_cos,
+                self.freq_shift,
+            )
+            .reshape([b, n * self.add_time_proj_dim]);
+            let x = Tensor::cat(vec![added.text_embeds.clone(), ids], 1);
+            temb = temb + add.linear_2.forward(silu(add.linear_1.forward(x)));
+        }
 
         let mut h = self.conv_in.forward(sample);
         let mut skips = vec![h.clone()];

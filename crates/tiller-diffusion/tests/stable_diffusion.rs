@@ -1,0 +1,286 @@
+//! Stable Diffusion pipelines saved by diffusers, sampled in Tiller from the same initial latents
+//! and DDIM settings as diffusers' `StableDiffusionPipeline.__call__`
+//! (`scripts/fixtures/sd_pipelines.py`): the SD 1.x layout with f32 weights and epsilon
+//! prediction, the SD 2.x layout with f16 weights and v-prediction, SDXL with bf16 weights (two
+//! text encoders, the UNet's added conditioning, zeroed negative embeddings). The prompt
+//! embeddings match within 1e-4 of scale, final latents and decoded images within 1e-3, with and
+//! without classifier-free guidance. Malformed folders are refused with errors naming the file.
+
+use burn::tensor::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tiller_core::SeededRng;
+use tiller_diffusion::models::weights::{HostTensor, read_safetensors, to_device};
+use tiller_diffusion::stable_diffusion::{ModelIndex, StableDiffusion, is_stable_diffusion};
+use tiller_testkit::assert_close;
+
+const PROMPTS: [&str; 2] = [
+    "a photo of a red cube",
+    "an astronaut riding a horse, highly detailed",
+];
+const STEPS: usize = 4;
+const GUIDANCE: f64 = 5.0;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn goldens(name: &str) -> BTreeMap<String, HostTensor> {
+    let path = fixture(name).join("goldens.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().as_ref().expect("metadata");
+    let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).unwrap();
+    assert_eq!(prompts, PROMPTS, "the fixture's prompts");
+    assert_eq!(meta["steps"], STEPS.to_string());
+    assert_eq!(meta["guidance"].parse::<f64>().unwrap(), GUIDANCE);
+    read_safetensors(&path).unwrap()
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+/// Within `rtol` of the golden's largest magnitude.
+fn assert_matches<const D: usize>(actual: Tensor<D>, golden: &HostTensor, rtol: f64, what: &str) {
+    assert_eq!(actual.dims().to_vec(), golden.shape, "{what}: shape");
+    let scale = golden.data.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    assert!(scale > 1e-3, "{what}: golden is all ~0");
+    let a = values(actual);
+    let worst = a
+        .iter()
+        .zip(&golden.data)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
+    println!("{what}: max |diff| {worst:.3e} (scale {scale:.3})");
+    assert_close(a, golden.data.clone(), 0.0, rtol * scale);
+}
+
+fn matches_diffusers(name: &str) {
+    let device = Device::flex();
+    let folder = fixture(name);
+    assert!(is_stable_diffusion(&folder));
+    let sd = StableDiffusion::load(&folder, &device).unwrap();
+    let g = goldens(name);
+    let side = sd.default_resolution().unwrap();
+    assert_eq!(side, g["images"].shape[2]);
+    let size = (side, side);
+
+    let cond = sd
+        .conditioning(&PROMPTS, None, GUIDANCE, size, &device)
+        .unwrap();
+    assert_matches(
+        cond.context.clone(),
+        &g["prompt_embeds"],
+        1e-4,
+        "prompt_embeds",
+    );
+    let (uncond, scale) = cond.guidance.clone().expect("guided");
+    assert_eq!(scale, GUIDANCE);
+    if sd.xl.is_some() {
+        // force_zeros_for_empty_prompt: the unconditional half is zeros, pooled output too.
+        assert!(values(uncond).iter().all(|v| *v == 0.0));
+        let (added, added_uncond) = cond.added.clone().expect("SDXL's added conditioning");
+        let added_uncond = added_uncond.expect("under guidance");
+        assert_matches(
+            added.text_embeds,
+            &g["pooled_prompt_embeds"],
+            1e-4,
+            "pooled",
+        );
+        assert!(values(added_uncond.text_embeds).iter().all(|v| *v == 0.0));
+        let ids = values(added.time_ids);
+        assert_eq!(ids.len(), 12);
+        assert_eq!(ids[..6], g["add_time_ids"].data[..], "add_time_ids");
+        assert_eq!(ids[6..], g["add_time_ids"].data[..], "add_time_ids");
+    } else {
+        assert!(cond.added.is_none());
+        assert_matches(
+            uncond,
+            &g["negative_prompt_embeds"],
+            1e-4,
+            "negative_prompt_embeds",
+        );
+    }
+
+    let latents = to_device::<4>(&g["latents"], &device).unwrap();
+    // eta = 0: the chain draws step noise (in a fixed order) but never uses it.
+    let mut noise = SeededRng::new(0);
+    let (images, final_latents) = sd
+        .generate(&cond, latents.clone(), STEPS, &mut noise)
+        .unwrap();
+    assert_matches(final_latents, &g["final_latents"], 1e-3, "final latents");
+    assert_matches(images, &g["images"], 1e-3, "images");
+
+    let plain = sd.conditioning(&PROMPTS, None, 1.0, size, &device).unwrap();
+    assert!(
+        plain.guidance.is_none(),
+        "guidance 1 runs the conditional model alone"
+    );
+    let (images, _) = sd
+        .generate(&plain, latents.clone(), STEPS, &mut noise)
+        .unwrap();
+    assert_matches(images, &g["images_no_cfg"], 1e-3, "images without guidance");
+
+    if let Some(golden) = g.get("images_empty_negative") {
+        // An explicit empty negative prompt is encoded, not zeroed.
+        let empty = sd
+            .conditioning(&PROMPTS, Some(&["", ""]), GUIDANCE, size, &device)
+            .unwrap();
+        let (images, _) = sd.generate(&empty, latents, STEPS, &mut noise).unwrap();
+        assert_matches(images, golden, 1e-3, "images with an empty negative prompt");
+    }
+}
+
+#[test]
+fn sd1_pipeline_samples_as_diffusers() {
+    matches_diffusers("tiny-sd-pipeline");
+}
+
+#[test]
+fn sd2_pipeline_with_f16_weights_and_v_prediction_samples_as_diffusers() {
+    matches_diffusers("tiny-sd2-pipeline");
+}
+
+#[test]
+fn sdxl_pipeline_with_bf16_weights_samples_as_diffusers() {
+    matches_diffusers("tiny-sdxl-pipeline");
+}
+
+/// A copy of the SD 1.x fixture to break.
+fn copy_pipeline(tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("tiller-sd-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(&fixture("tiny-sd-pipeline"), &dst);
+    dst
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+fn load_error(folder: &Path) -> String {
+    let err = StableDiffusion::load(folder, &Device::flex()).unwrap_err();
+    err.to_string()
+}
+
+fn edit_index(folder: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = folder.join("model_index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn the_model_index_lists_components_and_null_ones() {
+    let index = ModelIndex::read(&fixture("tiny-sd-pipeline")).unwrap();
+    assert_eq!(index.class_name, "StableDiffusionPipeline");
+    assert_eq!(index.class_of("vae"), Some("AutoencoderKL"));
+    assert_eq!(index.class_of("safety_checker"), None);
+    assert!(index.components.contains_key("safety_checker"));
+    assert!(!index.components.contains_key("requires_safety_checker"));
+    assert_eq!(index.options["requires_safety_checker"], false);
+}
+
+#[test]
+fn malformed_pipeline_folders_are_refused_naming_the_file() {
+    // No model_index.json.
+    let d = copy_pipeline("noindex");
+    std::fs::remove_file(d.join("model_index.json")).unwrap();
+    let e = load_error(&d);
+    assert!(e.contains("no model_index.json"), "{e}");
+    assert!(!is_stable_diffusion(&d));
+
+    // A component missing from the index.
+    let d = copy_pipeline("novae");
+    edit_index(&d, |m| {
+        m.remove("vae");
+    });
+    let e = load_error(&d);
+    assert!(
+        e.contains("model_index.json") && e.contains("no `vae` component"),
+        "{e}"
+    );
+
+    // Listed but its folder is gone.
+    let d = copy_pipeline("nofolder");
+    std::fs::remove_dir_all(d.join("vae")).unwrap();
+    let e = load_error(&d);
+    assert!(e.contains("vae") && e.contains("folder is missing"), "{e}");
+
+    // Another pipeline class.
+    let d = copy_pipeline("other");
+    edit_index(&d, |m| {
+        m.insert("_class_name".into(), "KandinskyPipeline".into());
+    });
+    let e = load_error(&d);
+    assert!(
+        e.contains("KandinskyPipeline") && e.contains("StableDiffusionXLPipeline"),
+        "{e}"
+    );
+
+    // Called SDXL but without its second text encoder.
+    let d = copy_pipeline("xl");
+    edit_index(&d, |m| {
+        m.insert("_class_name".into(), "StableDiffusionXLPipeline".into());
+    });
+    let e = load_error(&d);
+    assert!(e.contains("no `tokenizer_2` component"), "{e}");
+
+    // A scheduler Tiller does not sample with.
+    let d = copy_pipeline("euler");
+    edit_index(&d, |m| {
+        m.insert(
+            "scheduler".into(),
+            serde_json::json!(["diffusers", "EulerDiscreteScheduler"]),
+        );
+    });
+    let e = load_error(&d);
+    assert!(
+        e.contains("EulerDiscreteScheduler") && e.contains("DDIM"),
+        "{e}"
+    );
+
+    // Pickle-only weights.
+    let d = copy_pipeline("pickle");
+    let unet = d.join("unet");
+    std::fs::rename(
+        unet.join("diffusion_pytorch_model.safetensors"),
+        unet.join("diffusion_pytorch_model.bin"),
+    )
+    .unwrap();
+    let e = load_error(&d);
+    assert!(
+        e.contains("diffusion_pytorch_model.bin") && e.contains("safetensors"),
+        "{e}"
+    );
+
+    // Components that do not fit together: a tokenizer longer than the text encoder's positions.
+    let d = copy_pipeline("mismatch");
+    let cfg = d.join("tokenizer/tokenizer_config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"model_max_length\": 16", "\"model_max_length\": 77"),
+    )
+    .unwrap();
+    let e = load_error(&d);
+    assert!(
+        e.contains("text_encoder") && e.contains("max_position_embeddings 16") && e.contains("77"),
+        "{e}"
+    );
+}
