@@ -4,11 +4,14 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use tiller_diffusion::models::clip_model::ClipModel;
 use tiller_diffusion::models::unet::AddedConditions;
 use tiller_diffusion::models::weights::{
     HostTensor, parameter_shapes, read_safetensors, to_device, write_safetensors,
 };
-use tiller_diffusion::models::{ModelKind, detect_kind, load_clip_text, load_unet, load_vae};
+use tiller_diffusion::models::{
+    ModelKind, detect_kind, load_clip_text, load_clip_vision, load_unet, load_vae,
+};
 
 fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
     let shape = t.dims().to_vec();
@@ -18,6 +21,21 @@ fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
         .try_into_vec::<f32>()
         .expect("f32");
     HostTensor { shape, data }
+}
+
+/// Token ids [B, L] as rows.
+fn id_rows(ids: &HostTensor) -> Result<Vec<Vec<i64>>> {
+    let [b, l] = ids.shape[..] else {
+        bail!("`input_ids` has shape {:?}; expected [B, L]", ids.shape)
+    };
+    Ok((0..b)
+        .map(|i| {
+            ids.data[i * l..(i + 1) * l]
+                .iter()
+                .map(|&v| v as i64)
+                .collect()
+        })
+        .collect())
 }
 
 fn input<'a>(
@@ -100,18 +118,7 @@ pub fn run(
             println!("{class} from {}", folder.display());
             println!("{}", serde_json::to_string_pretty(&config)?);
             if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
-                let ids = input(inputs, "input_ids", path)?;
-                let [b, l] = ids.shape[..] else {
-                    bail!("`input_ids` has shape {:?}; expected [B, L]", ids.shape)
-                };
-                let rows: Vec<Vec<i64>> = (0..b)
-                    .map(|i| {
-                        ids.data[i * l..(i + 1) * l]
-                            .iter()
-                            .map(|&v| v as i64)
-                            .collect()
-                    })
-                    .collect();
+                let rows = id_rows(input(inputs, "input_ids", path)?)?;
                 let out = model.forward_ids(&rows, &device)?;
                 outputs.insert("last_hidden_state".into(), host(out.last_hidden_state));
                 outputs.insert("pooler_output".into(), host(out.pooler_output));
@@ -157,6 +164,58 @@ pub fn run(
                 }
             }
             parameter_shapes(&model)
+        }
+        ModelKind::ClipVision => {
+            let (config, model) = load_clip_vision(folder, variant, &device)?;
+            let class = match config.with_projection() {
+                true => "CLIPVisionModelWithProjection",
+                false => "CLIPVisionModel",
+            };
+            println!("{class} from {}", folder.display());
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
+                let pixels = to_device::<4>(input(inputs, "pixel_values", path)?, &device)
+                    .context("`pixel_values` must be [B, C, S, S]")?;
+                let out = model.forward(pixels)?;
+                outputs.insert("last_hidden_state".into(), host(out.last_hidden_state));
+                outputs.insert("pooler_output".into(), host(out.pooler_output));
+                if let Some(embeds) = out.image_embeds {
+                    outputs.insert("image_embeds".into(), host(embeds));
+                }
+            }
+            parameter_shapes(&model)
+        }
+        ModelKind::Clip => {
+            if variant.is_some() {
+                bail!("--variant is not read for CLIPModel folders (model.safetensors only)");
+            }
+            let model = ClipModel::load(folder, &device)?;
+            println!("CLIPModel from {}", folder.display());
+            println!("logit_scale: {}", model.logit_scale);
+            if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
+                if let Some(ids) = inputs.get("input_ids") {
+                    let rows = id_rows(ids)?;
+                    outputs.insert(
+                        "text_embeds".into(),
+                        host(model.text_embeds(&rows, &device)?),
+                    );
+                }
+                if let Some(pixels) = inputs.get("pixel_values") {
+                    let pixels = to_device::<4>(pixels, &device)
+                        .context("`pixel_values` must be [B, C, S, S]")?;
+                    outputs.insert("image_embeds".into(), host(model.image_embeds(pixels)?));
+                }
+                if outputs.is_empty() {
+                    bail!(
+                        "{}: no input tensor `input_ids` or `pixel_values`",
+                        path.display()
+                    );
+                }
+            }
+            let mut params = parameter_shapes(&model.text);
+            params.extend(parameter_shapes(&model.vision));
+            params.push(("logit_scale".into(), vec![]));
+            params
         }
     };
     let count: usize = params

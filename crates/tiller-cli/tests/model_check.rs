@@ -253,3 +253,40 @@ fn sample_draws_from_a_stable_diffusion_folder_independently_of_the_batch() {
     let (ok, text) = run("4", &b);
     assert!(!ok && text.contains("--out"), "{text}");
 }
+
+#[test]
+fn clip_vision_forward_through_the_cli_matches_transformers() {
+    let dir = std::env::temp_dir().join(format!("tiller-cli-clipv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let folder = fixtures().join("tiny-clip-vision");
+    let io = read_safetensors(&folder.join("io.safetensors")).unwrap();
+    let inputs = BTreeMap::from([("pixel_values".to_string(), io["pixel_values"].clone())]);
+    write_safetensors(&dir.join("in.safetensors"), &inputs, Default::default()).unwrap();
+    let out = dir.join("out.safetensors");
+    let (ok, text) = tiller(&[
+        "model",
+        "check",
+        folder.to_str().unwrap(),
+        "--inputs",
+        dir.join("in.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && text.contains("CLIPVisionModelWithProjection"),
+        "{text}"
+    );
+    let got = read_safetensors(&out).unwrap();
+    assert!(max_abs_diff(&got["image_embeds"], &io["image_embeds"]) < 1e-4);
+    assert!(max_abs_diff(&got["pooler_output"], &io["pooler_output"]) < 1e-4);
+    // A CLIPModel folder is recognised and reports its temperature.
+    let (ok, text) = tiller(&[
+        "model",
+        "check",
+        fixtures().join("tiny-clip-model").to_str().unwrap(),
+    ]);
+    assert!(
+        ok && text.contains("CLIPModel") && text.contains("logit_scale"),
+        "{text}"
+    );
+}

@@ -12,6 +12,8 @@
 //!   spread is the reward's uncertainty; saved as one safetensors file with a `config.json`.
 //! - [`rewards`]: the gold evaluator as a reward, JPEG compressibility (DDPO's toy reward), weighted
 //!   sums, and the learned ensemble behind the same trait.
+//! - [`clip_rewards`]: CLIPScore, PickScore, the LAION aesthetic predictor and the SD safety
+//!   checker on transformers/diffusers CLIP weights, differentiable through CLIP's preprocessing.
 //! - [`fusion::Fusion`]: late fusion, a weighted sum of rewards each standardised by label-free
 //!   statistics over reference images (e.g. a learned reward plus a caption match).
 //! - [`metrics`]: held-out pairwise accuracy, calibration, Spearman and Pearson correlations.
@@ -19,6 +21,7 @@
 //!   training examples) and [`fit`] (pretraining and training from a config into a model folder):
 //!   what `tiller reward pretrain` and `tiller reward train` run.
 
+pub mod clip_rewards;
 pub mod config;
 pub mod ensemble;
 pub mod fit;

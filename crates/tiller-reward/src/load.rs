@@ -1,5 +1,6 @@
 //! A reward by name, as every command's `--reward` and every config's `reward` key give it.
 
+use crate::clip_rewards::{Aesthetic, ClipSimilarity, SafetyMargin, SimilarityScale};
 use crate::fusion::Fusion;
 use crate::rewards::CaptionMatch;
 use crate::{GoldReward, JpegCompressibility, LearnedReward, Reward};
@@ -11,12 +12,23 @@ use tiller_testbed::Tokenizer;
 /// The spellings [`load`] accepts besides a folder.
 pub const NAMED: [&str; 2] = ["gold", "jpeg"];
 
-/// `gold` (the testbed's gold evaluator), `jpeg` (JPEG compressibility), `caption-match:<folder>`
+/// `gold` (the testbed's gold evaluator), `jpeg` (JPEG compressibility), the CLIP rewards on
+/// real weights (`clip-score:<CLIPModel folder>`, `pickscore:<CLIPModel folder>`,
+/// `aesthetic:<CLIP folder with aesthetic_mlp.safetensors>`, `safety-checker:<folder>`; see
+/// [`crate::clip_rewards`]), `caption-match:<folder>`
 /// (the caption match of a folder's towers, e.g. `tiller reward pretrain`'s), a fusion folder
 /// (`tiller reward fuse`) or a reward-model folder (`tiller reward train`). Folders are read
 /// with `tokenizer` for their text tower, on `device`.
 pub fn load(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dyn Reward>> {
     let wrap = |what: &str, e: Error| Error::invalid(format!("reward `{spec}`: {what}: {e}"));
+    if let Some(reward) = load_clip_reward(spec, device).map_err(|e| {
+        wrap(
+            "a CLIP reward whose folder does not load (see tiller_reward::clip_rewards)",
+            e,
+        )
+    })? {
+        return Ok(reward);
+    }
     Ok(match spec {
         "gold" => Box::new(GoldReward::default()),
         "jpeg" => Box::new(JpegCompressibility),
@@ -40,4 +52,20 @@ pub fn load(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dy
             })?,
         ),
     })
+}
+
+/// `clip-score:`, `pickscore:`, `aesthetic:` or `safety-checker:` followed by a folder; `None`
+/// for any other spec.
+fn load_clip_reward(spec: &str, device: &Device) -> Result<Option<Box<dyn Reward>>> {
+    let Some((kind, path)) = spec.split_once(':') else {
+        return Ok(None);
+    };
+    let path = Path::new(path);
+    Ok(Some(match kind {
+        "clip-score" => Box::new(ClipSimilarity::load(path, SimilarityScale::Cosine, device)?),
+        "pickscore" => Box::new(ClipSimilarity::load(path, SimilarityScale::Logit, device)?),
+        "aesthetic" => Box::new(Aesthetic::load(path, device)?),
+        "safety-checker" => Box::new(SafetyMargin::load(path, device)?),
+        _ => return Ok(None),
+    }))
 }

@@ -148,24 +148,6 @@ impl ClipTextConfig {
         self.validate()?;
         let d = self.hidden_size;
         let eps = self.layer_norm_eps;
-        let layers = (0..self.num_hidden_layers)
-            .map(|_| ClipEncoderLayer {
-                self_attn: ClipAttention {
-                    q_proj: linear(d, d, true, device),
-                    k_proj: linear(d, d, true, device),
-                    v_proj: linear(d, d, true, device),
-                    out_proj: linear(d, d, true, device),
-                    heads: self.num_attention_heads,
-                },
-                layer_norm1: layer_norm(d, eps, device),
-                mlp: ClipMlp {
-                    fc1: linear(d, self.intermediate_size, true, device),
-                    fc2: linear(self.intermediate_size, d, true, device),
-                    quick_gelu: self.hidden_act == HiddenAct::QuickGelu,
-                },
-                layer_norm2: layer_norm(d, eps, device),
-            })
-            .collect();
         Ok(ClipTextModel {
             text_model: ClipTextTransformer {
                 embeddings: ClipEmbeddings {
@@ -173,7 +155,15 @@ impl ClipTextConfig {
                     position_embedding: EmbeddingConfig::new(self.max_position_embeddings, d)
                         .init(device),
                 },
-                encoder: ClipEncoder { layers },
+                encoder: ClipEncoder::new(
+                    d,
+                    self.intermediate_size,
+                    self.num_hidden_layers,
+                    self.num_attention_heads,
+                    self.hidden_act,
+                    eps,
+                    device,
+                ),
                 final_layer_norm: layer_norm(d, eps, device),
             },
             text_projection: self
@@ -213,6 +203,39 @@ pub struct ClipEncoderLayer {
 #[derive(Module, Debug)]
 pub struct ClipEncoder {
     pub layers: Vec<ClipEncoderLayer>,
+}
+
+impl ClipEncoder {
+    /// `n` pre-LayerNorm transformer layers of width `d` (the text and image towers' encoder).
+    pub(crate) fn new(
+        d: usize,
+        intermediate: usize,
+        n: usize,
+        heads: usize,
+        act: HiddenAct,
+        eps: f64,
+        device: &Device,
+    ) -> Self {
+        let layers = (0..n)
+            .map(|_| ClipEncoderLayer {
+                self_attn: ClipAttention {
+                    q_proj: linear(d, d, true, device),
+                    k_proj: linear(d, d, true, device),
+                    v_proj: linear(d, d, true, device),
+                    out_proj: linear(d, d, true, device),
+                    heads,
+                },
+                layer_norm1: layer_norm(d, eps, device),
+                mlp: ClipMlp {
+                    fc1: linear(d, intermediate, true, device),
+                    fc2: linear(intermediate, d, true, device),
+                    quick_gelu: act == HiddenAct::QuickGelu,
+                },
+                layer_norm2: layer_norm(d, eps, device),
+            })
+            .collect();
+        Self { layers }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -280,7 +303,9 @@ pub struct ClipTextOutput {
 }
 
 impl ClipEncoderLayer {
-    fn forward(&self, x: Tensor<3>, mask: Tensor<2>) -> Tensor<3> {
+    /// x: [B, L, D]; `mask` [L, L] is added to the attention scores (the text tower's causal mask;
+    /// the image tower has none).
+    pub(crate) fn forward(&self, x: Tensor<3>, mask: Option<Tensor<2>>) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;
         let attn = multi_head_attention(
@@ -288,7 +313,7 @@ impl ClipEncoderLayer {
             a.k_proj.forward(h.clone()),
             a.v_proj.forward(h),
             a.heads,
-            Some(mask),
+            mask,
         );
         let x = x + a.out_proj.forward(attn);
         let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
@@ -375,7 +400,7 @@ impl ClipTextModel {
         let mask = causal_mask(l, &device);
         let mut hidden_states = vec![x.clone()];
         for layer in &tm.encoder.layers {
-            x = layer.forward(x, mask.clone());
+            x = layer.forward(x, Some(mask.clone()));
             hidden_states.push(x.clone());
         }
         let last = tm.final_layer_norm.forward(x);

@@ -5,6 +5,8 @@
 //! and bf16 weights (computing in f32) and writes f32.
 
 pub mod clip;
+pub mod clip_model;
+pub mod clip_vision;
 pub mod layers;
 pub mod lora;
 pub mod unet;
@@ -12,6 +14,7 @@ pub mod vae;
 pub mod weights;
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::weights::{
@@ -34,6 +37,10 @@ pub enum ModelKind {
     UNet2DCondition,
     ClipText,
     AutoencoderKL,
+    /// `CLIPVisionModel` or `CLIPVisionModelWithProjection`.
+    ClipVision,
+    /// `CLIPModel`: both towers.
+    Clip,
 }
 
 /// Reads config.json's class to tell a UNet, VAE or CLIP text-encoder folder apart.
@@ -54,12 +61,15 @@ pub fn detect_kind(folder: &Path) -> Result<ModelKind> {
         (Some("AutoencoderKL"), _, _) => Ok(ModelKind::AutoencoderKL),
         (_, Some("CLIPTextModel" | "CLIPTextModelWithProjection"), _)
         | (_, _, Some("clip_text_model")) => Ok(ModelKind::ClipText),
+        (_, Some("CLIPVisionModel" | "CLIPVisionModelWithProjection"), _)
+        | (_, _, Some("clip_vision_model")) => Ok(ModelKind::ClipVision),
+        (_, Some("CLIPModel"), _) => Ok(ModelKind::Clip),
         _ => Err(Error::format(
             &path,
             format!(
                 "unsupported model (_class_name {class:?}, architectures[0] {arch:?}, model_type \
                  {model_type:?}); supported: UNet2DConditionModel, AutoencoderKL, \
-                 CLIPTextModel, CLIPTextModelWithProjection"
+                 CLIPTextModel(WithProjection), CLIPVisionModel(WithProjection), CLIPModel"
             ),
         )),
     }
@@ -169,6 +179,31 @@ pub fn load_clip_text(
         },
         e => e,
     })?;
+    Ok((config, model))
+}
+
+/// Loads a transformers `CLIPVisionModel` or `CLIPVisionModelWithProjection` folder
+/// (config.json + model.safetensors), with or without the `vision_model.` prefix.
+pub fn load_clip_vision(
+    folder: &Path,
+    variant: Option<&str>,
+    device: &Device,
+) -> Result<(ClipVisionConfig, ClipVisionModel)> {
+    let path = folder.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
+    let config: ClipVisionConfig =
+        serde_json::from_value(clip_vision::strip_generic_keys(&value, &[]))
+            .map_err(|e| Error::format(&path, e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| Error::format(&path, e.to_string()))?;
+    let (source, tensors) = read_folder_weights(folder, TRANSFORMERS_WEIGHTS, variant)?;
+    let (mut tensors, _) = clip_vision::with_vision_model_prefix(tensors);
+    tensors.remove("vision_model.embeddings.position_ids");
+    let projection = config.with_projection().then_some(config.projection_dim);
+    let model = load_into(config.init(projection, device)?, &tensors, &source)?;
     Ok((config, model))
 }
 
