@@ -5,6 +5,7 @@
 //!   DiffusionNFT's `clip_scorer`: `logits_per_image.diagonal() / 100` with OpenAI CLIP's
 //!   temperature 100; Hessel et al. 2021's CLIP-S is `2.5 max(cos, 0)` of the same cosine).
 //! - **PickScore** (Kirstain et al. 2023): `exp(logit_scale) cos` of a fine-tuned `CLIPModel`.
+//! - **HPSv2 / v2.1** (Wu et al. 2023): the cosine of a fine-tuned open_clip ViT-H-14.
 //! - **LAION aesthetic predictor v2**: an MLP of five linears with no activations on the L2-normalised
 //!   CLIP image embedding (ddpo-pytorch's `aesthetic_scorer.py`).
 //! - **SD safety checker** as a reward: minus the largest concept score, so positive is the
@@ -77,12 +78,25 @@ impl ClipSimilarity {
         };
         Ok(Self {
             name: format!("{kind}:{}", folder.display()),
-            preprocess: ClipImagePreprocess::new(model.config.vision.image_size),
+            preprocess: ClipImagePreprocess {
+                size: model.config.vision.image_size,
+                mean: model.mean,
+                std: model.std,
+            },
             model,
             tokenizer,
             scale: factor,
             device: device.clone(),
         })
+    }
+
+    /// HPSv2 / HPSv2.1 (Wu et al. 2023): the cosine of an open_clip ViT-H-14 fine-tuned on HPD v2,
+    /// from an open_clip folder ([`tiller_diffusion::models::open_clip`]) holding the converted
+    /// checkpoint and the SD 2.x / open_clip tokenizer files.
+    pub fn hpsv2(folder: &Path, device: &Device) -> Result<Self> {
+        let mut r = Self::load(folder, SimilarityScale::Cosine, device)?;
+        r.name = format!("hpsv2:{}", folder.display());
+        Ok(r)
     }
 
     /// The normalised prompt embeddings [B, P] (no gradient: prompts are not optimised).
@@ -275,6 +289,8 @@ impl Aesthetic {
                 (model.vision, size)
             }
         };
+        // The predictor was fitted on OpenAI CLIP ViT-L/14 embeddings, normalised with CLIP's
+        // statistics.
         let proj = vision
             .visual_projection
             .as_ref()

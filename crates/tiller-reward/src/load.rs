@@ -14,6 +14,7 @@ pub const NAMED: [&str; 2] = ["gold", "jpeg"];
 
 /// `gold` (the testbed's gold evaluator), `jpeg` (JPEG compressibility), the CLIP rewards on
 /// real weights (`clip-score:<CLIPModel folder>`, `pickscore:<CLIPModel folder>`,
+/// `hpsv2:<open_clip folder>`,
 /// `aesthetic:<CLIP folder with aesthetic_mlp.safetensors>`, `safety-checker:<folder>`; see
 /// [`crate::clip_rewards`]), `caption-match:<folder>`
 /// (the caption match of a folder's towers, e.g. `tiller reward pretrain`'s), a fusion folder
@@ -54,7 +55,7 @@ pub fn load(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dy
     })
 }
 
-/// `clip-score:`, `pickscore:`, `aesthetic:` or `safety-checker:` followed by a folder; `None`
+/// `clip-score:`, `pickscore:`, `hpsv2:`, `aesthetic:` or `safety-checker:` followed by a folder; `None`
 /// for any other spec.
 fn load_clip_reward(spec: &str, device: &Device) -> Result<Option<Box<dyn Reward>>> {
     let Some((kind, path)) = spec.split_once(':') else {
@@ -64,6 +65,7 @@ fn load_clip_reward(spec: &str, device: &Device) -> Result<Option<Box<dyn Reward
     Ok(Some(match kind {
         "clip-score" => Box::new(ClipSimilarity::load(path, SimilarityScale::Cosine, device)?),
         "pickscore" => Box::new(ClipSimilarity::load(path, SimilarityScale::Logit, device)?),
+        "hpsv2" => Box::new(ClipSimilarity::hpsv2(path, device)?),
         "aesthetic" => Box::new(Aesthetic::load(path, device)?),
         "safety-checker" => Box::new(SafetyMargin::load(path, device)?),
         _ => return Ok(None),

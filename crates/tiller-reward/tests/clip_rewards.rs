@@ -192,3 +192,72 @@ fn reward_specs_load_the_clip_rewards_and_name_bad_folders() {
         .to_string();
     assert!(e.contains("/no/such/folder"), "{e}");
 }
+
+#[test]
+fn hpsv2_on_an_open_clip_checkpoint_matches_open_clip() {
+    let folder = fixture("tiny-open-clip");
+    let r = ClipSimilarity::hpsv2(&folder, &Device::flex()).unwrap();
+    let io = read_safetensors(&folder.join("io.safetensors")).unwrap();
+    let device = Device::flex().autodiff();
+    let images = to_device::<4>(&io["images"], &device)
+        .unwrap()
+        .require_grad();
+    let scores = r.score_tensor(images.clone(), &prompts()).unwrap();
+    assert_matches(&values(scores.clone()), &io["hps"], 1e-4, "hps");
+    let grads = scores.sum().backward();
+    assert_matches(
+        &values(images.grad(&grads).unwrap()),
+        &io["grad_images.hps"],
+        1e-3,
+        "gradient",
+    );
+    let spec = format!("hpsv2:{}", folder.display());
+    let loaded = tiller_reward::load::load(&spec, &Tokenizer::shapes(), &Device::flex()).unwrap();
+    assert!(loaded.name().starts_with("hpsv2:"));
+}
+
+#[test]
+fn open_clip_folders_with_other_architectures_or_pickles_are_refused() {
+    let src = fixture("tiny-open-clip");
+    let dir = std::env::temp_dir().join(format!("tiller-openclip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "open_clip_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    // Weights only as a pickle.
+    std::fs::write(dir.join("open_clip_pytorch_model.bin"), b"not read").unwrap();
+    let e = ClipSimilarity::hpsv2(&dir, &Device::flex())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("open_clip_pytorch_model.bin") && e.contains("safetensors"),
+        "{e}"
+    );
+    // A layer-scale model (not CLIP's block) is named.
+    std::fs::copy(
+        src.join("open_clip_model.safetensors"),
+        dir.join("open_clip_model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(src.join("open_clip_config.json")).unwrap();
+    std::fs::write(
+        dir.join("open_clip_config.json"),
+        cfg.replacen(
+            "\"patch_size\": 4",
+            "\"patch_size\": 4, \"ls_init_value\": 0.1",
+            1,
+        ),
+    )
+    .unwrap();
+    let e = ClipSimilarity::hpsv2(&dir, &Device::flex())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model_cfg.vision_cfg.ls_init_value"), "{e}");
+}

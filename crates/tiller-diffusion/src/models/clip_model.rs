@@ -6,9 +6,11 @@
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel, TEXT_MODEL_PREFIX};
 use crate::models::clip_vision::{
-    ClipVisionConfig, ClipVisionModel, GENERIC_CONFIG_KEYS, VISION_MODEL_PREFIX, strip_generic_keys,
+    CLIP_MEAN, CLIP_STD, ClipVisionConfig, ClipVisionModel, GENERIC_CONFIG_KEYS,
+    VISION_MODEL_PREFIX, strip_generic_keys,
 };
 use crate::models::layers::linear;
+use crate::models::open_clip;
 use crate::models::weights::{HostTensor, load_into, to_device};
 use crate::models::{TRANSFORMERS_WEIGHTS, read_folder_weights};
 use burn::tensor::{Device, Tensor};
@@ -166,13 +168,37 @@ pub struct ClipModel {
     pub vision: ClipVisionModel,
     /// The learned log-temperature (`logit_scale`); logits are `exp(logit_scale) cos`.
     pub logit_scale: f64,
+    /// The image normalisation the model was trained with (`preprocessor_config.json`'s
+    /// `image_mean`/`image_std`, open_clip's `preprocess_cfg`; CLIP's when absent).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
 }
 
 impl ClipModel {
-    /// Loads a transformers `CLIPModel` folder (config.json + model.safetensors).
+    /// Loads a transformers `CLIPModel` folder (config.json + model.safetensors, and
+    /// preprocessor_config.json when present) or an open_clip folder
+    /// ([`crate::models::open_clip`]).
     pub fn load(folder: &Path, device: &Device) -> Result<Self> {
+        if open_clip::is_open_clip(folder) {
+            let (config, mean, std) = open_clip::read_config(folder)?;
+            let (source, tensors) = open_clip::read_weights(folder)?;
+            return Self::from_tensors(config, tensors, &source, (mean, std), device);
+        }
         let config = ClipModelConfig::read(&folder.join("config.json"))?;
-        let (source, mut tensors) = read_folder_weights(folder, TRANSFORMERS_WEIGHTS, None)?;
+        let (source, tensors) = read_folder_weights(folder, TRANSFORMERS_WEIGHTS, None)?;
+        let norm = read_normalisation(&folder.join("preprocessor_config.json"))?;
+        Self::from_tensors(config, tensors, &source, norm, device)
+    }
+
+    /// The model from tensors under transformers' names.
+    fn from_tensors(
+        config: ClipModelConfig,
+        mut tensors: BTreeMap<String, HostTensor>,
+        source: &Path,
+        (mean, std): ([f32; 3], [f32; 3]),
+        device: &Device,
+    ) -> Result<Self> {
+        let source = source.to_path_buf();
         let scale = tensors.remove("logit_scale").ok_or_else(|| {
             Error::format(&source, "missing tensor `logit_scale` (expected shape [])")
         })?;
@@ -203,6 +229,8 @@ impl ClipModel {
             text,
             vision,
             logit_scale: scale.data[0] as f64,
+            mean,
+            std,
         })
     }
 
@@ -221,6 +249,27 @@ impl ClipModel {
             .image_embeds
             .ok_or_else(|| Error::invalid("CLIPModel's image tower has no projection"))
     }
+}
+
+/// `image_mean` and `image_std` of a `CLIPImageProcessor` config, CLIP's when the file is absent.
+fn read_normalisation(path: &Path) -> Result<([f32; 3], [f32; 3])> {
+    if !path.exists() {
+        return Ok((CLIP_MEAN, CLIP_STD));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+        match v.get(key) {
+            None => Ok(default),
+            Some(x) => serde_json::from_value::<[f32; 3]>(x.clone())
+                .map_err(|e| Error::format(path, format!("`{key}` must be 3 numbers: {e}"))),
+        }
+    };
+    Ok((
+        triple("image_mean", CLIP_MEAN)?,
+        triple("image_std", CLIP_STD)?,
+    ))
 }
 
 /// Rows scaled to unit L2 norm. x: [B, D]

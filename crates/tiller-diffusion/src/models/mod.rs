@@ -9,6 +9,7 @@ pub mod clip_model;
 pub mod clip_vision;
 pub mod layers;
 pub mod lora;
+pub mod open_clip;
 pub mod unet;
 pub mod vae;
 pub mod weights;
