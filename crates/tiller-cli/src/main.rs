@@ -106,8 +106,9 @@ enum ModelCommand {
     /// Load a model folder (config.json + safetensors), print its config and parameter count, and
     /// optionally run one forward pass on named input tensors.
     Check {
-        /// A diffusers `UNet2DConditionModel` or `AutoencoderKL` folder, or a transformers
-        /// `CLIPTextModel(WithProjection)` folder.
+        /// A diffusers `UNet2DConditionModel` or `AutoencoderKL` folder, a Stable Diffusion
+        /// pipeline folder (`model_index.json`), or a transformers
+        /// `CLIPTextModel(WithProjection)`, `CLIPVisionModel(WithProjection)` or `CLIPModel` folder.
         folder: PathBuf,
         /// Weight variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
         #[arg(long)]
@@ -120,9 +121,17 @@ enum ModelCommand {
         /// Where to write the outputs (`sample`; or `last_hidden_state`, `pooler_output`).
         #[arg(long, requires = "inputs")]
         out: Option<PathBuf>,
-        /// `cpu`, or `cuda[:N]` in a build with the `cuda` feature.
+        /// `cpu`, or `cuda[:N]` / `vulkan[:N]` in a build with that feature.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Compare the outputs with the same-named tensors of this file (e.g. another device's
+        /// `--out`): prints each max |difference| relative to the reference's largest magnitude
+        /// and fails above `--tolerance`.
+        #[arg(long, requires = "out")]
+        compare: Option<PathBuf>,
+        /// The largest relative difference `--compare` accepts.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f64,
     },
 }
 
@@ -146,8 +155,16 @@ fn main() -> Result<()> {
                     inputs,
                     out,
                     device,
+                    compare,
+                    tolerance,
                 },
-        } => model_check::run(&folder, variant.as_deref(), inputs.zip(out), &device),
+        } => model_check::run(
+            &folder,
+            variant.as_deref(),
+            inputs.zip(out),
+            &device,
+            compare.map(|c| (c, tolerance)),
+        ),
         Command::Bench(args) => bench::run(args),
         Command::Base {
             command: BaseCommand::Train(args),

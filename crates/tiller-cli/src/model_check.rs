@@ -12,6 +12,7 @@ use tiller_diffusion::models::weights::{
 use tiller_diffusion::models::{
     ModelKind, detect_kind, load_clip_text, load_clip_vision, load_unet, load_vae,
 };
+use tiller_diffusion::stable_diffusion::{ModelIndex, StableDiffusion, is_stable_diffusion};
 
 fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
     let shape = t.dims().to_vec();
@@ -38,6 +39,49 @@ fn id_rows(ids: &HostTensor) -> Result<Vec<Vec<i64>>> {
         .collect())
 }
 
+/// Loads a Stable Diffusion pipeline folder and prints its components and their sizes.
+fn check_pipeline(folder: &Path, device: &burn::tensor::Device) -> Result<()> {
+    let index = ModelIndex::read(folder)?;
+    let sd = StableDiffusion::load(folder, device)?;
+    println!("{} from {}", index.class_name, folder.display());
+    let count = |shapes: Vec<(String, Vec<usize>)>| -> usize {
+        shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    };
+    let mut parts = vec![
+        ("text_encoder", count(parameter_shapes(&sd.text_encoder))),
+        ("unet", count(parameter_shapes(&sd.unet))),
+        ("vae", count(parameter_shapes(&sd.vae))),
+    ];
+    if let Some(xl) = &sd.xl {
+        parts.push((
+            "text_encoder_2",
+            count(parameter_shapes(&xl.text_encoder_2)),
+        ));
+    }
+    for (name, n) in &parts {
+        println!("  {name:<15} {n} parameters");
+    }
+    println!(
+        "  tokenizer       {} ids, max length {}",
+        sd.tokenizer.vocab_size(),
+        sd.tokenizer.max_length()
+    );
+    println!(
+        "  default image   {0}x{0} (latents /{1})",
+        sd.default_resolution()?,
+        sd.vae_scale_factor()
+    );
+    for (name, class) in &index.components {
+        if class.is_none() {
+            println!("  {name:<15} (none)");
+        }
+    }
+    Ok(())
+}
+
 fn input<'a>(
     inputs: &'a BTreeMap<String, HostTensor>,
     name: &str,
@@ -57,8 +101,20 @@ pub fn run(
     variant: Option<&str>,
     io: Option<(PathBuf, PathBuf)>,
     device: &str,
+    compare: Option<(PathBuf, f64)>,
 ) -> Result<()> {
     let device = tiller_core::device::parse_device(device)?;
+    if is_stable_diffusion(folder) {
+        if io.is_some() || variant.is_some() {
+            bail!(
+                "{} is a pipeline folder: check one component with --inputs (e.g. {}/unet), or \
+                 sample it with `tiller sample --model`",
+                folder.display(),
+                folder.display()
+            );
+        }
+        return check_pipeline(folder, &device);
+    }
     let kind = detect_kind(folder)?;
     let mut outputs = BTreeMap::new();
     let inputs = match &io {
@@ -231,5 +287,49 @@ pub fn run(
             out.display()
         );
     }
+    if let Some((path, tolerance)) = compare {
+        compare_outputs(&outputs, &path, tolerance)?;
+    }
+    Ok(())
+}
+
+/// Compares each output with the same-named tensor of `path`; fails above `tolerance` (max
+/// |difference| over the reference's largest magnitude).
+fn compare_outputs(
+    outputs: &BTreeMap<String, HostTensor>,
+    path: &Path,
+    tolerance: f64,
+) -> Result<()> {
+    let reference = read_safetensors(path)?;
+    let mut worst = 0f64;
+    for (name, got) in outputs {
+        let want = reference
+            .get(name)
+            .with_context(|| format!("{}: no tensor `{name}` to compare with", path.display()))?;
+        if want.shape != got.shape {
+            bail!(
+                "`{name}` has shape {:?} here and {:?} in {}",
+                got.shape,
+                want.shape,
+                path.display()
+            );
+        }
+        let scale = want.data.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        let diff = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+        let rel = diff / scale.max(f64::MIN_POSITIVE);
+        println!("compare {name}: max |diff| {diff:.3e}, relative {rel:.3e} (scale {scale:.3e})");
+        worst = worst.max(rel);
+    }
+    if worst > tolerance || worst.is_nan() {
+        bail!(
+            "outputs differ from {} by {worst:.3e} relative, above --tolerance {tolerance:e}",
+            path.display()
+        );
+    }
+    println!("compare: within {tolerance:e} of {}", path.display());
     Ok(())
 }

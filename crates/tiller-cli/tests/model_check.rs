@@ -60,6 +60,36 @@ fn unet_forward_through_the_cli(name: &str, added: &[&str]) {
     );
     let got = read_safetensors(&out).unwrap();
     assert!(max_abs_diff(&got["sample"], &io["out_sample"]) < 1e-4);
+    // --compare against diffusers' output under the CLI's name: within 1e-4, and a perturbed
+    // reference fails.
+    let reference = dir.join("reference.safetensors");
+    let mut want = io["out_sample"].clone();
+    let compare = |want: &HostTensor, out_name: &str| {
+        write_safetensors(
+            &reference,
+            &BTreeMap::from([("sample".to_string(), want.clone())]),
+            Default::default(),
+        )
+        .unwrap();
+        tiller(&[
+            "model",
+            "check",
+            folder.to_str().unwrap(),
+            "--inputs",
+            dir.join("in.safetensors").to_str().unwrap(),
+            "--out",
+            dir.join(out_name).to_str().unwrap(),
+            "--compare",
+            reference.to_str().unwrap(),
+            "--tolerance",
+            "1e-4",
+        ])
+    };
+    let (ok, text) = compare(&want, "cmp1.safetensors");
+    assert!(ok && text.contains("compare sample: max |diff|"), "{text}");
+    want.data[3] += 0.5;
+    let (ok, text) = compare(&want, "cmp2.safetensors");
+    assert!(!ok && text.contains("above --tolerance"), "{text}");
     if let Some(first) = added.first() {
         // Without its added conditions the SDXL UNet is refused, naming the missing input.
         inputs.remove(*first);
@@ -287,6 +317,19 @@ fn clip_vision_forward_through_the_cli_matches_transformers() {
     ]);
     assert!(
         ok && text.contains("CLIPModel") && text.contains("logit_scale"),
+        "{text}"
+    );
+}
+
+#[test]
+fn model_check_loads_a_whole_sdxl_pipeline_folder() {
+    let folder = fixtures().join("tiny-sdxl-pipeline");
+    let (ok, text) = tiller(&["model", "check", folder.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("StableDiffusionXLPipeline")
+            && text.contains("text_encoder_2")
+            && text.contains("16x16"),
         "{text}"
     );
 }

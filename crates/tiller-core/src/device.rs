@@ -3,8 +3,9 @@
 use crate::{Error, Result};
 use burn::tensor::Device;
 
-/// Parses a device name: `cpu` (burn's pure-Rust `flex` backend) or, with the `cuda` feature,
-/// `cuda` / `cuda:N`.
+/// Parses a device name: `cpu` (burn's pure-Rust `flex` backend); with the `cuda` feature,
+/// `cuda` / `cuda:N`; with the `vulkan` feature, `vulkan` (wgpu's preferred adapter, on Vulkan)
+/// / `vulkan:N` (the N-th discrete GPU).
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {
         "cpu" | "flex" => Ok(Device::flex()),
@@ -22,10 +23,29 @@ pub fn parse_device(name: &str) -> Result<Device> {
         n if n.starts_with("cuda") => Err(Error::invalid(format!(
             "device `{name}`: this build has no CUDA support; rebuild with `--features cuda`"
         ))),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(feature = "vulkan")]
+        n if n.starts_with("vulkan:") => {
+            let index: usize = n[7..].parse().map_err(|_| {
+                Error::invalid(format!(
+                    "device `{name}`: expected vulkan:N with N an integer"
+                ))
+            })?;
+            Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index)))
+        }
+        n if n.starts_with("vulkan") => Err(Error::invalid(format!(
+            "device `{name}`: this build has no Vulkan support; rebuild with `--features vulkan`"
+        ))),
         _ => Err(Error::invalid(format!(
-            "unknown device `{name}`; valid devices: cpu{}",
+            "unknown device `{name}`; valid devices: cpu{}{}",
             if cfg!(feature = "cuda") {
                 ", cuda, cuda:N"
+            } else {
+                ""
+            },
+            if cfg!(feature = "vulkan") {
+                ", vulkan, vulkan:N"
             } else {
                 ""
             }
@@ -48,6 +68,13 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("--features cuda")
+        );
+        #[cfg(not(feature = "vulkan"))]
+        assert!(
+            parse_device("vulkan")
+                .unwrap_err()
+                .to_string()
+                .contains("--features vulkan")
         );
     }
 }
