@@ -49,15 +49,21 @@ const REQUIRED: &[(&str, &[&str])] = &[
     ("text_encoder", &["CLIPTextModel"]),
     ("unet", &["UNet2DConditionModel"]),
     ("vae", &["AutoencoderKL"]),
-    // Read as DDIM's config whichever of these it is (`DDIMScheduler.from_config`).
+    // Read as DDIM's config whichever of these it is (`DDIMScheduler.from_config`): the noise
+    // schedule is theirs, the sampler DDIM.
     (
         "scheduler",
-        &["DDIMScheduler", "PNDMScheduler", "DDPMScheduler"],
+        &[
+            "DDIMScheduler",
+            "PNDMScheduler",
+            "DDPMScheduler",
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+        ],
     ),
 ];
 
-/// What an SDXL pipeline needs besides [`REQUIRED`] (whose scheduler list is SDXL's too; SDXL
-/// ships `EulerDiscreteScheduler`, read here only when saved as DDIM).
+/// What an SDXL pipeline needs besides [`REQUIRED`].
 const REQUIRED_XL: &[(&str, &[&str])] = &[
     ("tokenizer_2", &["CLIPTokenizer", "CLIPTokenizerFast"]),
     ("text_encoder_2", &["CLIPTextModelWithProjection"]),
@@ -220,7 +226,8 @@ impl StableDiffusion {
                         "`{name}` is a {class}; Tiller loads {} there{}",
                         classes.join(" or "),
                         if *name == "scheduler" {
-                            " (it samples with DDIM: save a DDIMScheduler config in scheduler/)"
+                            " (it samples with DDIM on the config's noise schedule: save a \
+                             DDIMScheduler config in scheduler/)"
                         } else {
                             ""
                         }
@@ -243,10 +250,20 @@ impl StableDiffusion {
             load_clip_text(&folder.join("text_encoder"), None, device)?;
         let (unet_config, unet) = load_unet(&folder.join("unet"), None, device)?;
         let (vae_config, vae) = load_vae(&folder.join("vae"), None, device)?;
-        let scheduler = SchedulerConfig::from_diffusers_json_as(
-            folder.join("scheduler/scheduler_config.json"),
+        let scheduler_path = folder.join("scheduler/scheduler_config.json");
+        let mut scheduler = SchedulerConfig::from_diffusers_json_as(
+            &scheduler_path,
             crate::schedulers::SchedulerKind::Ddim,
         )?;
+        // DDIM's default `clip_sample: true` clamps x̂_0 to [-1, 1], which is wrong for latents;
+        // the Euler and PNDM samplers never clip. A config of theirs that does not say is read
+        // unclipped (`DDIMScheduler.from_config` would take DDIM's default).
+        if let SchedulerConfig::Ddim(c) = &mut scheduler
+            && index.class_of("scheduler") != Some("DDIMScheduler")
+            && !config_has_key(&scheduler_path, "clip_sample")?
+        {
+            c.clip_sample = false;
+        }
         let xl = if is_xl {
             let (text_config_2, text_encoder_2) =
                 load_clip_text(&folder.join("text_encoder_2"), None, device)?;
@@ -623,4 +640,12 @@ fn tokenize(tokenizer: &ClipTokenizer, prompts: &[&str]) -> Result<Vec<Vec<i64>>
                 .collect())
         })
         .collect()
+}
+
+/// Whether the JSON object in `path` has `key`.
+fn config_has_key(path: &Path, key: &str) -> Result<bool> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    Ok(v.get(key).is_some())
 }

@@ -241,17 +241,26 @@ fn malformed_pipeline_folders_are_refused_naming_the_file() {
     let e = load_error(&d);
     assert!(e.contains("no `tokenizer_2` component"), "{e}");
 
-    // A scheduler Tiller does not sample with.
-    let d = copy_pipeline("euler");
+    // A scheduler Tiller does not read.
+    let d = copy_pipeline("lms");
     edit_index(&d, |m| {
         m.insert(
             "scheduler".into(),
-            serde_json::json!(["diffusers", "EulerDiscreteScheduler"]),
+            serde_json::json!(["diffusers", "LMSDiscreteScheduler"]),
         );
     });
     let e = load_error(&d);
     assert!(
-        e.contains("EulerDiscreteScheduler") && e.contains("DDIM"),
+        e.contains("LMSDiscreteScheduler") && e.contains("DDIM"),
+        "{e}"
+    );
+
+    // An Euler config with continuous timesteps cannot be read as DDIM's.
+    let d = copy_pipeline("continuous");
+    write_euler_scheduler(&d, "continuous");
+    let e = load_error(&d);
+    assert!(
+        e.contains("timestep_type") && e.contains("scheduler_config.json"),
         "{e}"
     );
 
@@ -283,4 +292,75 @@ fn malformed_pipeline_folders_are_refused_naming_the_file() {
         e.contains("text_encoder") && e.contains("max_position_embeddings 16") && e.contains("77"),
         "{e}"
     );
+}
+
+/// Replaces the folder's scheduler by an `EulerDiscreteScheduler` config on the same noise
+/// schedule, as SDXL base 1.0 ships it (with the keys it kept from SD's PNDM config).
+fn write_euler_scheduler(folder: &Path, timestep_type: &str) {
+    write_euler_scheduler_with(folder, timestep_type, true);
+}
+
+fn write_euler_scheduler_with(folder: &Path, timestep_type: &str, legacy_keys: bool) {
+    edit_index(folder, |m| {
+        m.insert(
+            "scheduler".into(),
+            serde_json::json!(["diffusers", "EulerDiscreteScheduler"]),
+        );
+    });
+    let config = serde_json::json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "_diffusers_version": "0.42.1",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "final_sigmas_type": "zero",
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "rescale_betas_zero_snr": false,
+        "sigma_max": null,
+        "sigma_min": null,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "timestep_type": timestep_type,
+        "use_beta_sigmas": false,
+        "use_exponential_sigmas": false,
+        "use_karras_sigmas": false
+    });
+    let mut config = config.as_object().unwrap().clone();
+    if legacy_keys {
+        for (k, v) in [
+            ("clip_sample", serde_json::json!(false)),
+            ("set_alpha_to_one", serde_json::json!(false)),
+            ("skip_prk_steps", serde_json::json!(true)),
+            ("sample_max_value", serde_json::json!(1.0)),
+            ("trained_betas", serde_json::Value::Null),
+        ] {
+            config.insert(k.into(), v);
+        }
+    }
+    std::fs::write(
+        folder.join("scheduler/scheduler_config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_sdxl_folder_with_its_euler_scheduler_samples_with_ddim_on_the_same_schedule() {
+    let device = Device::flex();
+    let d = std::env::temp_dir().join(format!("tiller-sd-euler-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    copy_dir(&fixture("tiny-sdxl-pipeline"), &d);
+    write_euler_scheduler(&d, "discrete");
+    let euler = StableDiffusion::load(&d, &device).unwrap();
+    let ddim = StableDiffusion::load(&fixture("tiny-sdxl-pipeline"), &device).unwrap();
+    assert_eq!(euler.scheduler, ddim.scheduler);
+    // Without `clip_sample` the latents are still not clipped (DDIM's own default would clip).
+    write_euler_scheduler_with(&d, "discrete", false);
+    let bare = StableDiffusion::load(&d, &device).unwrap();
+    match &bare.scheduler {
+        tiller_diffusion::SchedulerConfig::Ddim(c) => assert!(!c.clip_sample),
+        other => panic!("{other:?}"),
+    }
 }

@@ -93,7 +93,21 @@ const FLOW_MATCH_RULES: &[(&str, Rule)] = &[
 /// Keys of other diffusers schedulers in the DDPM family, dropped when a config is read as
 /// another scheduler ([`SchedulerConfig::from_diffusers_json_as`]), as diffusers' `from_config`
 /// drops them.
-const OTHER_SCHEDULER_KEYS: &[&str] = &["skip_prk_steps", "set_alpha_to_one", "variance_type"];
+/// The Euler schedulers' keys (SDXL ships `EulerDiscreteScheduler`) tune their own sigma grid, not
+/// the noise schedule, so they are dropped too; `timestep_type` is checked instead, because
+/// `continuous` timesteps would change what the model is fed.
+const OTHER_SCHEDULER_KEYS: &[&str] = &[
+    "skip_prk_steps",
+    "set_alpha_to_one",
+    "variance_type",
+    "interpolation_type",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "sigma_min",
+    "sigma_max",
+    "final_sigmas_type",
+];
 
 const CLASS_NAMES: &[(&str, SchedulerKind)] = &[
     ("DDPMScheduler", SchedulerKind::Ddpm),
@@ -171,6 +185,14 @@ fn parse(
                 }
             }
             None if forced.is_some() && OTHER_SCHEDULER_KEYS.contains(&key.as_str()) => {}
+            None if forced.is_some() && key == "timestep_type" => {
+                if value != "discrete" {
+                    return Err(format!(
+                        "key `timestep_type` is {value}; only \"discrete\" timesteps can be \
+                         read as another scheduler's"
+                    ));
+                }
+            }
             None => {
                 let known: Vec<&str> = rules.iter().map(|(name, _)| *name).collect();
                 return Err(format!(
