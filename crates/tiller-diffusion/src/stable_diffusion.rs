@@ -33,6 +33,7 @@ use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::{load_clip_text, load_unet, load_vae};
 use crate::sampling::{Conditioning, ExampleNoise, NoiseSource, Record, initial_noise, sample};
 use crate::schedulers::SchedulerConfig;
+use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -546,6 +547,15 @@ impl StableDiffusion {
             cond = cond.with_added(c, u);
         }
         Ok(cond)
+    }
+
+    /// Latents [B, C, h, w] to the images rewards take, [B, 3, H, W] in [-1, 1] (the VAE's output,
+    /// not clamped: rewards clamp), differentiable in the latents: the VAE is a frozen copy on the
+    /// latents' device, so reward backpropagation (DRaFT, AlignProp) reaches the chain through
+    /// the decoder and no VAE weight is trained.
+    pub fn decode_for_reward(&self, latents: Tensor<4>) -> Tensor<4> {
+        let vae = self.vae.clone().to_device(&latents.device()).no_grad();
+        vae.decode(self.vae_config.unscale_latents(latents))
     }
 
     /// Latents [B, C, h, w] to images [B, 3, H, W] in [0, 1].
