@@ -558,6 +558,28 @@ impl StableDiffusion {
         vae.decode(self.vae_config.unscale_latents(latents))
     }
 
+    /// Images [B, 3, H, W] in [-1, 1] to the latents the UNet is trained on, [B, C, H/f, W/f]:
+    /// the posterior's mode, or a sample of it with `noise` (standard normal, the latents' shape),
+    /// scaled as the pipelines scale (diffusers' training scripts: `vae.encode(x).latent_dist`
+    /// times `scaling_factor`). How preference methods (Diffusion-DPO, KTO) read stored images.
+    pub fn encode_images(&self, images: Tensor<4>, noise: Option<Tensor<4>>) -> Result<Tensor<4>> {
+        let [b, c, h, w] = images.dims();
+        let f = self.vae_scale_factor();
+        if c != self.vae_config.in_channels || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
+            return Err(Error::invalid(format!(
+                "images are [{b}, {c}, {h}, {w}]; this VAE encodes {} channels with sides \
+                 divisible by {f}",
+                self.vae_config.in_channels
+            )));
+        }
+        let posterior = self.vae.encode(images);
+        let z = match noise {
+            None => posterior.mode(),
+            Some(n) => posterior.sample(n),
+        };
+        Ok(self.vae_config.scale_latents(z))
+    }
+
     /// Latents [B, C, h, w] to images [B, 3, H, W] in [0, 1].
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let image = self.vae.decode(self.vae_config.unscale_latents(latents));

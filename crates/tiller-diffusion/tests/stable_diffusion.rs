@@ -126,6 +126,12 @@ fn matches_diffusers(name: &str) {
         .unwrap();
     assert_matches(images, &g["images_no_cfg"], 1e-3, "images without guidance");
 
+    // Encoding images as preference training does.
+    let encoded = sd
+        .encode_images(to_device::<4>(&g["encode_pixels"], &device).unwrap(), None)
+        .unwrap();
+    assert_matches(encoded, &g["encode_latents"], 1e-4, "encoded latents");
+
     if let Some(golden) = g.get("images_empty_negative") {
         // An explicit empty negative prompt is encoded, not zeroed.
         let empty = sd

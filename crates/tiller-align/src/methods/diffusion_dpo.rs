@@ -115,7 +115,7 @@ pub struct DiffusionDpo {
 }
 
 /// Per-example squared error [B] of `model` on noised `x0` (mean over C, H, W).
-pub(crate) fn denoising_error<M: Denoiser>(
+pub fn denoising_error<M: Denoiser>(
     model: &M,
     x_t: Tensor<4>,
     target: Tensor<4>,
