@@ -31,6 +31,10 @@ pub struct SampleArgs {
     /// Images per prompt.
     #[arg(long, default_value_t = 8)]
     n: usize,
+    /// The negative prompt of classifier-free guidance (Stable Diffusion folders; default: the
+    /// empty prompt, or zeros for SDXL as diffusers).
+    #[arg(long)]
+    negative_prompt: Option<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
@@ -63,6 +67,11 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if is_stable_diffusion(&located) {
         return sample_stable_diffusion(&args, &located, &texts, &device);
     }
+    if args.negative_prompt.is_some() {
+        bail!(
+            "--negative-prompt is read for Stable Diffusion folders only; Tiller's pipelines guide against the empty prompt"
+        );
+    }
     let (pipe, tokenizer) = load_model(&args.model, &device)?;
     check_resolution(&pipe, args.sampling.resolution)?;
     // Tokenise everything first: an unknown word fails before any sampling.
@@ -94,11 +103,6 @@ fn sample_stable_diffusion(
     texts: &[String],
     device: &burn::tensor::Device,
 ) -> Result<()> {
-    if args.selection.best_of > 1 {
-        bail!(
-            "--best-of needs a reward for this model's images; it is not available for Stable Diffusion folders yet"
-        );
-    }
     let mut sd = StableDiffusion::load(folder, device)
         .with_context(|| format!("loading the model {}", folder.display()))?;
     let s = &args.sampling;
@@ -123,9 +127,14 @@ fn sample_stable_diffusion(
             );
         }
     }
-    let seeds: Vec<u64> = (0..args.n as u64).map(|i| args.seed + i).collect();
+    let n = args.selection.best_of.max(1);
+    let reward = (n > 1)
+        .then(|| load_reward(&args.selection.reward, &Tokenizer::shapes(), device))
+        .transpose()?;
+    let seeds: Vec<u64> = (0..(args.n * n) as u64).map(|i| args.seed + i).collect();
     let rows = sd.sample_prompts(
         &prompts,
+        args.negative_prompt.as_deref(),
         &seeds,
         s.steps.unwrap_or(50),
         s.guidance.unwrap_or(7.5),
@@ -133,10 +142,14 @@ fn sample_stable_diffusion(
         s.batch,
         device,
     )?;
-    let mut images = Vec::new();
-    for row in rows {
-        images.extend(tiller_reward::tensor_to_images(row * 2.0 - 1.0)?);
+    let mut rows: Vec<Vec<Image>> = rows
+        .into_iter()
+        .map(|row| tiller_reward::tensor_to_images(row * 2.0 - 1.0))
+        .collect::<tiller_core::Result<_>>()?;
+    if let Some(r) = &reward {
+        rows = best_of(rows, texts, n, r.as_ref())?;
     }
+    let images: Vec<Image> = rows.into_iter().flatten().collect();
     geneval::write_grid_png(&args.out, &images, args.n)?;
     println!("wrote {} images to {}", images.len(), args.out.display());
     Ok(())

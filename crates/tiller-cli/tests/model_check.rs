@@ -333,3 +333,45 @@ fn model_check_loads_a_whole_sdxl_pipeline_folder() {
         "{text}"
     );
 }
+
+#[test]
+fn sample_picks_the_best_of_n_stable_diffusion_images_by_a_clip_reward() {
+    let dir = std::env::temp_dir().join(format!("tiller-cli-sd-bo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let folder = fixtures().join("tiny-sd-pipeline");
+    let reward = format!(
+        "clip-score:{}",
+        fixtures().join("tiny-clip-model").display()
+    );
+    let run = |extra: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut args = vec![
+            "sample",
+            "--model",
+            folder.to_str().unwrap(),
+            "--prompt",
+            "a photo of a red cube",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, text) = tiller(&args);
+        (ok, text, out)
+    };
+    let (ok, text, best) = run(&["--best-of", "3", "--reward", &reward], "best.png");
+    assert!(ok && text.contains("wrote 2 images"), "{text}");
+    let (ok, text, plain) = run(&[], "plain.png");
+    assert!(ok, "{text}");
+    assert_ne!(std::fs::read(best).unwrap(), std::fs::read(plain).unwrap());
+    let (ok, text, neg) = run(&["--negative-prompt", "a blue sphere"], "neg.png");
+    assert!(ok, "{text}");
+    assert_ne!(
+        std::fs::read(neg).unwrap(),
+        std::fs::read(dir.join("plain.png")).unwrap()
+    );
+}

@@ -616,7 +616,8 @@ impl StableDiffusion {
         Ok((self.decode(out.images.clone()), out.images))
     }
 
-    /// `seeds.len()` images of each prompt at `height` x `width`: per prompt a tensor
+    /// `seeds.len()` images of each prompt at `height` x `width` (guided against `negative`, see
+    /// [`Self::conditioning`]): per prompt a tensor
     /// [n, 3, H, W] in [0, 1]. Image (prompt p, seed s) draws its initial latents and its step
     /// noise from stream p of seed s ([`SeededRng::for_example`]), so it depends on its prompt's
     /// index and its seed alone, never on `batch` (images per model call, speed only).
@@ -624,6 +625,7 @@ impl StableDiffusion {
     pub fn sample_prompts(
         &self,
         prompts: &[&str],
+        negative: Option<&str>,
         seeds: &[u64],
         steps: usize,
         guidance: f64,
@@ -641,7 +643,14 @@ impl StableDiffusion {
         let mut out: Vec<Vec<Tensor<4>>> = vec![Vec::new(); prompts.len()];
         for chunk in jobs.chunks(batch.max(1)) {
             let texts: Vec<&str> = chunk.iter().map(|(p, _)| prompts[*p]).collect();
-            let cond = self.conditioning(&texts, None, guidance, (height, width), device)?;
+            let negatives = negative.map(|n| vec![n; texts.len()]);
+            let cond = self.conditioning(
+                &texts,
+                negatives.as_deref(),
+                guidance,
+                (height, width),
+                device,
+            )?;
             let mut noise = ExampleNoise::new(
                 chunk
                     .iter()
