@@ -262,14 +262,25 @@ pub const TEXT_MODEL_PREFIX: &str = "text_model.";
 pub fn with_text_model_prefix<T>(
     tensors: std::collections::BTreeMap<String, T>,
 ) -> (std::collections::BTreeMap<String, T>, bool) {
-    if tensors.is_empty() || tensors.keys().any(|k| k.starts_with(TEXT_MODEL_PREFIX)) {
+    with_tower_prefix(tensors, TEXT_MODEL_PREFIX, "text_projection.")
+}
+
+/// A file where no tensor has `prefix` gets it on every name but those starting with `except`
+/// (the tower's projection, outside the tower); any other file is returned as it is. The flag
+/// says whether names were changed.
+pub(crate) fn with_tower_prefix<T>(
+    tensors: std::collections::BTreeMap<String, T>,
+    prefix: &str,
+    except: &str,
+) -> (std::collections::BTreeMap<String, T>, bool) {
+    if tensors.is_empty() || tensors.keys().any(|k| k.starts_with(prefix)) {
         return (tensors, false);
     }
     let renamed = tensors
         .into_iter()
-        .map(|(k, v)| match k.starts_with("text_projection.") {
+        .map(|(k, v)| match k.starts_with(except) {
             true => (k, v),
-            false => (format!("{TEXT_MODEL_PREFIX}{k}"), v),
+            false => (format!("{prefix}{k}"), v),
         })
         .collect();
     (renamed, true)

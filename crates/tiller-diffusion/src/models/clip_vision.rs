@@ -344,17 +344,7 @@ impl ClipVisionModel {
 /// `vision_model.` prefix (transformers 5's layout) gets it on every name but
 /// `visual_projection.*`. The flag says whether names were changed.
 pub fn with_vision_model_prefix<T>(tensors: BTreeMap<String, T>) -> (BTreeMap<String, T>, bool) {
-    if tensors.is_empty() || tensors.keys().any(|k| k.starts_with(VISION_MODEL_PREFIX)) {
-        return (tensors, false);
-    }
-    let renamed = tensors
-        .into_iter()
-        .map(|(k, v)| match k.starts_with("visual_projection.") {
-            true => (k, v),
-            false => (format!("{VISION_MODEL_PREFIX}{k}"), v),
-        })
-        .collect();
-    (renamed, true)
+    crate::models::clip::with_tower_prefix(tensors, VISION_MODEL_PREFIX, "visual_projection.")
 }
 
 /// CLIP's preprocessing as tensor operations, so a reward is differentiable in the pixels:

@@ -54,50 +54,53 @@ const TEXT_KEYS: &[&str] = &[
     "tokenizer_mode",
 ];
 
-/// `(key, default)` pairs that select architectures other than CLIP's when changed.
-fn vision_defaults() -> Vec<(&'static str, Value)> {
+/// `(key, default)` pairs of both towers' configs that select architectures other than CLIP's
+/// when changed: the block's options and layer scale.
+fn block_defaults() -> Vec<(&'static str, Value)> {
+    let off = |k| (k, Value::Bool(false));
     vec![
         ("ls_init_value", Value::Null),
-        ("attentional_pool", Value::Bool(false)),
-        ("no_ln_pre", Value::Bool(false)),
-        ("pos_embed_type", Value::from("learnable")),
         ("final_ln_after_pool", Value::Bool(false)),
-        ("pool_type", Value::from("tok")),
         ("output_tokens", Value::Bool(false)),
-        ("timm_model_name", Value::Null),
-        ("qk_norm", Value::Bool(false)),
-        ("scaled_cosine_attn", Value::Bool(false)),
-        ("scale_heads", Value::Bool(false)),
-        ("scale_attn_inner", Value::Bool(false)),
-        ("scale_attn", Value::Bool(false)),
-        ("scale_fc", Value::Bool(false)),
+        off("qk_norm"),
+        off("scaled_cosine_attn"),
+        off("scale_heads"),
+        off("scale_attn_inner"),
+        off("scale_attn"),
+        off("scale_fc"),
         ("block_type", Value::Null),
         ("act_kwargs", Value::Null),
         ("norm_kwargs", Value::Null),
     ]
 }
 
+/// [`block_defaults`] and the image tower's own: class-token pooling, learned positions, a
+/// LayerNorm before the encoder, no attention pooler, no timm trunk.
+fn vision_defaults() -> Vec<(&'static str, Value)> {
+    let mut d = block_defaults();
+    d.extend([
+        ("attentional_pool", Value::Bool(false)),
+        ("no_ln_pre", Value::Bool(false)),
+        ("pos_embed_type", Value::from("learnable")),
+        ("pool_type", Value::from("tok")),
+        ("timm_model_name", Value::Null),
+    ]);
+    d
+}
+
+/// [`block_defaults`] and the text tower's own: causal, argmax pooling, a linear projection
+/// without bias, no Hugging Face trunk.
 fn text_defaults() -> Vec<(&'static str, Value)> {
-    vec![
-        ("ls_init_value", Value::Null),
+    let mut d = block_defaults();
+    d.extend([
         ("embed_cls", Value::Bool(false)),
         ("no_causal_mask", Value::Bool(false)),
-        ("final_ln_after_pool", Value::Bool(false)),
         ("pool_type", Value::from("argmax")),
         ("proj_bias", Value::Bool(false)),
         ("proj_type", Value::from("linear")),
-        ("output_tokens", Value::Bool(false)),
         ("hf_model_name", Value::Null),
-        ("qk_norm", Value::Bool(false)),
-        ("scaled_cosine_attn", Value::Bool(false)),
-        ("scale_heads", Value::Bool(false)),
-        ("scale_attn_inner", Value::Bool(false)),
-        ("scale_attn", Value::Bool(false)),
-        ("scale_fc", Value::Bool(false)),
-        ("block_type", Value::Null),
-        ("act_kwargs", Value::Null),
-        ("norm_kwargs", Value::Null),
-    ]
+    ]);
+    d
 }
 
 /// Checks a tower config's keys: read ones, default-only ones at their default, nothing else.
