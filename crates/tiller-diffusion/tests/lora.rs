@@ -251,3 +251,51 @@ fn bad_files_fail_naming_the_key() {
         .to_string();
     assert!(err.contains("to_q"), "{err}");
 }
+
+/// Writes trained-looking LoRA adapters (diffusers' default targets) of the tiny SD 1.x and
+/// SDXL pipelines' UNets to `$TILLER_LORA_OUT/<pipeline>/` for `scripts/fixtures/lora_check.py`,
+/// which loads each with diffusers' `load_lora_adapter` and compares it with the kohya file:
+///
+///     TILLER_LORA_OUT=/tmp/lora cargo test -p tiller-diffusion --test lora -- --ignored
+///     python scripts/fixtures/lora_check.py crates/tiller-diffusion/tests/fixtures/tiny-sd-pipeline /tmp/lora/tiny-sd-pipeline
+#[test]
+#[ignore = "writes files for a Python check; run by hand"]
+fn export_lora_of_the_stable_diffusion_unets_for_the_diffusers_check() {
+    let out = PathBuf::from(std::env::var_os("TILLER_LORA_OUT").expect("set TILLER_LORA_OUT"));
+    let device = Device::flex();
+    for name in ["tiny-sd-pipeline", "tiny-sdxl-pipeline"] {
+        let folder = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+            .join("tests/fixtures")
+            .join(name)
+            .join("unet");
+        let (_, unet) = load_unet(&folder, None, &device).unwrap();
+        let adapted = attach_lora(unet, &cfg(), &mut SeededRng::new(5)).unwrap();
+        // Move B off zero so the adapter changes the output.
+        struct Perturb(SeededRng);
+        impl burn::module::ModuleMapper for Perturb {
+            fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                let rng = &mut self.0;
+                p.map(|v| {
+                    let noise = rng.normal(v.dims(), &v.device()) * 0.05;
+                    v + noise
+                })
+            }
+        }
+        let adapted = adapted.map(&mut Perturb(SeededRng::new(6)));
+        let dir = out.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        save_lora(
+            &adapted,
+            &dir.join("pytorch_lora_weights.safetensors"),
+            LoraFormat::Peft,
+        )
+        .unwrap();
+        save_lora(
+            &adapted,
+            &dir.join("lora_kohya.safetensors"),
+            LoraFormat::Kohya,
+        )
+        .unwrap();
+        println!("{name}: {} adapted modules", lora_modules(&adapted).len());
+    }
+}
