@@ -5,7 +5,7 @@
 mod common;
 use common::tiller;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn scratch(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tiller-fr-{tag}-{}", std::process::id()));
@@ -593,5 +593,66 @@ fn reward_score_scores_pngs_from_a_manifest() {
     let (ok, text) = run(args(&dir.join("other.jsonl")));
     assert!(!ok && text.contains("missing.png"), "{text}");
     assert!(!dir.join("other.jsonl").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `reward score --reward clip-score:<CLIPModel folder>` scores PNGs of any size through CLIP's
+/// preprocessing, the same scores the library gives.
+#[test]
+fn reward_score_takes_the_clip_rewards() {
+    use tiller_testbed::{Image, image::write_png};
+    let dir = scratch("score-clip");
+    std::fs::create_dir_all(&dir).unwrap();
+    let clip = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+        .join("../tiller-diffusion/tests/fixtures/tiny-clip-model");
+    let images: Vec<Image> = (0..2u8)
+        .map(|k| {
+            let rgb = (0..24 * 20 * 3)
+                .map(|i| ((i * 37 + k as usize * 91) % 251) as u8)
+                .collect();
+            Image::from_rgb(24, 20, rgb).unwrap()
+        })
+        .collect();
+    let prompts = vec!["a photo of a red cube".to_string(); 2];
+    let mut lines = String::new();
+    for (i, im) in images.iter().enumerate() {
+        write_png(&dir.join(format!("{i}.png")), im).unwrap();
+        lines += &format!(
+            "{}\n",
+            serde_json::json!({ "image": format!("{i}.png"), "prompt": prompts[i] })
+        );
+    }
+    std::fs::write(dir.join("manifest.jsonl"), lines).unwrap();
+    let spec = format!("clip-score:{}", clip.display());
+    let out = dir.join("scores.jsonl");
+    let (ok, text) = tiller(&[
+        "reward",
+        "score",
+        "--manifest",
+        dir.join("manifest.jsonl").to_str().unwrap(),
+        "--reward",
+        &spec,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let got: Vec<f64> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let device = burn::tensor::Device::flex();
+    let reward =
+        tiller_reward::load::load(&spec, &tiller_testbed::Tokenizer::shapes(), &device).unwrap();
+    let want = reward.score(&images, &prompts).unwrap();
+    assert_eq!(got.len(), 2);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+    assert!(got[0] != got[1]);
     let _ = std::fs::remove_dir_all(&dir);
 }
