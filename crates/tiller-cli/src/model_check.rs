@@ -12,7 +12,7 @@ use tiller_diffusion::models::weights::{
 use tiller_diffusion::models::{
     ModelKind, detect_kind, load_clip_text, load_clip_vision, load_unet, load_vae,
 };
-use tiller_diffusion::stable_diffusion::{ModelIndex, StableDiffusion, is_stable_diffusion};
+use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
 
 fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
     let shape = t.dims().to_vec();
@@ -41,8 +41,8 @@ fn id_rows(ids: &HostTensor) -> Result<Vec<Vec<i64>>> {
 
 /// Loads a Stable Diffusion pipeline folder and prints its components and their sizes.
 fn check_pipeline(folder: &Path, device: &burn::tensor::Device) -> Result<()> {
-    let index = ModelIndex::read(folder)?;
     let sd = StableDiffusion::load(folder, device)?;
+    let index = &sd.index;
     println!("{} from {}", index.class_name, folder.display());
     let count = |shapes: Vec<(String, Vec<usize>)>| -> usize {
         shapes

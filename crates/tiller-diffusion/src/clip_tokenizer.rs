@@ -134,6 +134,21 @@ impl ClipTokenizer {
         })
     }
 
+    /// The ids of each prompt as the text encoder takes them ([`Self::encode`]'s, widened).
+    pub fn encode_ids<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Vec<Vec<i64>>> {
+        prompts
+            .iter()
+            .map(|p| {
+                Ok(self
+                    .encode(p.as_ref())?
+                    .ids
+                    .into_iter()
+                    .map(i64::from)
+                    .collect())
+            })
+            .collect()
+    }
+
     /// Length of every encoding (`model_max_length`).
     pub fn max_length(&self) -> usize {
         self.max_length

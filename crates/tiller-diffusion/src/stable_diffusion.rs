@@ -32,7 +32,7 @@ use crate::models::unet::{AddedConditions, UNet2DConditionConfig, UNet2DConditio
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::{load_clip_text, load_unet, load_vae};
 use crate::sampling::{Conditioning, ExampleNoise, NoiseSource, Record, initial_noise, sample};
-use crate::schedulers::SchedulerConfig;
+use crate::schedulers::{Scheduler, SchedulerConfig};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -187,6 +187,8 @@ pub struct StableDiffusion {
     pub scheduler: SchedulerConfig,
     /// SDXL's parts; `None` for SD 1.x/2.x.
     pub xl: Option<XlParts>,
+    /// The folder's `model_index.json`.
+    pub index: ModelIndex,
 }
 
 impl StableDiffusion {
@@ -258,9 +260,15 @@ impl StableDiffusion {
         )?;
         // DDIM's default `clip_sample: true` clamps x̂_0 to [-1, 1], which is wrong for latents;
         // the Euler and PNDM samplers never clip. A config of theirs that does not say is read
-        // unclipped (`DDIMScheduler.from_config` would take DDIM's default).
+        // unclipped. (`SchedulerConfig::from_diffusers_json_as` keeps `from_config`'s DDIM default,
+        // which DDPO's parity with ddpo-pytorch relies on; latent pipelines must not clip.)
         if let SchedulerConfig::Ddim(c) = &mut scheduler
-            && index.class_of("scheduler") != Some("DDIMScheduler")
+            && matches!(
+                index.class_of("scheduler"),
+                Some(
+                    "PNDMScheduler" | "EulerDiscreteScheduler" | "EulerAncestralDiscreteScheduler"
+                )
+            )
             && !config_has_key(&scheduler_path, "clip_sample")?
         {
             c.clip_sample = false;
@@ -299,6 +307,7 @@ impl StableDiffusion {
             vae,
             scheduler,
             xl,
+            index,
         };
         sd.check_consistency(folder)?;
         Ok(sd)
@@ -442,7 +451,7 @@ impl StableDiffusion {
     pub fn encode_prompts(&self, prompts: &[&str], device: &Device) -> Result<PromptEmbeds> {
         let first = self
             .text_encoder
-            .forward_ids(&tokenize(&self.tokenizer, prompts)?, device)?;
+            .forward_ids(&self.tokenizer.encode_ids(prompts)?, device)?;
         let Some(xl) = &self.xl else {
             return Ok(PromptEmbeds {
                 context: first.last_hidden_state,
@@ -451,7 +460,7 @@ impl StableDiffusion {
         };
         let second = xl
             .text_encoder_2
-            .forward_ids(&tokenize(&xl.tokenizer_2, prompts)?, device)?;
+            .forward_ids(&xl.tokenizer_2.encode_ids(prompts)?, device)?;
         let penultimate = |h: &[Tensor<3>]| h[h.len() - 2].clone();
         Ok(PromptEmbeds {
             context: Tensor::cat(
@@ -597,6 +606,17 @@ impl StableDiffusion {
         steps: usize,
         noise: &mut dyn NoiseSource,
     ) -> Result<(Tensor<4>, Tensor<4>)> {
+        self.generate_with(self.scheduler.build(steps)?.as_ref(), cond, latents, noise)
+    }
+
+    /// [`Self::generate`] with a scheduler already built.
+    fn generate_with(
+        &self,
+        scheduler: &dyn Scheduler,
+        cond: &Conditioning,
+        latents: Tensor<4>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<(Tensor<4>, Tensor<4>)> {
         let b = latents.dims()[0];
         if cond.context.dims()[0] != b {
             return Err(Error::invalid(format!(
@@ -604,15 +624,7 @@ impl StableDiffusion {
                 cond.context.dims()[0]
             )));
         }
-        let scheduler = self.scheduler.build(steps)?;
-        let out = sample(
-            &self.unet,
-            scheduler.as_ref(),
-            cond,
-            latents,
-            noise,
-            Record::Nothing,
-        )?;
+        let out = sample(&self.unet, scheduler, cond, latents, noise, Record::Nothing)?;
         Ok((self.decode(out.images.clone()), out.images))
     }
 
@@ -659,28 +671,13 @@ impl StableDiffusion {
             );
             let shape = self.latent_shape(chunk.len(), height, width)?;
             let x_t = initial_noise(scheduler.as_ref(), shape, &mut noise, device)?;
-            let (images, _) = self.generate(&cond, x_t, steps, &mut noise)?;
+            let (images, _) = self.generate_with(scheduler.as_ref(), &cond, x_t, &mut noise)?;
             for (i, (p, _)) in chunk.iter().enumerate() {
                 out[*p].push(images.clone().narrow(0, i, 1));
             }
         }
         Ok(out.into_iter().map(|v| Tensor::cat(v, 0)).collect())
     }
-}
-
-/// Token ids of each prompt, padded and truncated to the tokenizer's `model_max_length`.
-fn tokenize(tokenizer: &ClipTokenizer, prompts: &[&str]) -> Result<Vec<Vec<i64>>> {
-    prompts
-        .iter()
-        .map(|p| {
-            Ok(tokenizer
-                .encode(p)?
-                .ids
-                .into_iter()
-                .map(i64::from)
-                .collect())
-        })
-        .collect()
 }
 
 /// Whether the JSON object in `path` has `key`.

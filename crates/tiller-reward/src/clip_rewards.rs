@@ -101,18 +101,7 @@ impl ClipSimilarity {
 
     /// The normalised prompt embeddings [B, P] (no gradient: prompts are not optimised).
     fn text(&self, prompts: &[String]) -> Result<Tensor<2>> {
-        let ids = prompts
-            .iter()
-            .map(|p| {
-                Ok(self
-                    .tokenizer
-                    .encode(p)?
-                    .ids
-                    .into_iter()
-                    .map(i64::from)
-                    .collect())
-            })
-            .collect::<Result<Vec<Vec<i64>>>>()?;
+        let ids = self.tokenizer.encode_ids(prompts)?;
         Ok(l2_normalize(self.model.text_embeds(&ids, &self.device)?))
     }
 }

@@ -87,10 +87,10 @@ fn hidden_default() -> usize {
 fn inter_default() -> usize {
     2048
 }
-fn proj_default() -> usize {
+pub(crate) fn proj_default() -> usize {
     512
 }
-fn twelve() -> usize {
+pub(crate) fn twelve() -> usize {
     12
 }
 fn eight() -> usize {
@@ -99,10 +99,10 @@ fn eight() -> usize {
 fn seventy_seven() -> usize {
     77
 }
-fn act_default() -> HiddenAct {
+pub(crate) fn act_default() -> HiddenAct {
     HiddenAct::QuickGelu
 }
-fn eps_default() -> f64 {
+pub(crate) fn eps_default() -> f64 {
     1e-5
 }
 fn eos_default() -> i64 {

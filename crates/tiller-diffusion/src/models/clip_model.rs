@@ -146,7 +146,7 @@ fn load_image_tower(
     device: &Device,
 ) -> Result<ClipVisionModel> {
     let nested = format!("{VISION_MODEL_PREFIX}{VISION_MODEL_PREFIX}");
-    let mut part: BTreeMap<String, HostTensor> =
+    let part: BTreeMap<String, HostTensor> =
         take_prefixed(tensors, &[VISION_MODEL_PREFIX, "visual_projection."])
             .into_iter()
             .map(|(k, v)| match k.strip_prefix(VISION_MODEL_PREFIX) {
@@ -154,7 +154,6 @@ fn load_image_tower(
                 _ => (k, v),
             })
             .collect();
-    part.remove("vision_model.embeddings.position_ids");
     load_into(config.init(Some(projection_dim), device)?, &part, source)
 }
 

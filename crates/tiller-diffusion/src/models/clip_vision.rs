@@ -7,7 +7,7 @@
 //! transformers 5 saves `CLIPVisionModel` without the `vision_model.` prefix (as it saves
 //! `CLIPTextModel` without `text_model.`); both layouts load.
 
-use crate::models::clip::{ClipEncoder, HiddenAct};
+use crate::models::clip::{ClipEncoder, HiddenAct, act_default, eps_default, proj_default, twelve};
 use crate::models::layers::{layer_norm, linear};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -81,12 +81,6 @@ fn hidden_default() -> usize {
 fn inter_default() -> usize {
     3072
 }
-fn proj_default() -> usize {
-    512
-}
-fn twelve() -> usize {
-    12
-}
 fn three() -> usize {
     3
 }
@@ -95,12 +89,6 @@ fn image_default() -> usize {
 }
 fn patch_default() -> usize {
     32
-}
-fn act_default() -> HiddenAct {
-    HiddenAct::QuickGelu
-}
-fn eps_default() -> f64 {
-    1e-5
 }
 
 /// Keys of transformers' `PretrainedConfig` that nested sub-configs of older files repeat

@@ -201,8 +201,7 @@ pub fn load_clip_vision(
         .validate()
         .map_err(|e| Error::format(&path, e.to_string()))?;
     let (source, tensors) = read_folder_weights(folder, TRANSFORMERS_WEIGHTS, variant)?;
-    let (mut tensors, _) = clip_vision::with_vision_model_prefix(tensors);
-    tensors.remove("vision_model.embeddings.position_ids");
+    let (tensors, _) = clip_vision::with_vision_model_prefix(tensors);
     let projection = config.with_projection().then_some(config.projection_dim);
     let model = load_into(config.init(projection, device)?, &tensors, &source)?;
     Ok((config, model))

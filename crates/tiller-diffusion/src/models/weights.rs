@@ -19,7 +19,10 @@ use std::path::Path;
 use tiller_core::{Error, Result};
 
 /// Buffers that PyTorch checkpoints may contain but that are not parameters here.
-const IGNORED_BUFFERS: &[&str] = &["text_model.embeddings.position_ids"];
+const IGNORED_BUFFERS: &[&str] = &[
+    "text_model.embeddings.position_ids",
+    "vision_model.embeddings.position_ids",
+];
 
 /// A tensor read from a file, converted to f32.
 #[derive(Debug, Clone)]
