@@ -174,6 +174,14 @@ pub struct SamplingSection {
     pub eta: f64,
     /// Classifier-free guidance scale; 1 = one conditional pass per step.
     pub guidance: f64,
+    /// Image side in pixels; 0 (the default) takes the base's (the testbed's 32; a Stable
+    /// Diffusion folder's UNet `sample_size` times the VAE's scale factor: 512 for SD 1.5).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resolution: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl Default for SamplingSection {
@@ -182,12 +190,13 @@ impl Default for SamplingSection {
             steps: 20,
             eta: 1.0,
             guidance: 3.0,
+            resolution: 0,
         }
     }
 }
 
 /// `[prompts]`: the training prompts (the testbed's train split) and the validation prompts (its
-/// held-out test split).
+/// held-out test split); or, for a Stable Diffusion base, a prompt file of the user's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PromptsSection {
@@ -198,6 +207,14 @@ pub struct PromptsSection {
     pub val_per_task: usize,
     /// Validation images per prompt (fixed seeds).
     pub val_per_prompt: usize,
+    /// A text file of training prompts, one per line (blank lines and lines starting with `#`
+    /// skipped), for a Stable Diffusion base; empty: the testbed's prompts of `tasks`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub file: String,
+    /// Validation prompts in the same format; empty with `file`: the last `val_per_task` lines
+    /// of `file` are held out of training and validated on.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub val_file: String,
 }
 
 impl Default for PromptsSection {
@@ -211,6 +228,8 @@ impl Default for PromptsSection {
             train_per_task: 200,
             val_per_task: 6,
             val_per_prompt: 2,
+            file: String::new(),
+            val_file: String::new(),
         }
     }
 }
@@ -366,6 +385,12 @@ impl AlignConfig {
         }
         if self.adapter.kind == AdapterKind::Lora && self.adapter.rank == 0 {
             return bad("adapter.rank", "must be at least 1".into());
+        }
+        if self.prompts.file.is_empty() && !self.prompts.val_file.is_empty() {
+            return bad(
+                "prompts.val_file",
+                "goes with prompts.file (the training prompts)".into(),
+            );
         }
         if self.prompts.tasks.is_empty() {
             return bad("prompts.tasks", "must name at least one task".into());

@@ -14,6 +14,7 @@ use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::lora::{LoraFormat, attach_lora, merge_lora, save_lora};
 use tiller_diffusion::models::save_unet;
 use tiller_diffusion::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use tiller_diffusion::models::vae::LatentSpace;
 use tiller_diffusion::sampling::{Conditioning, Denoiser};
 use tiller_diffusion::schedulers::{Scheduler, SchedulerConfig};
 use tiller_diffusion::{Gaussian, LogProbReduction};
@@ -53,6 +54,9 @@ pub struct Policy<M: PolicyModel = UNet2DConditionModel> {
     pub adapter: AdapterKind,
     /// The plain device.
     pub device: Device,
+    /// A latent pipeline's VAE: samples are latents, decoded to images for rewards and encoded
+    /// from stored images for the preference methods. `None`: the model samples pixels.
+    pub latents: Option<LatentSpace>,
 }
 
 impl<M: PolicyModel> Policy<M> {
@@ -85,7 +89,43 @@ impl<M: PolicyModel> Policy<M> {
             guidance,
             adapter: adapter.kind,
             device: device.clone(),
+            latents: None,
         })
+    }
+
+    /// The policy of a latent pipeline: its samples are `latents.vae`'s latents.
+    pub fn with_latents(mut self, latents: LatentSpace) -> Self {
+        self.latents = Some(latents);
+        self
+    }
+
+    /// The shape [C, h, w] of the model's samples for images of `image` [C, H, W]: the image's
+    /// own for a pixel model, the VAE's latents for a latent pipeline.
+    pub fn sample_shape(&self, image: [usize; 3]) -> Result<[usize; 3]> {
+        match &self.latents {
+            None => Ok(image),
+            Some(l) => l.latent_shape(image),
+        }
+    }
+
+    /// The images [B, 3, H, W] in [-1, 1] (not clamped) of the model's samples `x0`: `x0` itself
+    /// for a pixel model, the VAE's decode for a latent pipeline, differentiable in `x0` on the
+    /// autodiff device (the VAE is frozen). What every reward sees.
+    pub fn images(&self, x0: Tensor<4>) -> Tensor<4> {
+        match &self.latents {
+            None => x0,
+            Some(l) => l.decode_for_reward(x0),
+        }
+    }
+
+    /// The model's samples for images [B, C, H, W] in [-1, 1] (stored preference pairs,
+    /// pre-training images): the images themselves for a pixel model, the VAE posterior's mode
+    /// (scaled) for a latent pipeline, as diffusers' training scripts encode.
+    pub fn encode_images(&self, images: Tensor<4>) -> Result<Tensor<4>> {
+        match &self.latents {
+            None => Ok(images),
+            Some(l) => l.encode_images(images, None),
+        }
     }
 
     pub fn autodiff_device(&self) -> Device {

@@ -2,7 +2,7 @@
 //! and the quickstart call); a finished (or checkpointed) run as a model; and the preference
 //! pairs a run reads from a store.
 
-use crate::config::AdapterKind;
+use crate::config::{AdapterKind, PretrainData};
 use crate::methods::StoreData;
 use crate::policy::{LORA_PEFT_FILE, sampler_config};
 use crate::pretraining::Pretraining;
@@ -13,14 +13,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::lora::{attach_lora, load_lora, merge_lora};
-use tiller_diffusion::models::unet::UNet2DConditionModel;
+use tiller_diffusion::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use tiller_diffusion::pipeline::TextToImage;
+use tiller_diffusion::schedulers::SchedulerConfig;
+use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
 use tiller_engine::checkpoint::load_module;
 use tiller_engine::{Resume, RunDir};
 use tiller_eval::noise_scale::{NoiseScale, describe_noise, read_noise_scale};
 use tiller_eval::sampling::{SampleSettings, load_pipeline};
 use tiller_eval::suite::first_per_task;
-use tiller_eval::validation::{read_validation, validation};
+use tiller_eval::validation::{latent_validation, read_validation, validation};
 use tiller_feedback::{Choice, PreferenceStore, Query, Split, SqliteStore};
 use tiller_testbed::Tokenizer;
 use tiller_testbed::image::decode_png;
@@ -43,6 +45,54 @@ fn checkpoint_run(folder: &Path) -> Option<PathBuf> {
     .then(|| run.to_path_buf())
 }
 
+/// The config of the alignment run `folder` (or of the run one of its checkpoints belongs to),
+/// and whether `folder` is a checkpoint.
+fn run_config(folder: &Path) -> Result<(AlignConfig, bool)> {
+    let checkpoint = checkpoint_run(folder);
+    let run = checkpoint.as_deref().unwrap_or(folder);
+    let path = run.join("config.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let config: AlignConfig = toml::from_str(&text)
+        .map_err(|e| Error::format(&path, format!("not an alignment run config: {e}")))?;
+    Ok((config, checkpoint.is_some()))
+}
+
+/// The base model folder of the alignment run `folder` (or of one of its checkpoints), located.
+pub fn run_base(folder: &Path, locate: &dyn Fn(&Path) -> PathBuf) -> Result<PathBuf> {
+    Ok(locate(Path::new(&run_config(folder)?.0.base)))
+}
+
+/// `unet` (the run's base UNet) with the weights of run `folder`: its final LoRA merged or its
+/// fully fine-tuned UNet, or a checkpoint's weights.
+fn aligned_unet(
+    folder: &Path,
+    config: &AlignConfig,
+    checkpoint: bool,
+    unet: UNet2DConditionModel,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
+    if checkpoint {
+        // The trainer saves the whole policy module: the base with its adapters attached (their
+        // initial values are overwritten by the load), or every weight for a full fine-tune.
+        let module = match config.adapter.kind {
+            AdapterKind::Lora => attach_lora(unet, &config.adapter.lora(), &mut SeededRng::new(0))?,
+            AdapterKind::Full => unet,
+        };
+        let loaded = load_module(&folder.join(MODEL_FILE), module)?;
+        return Ok(merge_lora(loaded));
+    }
+    let final_dir = folder.join("final");
+    Ok(match config.adapter.kind {
+        AdapterKind::Lora => {
+            let (unet, _, _) = load_lora(unet, &final_dir.join(LORA_PEFT_FILE))?;
+            merge_lora(unet)
+        }
+        AdapterKind::Full => {
+            tiller_diffusion::models::load_unet(&final_dir.join("unet"), None, device)?.1
+        }
+    })
+}
+
 /// The base pipeline of an alignment run with the run's final weights (LoRA merged), or, given
 /// one of its checkpoints (`runs/<id>/checkpoints/step-N`), with that checkpoint's weights.
 ///
@@ -53,44 +103,43 @@ pub fn load_aligned(
     device: &Device,
     locate: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<(TextToImage, Tokenizer)> {
-    let checkpoint = checkpoint_run(folder);
-    let run = checkpoint.as_deref().unwrap_or(folder);
-    let path = run.join("config.toml");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let config: AlignConfig = toml::from_str(&text)
-        .map_err(|e| Error::format(&path, format!("not an alignment run config: {e}")))?;
+    let (config, checkpoint) = run_config(folder)?;
     let base = locate(Path::new(&config.base));
+    if is_stable_diffusion(&base) {
+        return Err(Error::invalid(format!(
+            "{} is a run on the Stable Diffusion pipeline {}: it loads as one \
+             (`load_aligned_latent`; `tiller sample` and `tiller merge` read it), not as a \
+             testbed pipeline",
+            folder.display(),
+            base.display()
+        )));
+    }
     let (mut pipe, tokenizer) = load_pipeline(&base, device).map_err(|e| {
         Error::format(
-            &path,
+            folder.join("config.toml"),
             format!("the run's base model `base = {}`: {e}", base.display()),
         )
     })?;
-    if checkpoint.is_some() {
-        // The trainer saves the whole policy module: the base with its adapters attached (their
-        // initial values are overwritten by the load), or every weight for a full fine-tune.
-        let module = match config.adapter.kind {
-            AdapterKind::Lora => {
-                attach_lora(pipe.unet, &config.adapter.lora(), &mut SeededRng::new(0))?
-            }
-            AdapterKind::Full => pipe.unet,
-        };
-        let file = folder.join(MODEL_FILE);
-        let loaded = load_module(&file, module)?;
-        pipe.unet = merge_lora(loaded);
-        return Ok((pipe, tokenizer));
-    }
-    let final_dir = run.join("final");
-    pipe.unet = match config.adapter.kind {
-        AdapterKind::Lora => {
-            let (unet, _, _) = load_lora(pipe.unet, &final_dir.join(LORA_PEFT_FILE))?;
-            merge_lora(unet)
-        }
-        AdapterKind::Full => {
-            tiller_diffusion::models::load_unet(&final_dir.join("unet"), None, device)?.1
-        }
-    };
+    pipe.unet = aligned_unet(folder, &config, checkpoint, pipe.unet, device)?;
     Ok((pipe, tokenizer))
+}
+
+/// [`load_aligned`] for a run on a Stable Diffusion base: the base pipeline with the run's UNet.
+pub fn load_aligned_latent(
+    folder: &Path,
+    device: &Device,
+    locate: &dyn Fn(&Path) -> PathBuf,
+) -> Result<StableDiffusion> {
+    let (config, checkpoint) = run_config(folder)?;
+    let base = locate(Path::new(&config.base));
+    let mut sd = StableDiffusion::load(&base, device).map_err(|e| {
+        Error::format(
+            folder.join("config.toml"),
+            format!("the run's base model `base = {}`: {e}", base.display()),
+        )
+    })?;
+    sd.unet = aligned_unet(folder, &config, checkpoint, sd.unet, device)?;
+    Ok(sd)
 }
 
 /// A preference store opened for a method's `field`, with an image cache: pixels CHW in [-1, 1].
@@ -292,6 +341,17 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
     };
     config.validate()?;
     let device = tiller_core::device::parse_device(&config.device)?;
+    let base = (args.locate)(Path::new(&config.base));
+    if is_stable_diffusion(&base) {
+        return run_latent(args, opened, config, &resolved, &base, &device);
+    }
+    if !config.prompts.file.is_empty() {
+        return Err(Error::config(
+            "prompts.file",
+            "applies to a Stable Diffusion base; the testbed trains on its own prompt splits \
+             (prompts.tasks), which its gold evaluator reads",
+        ));
+    }
     let (pipe, tokenizer) = load_model(Path::new(&config.base), &device, args.locate)?;
     let reward = tiller_reward::load::load(
         &locate_spec(&config.reward, args.locate),
@@ -309,29 +369,20 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         &config.prompts.tasks,
         config.prompts.val_per_task,
     );
-    let (mut pairs, mut labels, mut upfront) = (Vec::new(), Vec::new(), 0);
-    if let Some(s) = config.method.spec().store() {
-        let store = (args.locate)(Path::new(&s.store));
-        match s.data {
-            StoreData::Comparisons => {
-                (pairs, upfront) = read_pairs(&store, &s.split, s.limit, s.field)?;
-            }
-            StoreData::Labels => {
-                (labels, upfront) = read_labels(&store, &s.split, s.limit, s.field)?;
-            }
-        }
-    }
+    let res = tiller_eval::sampling::check_resolution(
+        &pipe,
+        (config.sampling.resolution > 0).then_some(config.sampling.resolution),
+    )
+    .map_err(|e| Error::config("sampling.resolution", e.to_string()))?;
+    let image_shape = [pipe.unet_config.in_channels, res, res];
+    let (pairs, labels, upfront) = store_data(&config, args.locate, image_shape)?;
 
     let sampler = sampler_config(&pipe.scheduler, config.sampling.eta)?;
-    let mut init_rng = SeededRng::new(config.train.seed ^ 0x10a4_5eed);
-    let policy = Policy::new(
-        pipe.unet.clone(),
-        pipe.unet_config.clone(),
-        sampler.build(config.sampling.steps)?,
-        pipe.scheduler.build(config.sampling.steps)?,
-        config.sampling.guidance,
-        &config.adapter,
-        &mut init_rng,
+    let policy = new_policy(
+        &config,
+        &pipe.unet,
+        &pipe.unet_config,
+        &pipe.scheduler,
         &device,
     )?;
     let encode = |texts: &[String]| -> tiller_core::Result<Tensor<3>> {
@@ -341,7 +392,6 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
             .collect::<tiller_core::Result<_>>()?;
         pipe.encode(&ids, &device)
     };
-    let res = tiller_eval::sampling::resolution(&pipe)?;
     let pretraining = Pretraining::open(
         &config.pretrain,
         &(args.locate)(Path::new(&config.pretrain.path)),
@@ -358,7 +408,7 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         upfront_queries: upfront,
         pretrain: Some(&pretrain),
         encode: &encode,
-        image_shape: [pipe.unet_config.in_channels, res, res],
+        image_shape,
     };
     let settings = SampleSettings {
         scheduler: sampler.clone(),
@@ -380,27 +430,289 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
             &device,
             &samples_dir,
             step,
-        )
-        .map_err(|e| Error::invalid(format!("validation at update {step}: {e}")))?;
-        let line: Vec<String> = v.iter().map(|(k, x)| format!("{k} {x:.3}")).collect();
-        eprintln!("validation @ {step}: {}", line.join(", "));
-        Ok(v)
+        );
+        report_validation(step, v)
     };
-    let run = match opened {
-        Some(run) => run,
-        None => RunDir::create(args.out, &resolved)?,
-    };
-    let mut algorithm = crate::methods::build(&config);
-    let out = crate::align(
-        &run,
+    train_and_export(
+        args,
+        opened,
         &config,
+        &resolved,
         policy,
-        algorithm.as_mut(),
         reward.as_ref(),
         &data,
+        &mut validate,
+    )
+}
+
+/// [`run`] on a Stable Diffusion 1.x/2.x folder: the chain runs in the VAE's latent space, the
+/// reward scores decoded images (differentiably for reward backpropagation), stored images are
+/// encoded to latents (the posterior's mode, diffusers' training scripts), prompts come from
+/// `prompts.file` (or the testbed's prompt texts), and validation is the reward on held-out
+/// prompts ([`latent_validation`]).
+fn run_latent(
+    args: &Request<'_>,
+    opened: Option<RunDir>,
+    config: AlignConfig,
+    resolved: &str,
+    base: &Path,
+    device: &Device,
+) -> Result<AlignSummary> {
+    let sd = StableDiffusion::load(base, device)?;
+    if sd.xl.is_some() {
+        return Err(Error::config(
+            "base",
+            format!(
+                "{} is an SDXL pipeline; `tiller align` trains SD 1.x/2.x pipelines so far (the \
+                 preference methods call the UNet without SDXL's added conditioning); `tiller \
+                 sample` and the rewards read SDXL",
+                base.display()
+            ),
+        ));
+    }
+    let res = match config.sampling.resolution {
+        0 => sd.default_resolution()?,
+        r => r,
+    };
+    sd.latent_shape(1, res, res)
+        .map_err(|e| Error::config("sampling.resolution", e.to_string()))?;
+    // Rewards that read the testbed's vocabulary take its tokenizer; the CLIP rewards carry their own.
+    let reward = tiller_reward::load::load(
+        &locate_spec(&config.reward, args.locate),
+        &Tokenizer::shapes(),
+        device,
+    )?;
+    let (train_prompts, val_prompts) = prompt_texts(&config, args.locate)?;
+    for p in train_prompts.iter().chain(&val_prompts) {
+        sd.tokenizer
+            .encode_ids(&[p.as_str()])
+            .map_err(|e| Error::config("prompts", format!("prompt {p:?}: {e}")))?;
+    }
+    let image_shape = [sd.vae_config.in_channels, res, res];
+    let (pairs, labels, upfront) = store_data(&config, args.locate, image_shape)?;
+    let sampler = sampler_config(&sd.scheduler, config.sampling.eta)?;
+    let policy = new_policy(&config, &sd.unet, &sd.unet_config, &sd.scheduler, device)?
+        .with_latents(sd.latent_space());
+    let encode = |texts: &[String]| -> Result<Tensor<3>> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        Ok(sd.encode_prompts(&refs, device)?.context)
+    };
+    let pretraining = match config.pretrain.source {
+        PretrainData::Testbed => None,
+        _ => Some(Pretraining::open(
+            &config.pretrain,
+            &(args.locate)(Path::new(&config.pretrain.path)),
+            &[],
+            res,
+            config.train.seed,
+        )?),
+    };
+    if let Some(p) = &pretraining {
+        p.check_texts(&|text| sd.tokenizer.encode_ids(&[text]).map(|_| ()))?;
+    }
+    let pretrain = |i: u64| match &pretraining {
+        Some(p) => p.example(i),
+        None => Err(Error::config(
+            "pretrain.source",
+            "a Stable Diffusion base has no testbed renderer; name its training images with \
+             `source = \"folder\"` or `\"store\"` and `path`",
+        )),
+    };
+    let data = AlignData {
+        prompts: train_prompts,
+        pairs,
+        labels,
+        upfront_queries: upfront,
+        pretrain: Some(&pretrain),
+        encode: &encode,
+        image_shape,
+    };
+    let settings = SampleSettings {
+        scheduler: sampler,
+        steps: config.sampling.steps,
+        guidance: config.sampling.guidance,
+        batch: config.train.batch_size.max(1),
+    };
+    let samples_dir = args.out.join("samples");
+    let mut validate = |step: u64, unet: &UNet2DConditionModel| {
+        let v = latent_validation(
+            &sd,
+            unet,
+            &val_prompts,
+            config.prompts.val_per_prompt,
+            &settings,
+            res,
+            reward.as_ref(),
+            device,
+            &samples_dir,
+            step,
+        );
+        report_validation(step, v)
+    };
+    train_and_export(
+        args,
+        opened,
+        &config,
+        resolved,
+        policy,
+        reward.as_ref(),
+        &data,
+        &mut validate,
+    )
+}
+
+/// The training and validation prompts of a run on a Stable Diffusion base: `prompts.file` (and
+/// `prompts.val_file`, or the file's last `val_per_task` lines held out), or the testbed's prompt
+/// texts of `prompts.tasks`.
+fn prompt_texts(
+    config: &AlignConfig,
+    locate: &dyn Fn(&Path) -> PathBuf,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let p = &config.prompts;
+    if p.file.is_empty() {
+        let splits = prompts::generate_splits(&PromptSetConfig::default())?;
+        let texts = |v: Vec<tiller_testbed::Prompt>| v.into_iter().map(|p| p.text).collect();
+        return Ok((
+            texts(first_per_task(&splits.train, &p.tasks, p.train_per_task)),
+            texts(first_per_task(&splits.test, &p.tasks, p.val_per_task)),
+        ));
+    }
+    let read = |field: &str, path: &str| -> Result<Vec<String>> {
+        let path = locate(Path::new(path));
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let lines: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect();
+        if lines.is_empty() {
+            return Err(Error::config(
+                field,
+                format!("{} holds no prompts (one per line)", path.display()),
+            ));
+        }
+        Ok(lines)
+    };
+    let mut train = read("prompts.file", &p.file)?;
+    let val = if p.val_file.is_empty() {
+        if train.len() <= p.val_per_task {
+            return Err(Error::config(
+                "prompts.val_per_task",
+                format!(
+                    "holds out the last {} of {} prompts of prompts.file for validation, which \
+                     leaves none to train on; name them in prompts.val_file or lower it",
+                    p.val_per_task,
+                    train.len()
+                ),
+            ));
+        }
+        train.split_off(train.len() - p.val_per_task)
+    } else {
+        read("prompts.val_file", &p.val_file)?
+    };
+    Ok((train, val))
+}
+
+/// The store's pairs or labels a run's method reads, and the queries they cost; every image
+/// must have the run's `image_shape` [C, H, W].
+fn store_data(
+    config: &AlignConfig,
+    locate: &dyn Fn(&Path) -> PathBuf,
+    [c, h, w]: [usize; 3],
+) -> Result<(Vec<PreferencePair>, Vec<LabeledImage>, u64)> {
+    let (mut pairs, mut labels, mut upfront) = (Vec::new(), Vec::new(), 0);
+    if let Some(s) = config.method.spec().store() {
+        let store = locate(Path::new(&s.store));
+        match s.data {
+            StoreData::Comparisons => {
+                (pairs, upfront) = read_pairs(&store, &s.split, s.limit, s.field)?;
+            }
+            StoreData::Labels => {
+                (labels, upfront) = read_labels(&store, &s.split, s.limit, s.field)?;
+            }
+        }
+        let sizes = pairs
+            .iter()
+            .flat_map(|p| [p.chosen.len(), p.rejected.len()])
+            .chain(labels.iter().map(|l| l.pixels.len()));
+        for len in sizes {
+            if len != c * h * w {
+                return Err(Error::config(
+                    s.field,
+                    format!(
+                        "{} holds an image of {} values; this run's images are {c}x{h}x{w} \
+                         (sampling.resolution {h}): store images of the run's size",
+                        store.display(),
+                        len
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((pairs, labels, upfront))
+}
+
+/// The run's policy on `unet`: its adapters initialised from the run's seed, DDIM at the
+/// configured eta on the pipeline's schedule.
+fn new_policy(
+    config: &AlignConfig,
+    unet: &UNet2DConditionModel,
+    unet_config: &UNet2DConditionConfig,
+    scheduler: &SchedulerConfig,
+    device: &Device,
+) -> Result<Policy> {
+    let sampler = sampler_config(scheduler, config.sampling.eta)?;
+    let mut init_rng = SeededRng::new(config.train.seed ^ 0x10a4_5eed);
+    Policy::new(
+        unet.clone(),
+        unet_config.clone(),
+        sampler.build(config.sampling.steps)?,
+        scheduler.build(config.sampling.steps)?,
+        config.sampling.guidance,
+        &config.adapter,
+        &mut init_rng,
+        device,
+    )
+}
+
+/// A validation's scalars printed, or its error naming the update.
+fn report_validation(step: u64, v: Result<Vec<(String, f64)>>) -> Result<Vec<(String, f64)>> {
+    let v = v.map_err(|e| Error::invalid(format!("validation at update {step}: {e}")))?;
+    let line: Vec<String> = v.iter().map(|(k, x)| format!("{k} {x:.3}")).collect();
+    eprintln!("validation @ {step}: {}", line.join(", "));
+    Ok(v)
+}
+
+/// Creates the run folder (a new run's, once every input has loaded), trains, and exports the
+/// adapters (or the UNet) to `<out>/final/` when the run is finished.
+#[allow(clippy::too_many_arguments)]
+fn train_and_export(
+    args: &Request<'_>,
+    opened: Option<RunDir>,
+    config: &AlignConfig,
+    resolved: &str,
+    policy: Policy,
+    reward: &dyn tiller_reward::Reward,
+    data: &AlignData<'_>,
+    validate: &mut crate::trainer::Validate<'_, UNet2DConditionModel>,
+) -> Result<AlignSummary> {
+    let upfront = data.upfront_queries;
+    let run = match opened {
+        Some(run) => run,
+        None => RunDir::create(args.out, resolved)?,
+    };
+    let mut algorithm = crate::methods::build(config);
+    let out = crate::align(
+        &run,
+        config,
+        policy,
+        algorithm.as_mut(),
+        reward,
+        data,
         args.resume,
         args.stop_after,
-        &mut validate,
+        validate,
     )?;
     let finished = out.updates >= config.train.updates
         || (config.train.reward_budget > 0
@@ -431,7 +743,7 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         eprintln!("{}", describe_noise(ns, config.train.effective_batch()));
     }
     Ok(AlignSummary {
-        config,
+        config: config.clone(),
         before,
         after: out.last_validation,
         reward_queries: out.reward_queries,
@@ -457,10 +769,12 @@ pub fn load_model(
 
 /// A reward spec (`tiller_reward::load::load`) with its folder, if it names one, located.
 pub fn locate_spec(spec: &str, locate: &dyn Fn(&Path) -> PathBuf) -> String {
-    match spec.strip_prefix("caption-match:") {
-        Some(path) => format!("caption-match:{}", locate(Path::new(path)).display()),
-        None if tiller_reward::load::NAMED.contains(&spec) => spec.to_string(),
-        None => locate(Path::new(spec)).display().to_string(),
+    match spec.split_once(':') {
+        Some((prefix, path)) if tiller_reward::load::FOLDER_PREFIXES.contains(&prefix) => {
+            format!("{prefix}:{}", locate(Path::new(path)).display())
+        }
+        _ if tiller_reward::load::NAMED.contains(&spec) => spec.to_string(),
+        _ => locate(Path::new(spec)).display().to_string(),
     }
 }
 

@@ -70,7 +70,8 @@ pub struct AlignData<'a> {
     pub pretrain: Option<&'a PretrainSource<'a>>,
     /// Text -> the text encoder's hidden states [N, L, D] on the plain device.
     pub encode: &'a dyn Fn(&[String]) -> Result<Tensor<3>>,
-    /// Image shape [C, H, W].
+    /// The images' shape [C, H, W] (stored and pre-training images, what rewards see); the
+    /// model's samples have [`Policy::sample_shape`] of it (latents for a latent pipeline).
     pub image_shape: [usize; 3],
 }
 
@@ -546,7 +547,7 @@ pub fn collect<M: PolicyModel>(
     draw: Draw,
     rng: &mut SeededRng,
 ) -> Result<(Batch, Vec<f64>)> {
-    let [c, h, w] = data.image_shape;
+    let [c, h, w] = policy.sample_shape(data.image_shape)?;
     let device = &policy.device;
     let Draw {
         n,
@@ -596,7 +597,7 @@ pub fn collect<M: PolicyModel>(
                 .zip(&stochastic)
                 .map(|(v, s)| s.then(|| Tensor::cat(v, 0)))
                 .collect();
-            let images = tensor_to_images(latents[steps].clone())?;
+            let images = tensor_to_images(policy.images(latents[steps].clone()))?;
             let rewards = reward.score(&images, &prompts.texts)?;
             check_finite(&rewards, reward)?;
             Ok((
@@ -625,11 +626,10 @@ pub fn collect<M: PolicyModel>(
                 .collect();
             let prompts = encode_prompts(data, picks.iter().map(|p| p.prompt.clone()).collect())?;
             let stack = |f: &dyn Fn(&PreferencePair) -> &Vec<f32>| {
-                let v: Vec<f32> = picks.iter().flat_map(|p| f(p).iter().copied()).collect();
-                Tensor::<4>::from_data(TensorData::new(v, [n, c, h, w]), device)
+                encode_stored(policy, picks.iter().map(|p| f(p).as_slice()), data, micro)
             };
-            let chosen = stack(&|p| &p.chosen);
-            let rejected = stack(&|p| &p.rejected);
+            let chosen = stack(&|p| &p.chosen)?;
+            let rejected = stack(&|p| &p.rejected)?;
             // Each pair's shared noise and timestep from its own stream.
             let (values, timesteps) = example_noise_and_timesteps(policy, indices, seed, [c, h, w]);
             let noise = Tensor::<4>::from_data(TensorData::new(values, [n, c, h, w]), device);
@@ -654,11 +654,12 @@ pub fn collect<M: PolicyModel>(
                 .map(|_| &data.labels[rng.below(data.labels.len())])
                 .collect();
             let prompts = encode_prompts(data, picks.iter().map(|p| p.prompt.clone()).collect())?;
-            let pixels: Vec<f32> = picks
-                .iter()
-                .flat_map(|p| p.pixels.iter().copied())
-                .collect();
-            let images = Tensor::<4>::from_data(TensorData::new(pixels, [n, c, h, w]), device);
+            let images = encode_stored(
+                policy,
+                picks.iter().map(|p| p.pixels.as_slice()),
+                data,
+                micro,
+            )?;
             let (noise, timesteps) = example_noise_and_timesteps(policy, indices, seed, [c, h, w]);
             Ok((
                 Batch::Labeled(Labeled {
@@ -701,9 +702,15 @@ pub fn collect<M: PolicyModel>(
             .into_iter()
             .map(|s| s.images)
             .collect();
-            // Scored (and trained on) as the reward sees them: clipped to the image range.
-            let images = Tensor::cat(parts, 0).clamp(-1.0, 1.0);
-            let rewards = reward.score(&tensor_to_images(images.clone())?, &prompts.texts)?;
+            // Scored as the reward sees them: clipped to the image range; a pixel model is
+            // trained on the clipped images too, a latent pipeline on its latents.
+            let x0 = Tensor::cat(parts, 0);
+            let pixels = policy.images(x0.clone()).clamp(-1.0, 1.0);
+            let rewards = reward.score(&tensor_to_images(pixels.clone())?, &prompts.texts)?;
+            let images = match policy.latents {
+                None => pixels,
+                Some(_) => x0,
+            };
             check_finite(&rewards, reward)?;
             // Each sample's training noise and timestep from a stream of its own, apart from
             // the chain's.
@@ -790,7 +797,7 @@ pub fn attach_pretrain<M: PolicyModel>(
     let [c, h, w] = data.image_shape;
     let indices = draw.first..draw.first + draw.n as u64;
     let mut texts = Vec::with_capacity(draw.n);
-    let mut pixels = Vec::with_capacity(draw.n * c * h * w);
+    let mut images = Vec::with_capacity(draw.n);
     for i in indices.clone() {
         let (prompt, image) = source(i)?;
         if image.len() != c * h * w {
@@ -800,15 +807,17 @@ pub fn attach_pretrain<M: PolicyModel>(
             )));
         }
         texts.push(prompt);
-        pixels.extend(image);
+        images.push(image);
     }
     let device = &policy.device;
+    let shape = policy.sample_shape(data.image_shape)?;
+    let [sc, sh, sw] = shape;
     let (noise, timesteps) =
-        example_noise_and_timesteps(policy, indices, draw.seed ^ PRETRAIN_SALT, [c, h, w]);
+        example_noise_and_timesteps(policy, indices, draw.seed ^ PRETRAIN_SALT, shape);
     let supervised = Supervised {
         prompts: encode_prompts(data, texts)?,
-        images: Tensor::<4>::from_data(TensorData::new(pixels, [draw.n, c, h, w]), device),
-        noise: Tensor::<4>::from_data(TensorData::new(noise, [draw.n, c, h, w]), device),
+        images: encode_stored(policy, images.iter().map(Vec::as_slice), data, draw.micro)?,
+        noise: Tensor::<4>::from_data(TensorData::new(noise, [draw.n, sc, sh, sw]), device),
         timesteps,
     };
     match batch {
@@ -821,6 +830,34 @@ pub fn attach_pretrain<M: PolicyModel>(
         }
     }
     Ok(())
+}
+
+/// Stored images (CHW floats in [-1, 1] of `data.image_shape`) as the model's samples [N, C, h,
+/// w] on the plain device: the images for a pixel model, their latents for a latent pipeline,
+/// encoded `micro` at a time (an image's latent does not depend on the batch: the posterior's
+/// mode).
+fn encode_stored<'a, M: PolicyModel>(
+    policy: &Policy<M>,
+    images: impl Iterator<Item = &'a [f32]>,
+    data: &AlignData<'_>,
+    micro: usize,
+) -> Result<Tensor<4>> {
+    let [c, h, w] = data.image_shape;
+    let images: Vec<&[f32]> = images.collect();
+    if let Some(bad) = images.iter().find(|p| p.len() != c * h * w) {
+        return Err(Error::invalid(format!(
+            "a stored image has {} values; this run's images are {c}x{h}x{w} \
+             (sampling.resolution {h}): store images of the run's size",
+            bad.len()
+        )));
+    }
+    let mut parts = Vec::new();
+    for chunk in images.chunks(micro.max(1)) {
+        let v: Vec<f32> = chunk.iter().flat_map(|p| p.iter().copied()).collect();
+        let t = Tensor::<4>::from_data(TensorData::new(v, [chunk.len(), c, h, w]), &policy.device);
+        parts.push(policy.encode_images(t)?);
+    }
+    Ok(Tensor::cat(parts, 0))
 }
 
 /// Each example's training noise [C, H, W] and timestep, from its own stream (its pair's, its

@@ -335,6 +335,7 @@ fn run_case(meta: &Meta, case: &Case) {
                 guidance: case.guidance,
                 adapter: AdapterKind::Lora,
                 device: device.clone(),
+                latents: None,
             }
         }
         other => panic!("unknown adapter {other}"),
@@ -616,6 +617,7 @@ fn run_case(meta: &Meta, case: &Case) {
             guidance: case.guidance,
             adapter: AdapterKind::Full,
             device: device.clone(),
+            latents: None,
         };
         let cx = Context {
             policy: &from_reference,

@@ -1,10 +1,13 @@
 //! `tiller align` and `tiller merge`: flags to `tiller_align::run` (one run from a preset, with
 //! shipped assets found from any directory), and a run merged into a pipeline folder.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
-use std::path::PathBuf;
-use tiller_align::run::{AlignSummary, Request, is_run, load_aligned, run};
+use std::path::{Path, PathBuf};
+use tiller_align::run::{
+    AlignSummary, Request, is_run, load_aligned, load_aligned_latent, run, run_base,
+};
+use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
 use tiller_engine::Resume;
 use tiller_eval::sampling::save_pipeline;
 
@@ -83,12 +86,58 @@ pub fn merge(args: MergeArgs) -> Result<()> {
         args.run.display()
     );
     let device = tiller_core::device::parse_device("cpu")?;
-    let (pipe, tokenizer) = load_aligned(&args.run, &device, &crate::shipped::resolve)?;
-    save_pipeline(&pipe, &args.out, &tokenizer)?;
+    let base = run_base(&args.run, &crate::shipped::resolve)?;
+    if is_stable_diffusion(&base) {
+        let sd = load_aligned_latent(&args.run, &device, &crate::shipped::resolve)?;
+        save_latent_pipeline(&base, &sd, &args.out)?;
+    } else {
+        let (pipe, tokenizer) = load_aligned(&args.run, &device, &crate::shipped::resolve)?;
+        save_pipeline(&pipe, &args.out, &tokenizer)?;
+    }
     println!(
         "{} merged into its base, written to {}",
         args.run.display(),
         args.out.display()
     );
     Ok(())
+}
+
+/// A Stable Diffusion run merged: the base folder's files with `unet/` replaced by the run's
+/// UNet, written to a temporary folder beside `out` and renamed, so a failure leaves no `out`.
+fn save_latent_pipeline(base: &Path, sd: &StableDiffusion, out: &Path) -> Result<()> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {} has no folder name", out.display()))?;
+    let tmp = out.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    copy_tree(base, &tmp, &|rel| rel == Path::new("unet"))?;
+    tiller_diffusion::models::save_unet(&tmp.join("unet"), &sd.unet_config, &sd.unet)?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// Copies the folder `from` to `to` (created), skipping the entries whose path relative to
+/// `from` satisfies `skip`.
+fn copy_tree(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+    fn walk(root: &Path, dir: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+        std::fs::create_dir_all(to.join(dir.strip_prefix(root)?))
+            .with_context(|| format!("creating a folder in {}", to.display()))?;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?;
+            if skip(rel) {
+                continue;
+            }
+            if path.is_dir() {
+                walk(root, &path, to, skip)?;
+            } else {
+                std::fs::copy(&path, to.join(rel))
+                    .with_context(|| format!("copying {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+    walk(from, from, to, skip)
 }

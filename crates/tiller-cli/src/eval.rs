@@ -65,7 +65,20 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let device = tiller_core::device::parse_device(&args.sampling.device)?;
     let located = crate::shipped::resolve(&args.model);
     if is_stable_diffusion(&located) {
-        return sample_stable_diffusion(&args, &located, &texts, &device);
+        let sd = StableDiffusion::load(&located, &device)
+            .with_context(|| format!("loading the model {}", located.display()))?;
+        return sample_stable_diffusion(&args, sd, &texts, &device);
+    }
+    if tiller_align::run::is_run(&located)
+        && is_stable_diffusion(&tiller_align::run::run_base(
+            &located,
+            &crate::shipped::resolve,
+        )?)
+    {
+        let sd =
+            tiller_align::run::load_aligned_latent(&located, &device, &crate::shipped::resolve)
+                .with_context(|| format!("loading the run {}", located.display()))?;
+        return sample_stable_diffusion(&args, sd, &texts, &device);
     }
     if args.negative_prompt.is_some() {
         bail!(
@@ -99,12 +112,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
 /// guidance 7.5, images at the UNet's `sample_size` times the VAE's scale factor.
 fn sample_stable_diffusion(
     args: &SampleArgs,
-    folder: &Path,
+    mut sd: StableDiffusion,
     texts: &[String],
     device: &burn::tensor::Device,
 ) -> Result<()> {
-    let mut sd = StableDiffusion::load(folder, device)
-        .with_context(|| format!("loading the model {}", folder.display()))?;
     let s = &args.sampling;
     if let tiller_diffusion::SchedulerConfig::Ddim(c) = &mut sd.scheduler {
         c.eta = match s.sampler {

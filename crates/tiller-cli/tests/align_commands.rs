@@ -321,3 +321,68 @@ fn compare_writes_a_table_and_plots() {
     );
     assert!(!bad.exists());
 }
+
+#[test]
+fn align_on_a_stable_diffusion_folder_then_sample_and_merge_the_run() {
+    let dir = scratch("align-sd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let run_s = run.to_str().unwrap();
+    let (ok, text) = tiller(&[
+        "align",
+        "--config",
+        "configs/draft-k-sd.toml",
+        "--out",
+        run_s,
+        "--set",
+        "train.updates=2",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("proxy_reward"), "{text}");
+    assert!(run.join("final/pytorch_lora_weights.safetensors").is_file());
+    // The run samples as a Stable Diffusion pipeline, and merged it is one diffusers loads: the
+    // base folder with the run's UNet, sampling the same pixels.
+    let sample = |model: &str, out: &str| {
+        let (ok, text) = tiller(&[
+            "sample",
+            "--model",
+            model,
+            "--prompt",
+            "a red car",
+            "--n",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            out,
+        ]);
+        assert!(ok, "{text}");
+        std::fs::read(out).unwrap()
+    };
+    let from_run = sample(run_s, dir.join("run.png").to_str().unwrap());
+    let merged = dir.join("merged");
+    let (ok, text) = tiller(&["merge", "--run", run_s, "--out", merged.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    for part in [
+        "model_index.json",
+        "vae/config.json",
+        "tokenizer",
+        "unet/config.json",
+    ] {
+        assert!(merged.join(part).exists(), "merged pipeline lacks {part}");
+    }
+    let from_merged = sample(
+        merged.to_str().unwrap(),
+        dir.join("merged.png").to_str().unwrap(),
+    );
+    assert!(
+        from_run == from_merged,
+        "the merged pipeline samples what the run does"
+    );
+    let base = sample(
+        "crates/tiller-diffusion/tests/fixtures/tiny-sd-pipeline",
+        dir.join("base.png").to_str().unwrap(),
+    );
+    assert!(base != from_run, "the run's UNet differs from the base's");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -29,11 +29,10 @@
 use crate::clip_tokenizer::ClipTokenizer;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig, LatentSpace};
 use crate::models::{load_clip_text, load_unet, load_vae};
 use crate::sampling::{Conditioning, ExampleNoise, NoiseSource, Record, initial_noise, sample};
 use crate::schedulers::{Scheduler, SchedulerConfig};
-use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -558,35 +557,22 @@ impl StableDiffusion {
         Ok(cond)
     }
 
-    /// Latents [B, C, h, w] to the images rewards take, [B, 3, H, W] in [-1, 1] (the VAE's output,
-    /// not clamped: rewards clamp), differentiable in the latents: the VAE is a frozen copy on the
-    /// latents' device, so reward backpropagation (DRaFT, AlignProp) reaches the chain through
-    /// the decoder and no VAE weight is trained.
-    pub fn decode_for_reward(&self, latents: Tensor<4>) -> Tensor<4> {
-        let vae = self.vae.clone().to_device(&latents.device()).no_grad();
-        vae.decode(self.vae_config.unscale_latents(latents))
+    /// The VAE with its config ([`LatentSpace`]: what alignment decodes and encodes with).
+    pub fn latent_space(&self) -> LatentSpace {
+        LatentSpace {
+            config: self.vae_config.clone(),
+            vae: self.vae.clone(),
+        }
     }
 
-    /// Images [B, 3, H, W] in [-1, 1] to the latents the UNet is trained on, [B, C, H/f, W/f]:
-    /// the posterior's mode, or a sample of it with `noise` (standard normal, the latents' shape),
-    /// scaled as the pipelines scale (diffusers' training scripts: `vae.encode(x).latent_dist`
-    /// times `scaling_factor`). How preference methods (Diffusion-DPO, KTO) read stored images.
+    /// [`LatentSpace::decode_for_reward`]: latents to images in [-1, 1], differentiable.
+    pub fn decode_for_reward(&self, latents: Tensor<4>) -> Tensor<4> {
+        self.latent_space().decode_for_reward(latents)
+    }
+
+    /// [`LatentSpace::encode_images`]: images in [-1, 1] to scaled latents.
     pub fn encode_images(&self, images: Tensor<4>, noise: Option<Tensor<4>>) -> Result<Tensor<4>> {
-        let [b, c, h, w] = images.dims();
-        let f = self.vae_scale_factor();
-        if c != self.vae_config.in_channels || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
-            return Err(Error::invalid(format!(
-                "images are [{b}, {c}, {h}, {w}]; this VAE encodes {} channels with sides \
-                 divisible by {f}",
-                self.vae_config.in_channels
-            )));
-        }
-        let posterior = self.vae.encode(images);
-        let z = match noise {
-            None => posterior.mode(),
-            Some(n) => posterior.sample(n),
-        };
-        Ok(self.vae_config.scale_latents(z))
+        self.latent_space().encode_images(images, noise)
     }
 
     /// Latents [B, C, h, w] to images [B, 3, H, W] in [0, 1].

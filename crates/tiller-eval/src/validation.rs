@@ -11,6 +11,7 @@ use std::path::Path;
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_diffusion::pipeline::TextToImage;
+use tiller_diffusion::stable_diffusion::StableDiffusion;
 use tiller_reward::{GoldReward, Reward};
 use tiller_testbed::{Image, Prompt, Tokenizer, geneval};
 
@@ -164,4 +165,90 @@ pub fn diversity(images: &[Vec<Image>]) -> f64 {
         }
     }
     sum / n.max(1) as f64
+}
+
+/// The validation of an alignment run on a latent pipeline (Stable Diffusion), where there is no
+/// gold evaluator: `unet` samples the validation prompts with fixed seeds through `sd`'s text
+/// encoder and VAE on `settings`' chain, and the run's reward scores the decoded images:
+/// `proxy_reward` (mean) and `proxy_reward_se` (its standard error over images), the chain KL to
+/// `sd`'s own UNet on the first 16 prompts (`kl_to_base`), and with two or more images per prompt
+/// their `diversity`. Writes the images as a grid, `samples/val-<step>.png`, one row per prompt.
+#[allow(clippy::too_many_arguments)]
+pub fn latent_validation(
+    sd: &StableDiffusion,
+    unet: &UNet2DConditionModel,
+    prompts: &[String],
+    per_prompt: usize,
+    settings: &SampleSettings,
+    resolution: usize,
+    reward: &dyn Reward,
+    device: &Device,
+    samples: &Path,
+    step: u64,
+) -> Result<Vec<(String, f64)>> {
+    use tiller_diffusion::sampling::chain_kl;
+    if prompts.is_empty() || per_prompt == 0 {
+        return Err(Error::invalid("no validation prompts or images per prompt"));
+    }
+    let pipe = StableDiffusion {
+        unet: unet.clone(),
+        scheduler: settings.scheduler.clone(),
+        ..sd.clone()
+    };
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let seeds: Vec<u64> = (0..per_prompt as u64).map(|i| 1_000_000 + i).collect();
+    let size = (resolution, resolution);
+    let sampled = pipe.sample_prompts(
+        &refs,
+        None,
+        &seeds,
+        settings.steps,
+        settings.guidance,
+        size,
+        settings.batch,
+        device,
+    )?;
+    let images: Vec<Vec<Image>> = sampled
+        .into_iter()
+        .map(|t| tiller_reward::tensor_to_images(t * 2.0 - 1.0))
+        .collect::<Result<_>>()?;
+    let flat: Vec<Image> = images.iter().flatten().cloned().collect();
+    let flat_texts: Vec<String> = prompts
+        .iter()
+        .flat_map(|t| std::iter::repeat_n(t.clone(), per_prompt))
+        .collect();
+    let scores = reward.score(&flat, &flat_texts)?;
+    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+        return Err(Error::NonFinite(format!(
+            "reward `{}` returned {} for validation image {i}",
+            reward.name(),
+            scores[i]
+        )));
+    }
+    let n = scores.len() as f64;
+    let mean = scores.iter().sum::<f64>() / n;
+    let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+
+    let first = &refs[..refs.len().min(16)];
+    let cond = pipe.conditioning(first, None, settings.guidance, size, device)?;
+    let scheduler = settings.scheduler.build(settings.steps)?;
+    let mut rng = SeededRng::new(2_000_000);
+    let x = rng.normal(
+        pipe.latent_shape(first.len(), resolution, resolution)?,
+        device,
+    );
+    let kl = chain_kl(unet, &sd.unet, scheduler.as_ref(), &cond, x, &mut rng)?;
+
+    let mut out = vec![
+        ("proxy_reward".to_string(), mean),
+        ("proxy_reward_se".to_string(), (var / n).sqrt()),
+        ("kl_to_base".to_string(), kl),
+    ];
+    if per_prompt >= 2 {
+        out.push(("diversity".to_string(), diversity(&images)));
+    }
+    std::fs::create_dir_all(samples).map_err(|e| Error::io(samples, e))?;
+    let grid = samples.join(format!("val-{step:06}.png"));
+    geneval::write_grid_png(&grid, &flat, per_prompt)?;
+    Ok(out)
 }

@@ -55,6 +55,16 @@ pub fn load(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dy
     })
 }
 
+/// The prefixes of specs that name a folder after them (`<prefix>:<folder>`).
+pub const FOLDER_PREFIXES: [&str; 6] = [
+    "caption-match",
+    "clip-score",
+    "pickscore",
+    "hpsv2",
+    "aesthetic",
+    "safety-checker",
+];
+
 /// `clip-score:`, `pickscore:`, `hpsv2:`, `aesthetic:` or `safety-checker:` followed by a folder; `None`
 /// for any other spec.
 fn load_clip_reward(spec: &str, device: &Device) -> Result<Option<Box<dyn Reward>>> {

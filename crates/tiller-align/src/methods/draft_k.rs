@@ -217,7 +217,7 @@ pub(crate) fn backprop_reward_to<M: PolicyModel>(
     let objective_value: RefCell<f64> = RefCell::new(0.0);
     let texts = &s.prompts.texts;
     let loss = |x0: burn::tensor::Tensor<4>| {
-        match reward.score_tensor(x0, texts) {
+        match reward.score_tensor(policy.images(x0), texts) {
             Ok(r) => {
                 *scores.borrow_mut() = Some(to_vec(&r));
                 let l = objective(r).mean();

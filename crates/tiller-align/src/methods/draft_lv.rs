@@ -147,7 +147,7 @@ impl<M: PolicyModel> Algorithm<M> for DraftLv {
         let pred = cond_all.predict(&policy.model, x_in.clone(), t);
         let dist = sampler.step(pred, last, x_in.clone())?.distribution;
         let out = dist.sample(z);
-        let r = reward.score_tensor(out, &all.texts)?;
+        let r = reward.score_tensor(policy.images(out), &all.texts)?;
         let rewards = reward_values(cx.reward, &r)?;
         let mut loss = r.mean().neg();
         let mut metrics = Vec::new();

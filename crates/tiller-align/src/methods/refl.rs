@@ -216,7 +216,7 @@ impl<M: PolicyModel> Algorithm<M> for Refl {
             sampler.timesteps()[mid],
         );
         let x0 = sampler.step(pred, mid, x)?.pred_original_sample;
-        let r = reward.score_tensor(x0, &s.prompts.texts)?;
+        let r = reward.score_tensor(policy.images(x0), &s.prompts.texts)?;
         let rewards = reward_values(cx.reward, &r)?;
         let loss = relu(r.neg() + self.config.hinge).mean() * self.config.grad_scale;
         let value = loss.clone().into_scalar::<f64>();

@@ -659,7 +659,11 @@ impl<M: PolicyModel> Algorithm<M> for Seiko<M> {
         let Batch::Samples(s) = batch else {
             return Err(Error::invalid("seiko: a query batch holds scored samples"));
         };
-        let e = embed(s.samples.images.clone(), self.config.embed_grid);
+        // The images the surrogate scores in fine-tuning: a latent pipeline's are decoded.
+        let e = embed(
+            cx.policy.images(s.samples.images.clone()).clamp(-1.0, 1.0),
+            self.config.embed_grid,
+        );
         let d = e.dims()[1];
         if self.input != 0 && self.input != d {
             return Err(Error::invalid(format!(

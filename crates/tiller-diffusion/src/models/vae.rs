@@ -538,6 +538,65 @@ impl AutoencoderKL {
     }
 }
 
+/// A latent pipeline's VAE with its config: the map between the latents a UNet denoises and the
+/// images rewards and people see.
+#[derive(Debug, Clone)]
+pub struct LatentSpace {
+    pub config: AutoencoderKLConfig,
+    pub vae: AutoencoderKL,
+}
+
+impl LatentSpace {
+    /// The latents' [C, h, w] for images of [C_img, H, W]; an error unless the sides divide by the
+    /// downsampling factor.
+    pub fn latent_shape(&self, [c, h, w]: [usize; 3]) -> Result<[usize; 3]> {
+        let f = self.config.downsampling_factor();
+        if c != self.config.in_channels
+            || h == 0
+            || w == 0
+            || !h.is_multiple_of(f)
+            || !w.is_multiple_of(f)
+        {
+            return Err(Error::invalid(format!(
+                "images are {c}x{h}x{w}; this VAE encodes {} channels with sides divisible by {f}",
+                self.config.in_channels
+            )));
+        }
+        Ok([self.config.latent_channels, h / f, w / f])
+    }
+
+    /// The images' [C, H, W] of latents [C, h, w].
+    pub fn image_shape(&self, [_, h, w]: [usize; 3]) -> [usize; 3] {
+        let f = self.config.downsampling_factor();
+        [self.config.out_channels, h * f, w * f]
+    }
+
+    /// Latents [B, C, h, w] to the images rewards take, [B, 3, H, W] in [-1, 1] (the VAE's output,
+    /// not clamped: rewards clamp), differentiable in the latents: the VAE is a frozen copy on the
+    /// latents' device, so reward backpropagation (DRaFT, AlignProp) reaches the chain through
+    /// the decoder and no VAE weight is trained.
+    pub fn decode_for_reward(&self, latents: Tensor<4>) -> Tensor<4> {
+        let vae = self.vae.clone().to_device(&latents.device()).no_grad();
+        vae.decode(self.config.unscale_latents(latents))
+    }
+
+    /// Images [B, 3, H, W] in [-1, 1] to the latents the UNet is trained on, [B, C, H/f, W/f]:
+    /// the posterior's mode, or a sample of it with `noise` (standard normal, the latents' shape),
+    /// scaled as the pipelines scale (diffusers' training scripts: `vae.encode(x).latent_dist`
+    /// times `scaling_factor`). How preference methods (Diffusion-DPO, KTO) read stored images.
+    pub fn encode_images(&self, images: Tensor<4>, noise: Option<Tensor<4>>) -> Result<Tensor<4>> {
+        let [b, c, h, w] = images.dims();
+        self.latent_shape([c, h, w])
+            .map_err(|e| Error::invalid(format!("a batch of {b}: {e}")))?;
+        let posterior = self.vae.encode(images);
+        let z = match noise {
+            None => posterior.mode(),
+            Some(n) => posterior.sample(n),
+        };
+        Ok(self.config.scale_latents(z))
+    }
+}
+
 /// diffusers' pre-0.14 names of the mid-block attention's projections (`query`, `key`, `value`,
 /// `proj_attn`), which many `vae/` folders still carry; diffusers renames them on load
 /// (`_convert_deprecated_attention_blocks`) and so does Tiller. Returns how many were renamed.
