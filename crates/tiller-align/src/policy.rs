@@ -118,6 +118,21 @@ impl<M: PolicyModel> Policy<M> {
         }
     }
 
+    /// `objective` (images [B, 3, H, W] -> a loss [1]) of the images of the samples `x0`, for
+    /// reward backpropagation: for a latent pipeline its gradient reaches `x0` through the VAE
+    /// decoder with one decoder segment's graph held at a time
+    /// ([`LatentSpace::decoded_loss`]); for a pixel model it is `objective(x0)`.
+    pub fn reward_loss(
+        &self,
+        x0: Tensor<4>,
+        objective: impl FnOnce(Tensor<4>) -> Result<Tensor<1>>,
+    ) -> Result<Tensor<1>> {
+        match &self.latents {
+            None => objective(x0),
+            Some(l) => l.decoded_loss(x0, objective),
+        }
+    }
+
     /// The model's samples for images [B, C, H, W] in [-1, 1] (stored preference pairs,
     /// pre-training images): the images themselves for a pixel model, the VAE posterior's mode
     /// (scaled) for a latent pipeline, as diffusers' training scripts encode.

@@ -147,14 +147,56 @@ fn a_clip_vision_model_saved_by_transformers_5_loads() {
 }
 
 #[test]
-fn preprocessing_matches_pytorch_bicubic_resize_crop_and_normalise() {
+fn preprocessing_matches_clip_image_processor_antialiased_resize_crop_and_normalise() {
     let device = Device::flex();
     let io = io("tiny-clip-model");
     let images = to_device::<4>(&io["images"], &device).unwrap();
+    // Not square and larger than the tower's 16: the resize shrinks, where antialiasing counts.
     assert_eq!(images.dims(), [2, 3, 20, 26]);
-    let pixels = ClipImagePreprocess::new(16).apply(images).unwrap();
-    assert_eq!(pixels.dims(), [2, 3, 16, 16]);
-    assert_matches(&values(pixels), &io["pixel_values"], 1e-4, "pixel_values");
+    let pixels = values(ClipImagePreprocess::new(16).apply(images).unwrap());
+    assert_eq!(pixels.len(), 2 * 3 * 16 * 16);
+    assert_matches(&pixels, &io["pixel_values"], 1e-4, "pixel_values");
+    // transformers 5's CLIPImageProcessor on the same images.
+    assert_matches(
+        &pixels,
+        &io["processor_pixel_values"],
+        1e-4,
+        "processor_pixel_values",
+    );
+}
+
+#[test]
+fn the_antialiased_resize_matrix_is_torchs_on_shrinking_and_growing() {
+    use tiller_diffusion::models::clip_vision::resize_matrix;
+    // Rows are convex-ish combinations: they sum to 1.
+    for (n_in, n_out) in [(512, 224), (20, 16), (16, 30), (7, 7)] {
+        let m = resize_matrix(n_in, n_out);
+        for row in m.chunks(n_in) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+    }
+    // Identity at the same size: the cubic is 1 at 0 and 0 at the other integers.
+    let m = resize_matrix(7, 7);
+    for i in 0..7 {
+        for j in 0..7 {
+            let want = if i == j { 1.0 } else { 0.0 };
+            assert!(
+                (m[i * 7 + j] - want).abs() < 1e-6,
+                "({i}, {j}) {}",
+                m[i * 7 + j]
+            );
+        }
+    }
+    // Halving: the cubic stretched over a footprint of 8 inputs, cut at the border and
+    // renormalised. Row 1 of `F.interpolate(torch.eye(8, dtype=torch.float64)[None, None],
+    // size=(4, 8), mode="bicubic", align_corners=False, antialias=True)`, centred between inputs
+    // 2 and 3, rounded to 4 places:
+    let m = resize_matrix(8, 4);
+    let want = [-0.0347, 0.112, 0.4286, 0.4286, 0.112, -0.0347, -0.0116, 0.0];
+    let got = &m[8..16];
+    for (g, w) in got.iter().zip(want) {
+        assert!((*g as f64 - w).abs() < 1e-4, "{got:?}");
+    }
 }
 
 #[test]

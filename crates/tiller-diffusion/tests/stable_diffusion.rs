@@ -370,3 +370,62 @@ fn an_sdxl_folder_with_its_euler_scheduler_samples_with_ddim_on_the_same_schedul
         other => panic!("{other:?}"),
     }
 }
+
+/// The decoder's backward recomputed one segment at a time gives the value and the gradient in
+/// the latents of plain autodiff through the whole decoder (here of a nonlinear objective of
+/// the images, with the latents themselves a function of a leaf, as a chain's output is).
+#[test]
+fn the_decoder_recomputed_by_segment_differentiates_as_the_whole_graph() {
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    for name in ["tiny-sd-pipeline", "tiny-sd2-pipeline"] {
+        let sd = StableDiffusion::load(&fixture(name), &device).unwrap();
+        let space = sd.latent_space();
+        assert!(space.vae.decoder.segments() >= 3);
+        let z = SeededRng::new(5).normal(sd.latent_shape(2, 16, 16).unwrap(), &device);
+        let target = SeededRng::new(6).normal([2, 3, 16, 16], &device);
+        let objective = |images: Tensor<4>| -> tiller_core::Result<Tensor<1>> {
+            let t = target.clone().to_device(&images.device());
+            Ok(((images.tanh() - t).powf_scalar(2.0)).mean() * 3.0)
+        };
+        let grad_of = |recompute: bool| {
+            let leaf = Tensor::<4>::from_data(z.to_data(), &ad).require_grad();
+            let latents = leaf.clone() * 0.5 + leaf.clone().sin() * 0.1;
+            let loss = if recompute {
+                space.decoded_loss(latents, objective).unwrap()
+            } else {
+                objective(space.decode_for_reward(latents)).unwrap()
+            };
+            let value = loss.clone().into_scalar::<f64>();
+            let grads = loss.backward();
+            let g: Vec<f32> = leaf
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_into_vec()
+                .unwrap();
+            (value, g)
+        };
+        let (v_full, g_full) = grad_of(false);
+        let (v_seg, g_seg) = grad_of(true);
+        assert!((v_full - v_seg).abs() < 1e-6, "{name}: {v_full} vs {v_seg}");
+        let scale = g_full.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 1e-6, "{name}: gradient {scale}");
+        let worst = g_full
+            .iter()
+            .zip(&g_seg)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-5 * scale.max(1.0),
+            "{name}: max |diff| {worst} (scale {scale})"
+        );
+        // On a plain device it is the objective of the decoded images.
+        let plain = space.decoded_loss(z.clone(), objective).unwrap();
+        let direct = objective(space.decode_for_reward(z.clone())).unwrap();
+        assert_eq!(
+            plain.into_scalar::<f64>(),
+            direct.into_scalar::<f64>(),
+            "{name}"
+        );
+    }
+}

@@ -217,14 +217,16 @@ pub(crate) fn backprop_reward_to<M: PolicyModel>(
     let objective_value: RefCell<f64> = RefCell::new(0.0);
     let texts = &s.prompts.texts;
     let loss = |x0: burn::tensor::Tensor<4>| {
-        match reward.score_tensor(policy.images(x0), texts) {
-            Ok(r) => {
-                *scores.borrow_mut() = Some(to_vec(&r));
-                let l = objective(r).mean();
-                *objective_value.borrow_mut() = l.clone().into_scalar::<f64>();
-                // Scaled for accumulation.
-                l * scale
-            }
+        let out = policy.reward_loss(x0, |images| {
+            let r = reward.score_tensor(images, texts)?;
+            *scores.borrow_mut() = Some(to_vec(&r));
+            let l = objective(r).mean();
+            *objective_value.borrow_mut() = l.clone().into_scalar::<f64>();
+            // Scaled for accumulation.
+            Ok(l * scale)
+        });
+        match out {
+            Ok(l) => l,
             Err(e) => {
                 *scores.borrow_mut() = Some(Err(e));
                 // A constant NaN loss: the chain code reports it as non-finite; the reward's

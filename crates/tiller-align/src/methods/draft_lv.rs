@@ -147,9 +147,12 @@ impl<M: PolicyModel> Algorithm<M> for DraftLv {
         let pred = cond_all.predict(&policy.model, x_in.clone(), t);
         let dist = sampler.step(pred, last, x_in.clone())?.distribution;
         let out = dist.sample(z);
-        let r = reward.score_tensor(policy.images(out), &all.texts)?;
-        let rewards = reward_values(cx.reward, &r)?;
-        let mut loss = r.mean().neg();
+        let mut rewards = Vec::new();
+        let mut loss = policy.reward_loss(out, |images| {
+            let r = reward.score_tensor(images, &all.texts)?;
+            rewards = reward_values(cx.reward, &r)?;
+            Ok(r.mean().neg())
+        })?;
         let mut metrics = Vec::new();
         if cx.kl_weight > 0.0 && !dist.is_deterministic() {
             let kl = policy

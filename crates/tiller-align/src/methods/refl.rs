@@ -216,9 +216,12 @@ impl<M: PolicyModel> Algorithm<M> for Refl {
             sampler.timesteps()[mid],
         );
         let x0 = sampler.step(pred, mid, x)?.pred_original_sample;
-        let r = reward.score_tensor(policy.images(x0), &s.prompts.texts)?;
-        let rewards = reward_values(cx.reward, &r)?;
-        let loss = relu(r.neg() + self.config.hinge).mean() * self.config.grad_scale;
+        let mut rewards = Vec::new();
+        let loss = policy.reward_loss(x0, |images| {
+            let r = reward.score_tensor(images, &s.prompts.texts)?;
+            rewards = reward_values(cx.reward, &r)?;
+            Ok(relu(r.neg() + self.config.hinge).mean() * self.config.grad_scale)
+        })?;
         let value = loss.clone().into_scalar::<f64>();
         let grads = GradientsParams::from_grads((loss * scale).backward(), &policy.model);
         Ok(MicroStep {

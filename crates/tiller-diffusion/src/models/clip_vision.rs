@@ -12,8 +12,7 @@ use crate::models::layers::{layer_norm, linear};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, Linear};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -336,13 +335,12 @@ pub fn with_vision_model_prefix<T>(tensors: BTreeMap<String, T>) -> (BTreeMap<St
 }
 
 /// CLIP's preprocessing as tensor operations, so a reward is differentiable in the pixels:
-/// images in [-1, 1] -> [0, 1] (clamped) -> resized so the shorter side is `size` (bicubic,
-/// half-pixel centres, no antialiasing: PyTorch's `F.interpolate(mode="bicubic")`) -> centre crop
-/// `size` x `size` (top `(h - size) / 2`, left `(w - size) / 2`, rounded down, as
-/// `CLIPImageProcessor`) -> normalised by `mean` and `std`.
-///
-/// `CLIPImageProcessor` resizes with PIL's antialiased bicubic on 8-bit images, which has no
-/// gradient; downscaling by large factors (512 -> 224) differs from it by the antialiasing.
+/// images in [-1, 1] -> [0, 1] (clamped) -> resized so the shorter side is `size` (antialiased
+/// bicubic, [`resize_matrix`]: `F.interpolate(mode="bicubic", antialias=True)`, what
+/// transformers 5's `CLIPImageProcessor` calls through torchvision, and PIL's filter that
+/// transformers 4 and open_clip use, less its 8-bit rounding) -> centre crop `size` x `size` (top
+/// `(h - size) / 2`, left `(w - size) / 2`, rounded down, as `CLIPImageProcessor`) -> normalised
+/// by `mean` and `std`. The resize and crop are two matrix products, so the gradient is exact.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipImagePreprocess {
     pub size: usize,
@@ -376,21 +374,72 @@ impl ClipImagePreprocess {
         } else {
             ((s as f64 * h as f64 / w as f64) as usize, s)
         };
-        let x = if (nh, nw) == (h, w) {
-            x
-        } else {
-            interpolate(
-                x,
-                InterpolateOptions::new(InterpolateMode::Bicubic)
-                    .with_align_corners(false)
-                    .with_output_size([nh, nw]),
-            )
-        };
         let (top, left) = ((nh - s) / 2, (nw - s) / 2);
-        let x = x.slice([0..b, 0..3, top..top + s, left..left + s]);
+        let x = if (nh, nw) == (h, w) {
+            x.slice([0..b, 0..3, top..top + s, left..left + s])
+        } else {
+            // The crop's rows of the vertical resize, its columns of the horizontal one.
+            let rows = matrix(
+                &resize_matrix(h, nh)[top * h..(top + s) * h],
+                [s, h],
+                &device,
+            );
+            let cols = matrix(
+                &resize_matrix(w, nw)[left * w..(left + s) * w],
+                [s, w],
+                &device,
+            );
+            let x = x.reshape([1, b * 3, h, w]);
+            let x = rows.unsqueeze::<4>().matmul(x);
+            x.matmul(cols.transpose().unsqueeze::<4>())
+                .reshape([b, 3, s, s])
+        };
         let channel = |v: [f32; 3]| {
             Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, 3, 1, 1]), &device)
         };
         Ok((x - channel(self.mean)) / channel(self.std))
     }
+}
+
+fn matrix(values: &[f32], shape: [usize; 2], device: &burn::tensor::Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// The [n_out, n_in] matrix (row-major) of PyTorch's antialiased bicubic resize along one axis
+/// (`F.interpolate(mode="bicubic", align_corners=False, antialias=True)`, ATen's
+/// `_compute_indices_weights_aa`): output `i` is centred at `scale * (i + 0.5)` with `scale =
+/// n_in / n_out`; when shrinking, the cubic (a = -0.5, PIL's) is stretched by `scale`, so every
+/// input pixel under the output's footprint contributes; each row's weights sum to 1.
+pub fn resize_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
+    let cubic = |x: f64| {
+        let (a, x) = (-0.5, x.abs());
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * a
+        } else {
+            0.0
+        }
+    };
+    let scale = n_in as f64 / n_out as f64;
+    let (support, stretch) = if scale >= 1.0 {
+        (2.0 * scale, 1.0 / scale)
+    } else {
+        (2.0, 1.0)
+    };
+    let mut m = vec![0f32; n_out * n_in];
+    for i in 0..n_out {
+        let centre = scale * (i as f64 + 0.5);
+        // ATen truncates towards zero, then clamps to the axis.
+        let lo = ((centre - support + 0.5) as i64).max(0) as usize;
+        let hi = ((centre + support + 0.5) as i64).min(n_in as i64) as usize;
+        let w: Vec<f64> = (lo..hi)
+            .map(|j| cubic((j as f64 - centre + 0.5) * stretch))
+            .collect();
+        let total: f64 = w.iter().sum();
+        for (k, wk) in w.iter().enumerate() {
+            m[i * n_in + lo + k] = (wk / total) as f32;
+        }
+    }
+    m
 }

@@ -454,17 +454,34 @@ pub struct Decoder {
 impl Decoder {
     /// z: [B, latent_channels, h, w] -> [B, out_channels, h*f, w*f]
     pub fn forward(&self, z: Tensor<4>) -> Tensor<4> {
-        let mut h = self.mid_block.forward(self.conv_in.forward(z));
-        for block in &self.up_blocks {
-            for resnet in &block.resnets {
-                h = resnet.forward_unconditional(h);
-            }
-            for up in &block.upsamplers {
-                let [_, _, height, width] = h.dims();
-                h = up.forward(h, [2 * height, 2 * width]);
-            }
+        (0..self.segments()).fold(z, |h, i| self.segment(i, h))
+    }
+
+    /// The decoder as a chain of segments, for recomputation in backward: `conv_in` and the mid
+    /// block, each up block, then the output head.
+    pub fn segments(&self) -> usize {
+        self.up_blocks.len() + 2
+    }
+
+    /// Segment `i` of [`Self::segments`] applied to `h`.
+    pub fn segment(&self, i: usize, h: Tensor<4>) -> Tensor<4> {
+        if i == 0 {
+            return self.mid_block.forward(self.conv_in.forward(h));
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+        match self.up_blocks.get(i - 1) {
+            Some(block) => {
+                let mut h = h;
+                for resnet in &block.resnets {
+                    h = resnet.forward_unconditional(h);
+                }
+                for up in &block.upsamplers {
+                    let [_, _, height, width] = h.dims();
+                    h = up.forward(h, [2 * height, 2 * width]);
+                }
+                h
+            }
+            None => self.conv_out.forward(silu(self.conv_norm_out.forward(h))),
+        }
     }
 }
 
@@ -578,6 +595,67 @@ impl LatentSpace {
     pub fn decode_for_reward(&self, latents: Tensor<4>) -> Tensor<4> {
         let vae = self.vae.clone().to_device(&latents.device()).no_grad();
         vae.decode(self.config.unscale_latents(latents))
+    }
+
+    /// A loss of the decoded images of `latents` whose backward holds one decoder segment's
+    /// graph at a time instead of the whole decoder's (gradient checkpointing, as
+    /// `vae.enable_gradient_checkpointing()` does in diffusers): the decode runs without a graph
+    /// keeping each segment's input, `objective` (images on the autodiff device -> a loss [1])
+    /// is differentiated at the images, and the gradient is carried back through the decoder one
+    /// recomputed segment at a time. Returns a loss [1] on `latents`' device whose value is
+    /// `objective`'s and whose gradient in `latents` (and through it in whatever `latents` depends
+    /// on) is `objective`'s through the decoder. `latents` on a plain device: `objective` of the
+    /// decoded images.
+    pub fn decoded_loss(
+        &self,
+        latents: Tensor<4>,
+        objective: impl FnOnce(Tensor<4>) -> Result<Tensor<1>>,
+    ) -> Result<Tensor<1>> {
+        if !latents.is_autodiff() {
+            return objective(self.decode_for_reward(latents));
+        }
+        let ad = latents.device();
+        let plain = latents.clone().inner();
+        let vae = self.vae.clone().to_device(&plain.device()).no_grad();
+        let decoder = &vae.decoder;
+        // Forward without a graph, keeping each segment's input.
+        let mut h = self.config.unscale_latents(plain);
+        h = match &vae.post_quant_conv {
+            Some(conv) => conv1x1(conv, h),
+            None => h,
+        };
+        let mut inputs = Vec::with_capacity(decoder.segments());
+        for i in 0..decoder.segments() {
+            inputs.push(h.clone());
+            h = decoder.segment(i, h);
+        }
+        // The objective and its gradient at the images.
+        let images = h.autodiff().require_grad();
+        let loss = objective(images.clone())?;
+        let value = loss.clone().inner();
+        let mut grads = loss.backward();
+        let mut upstream = images
+            .grad_remove(&mut grads)
+            .ok_or_else(|| Error::invalid("the objective does not depend on the images"))?;
+        // Back through the segments, last first, each recomputed with a graph.
+        let ad_vae = vae.clone().to_device(&ad).no_grad();
+        for (i, input) in inputs.into_iter().enumerate().rev() {
+            let input = input.autodiff().require_grad();
+            let out = ad_vae.decoder.segment(i, input.clone());
+            let mut g = (out * upstream.autodiff()).sum().backward();
+            upstream = input
+                .grad_remove(&mut g)
+                .ok_or_else(|| Error::invalid("a decoder segment does not depend on its input"))?;
+        }
+        // The post-quant conv and the unscaling, with a graph from the latents themselves.
+        let z = self.config.unscale_latents(latents);
+        let z = match &ad_vae.post_quant_conv {
+            Some(conv) => conv1x1(conv, z),
+            None => z,
+        };
+        // Value: the objective's; gradient: <upstream, d z / d latents>.
+        let linear = (z * upstream.autodiff()).sum();
+        Ok(linear.clone() - linear.detach() + value.autodiff())
     }
 
     /// Images [B, 3, H, W] in [-1, 1] to the latents the UNet is trained on, [B, C, H/f, W/f]:
