@@ -6,6 +6,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use std::ops::Range;
+use tiller_diffusion::models::unet::AddedConditions;
 use tiller_diffusion::sampling::ExampleNoise;
 
 /// Prompts with their text-encoder states.
@@ -16,6 +17,21 @@ pub struct Prompts {
     pub context: Tensor<3>,
     /// The empty prompt's states [N, L, D] (classifier-free guidance).
     pub uncond: Tensor<3>,
+    /// SDXL's added conditioning (pooled text embedding and time ids), for the prompts and for
+    /// guidance's unconditional half; `None` for models without it.
+    pub added: Option<(AddedConditions, AddedConditions)>,
+}
+
+/// Rows `r` of both added conditionings.
+fn map_added(
+    added: &Option<(AddedConditions, AddedConditions)>,
+    f: impl Fn(&Tensor<2>) -> Tensor<2>,
+) -> Option<(AddedConditions, AddedConditions)> {
+    let one = |a: &AddedConditions| AddedConditions {
+        text_embeds: f(&a.text_embeds),
+        time_ids: f(&a.time_ids),
+    };
+    added.as_ref().map(|(c, u)| (one(c), one(u)))
 }
 
 impl Prompts {
@@ -32,6 +48,33 @@ impl Prompts {
             texts: self.texts[r.clone()].to_vec(),
             context: narrow3(&self.context, &r),
             uncond: narrow3(&self.uncond, &r),
+            added: map_added(&self.added, |t| t.clone().narrow(0, r.start, r.len())),
+        }
+    }
+
+    /// The prompts of `rows`, in that order.
+    pub fn select(&self, rows: &[usize]) -> Self {
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &self.context.device(),
+        );
+        Self {
+            texts: rows.iter().map(|&r| self.texts[r].clone()).collect(),
+            context: self.context.clone().select(0, idx.clone()),
+            uncond: self.uncond.clone().select(0, idx.clone()),
+            added: map_added(&self.added, |t| t.clone().select(0, idx.clone())),
+        }
+    }
+
+    /// `parts` copies one after another.
+    pub fn repeat(&self, parts: usize) -> Self {
+        Self {
+            texts: (0..parts)
+                .flat_map(|_| self.texts.iter().cloned())
+                .collect(),
+            context: Tensor::cat(vec![self.context.clone(); parts], 0),
+            uncond: Tensor::cat(vec![self.uncond.clone(); parts], 0),
+            added: map_added(&self.added, |t| Tensor::cat(vec![t.clone(); parts], 0)),
         }
     }
 }
@@ -78,14 +121,7 @@ impl Rollouts {
             }
         };
         Rollouts {
-            prompts: Prompts {
-                texts: rows
-                    .iter()
-                    .map(|&r| self.prompts.texts[r].clone())
-                    .collect(),
-                context: self.prompts.context.clone().select(0, idx.clone()),
-                uncond: self.prompts.uncond.clone().select(0, idx.clone()),
-            },
+            prompts: self.prompts.select(rows),
             latents: self
                 .latents
                 .iter()

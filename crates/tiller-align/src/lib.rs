@@ -19,7 +19,7 @@ pub use batch::{Batch, Collect, Labeled, Pairs, Prompts, Rollouts, Samples, Star
 pub use config::AlignConfig;
 pub use methods::{Method, MethodSpec};
 pub use policy::{Policy, PolicyModel};
-pub use trainer::{AlignData, Aligned, align};
+pub use trainer::{AlignData, Aligned, PromptEncoder, align};
 
 use burn::optim::GradientsParams;
 use tiller_core::{Result, SeededRng};

@@ -160,10 +160,28 @@ impl<M: PolicyModel> Policy<M> {
     /// The conditioning of `prompts` on `device` (guided when `guidance != 1`).
     pub fn conditioning(&self, prompts: &Prompts, device: &Device) -> Conditioning {
         let c = Conditioning::new(prompts.context.clone().to_device(device));
-        if self.guidance != 1.0 {
+        let guided = self.guidance != 1.0;
+        let c = if guided {
             c.with_guidance(prompts.uncond.clone().to_device(device), self.guidance)
         } else {
             c
+        };
+        match &prompts.added {
+            None => c,
+            Some((cond, uncond)) => c.with_added(
+                cond.to_device(device),
+                guided.then(|| uncond.to_device(device)),
+            ),
+        }
+    }
+
+    /// The conditional model's conditioning of `prompts` on `device`, unguided (how the base
+    /// was trained: the denoising losses of the preference and supervised methods).
+    pub fn conditional(&self, prompts: &Prompts, device: &Device) -> Conditioning {
+        let c = Conditioning::new(prompts.context.clone().to_device(device));
+        match &prompts.added {
+            None => c,
+            Some((cond, _)) => c.with_added(cond.to_device(device), None),
         }
     }
 

@@ -2,10 +2,12 @@
 //! and the quickstart call); a finished (or checkpointed) run as a model; and the preference
 //! pairs a run reads from a store.
 
+use crate::batch::Prompts;
 use crate::config::{AdapterKind, PretrainData};
 use crate::methods::StoreData;
 use crate::policy::{LORA_PEFT_FILE, sampler_config};
 use crate::pretraining::Pretraining;
+use crate::trainer::PromptEncoder;
 use crate::trainer::{AlignData, LabeledImage, MODEL_FILE, PreferencePair};
 use crate::{AlignConfig, Policy};
 use burn::tensor::{Device, Tensor};
@@ -13,7 +15,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::models::lora::{attach_lora, load_lora, merge_lora};
-use tiller_diffusion::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use tiller_diffusion::models::unet::{
+    AddedConditions, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use tiller_diffusion::pipeline::TextToImage;
 use tiller_diffusion::schedulers::SchedulerConfig;
 use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
@@ -445,7 +449,7 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
     )
 }
 
-/// [`run`] on a Stable Diffusion 1.x/2.x folder: the chain runs in the VAE's latent space, the
+/// [`run`] on a Stable Diffusion 1.x/2.x or SDXL folder: the chain runs in the VAE's latent space, the
 /// reward scores decoded images (differentiably for reward backpropagation), stored images are
 /// encoded to latents (the posterior's mode, diffusers' training scripts), prompts come from
 /// `prompts.file` (or the testbed's prompt texts), and validation is the reward on held-out
@@ -459,17 +463,6 @@ fn run_latent(
     device: &Device,
 ) -> Result<AlignSummary> {
     let sd = StableDiffusion::load(base, device)?;
-    if sd.xl.is_some() {
-        return Err(Error::config(
-            "base",
-            format!(
-                "{} is an SDXL pipeline; `tiller align` trains SD 1.x/2.x pipelines so far (the \
-                 preference methods call the UNet without SDXL's added conditioning); `tiller \
-                 sample` and the rewards read SDXL",
-                base.display()
-            ),
-        ));
-    }
     let res = match config.sampling.resolution {
         0 => sd.default_resolution()?,
         r => r,
@@ -493,10 +486,24 @@ fn run_latent(
     let sampler = sampler_config(&sd.scheduler, config.sampling.eta)?;
     let policy = new_policy(&config, &sd.unet, &sd.unet_config, &sd.scheduler, device)?
         .with_latents(sd.latent_space());
-    let encode = |texts: &[String]| -> Result<Tensor<3>> {
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        Ok(sd.encode_prompts(&refs, device)?.context)
+    let encode = LatentPrompts {
+        sd: &sd,
+        size: (res, res),
+        device,
     };
+    let testbed_pretraining = config.pretrain.source == PretrainData::Testbed;
+    if testbed_pretraining && crate::methods::build::<UNet2DConditionModel>(&config).pretrain() {
+        return Err(Error::config(
+            "pretrain.source",
+            format!(
+                "{} trains on the base model's own training data as well, and a Stable \
+                 Diffusion base has no testbed renderer; name its training images with \
+                 `source = \"folder\"` (an imagefolder with metadata.jsonl) or `\"store\"` and \
+                 `path`",
+                config.method.name()
+            ),
+        ));
+    }
     let pretraining = match config.pretrain.source {
         PretrainData::Testbed => None,
         _ => Some(Pretraining::open(
@@ -559,6 +566,44 @@ fn run_latent(
         &data,
         &mut validate,
     )
+}
+
+/// A Stable Diffusion pipeline's prompt encoding for alignment, as its `encode_prompt`: the
+/// context, the empty prompt's (SDXL with `force_zeros_for_empty_prompt`: zeros) for guidance,
+/// and SDXL's pooled embedding with the time ids of `size` images.
+struct LatentPrompts<'a> {
+    sd: &'a StableDiffusion,
+    size: (usize, usize),
+    device: &'a Device,
+}
+
+impl PromptEncoder for LatentPrompts<'_> {
+    fn encode(&self, texts: &[String]) -> Result<Prompts> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (cond, uncond) = self.sd.encode_with_negative(&refs, None, self.device)?;
+        let added = match (cond.pooled, uncond.pooled) {
+            (Some(c), Some(u)) => {
+                let time_ids = self.sd.add_time_ids(texts.len(), self.size, self.device);
+                Some((
+                    AddedConditions {
+                        text_embeds: c,
+                        time_ids: time_ids.clone(),
+                    },
+                    AddedConditions {
+                        text_embeds: u,
+                        time_ids,
+                    },
+                ))
+            }
+            _ => None,
+        };
+        Ok(Prompts {
+            texts: texts.to_vec(),
+            context: cond.context,
+            uncond: uncond.context,
+            added,
+        })
+    }
 }
 
 /// The training and validation prompts of a run on a Stable Diffusion base: `prompts.file` (and

@@ -68,11 +68,31 @@ pub struct AlignData<'a> {
     /// reward-weighted likelihood): example index -> (prompt, pixels CHW in [-1, 1]), the same
     /// for the same index. The testbed renders its training prompts.
     pub pretrain: Option<&'a PretrainSource<'a>>,
-    /// Text -> the text encoder's hidden states [N, L, D] on the plain device.
-    pub encode: &'a dyn Fn(&[String]) -> Result<Tensor<3>>,
+    /// Texts -> their conditioning ([`PromptEncoder`]); a closure of the text encoder's hidden
+    /// states [N, L, D] is one.
+    pub encode: &'a dyn PromptEncoder,
     /// The images' shape [C, H, W] (stored and pre-training images, what rewards see); the
     /// model's samples have [`Policy::sample_shape`] of it (latents for a latent pipeline).
     pub image_shape: [usize; 3],
+}
+
+/// Texts -> their [`Prompts`] on the plain device: the context, guidance's unconditional half and
+/// any added conditioning (SDXL's pooled embedding and time ids).
+pub trait PromptEncoder {
+    fn encode(&self, texts: &[String]) -> Result<Prompts>;
+}
+
+/// A text encoder's hidden states of texts [N, L, D]: the prompts' context, and the empty
+/// prompt's as guidance's unconditional half (SD 1.x/2.x and the testbed).
+impl<F: Fn(&[String]) -> Result<Tensor<3>>> PromptEncoder for F {
+    fn encode(&self, texts: &[String]) -> Result<Prompts> {
+        Ok(Prompts {
+            texts: texts.to_vec(),
+            context: self(texts)?,
+            uncond: self(&vec![String::new(); texts.len()])?,
+            added: None,
+        })
+    }
 }
 
 /// Pre-training example `i` of a run: its prompt and its image (CHW floats in [-1, 1]).
@@ -515,13 +535,15 @@ fn draw_prompts(
 }
 
 fn encode_prompts(data: &AlignData<'_>, texts: Vec<String>) -> Result<Prompts> {
-    let context = (data.encode)(&texts)?;
-    let uncond = (data.encode)(&vec![String::new(); texts.len()])?;
-    Ok(Prompts {
-        texts,
-        context,
-        uncond,
-    })
+    let prompts = data.encode.encode(&texts)?;
+    if prompts.len() != texts.len() || prompts.context.dims()[0] != texts.len() {
+        return Err(Error::invalid(format!(
+            "the prompt encoder returned {} rows for {} prompts",
+            prompts.context.dims()[0],
+            texts.len()
+        )));
+    }
+    Ok(prompts)
 }
 
 /// The size and layout of one collection: `n` examples, `group` per drawn prompt side by side,

@@ -244,6 +244,7 @@ fn recorded_rollouts(
             texts: prompts.to_vec(),
             context: tensor(&io["context"], device),
             uncond: tensor(&io["uncond"], device),
+            added: None,
         },
         latents: (0..=steps).map(|i| row(latents, i, device)).collect(),
         timesteps: Vec::new(),

@@ -204,7 +204,7 @@ fn pretrain(i: u64) -> Result<(String, Vec<f32>)> {
     Ok((format!("prompt {}", i % 6), pixels))
 }
 
-fn data<'a>(encode: &'a dyn Fn(&[String]) -> Result<Tensor<3>>) -> AlignData<'a> {
+fn data<'a>(encode: &'a dyn tiller_align::PromptEncoder) -> AlignData<'a> {
     AlignData {
         prompts: prompts(),
         pairs: pairs(),

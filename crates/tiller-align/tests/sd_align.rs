@@ -4,7 +4,8 @@
 //! decoded rollouts, Diffusion-DPO trains on a store's 16x16 images encoded to latents, DRaFT-K
 //! backpropagates CLIPScore through CLIP's preprocessing and the frozen VAE decoder into the
 //! UNet's LoRA; each run validates on held-out prompts and writes its adapters. DRaFT-K raises the
-//! reward on the held-out prompts.
+//! reward on the held-out prompts. The tiny SDXL pipeline trains as well, through its pooled
+//! embedding and time ids.
 
 use std::path::{Path, PathBuf};
 use tiller_align::run::{Request, run};
@@ -78,14 +79,14 @@ fn value(v: &[(String, f64)], key: &str) -> f64 {
         .1
 }
 
-/// The `reward_mean` of every update in a run's metrics.
-fn reward_means(run: &Path) -> Vec<f64> {
+/// The values of `key` in a run's metrics, one per update that logged it.
+fn metric(run: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.get("reward_mean").and_then(|r| r.as_f64())
+            v.get(key).and_then(|r| r.as_f64())
         })
         .collect()
 }
@@ -120,7 +121,7 @@ fn ddpo_scores_decoded_rollouts_and_trains_lora_on_the_latent_chain() {
     );
     let s = align(&config, &out);
     assert_finished(&out, &s);
-    let means = reward_means(&out);
+    let means = metric(&out, "reward_mean");
     assert_eq!(means.len(), 3, "one reward_mean per update: {means:?}");
     // CLIPScore is a cosine.
     assert!(means.iter().all(|m| m.abs() <= 1.0), "{means:?}");
@@ -138,9 +139,9 @@ fn png(rgb: [u8; 3], noise: u64) -> Vec<u8> {
         .unwrap()
 }
 
-#[test]
-fn diffusion_dpo_trains_on_stored_images_encoded_by_the_vae() {
-    let dir = scratch("dpo");
+/// A store in `dir` of four comparisons on two prompts: a reddish 16x16 image preferred to a
+/// bluish one.
+fn store_of_pairs(dir: &Path) -> PathBuf {
     let store_dir = dir.join("store");
     let mut store = SqliteStore::open(&store_dir).unwrap();
     let annotator = AnnotatorRecord {
@@ -185,6 +186,13 @@ fn diffusion_dpo_trains_on_stored_images_encoded_by_the_vae() {
         })
         .unwrap();
     drop(store);
+    store_dir
+}
+
+#[test]
+fn diffusion_dpo_trains_on_stored_images_encoded_by_the_vae() {
+    let dir = scratch("dpo");
+    let store_dir = store_of_pairs(&dir);
     let out = dir.join("run");
     let config = preset(
         &dir,
@@ -198,15 +206,8 @@ fn diffusion_dpo_trains_on_stored_images_encoded_by_the_vae() {
     let s = align(&config, &out);
     assert_finished(&out, &s);
     assert_eq!(s.reward_queries, 4, "the four stored comparisons");
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = text
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.get("loss").and_then(|r| r.as_f64())
-        })
-        .collect();
-    assert_eq!(losses.len(), 4, "{text}");
+    let losses = metric(&out, "loss");
+    assert_eq!(losses.len(), 4, "{losses:?}");
     // The first update's policy is the reference: Diffusion-DPO's loss is ln 2.
     assert!(
         (losses[0] - std::f64::consts::LN_2).abs() < 1e-4,
@@ -268,21 +269,55 @@ fn draft_k_backpropagates_clip_score_through_the_decoder_and_raises_it() {
 }
 
 #[test]
-fn sdxl_pipelines_and_testbed_pretraining_are_refused_with_the_field() {
+fn sdxl_trains_with_its_pooled_embedding_and_time_ids() {
+    let dir = scratch("sdxl");
+    let store_dir = store_of_pairs(&dir);
+    let sdxl = format!("base={}", fixture("tiny-sdxl-pipeline").display());
+    let align_with = |config: &Path, out: &Path| {
+        run(&Request {
+            config,
+            out,
+            resume: None,
+            overrides: std::slice::from_ref(&sdxl),
+            stop_after: None,
+            locate: &|p: &Path| p.to_path_buf(),
+        })
+        .unwrap()
+    };
+    // Reward backpropagation through SDXL's UNet (text_time conditioning) and VAE.
+    let out = dir.join("draft");
+    let config = preset(
+        &dir,
+        "draft-k",
+        "[train]\nupdates = 2\nbatch_size = 2\nlearning_rate = 3e-3\n",
+    );
+    let s = align_with(&config, &out);
+    assert_finished(&out, &s);
+    assert!(value(&s.after, "kl_to_base") > 0.0, "{:?}", s.after);
+    // Diffusion-DPO's denoising losses take the added conditioning too.
+    let out = dir.join("dpo");
+    let config = preset(
+        &dir,
+        "diffusion-dpo",
+        &format!(
+            "[train]\nupdates = 2\nbatch_size = 2\nlearning_rate = 1e-3\n\
+             [method.diffusion-dpo]\nstore = \"{}\"\n",
+            store_dir.display()
+        ),
+    );
+    let s = align_with(&config, &out);
+    assert_finished(&out, &s);
+    let losses = metric(&out, "loss");
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-4,
+        "{losses:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pretraining_on_a_stable_diffusion_base_reads_a_store_and_refuses_the_testbed() {
     let dir = scratch("refused");
-    let config = preset(&dir, "draft-k", "");
-    let e = run(&Request {
-        config: &config,
-        out: &dir.join("xl"),
-        resume: None,
-        overrides: &[format!("base={}", fixture("tiny-sdxl-pipeline").display())],
-        stop_after: None,
-        locate: &|p: &Path| p.to_path_buf(),
-    })
-    .err()
-    .expect("SDXL is refused");
-    assert!(e.to_string().contains("SDXL"), "{e}");
-    assert!(!dir.join("xl").exists(), "nothing is left behind");
     let config = preset(&dir, "refl", "[train]\nupdates = 1\nbatch_size = 1\n");
     let e = run(&Request {
         config: &config,
@@ -295,5 +330,30 @@ fn sdxl_pipelines_and_testbed_pretraining_are_refused_with_the_field() {
     .err()
     .expect("ReFL needs pre-training images");
     assert!(e.to_string().contains("pretrain.source"), "{e}");
+    assert!(
+        !dir.join("refl").exists(),
+        "refused before the run folder is made"
+    );
+    // With a store's images as the pre-training data, they are encoded to latents.
+    let store = store_of_pairs(&dir);
+    let out = dir.join("refl-store");
+    let s = run(&Request {
+        config: &config,
+        out: &out,
+        resume: None,
+        overrides: &[
+            "pretrain.source=store".to_string(),
+            format!("pretrain.path={}", store.display()),
+        ],
+        stop_after: None,
+        locate: &|p: &Path| p.to_path_buf(),
+    })
+    .unwrap();
+    assert_finished(&out, &s);
+    let pretrain = metric(&out, "pretrain_loss");
+    assert!(
+        !pretrain.is_empty() && pretrain.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{pretrain:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

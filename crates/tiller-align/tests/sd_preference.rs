@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use tiller_align::methods::diffusion_dpo::{denoising_error, dpo_loss};
 use tiller_core::SeededRng;
+use tiller_diffusion::sampling::Conditioning;
 use tiller_diffusion::stable_diffusion::StableDiffusion;
 use tiller_engine::optim::{ClipScope, adamw};
 
@@ -44,7 +45,13 @@ fn diffusion_dpo_on_encoded_images_prefers_the_chosen_image() {
         .encode_prompts(&["a photo of a red cube"; 4], &device)
         .unwrap()
         .context;
-    let d_ref = denoising_error(&sd.unet, x_t.clone(), target.clone(), &ts, context.clone());
+    let d_ref = denoising_error(
+        &sd.unet,
+        x_t.clone(),
+        target.clone(),
+        &ts,
+        &Conditioning::new(context.clone()),
+    );
     let beta = 5000.0;
 
     let mut unet = sd.unet.clone().to_device(&ad).train();
@@ -56,7 +63,7 @@ fn diffusion_dpo_on_encoded_images_prefers_the_chosen_image() {
             x_t.clone().to_device(&ad),
             target.clone().to_device(&ad),
             &ts,
-            context.clone().to_device(&ad),
+            &Conditioning::new(context.clone().to_device(&ad)),
         );
         let r = d_ref.clone().to_device(&ad);
         let (loss, inside) = dpo_loss(
@@ -85,7 +92,7 @@ fn diffusion_dpo_on_encoded_images_prefers_the_chosen_image() {
     );
     // The trained UNet denoises the chosen latents better relative to the rejected ones than
     // the reference does.
-    let d = denoising_error(&unet.valid(), x_t, target, &ts, context);
+    let d = denoising_error(&unet.valid(), x_t, target, &ts, &Conditioning::new(context));
     let gap = (d.clone().narrow(0, 0, 2) - d.narrow(0, 2, 2))
         .mean()
         .into_scalar::<f64>();

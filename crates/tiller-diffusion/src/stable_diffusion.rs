@@ -515,20 +515,39 @@ impl StableDiffusion {
             ));
         }
         let b = prompts.len();
-        let embeds = self.encode_prompts(prompts, device)?;
         let added = |pooled: Option<Tensor<2>>| {
             pooled.map(|text_embeds| AddedConditions {
                 text_embeds,
                 time_ids: self.add_time_ids(b, size, device),
             })
         };
-        let mut cond = Conditioning::new(embeds.context.clone());
         if guidance <= 1.0 {
+            let embeds = self.encode_prompts(prompts, device)?;
+            let mut cond = Conditioning::new(embeds.context);
             if let Some(a) = added(embeds.pooled) {
                 cond = cond.with_added(a, None);
             }
             return Ok(cond);
         }
+        let (embeds, uncond) = self.encode_with_negative(prompts, negative, device)?;
+        let mut cond = Conditioning::new(embeds.context).with_guidance(uncond.context, guidance);
+        if let (Some(c), u) = (added(embeds.pooled), added(uncond.pooled)) {
+            cond = cond.with_added(c, u);
+        }
+        Ok(cond)
+    }
+
+    /// The prompts' embeddings and those of guidance's unconditional half: `negative` encoded,
+    /// or when `None` the empty prompt, or zeros for an SDXL pipeline with
+    /// `force_zeros_for_empty_prompt` (diffusers' `encode_prompt`).
+    pub fn encode_with_negative(
+        &self,
+        prompts: &[&str],
+        negative: Option<&[&str]>,
+        device: &Device,
+    ) -> Result<(PromptEmbeds, PromptEmbeds)> {
+        let b = prompts.len();
+        let embeds = self.encode_prompts(prompts, device)?;
         let zeros = negative.is_none()
             && self
                 .xl
@@ -550,11 +569,7 @@ impl StableDiffusion {
             }
             self.encode_prompts(negative, device)?
         };
-        cond = cond.with_guidance(uncond.context, guidance);
-        if let (Some(c), u) = (added(embeds.pooled), added(uncond.pooled)) {
-            cond = cond.with_added(c, u);
-        }
-        Ok(cond)
+        Ok((embeds, uncond))
     }
 
     /// The VAE with its config ([`LatentSpace`]: what alignment decodes and encodes with).

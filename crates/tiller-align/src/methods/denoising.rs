@@ -33,7 +33,7 @@ pub fn weighted_loss<M: PolicyModel>(
         x_t.autodiff(),
         target.autodiff(),
         ts,
-        images.prompts.context.clone().autodiff(),
+        &policy.conditional(&images.prompts, &policy.autodiff_device()),
     );
     let w: Vec<f32> = match weights {
         Some(w) if w.len() != b => {

@@ -24,7 +24,7 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
-use tiller_diffusion::sampling::Denoiser;
+use tiller_diffusion::sampling::{Conditioning, Denoiser};
 
 /// `[method.diffusion-dpo]`: Diffusion-DPO (SalesforceAIResearch/DiffusionDPO `train.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,13 +114,15 @@ pub struct DiffusionDpo {
     pub beta: f64,
 }
 
-/// Per-example squared error [B] of `model` on noised `x0` (mean over C, H, W).
+/// Per-example squared error [B] of `model` on noised `x0` (mean over C, H, W), conditioned on
+/// `cond`'s context (and SDXL's added conditioning; guidance is not applied: the conditional
+/// model, as trained).
 pub fn denoising_error<M: Denoiser>(
     model: &M,
     x_t: Tensor<4>,
     target: Tensor<4>,
     timesteps: &[f64],
-    context: Tensor<3>,
+    cond: &Conditioning,
 ) -> Tensor<1> {
     let b = timesteps.len();
     let device = x_t.device();
@@ -128,7 +130,11 @@ pub fn denoising_error<M: Denoiser>(
         TensorData::new(timesteps.iter().map(|&v| v as f32).collect(), [b]),
         &device,
     );
-    let pred = model.predict(x_t, t, context);
+    let cond = cond.to_device(&device);
+    let pred = match &cond.added {
+        None => model.predict(x_t, t, cond.context),
+        Some((added, _)) => model.predict_added(x_t, t, cond.context, added),
+    };
     (pred - target)
         .powi_scalar(2)
         .reshape([b as i64, -1])
@@ -192,24 +198,20 @@ impl<M: PolicyModel> Algorithm<M> for DiffusionDpo {
         let ts: Vec<f64> = p.timesteps.iter().chain(&p.timesteps).copied().collect();
         let x_t = policy.noise.add_noise(x0.clone(), noise.clone(), &ts)?;
         let target = policy.noise.training_target(x0, noise, &ts)?;
-        let context = Tensor::cat(
-            vec![p.prompts.context.clone(), p.prompts.context.clone()],
-            0,
-        );
-
+        let both = p.prompts.repeat(2);
         let d_ref = denoising_error(
             &policy.reference,
             x_t.clone(),
             target.clone(),
             &ts,
-            context.clone(),
+            &policy.conditional(&both, &policy.device),
         );
         let d = denoising_error(
             &policy.model,
             x_t.autodiff(),
             target.autodiff(),
             &ts,
-            context.autodiff(),
+            &policy.conditional(&both, &policy.autodiff_device()),
         );
         let d_ref = d_ref.autodiff();
         let (loss, inside) = dpo_loss(

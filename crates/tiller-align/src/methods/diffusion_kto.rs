@@ -166,25 +166,13 @@ impl DiffusionKto {
         let target = policy
             .noise
             .training_target(l.images.clone(), l.noise.clone(), ts)?;
-        let context = l.prompts.context.clone();
-        let d_ref = denoising_error(
-            &policy.reference,
-            x_t.clone(),
-            target.clone(),
-            ts,
-            context.clone(),
-        );
+        let cond = policy.conditional(&l.prompts, &policy.device);
+        let d_ref = denoising_error(&policy.reference, x_t.clone(), target.clone(), ts, &cond);
         Ok(if grad {
-            let d = denoising_error(
-                &policy.model,
-                x_t.autodiff(),
-                target.autodiff(),
-                ts,
-                context.autodiff(),
-            );
+            let d = denoising_error(&policy.model, x_t.autodiff(), target.autodiff(), ts, &cond);
             d_ref.autodiff() - d
         } else {
-            let d = denoising_error(&policy.current(), x_t, target, ts, context);
+            let d = denoising_error(&policy.current(), x_t, target, ts, &cond);
             d_ref - d
         })
     }

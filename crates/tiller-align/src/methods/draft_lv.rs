@@ -18,7 +18,7 @@
 //! Every reward gradient is one reward query: an update spends `(n + 1) x batch`. With
 //! `train.kl_weight > 0` the per-step KL to the reference at the last step is added.
 
-use crate::batch::{Batch, Collect, Prompts};
+use crate::batch::{Batch, Collect};
 use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
 use crate::methods::draft_k::{check_last_steps, differentiable, reward_values, run_prefix};
@@ -81,15 +81,6 @@ pub struct DraftLv {
     pub extra: usize,
 }
 
-/// `parts` copies of `p` one after another.
-fn repeat(p: &Prompts, parts: usize) -> Prompts {
-    Prompts {
-        texts: (0..parts).flat_map(|_| p.texts.iter().cloned()).collect(),
-        context: Tensor::cat(vec![p.context.clone(); parts], 0),
-        uncond: Tensor::cat(vec![p.uncond.clone(); parts], 0),
-    }
-}
-
 impl<M: PolicyModel> Algorithm<M> for DraftLv {
     fn name(&self) -> &'static str {
         "draft-lv"
@@ -141,7 +132,7 @@ impl<M: PolicyModel> Algorithm<M> for DraftLv {
         let parts = self.extra + 1;
         let x_in = Tensor::cat(inputs, 0).autodiff();
         let z = Tensor::cat(step_noise, 0).autodiff();
-        let all = repeat(&s.prompts, parts);
+        let all = s.prompts.repeat(parts);
         let ad = policy.autodiff_device();
         let cond_all = policy.conditioning(&all, &ad);
         let pred = cond_all.predict(&policy.model, x_in.clone(), t);
