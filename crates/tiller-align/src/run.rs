@@ -540,6 +540,9 @@ fn run_latent(
         guidance: config.sampling.guidance,
         batch: config.train.batch_size.max(1),
     };
+    let checker = tiller_diffusion::stable_diffusion::safety_checker_of(base)?
+        .map(|folder| tiller_reward::clip_rewards::SafetyMargin::load(&folder, device))
+        .transpose()?;
     let samples_dir = args.out.join("samples");
     let mut validate = |step: u64, unet: &UNet2DConditionModel| {
         let v = latent_validation(
@@ -550,6 +553,7 @@ fn run_latent(
             &settings,
             res,
             reward.as_ref(),
+            checker.as_ref(),
             device,
             &samples_dir,
             step,

@@ -9,10 +9,11 @@ use crate::args::{BestOfArgs, SamplingArgs, load_model, load_reward};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::path::{Path, PathBuf};
-use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
+use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion, safety_checker_of};
 use tiller_eval::evaluate::{Evaluation, Source, evaluate};
 use tiller_eval::report::{Report, best_of};
 use tiller_eval::sampling::{check_resolution, sample_prompts};
+use tiller_reward::clip_rewards::SafetyMargin;
 use tiller_testbed::{Image, Tokenizer, geneval};
 
 #[derive(Args)]
@@ -39,6 +40,14 @@ pub struct SampleArgs {
     seed: u64,
     #[command(flatten)]
     pub selection: BestOfArgs,
+    /// Filter the images with this Stable Diffusion safety checker folder (a pipeline's
+    /// `safety_checker/`): flagged images come out black, as diffusers' pipelines return them.
+    /// Default: the pipeline's own, when its model_index.json lists one.
+    #[arg(long)]
+    safety_checker: Option<PathBuf>,
+    /// Do not run the pipeline's safety checker.
+    #[arg(long, conflicts_with = "safety_checker")]
+    no_safety_checker: bool,
     /// Where to write the grid (one row per prompt).
     #[arg(long, default_value = "grid.png")]
     out: PathBuf,
@@ -67,18 +76,18 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if is_stable_diffusion(&located) {
         let sd = StableDiffusion::load(&located, &device)
             .with_context(|| format!("loading the model {}", located.display()))?;
-        return sample_stable_diffusion(&args, sd, &texts, &device);
+        let own = safety_checker_of(&located)?;
+        return sample_stable_diffusion(&args, sd, own, &texts, &device);
     }
-    if tiller_align::run::is_run(&located)
-        && is_stable_diffusion(&tiller_align::run::run_base(
-            &located,
-            &crate::shipped::resolve,
-        )?)
-    {
-        let sd =
-            tiller_align::run::load_aligned_latent(&located, &device, &crate::shipped::resolve)
-                .with_context(|| format!("loading the run {}", located.display()))?;
-        return sample_stable_diffusion(&args, sd, &texts, &device);
+    if tiller_align::run::is_run(&located) {
+        let base = tiller_align::run::run_base(&located, &crate::shipped::resolve)?;
+        if is_stable_diffusion(&base) {
+            let sd =
+                tiller_align::run::load_aligned_latent(&located, &device, &crate::shipped::resolve)
+                    .with_context(|| format!("loading the run {}", located.display()))?;
+            let own = safety_checker_of(&base)?;
+            return sample_stable_diffusion(&args, sd, own, &texts, &device);
+        }
     }
     if args.negative_prompt.is_some() {
         bail!(
@@ -87,6 +96,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     }
     let (pipe, tokenizer) = load_model(&args.model, &device)?;
     check_resolution(&pipe, args.sampling.resolution)?;
+    let checker = safety_checker(&args, None, &device)?;
     // Tokenise everything first: an unknown word fails before any sampling.
     for t in &texts {
         tokenizer.encode(t)?;
@@ -102,9 +112,43 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         rows = best_of(rows, &texts, n, r.as_ref())?;
     }
     let images: Vec<Image> = rows.into_iter().flatten().collect();
+    let images = safety_filter(checker.as_ref(), images)?;
     geneval::write_grid_png(&args.out, &images, args.n)?;
     println!("wrote {} images to {}", images.len(), args.out.display());
     Ok(())
+}
+
+/// The safety checker `--safety-checker` names, or the pipeline's own (`own`) unless
+/// `--no-safety-checker`; loaded before sampling, so a bad folder fails first.
+fn safety_checker(
+    args: &SampleArgs,
+    own: Option<PathBuf>,
+    device: &burn::tensor::Device,
+) -> Result<Option<SafetyMargin>> {
+    let folder = match (&args.safety_checker, args.no_safety_checker, own) {
+        (Some(f), _, _) => crate::shipped::resolve(f),
+        (None, false, Some(own)) => own,
+        _ => return Ok(None),
+    };
+    let checker = SafetyMargin::load(&folder, device)
+        .with_context(|| format!("loading the safety checker {}", folder.display()))?;
+    Ok(Some(checker))
+}
+
+/// `images` with those `checker` flags black, as diffusers' pipelines return them; says how many.
+fn safety_filter(checker: Option<&SafetyMargin>, images: Vec<Image>) -> Result<Vec<Image>> {
+    let Some(checker) = checker else {
+        return Ok(images);
+    };
+    let (images, flags) = checker.filter(images)?;
+    let flagged = flags.iter().filter(|f| **f).count();
+    println!(
+        "safety checker {}: {flagged} of {} images flagged{}",
+        tiller_reward::Reward::name(checker).trim_start_matches("safety-checker:"),
+        flags.len(),
+        if flagged > 0 { " and blacked out" } else { "" }
+    );
+    Ok(images)
 }
 
 /// `tiller sample` on a diffusers `StableDiffusionPipeline` folder: DDIM (eta 0, or 1 with
@@ -113,9 +157,11 @@ pub fn sample(args: SampleArgs) -> Result<()> {
 fn sample_stable_diffusion(
     args: &SampleArgs,
     mut sd: StableDiffusion,
+    own_checker: Option<PathBuf>,
     texts: &[String],
     device: &burn::tensor::Device,
 ) -> Result<()> {
+    let checker = safety_checker(args, own_checker, device)?;
     let s = &args.sampling;
     if let tiller_diffusion::SchedulerConfig::Ddim(c) = &mut sd.scheduler {
         c.eta = match s.sampler {
@@ -161,6 +207,7 @@ fn sample_stable_diffusion(
         rows = best_of(rows, texts, n, r.as_ref())?;
     }
     let images: Vec<Image> = rows.into_iter().flatten().collect();
+    let images = safety_filter(checker.as_ref(), images)?;
     geneval::write_grid_png(&args.out, &images, args.n)?;
     println!("wrote {} images to {}", images.len(), args.out.display());
     Ok(())

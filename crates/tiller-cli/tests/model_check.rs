@@ -375,3 +375,85 @@ fn sample_picks_the_best_of_n_stable_diffusion_images_by_a_clip_reward() {
         std::fs::read(dir.join("plain.png")).unwrap()
     );
 }
+
+/// The tiles of a grid `tiller sample` wrote: `n` images of `side` x `side` per row, 1-pixel gaps.
+fn tiles(path: &Path, side: usize, n: usize) -> Vec<Vec<[u8; 3]>> {
+    let grid = tiller_testbed::image::decode_png(&std::fs::read(path).unwrap(), path).unwrap();
+    (0..n)
+        .map(|k| {
+            let ox = k * (side + 1);
+            (0..side)
+                .flat_map(|y| (0..side).map(move |x| (x, y)))
+                .map(|(x, y)| grid.get(ox + x, y))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn sample_filters_with_a_safety_checker_as_diffusers_does() {
+    let dir = std::env::temp_dir().join(format!("tiller-cli-safety-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pipeline = fixtures().join("tiny-sd-pipeline");
+    let checker = fixtures().join("tiny-safety-checker");
+    let sample = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--model",
+            pipeline.to_str().unwrap(),
+            "--prompt",
+            "a photo of a red cube",
+            "--n",
+            "6",
+            "--steps",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, text) = tiller(&args);
+        assert!(ok, "{text}");
+        text
+    };
+    let plain = dir.join("plain.png");
+    let text = sample(&plain, &[]);
+    // The tiny pipeline lists no safety checker ([null, null]): nothing runs by default.
+    assert!(!text.contains("safety checker"), "{text}");
+    let filtered = dir.join("filtered.png");
+    let text = sample(&filtered, &["--safety-checker", checker.to_str().unwrap()]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("safety checker"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let flagged: usize = line
+        .split(": ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // Flagged images are black, the others untouched.
+    let (a, b) = (tiles(&plain, 16, 6), tiles(&filtered, 16, 6));
+    let black = b
+        .iter()
+        .filter(|t| t.iter().all(|p| *p == [0, 0, 0]))
+        .count();
+    assert_eq!(black, flagged, "{line}");
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert_eq!(same, 6 - flagged, "{line}");
+    // A missing checker folder is named.
+    let (ok, text) = tiller(&[
+        "sample",
+        "--model",
+        pipeline.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--safety-checker",
+        dir.join("nope").to_str().unwrap(),
+        "--out",
+        dir.join("x.png").to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("nope"), "{text}");
+    assert!(!dir.join("x.png").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

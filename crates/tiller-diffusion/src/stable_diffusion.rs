@@ -681,6 +681,18 @@ impl StableDiffusion {
     }
 }
 
+/// The `safety_checker/` folder of the pipeline in `folder` when its `model_index.json` lists a
+/// `StableDiffusionSafetyChecker` there (not `[null, null]`) and the folder exists: what
+/// diffusers' pipelines filter their output with.
+pub fn safety_checker_of(folder: &Path) -> Result<Option<std::path::PathBuf>> {
+    let index = ModelIndex::read(folder)?;
+    let sub = folder.join("safety_checker");
+    Ok(
+        (index.class_of("safety_checker") == Some("StableDiffusionSafetyChecker") && sub.is_dir())
+            .then_some(sub),
+    )
+}
+
 /// Whether the JSON object in `path` has `key`.
 fn config_has_key(path: &Path, key: &str) -> Result<bool> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -171,8 +171,9 @@ pub fn diversity(images: &[Vec<Image>]) -> f64 {
 /// gold evaluator: `unet` samples the validation prompts with fixed seeds through `sd`'s text
 /// encoder and VAE on `settings`' chain, and the run's reward scores the decoded images:
 /// `proxy_reward` (mean) and `proxy_reward_se` (its standard error over images), the chain KL to
-/// `sd`'s own UNet on the first 16 prompts (`kl_to_base`), and with two or more images per prompt
-/// their `diversity`. Writes the images as a grid, `samples/val-<step>.png`, one row per prompt.
+/// `sd`'s own UNet on the first 16 prompts (`kl_to_base`), with two or more images per prompt
+/// their `diversity`, and with a safety checker (the pipeline's own) the share of images it flags
+/// (`nsfw_rate`). Writes the images as a grid, `samples/val-<step>.png`, one row per prompt.
 #[allow(clippy::too_many_arguments)]
 pub fn latent_validation(
     sd: &StableDiffusion,
@@ -182,6 +183,7 @@ pub fn latent_validation(
     settings: &SampleSettings,
     resolution: usize,
     reward: &dyn Reward,
+    checker: Option<&tiller_reward::clip_rewards::SafetyMargin>,
     device: &Device,
     samples: &Path,
     step: u64,
@@ -246,6 +248,11 @@ pub fn latent_validation(
     ];
     if per_prompt >= 2 {
         out.push(("diversity".to_string(), diversity(&images)));
+    }
+    if let Some(c) = checker {
+        let flags = c.flags(&flat)?;
+        let rate = flags.iter().filter(|f| **f).count() as f64 / flags.len() as f64;
+        out.push(("nsfw_rate".to_string(), rate));
     }
     std::fs::create_dir_all(samples).map_err(|e| Error::io(samples, e))?;
     let grid = samples.join(format!("val-{step:06}.png"));

@@ -354,6 +354,34 @@ impl SafetyMargin {
     pub fn checker(&self) -> &SafetyChecker {
         &self.checker
     }
+
+    /// Which of `images` the checker flags (diffusers' `has_nsfw_concept`), 8 at a time.
+    pub fn flags(&self, images: &[Image]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(images.len());
+        for chunk in images.chunks(8) {
+            let x = images_to_tensor(chunk, &self.device)?;
+            out.extend(self.checker.check(self.preprocess.apply(x)?)?.has_nsfw);
+        }
+        Ok(out)
+    }
+
+    /// `images` with the flagged ones black, as diffusers' pipelines return them, and the flags.
+    pub fn filter(&self, images: Vec<Image>) -> Result<(Vec<Image>, Vec<bool>)> {
+        let flags = self.flags(&images)?;
+        let images = images
+            .into_iter()
+            .zip(&flags)
+            .map(|(image, &flagged)| match flagged {
+                false => Ok(image),
+                true => Image::from_rgb(
+                    image.width(),
+                    image.height(),
+                    vec![0; image.width() * image.height() * 3],
+                ),
+            })
+            .collect::<Result<_>>()?;
+        Ok((images, flags))
+    }
 }
 
 impl Reward for SafetyMargin {

@@ -261,3 +261,37 @@ fn open_clip_folders_with_other_architectures_or_pickles_are_refused() {
         .to_string();
     assert!(e.contains("model_cfg.vision_cfg.ls_init_value"), "{e}");
 }
+
+/// The checker as a filter: the images diffusers flags come out black, the others untouched. The
+/// fixture's inputs are the tower's size, so preprocessing is only the normalisation: undone, they
+/// are 8-bit images whose flags are the golden `has_nsfw` (some flagged, some not).
+#[test]
+fn the_safety_filter_blacks_out_exactly_the_flagged_images() {
+    let device = Device::flex();
+    let r = SafetyMargin::load(&fixture("tiny-safety-checker"), &device).unwrap();
+    let io = read_safetensors(&fixture("tiny-safety-checker").join("io.safetensors")).unwrap();
+    let pixels = to_device::<4>(&io["pixel_values"], &device).unwrap();
+    let [_, _, h, w] = pixels.dims();
+    let size = r.checker().vision.image_size;
+    assert_eq!((h, w), (size, size), "no resize in this test");
+    let mean = Tensor::<1>::from_floats([0.48145466, 0.4578275, 0.40821073], &device)
+        .reshape([1, 3, 1, 1]);
+    let std = Tensor::<1>::from_floats([0.26862954, 0.26130258, 0.27577711], &device)
+        .reshape([1, 3, 1, 1]);
+    let unit = pixels * std + mean;
+    let images = tiller_reward::tensor_to_images(unit * 2.0 - 1.0).unwrap();
+    let want: Vec<bool> = io["has_nsfw"].data.iter().map(|v| *v > 0.5).collect();
+    assert!(
+        want.iter().any(|f| *f) && want.iter().any(|f| !*f),
+        "the fixture flags some images and not others: {want:?}"
+    );
+    let (filtered, flags) = r.filter(images.clone()).unwrap();
+    assert_eq!(flags, want);
+    for ((before, after), flagged) in images.iter().zip(&filtered).zip(&flags) {
+        if *flagged {
+            assert!(after.data().iter().all(|v| *v == 0));
+        } else {
+            assert_eq!(before.data(), after.data());
+        }
+    }
+}
