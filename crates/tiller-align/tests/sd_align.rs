@@ -4,8 +4,8 @@
 //! decoded rollouts, Diffusion-DPO trains on a store's 16x16 images encoded to latents, DRaFT-K
 //! backpropagates CLIPScore through CLIP's preprocessing and the frozen VAE decoder into the
 //! UNet's LoRA; each run validates on held-out prompts and writes its adapters. DRaFT-K raises the
-//! reward on the held-out prompts. The tiny SDXL pipeline trains as well, through its pooled
-//! embedding and time ids.
+//! reward on the held-out prompts, DDPO on a fixed prompt. The tiny SDXL pipeline trains with
+//! DDPO, DRaFT-K and Diffusion-DPO as well, through its pooled embedding and time ids.
 
 use std::path::{Path, PathBuf};
 use tiller_align::run::{Request, run};
@@ -284,6 +284,12 @@ fn sdxl_trains_with_its_pooled_embedding_and_time_ids() {
         })
         .unwrap()
     };
+    // DDPO's rollouts and their log-probabilities under SDXL's conditioning.
+    let out = dir.join("ddpo");
+    let config = preset(&dir, "ddpo", "[train]\nupdates = 2\nbatch_size = 2\n");
+    let s = align_with(&config, &out);
+    assert_finished(&out, &s);
+    assert_eq!(metric(&out, "reward_mean").len(), 2);
     // Reward backpropagation through SDXL's UNet (text_time conditioning) and VAE.
     let out = dir.join("draft");
     let config = preset(
@@ -354,6 +360,43 @@ fn pretraining_on_a_stable_diffusion_base_reads_a_store_and_refuses_the_testbed(
     assert!(
         !pretrain.is_empty() && pretrain.iter().all(|l| l.is_finite() && *l > 0.0),
         "{pretrain:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ddpo_raises_clip_score_on_a_fixed_prompt() {
+    let dir = scratch("ddpo-fixed");
+    // One prompt, trained on and validated on (8 fixed seeds).
+    let prompts = dir.join("fixed.txt");
+    std::fs::write(&prompts, "a photo of a red cube\n".repeat(3)).unwrap();
+    let config = preset(
+        &dir,
+        "ddpo",
+        "[adapter]\nkind = \"full\"\n[train]\nupdates = 20\nbatch_size = 8\nlearning_rate = 1e-2\n",
+    );
+    let out = dir.join("run");
+    let s = run(&Request {
+        config: &config,
+        out: &out,
+        resume: None,
+        overrides: &[
+            format!("prompts.file={}", prompts.display()),
+            "prompts.val_per_prompt=8".into(),
+        ],
+        stop_after: None,
+        locate: &|p: &Path| p.to_path_buf(),
+    })
+    .unwrap();
+    let (before, after) = (
+        value(&s.before, "proxy_reward"),
+        value(&s.after, "proxy_reward"),
+    );
+    let se = value(&s.before, "proxy_reward_se").max(value(&s.after, "proxy_reward_se"));
+    println!("CLIPScore on the fixed prompt {before:.4} -> {after:.4} (se {se:.4})");
+    assert!(
+        after - before > 2.0 * se,
+        "CLIPScore {before} -> {after} (se {se})"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
