@@ -328,6 +328,7 @@ fn align_on_a_stable_diffusion_folder_then_sample_and_merge_the_run() {
     std::fs::create_dir_all(&dir).unwrap();
     let run = dir.join("run");
     let run_s = run.to_str().unwrap();
+    // Interrupted after one update, then resumed.
     let (ok, text) = tiller(&[
         "align",
         "--config",
@@ -336,9 +337,16 @@ fn align_on_a_stable_diffusion_folder_then_sample_and_merge_the_run() {
         run_s,
         "--set",
         "train.updates=2",
+        "--set",
+        "log.checkpoint_every=1",
+        "--stop-after",
+        "1",
     ]);
     assert!(ok, "{text}");
     assert!(text.contains("proxy_reward"), "{text}");
+    assert!(!run.join("final").exists());
+    let (ok, text) = tiller(&["align", "--out", run_s, "--resume", "latest"]);
+    assert!(ok && text.contains("resumed"), "{text}");
     assert!(run.join("final/pytorch_lora_weights.safetensors").is_file());
     // The run samples as a Stable Diffusion pipeline, and merged it is one diffusers loads: the
     // base folder with the run's UNet, sampling the same pixels.
