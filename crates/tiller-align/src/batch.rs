@@ -103,10 +103,14 @@ pub struct Rollouts {
     /// The chain steps each rollout trains on in this update (filled by the method; ddpo-pytorch
     /// draws them per sample and per inner epoch).
     pub train_steps: Vec<Vec<usize>>,
+    /// Rollouts per drawn prompt, side by side (`train.images_per_prompt`; the pairs of PRDP and
+    /// D3PO, the ranked lists of dense DPO).
+    pub group: usize,
 }
 
 impl Rollouts {
-    /// Rollouts `rows` (in that order), with their advantages; the trained steps are dropped.
+    /// Rollouts `rows` (in that order), with their advantages; the trained steps are dropped,
+    /// the group size kept (rows that keep whole groups keep it meaningful).
     pub fn select_rows(&self, rows: &[usize]) -> Rollouts {
         let device = self.prompts.context.device();
         let idx = Tensor::<1, Int>::from_data(
@@ -148,6 +152,7 @@ impl Rollouts {
                     .collect()
             },
             train_steps: Vec::new(),
+            group: self.group,
         }
     }
 }
@@ -245,6 +250,10 @@ pub enum Batch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Collect {
     Rollouts,
+    /// Rollouts whose group (the `train.images_per_prompt` rollouts of one drawn prompt, side by
+    /// side) starts from one initial latent, each with its own step noise (D3PO's pairs;
+    /// flow_grpo's `same_latent`).
+    SharedStartRollouts,
     Pairs,
     Labeled,
     Starts,
@@ -288,6 +297,7 @@ impl Batch {
                 advantages: slice_or_empty(&x.advantages, &r),
                 step_advantages: slice_or_empty(&x.step_advantages, &r),
                 train_steps: slice_or_empty(&x.train_steps, &r),
+                group: x.group,
             }),
             Batch::Pairs(x) => Batch::Pairs(Pairs {
                 prompts: x.prompts.slice(r.clone()),

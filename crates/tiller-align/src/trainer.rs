@@ -23,7 +23,7 @@ use crate::config::{AlignConfig, AlignTrainSection};
 use crate::policy::{Policy, PolicyModel};
 use crate::{Algorithm, Context};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tiller_core::rng::RngState;
@@ -580,7 +580,7 @@ pub fn collect<M: PolicyModel>(
     } = draw;
     let indices = first..first + n as u64;
     match kind {
-        Collect::Rollouts => {
+        Collect::Rollouts | Collect::SharedStartRollouts => {
             let prompts = draw_prompts(data, n, group, rng)?;
             let current = policy.current();
             let steps = policy.sampler.timesteps().len();
@@ -590,9 +590,24 @@ pub fn collect<M: PolicyModel>(
             let mut stochastic = vec![true; steps];
             // Sampled in micro-batches: the same batch layout as training, so the first ratio
             // of an on-policy update is exactly 1.
-            let noise = ExampleNoise::for_examples(seed, indices);
+            let mut noise = ExampleNoise::for_examples(seed, indices);
+            let starts = match kind {
+                Collect::SharedStartRollouts => {
+                    Some(shared_starts(policy, &mut noise, group, [n, c, h, w])?)
+                }
+                _ => None,
+            };
             let record = Record::Trajectory(LogProbReduction::Mean);
-            for s in sample_parts(policy, &current, &prompts, &noise, micro, [c, h, w], record)? {
+            let parts = sample_parts(
+                policy,
+                &current,
+                &prompts,
+                (&noise, starts.as_ref()),
+                micro,
+                [c, h, w],
+                record,
+            )?;
+            for s in parts {
                 let traj = s.trajectory.expect("recorded");
                 for (i, x) in traj.latents.into_iter().enumerate() {
                     latents[i].push(x);
@@ -633,6 +648,7 @@ pub fn collect<M: PolicyModel>(
                     advantages: Vec::new(),
                     step_advantages: Vec::new(),
                     train_steps: Vec::new(),
+                    group,
                 }),
                 rewards,
             ))
@@ -716,7 +732,7 @@ pub fn collect<M: PolicyModel>(
                 policy,
                 &current,
                 &prompts,
-                &noise,
+                (&noise, None),
                 micro,
                 [c, h, w],
                 Record::Nothing,
@@ -758,14 +774,31 @@ pub fn collect<M: PolicyModel>(
     }
 }
 
+/// The initial latents of `n` chains in groups of `group` side by side, each group's the initial
+/// noise of its first chain's stream. Every stream still draws its own (unused but for the
+/// first), so each chain's step noise is what it would be with starts of its own.
+fn shared_starts<M: PolicyModel>(
+    policy: &Policy<M>,
+    noise: &mut ExampleNoise,
+    group: usize,
+    shape: [usize; 4],
+) -> Result<Tensor<4>> {
+    let own = initial_noise(policy.sampler.as_ref(), shape, noise, &policy.device)?;
+    let group = group.max(1);
+    let leads: Vec<i64> = (0..shape[0]).map(|i| (i - i % group) as i64).collect();
+    let leads = Tensor::<1, Int>::from_data(TensorData::new(leads, [shape[0]]), &policy.device);
+    Ok(own.select(0, leads))
+}
+
 /// The chains of `prompts` sampled by `model` (the policy's current weights) `micro` at a time,
-/// each example's noise from its own stream in `noise`: the same batch layout as training, so the
-/// first ratio of an on-policy update is exactly 1.
+/// each example's noise from its own stream in `noise.0` and its initial latent from there too,
+/// or from `noise.1` when the chains' starts were drawn already ([`shared_starts`]): the same
+/// batch layout as training, so the first ratio of an on-policy update is exactly 1.
 fn sample_parts<M: PolicyModel>(
     policy: &Policy<M>,
     model: &M,
     prompts: &Prompts,
-    noise: &ExampleNoise,
+    (noise, starts): (&ExampleNoise, Option<&Tensor<4>>),
     micro: usize,
     [c, h, w]: [usize; 3],
     record: Record,
@@ -776,14 +809,17 @@ fn sample_parts<M: PolicyModel>(
     for start in (0..n).step_by(micro.max(1)) {
         let range = start..(start + micro).min(n);
         let part = prompts.slice(range.clone());
-        let mut part_noise = noise.slice(range);
+        let mut part_noise = noise.slice(range.clone());
         let cond = policy.conditioning(&part, device);
-        let x_t = initial_noise(
-            policy.sampler.as_ref(),
-            [part.len(), c, h, w],
-            &mut part_noise,
-            device,
-        )?;
+        let x_t = match starts {
+            Some(x) => x.clone().narrow(0, range.start, range.len()),
+            None => initial_noise(
+                policy.sampler.as_ref(),
+                [part.len(), c, h, w],
+                &mut part_noise,
+                device,
+            )?,
+        };
         out.push(sample(
             model,
             policy.sampler.as_ref(),

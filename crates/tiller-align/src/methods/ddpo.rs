@@ -246,21 +246,31 @@ pub fn step_log_prob<M: PolicyModel>(
 /// stochastic steps (a deterministic step, DDIM's last, has no log-probability), drawn per
 /// rollout, as ddpo-pytorch draws them per sample and per inner epoch.
 pub fn draw_train_steps(r: &mut Rollouts, fraction: f64, rng: &mut SeededRng) {
+    draw_group_train_steps(r, fraction, 1, rng)
+}
+
+/// [`draw_train_steps`] with one draw per `group` rollouts side by side, shared by all of them
+/// (D3PO trains both trajectories of a pair at the same steps).
+pub fn draw_group_train_steps(r: &mut Rollouts, fraction: f64, group: usize, rng: &mut SeededRng) {
     let stochastic: Vec<usize> = (0..r.log_probs.len())
         .filter(|&i| r.log_probs[i].is_some())
         .collect();
     let steps = stochastic.len();
     let n = ((steps as f64 * fraction).round() as usize).clamp(1, steps.max(1));
-    r.train_steps = (0..r.prompts.len())
-        .map(|_| {
-            let mut order = stochastic.clone();
-            for i in (1..steps).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
-            order.truncate(n);
-            order
-        })
-        .collect();
+    let group = group.max(1);
+    let b = r.prompts.len();
+    let mut drawn = Vec::with_capacity(b);
+    while drawn.len() < b {
+        let mut order = stochastic.clone();
+        for i in (1..steps).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        order.truncate(n);
+        for _ in 0..group.min(b - drawn.len()) {
+            drawn.push(order.clone());
+        }
+    }
+    r.train_steps = drawn;
 }
 
 /// The rollouts' trained (sample, step) pairs grouped by chain step: calls `f` with each step
