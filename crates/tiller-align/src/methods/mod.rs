@@ -7,8 +7,10 @@
 //! [`Algorithm`] and the data it asks for.
 
 pub mod alignprop;
+pub mod d3po;
 pub mod ddpo;
 pub mod denoising;
+pub mod dense_dpo;
 pub mod diffusion_dpo;
 pub mod diffusion_kto;
 pub mod dpok;
@@ -24,7 +26,9 @@ pub mod seiko;
 pub mod tdpo;
 
 pub use alignprop::AlignProp;
+pub use d3po::D3po;
 pub use ddpo::Ddpo;
+pub use dense_dpo::DenseDpo;
 pub use diffusion_dpo::DiffusionDpo;
 pub use diffusion_kto::DiffusionKto;
 pub use dpok::Dpok;
@@ -184,6 +188,8 @@ registry! {
     AlignProp(alignprop::AlignPropConfig) = "alignprop",
     Tdpo(tdpo::TdpoConfig) = "tdpo-r",
     Seiko(seiko::SeikoConfig) = "seiko",
+    D3po(d3po::D3poConfig) = "d3po",
+    DenseDpo(dense_dpo::DenseDpoConfig) = "dense-dpo",
 }
 
 impl Method {
