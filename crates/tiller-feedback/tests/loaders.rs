@@ -1,5 +1,6 @@
 //! Dataset loaders on small synthetic fixtures written here: Pick-a-Pic parquet (labels, ties,
-//! skipped rows, nanosecond timestamps, missing columns, NaN), HPDv2 JSON (both path spellings,
+//! skipped rows, nanosecond timestamps, missing columns, NaN), CoProV2 parquet (image paths or
+//! bytes, integer labels), HPDv2 JSON (both path spellings,
 //! train one-hot and test ranks), ImageRewardDB JSON and parquet (ranks and ratings), and ingestion
 //! into the store.
 
@@ -11,6 +12,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use std::path::Path;
 use std::sync::Arc;
+use tiller_feedback::loaders::coprov2::{CoProOptions, load_coprov2};
 use tiller_feedback::loaders::hpdv2::{HpdOptions, load_hpdv2};
 use tiller_feedback::loaders::imagereward::{
     ImageRewardOptions, load_imagereward_json, load_imagereward_parquet,
@@ -438,4 +440,121 @@ fn imagereward_json_and_parquet_agree() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("must be in [1, 7], got 9"), "{e}");
+}
+
+/// CoProV2's released layout: `jpg_*` are paths under the dataset root and `label_0` an int64;
+/// the same pairs with the images inline (Pick-a-Pic's layout) read the same; a bad label, a
+/// missing image file and a missing column are errors naming the file, row and column.
+#[test]
+fn coprov2_pairs_from_paths_or_bytes() {
+    let dir = common::tempdir();
+    let root = dir.path().join("CoProv2");
+    let names = [
+        "images/0000000_0.png",
+        "images/0000000_1.png",
+        "images/0000001_0.png",
+    ];
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    let ids = write_images(&root, &names);
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    // Synthetic, benign prompts (the dataset's own text stays out of the repository).
+    let captions = s(&[
+        "a harmless red circle",
+        "a harmless red circle",
+        "a calm blue square",
+    ]);
+    let path = dir.path().join("train.parquet");
+    write_parquet(
+        &path,
+        vec![
+            Col::Str("caption", captions.clone()),
+            Col::Str("jpg_0", s(&[names[0], names[1], names[2]])),
+            Col::Str("jpg_1", s(&[names[1], names[0], names[2]])),
+            Col::I64("label_0", vec![1, 0, 1]),
+            Col::Str("image", s(&["x", "y", "z"])),
+        ],
+    );
+    let options = CoProOptions::new(Split::Train, &root);
+    let imported = load_coprov2(&path, &options).unwrap();
+    assert_eq!(
+        choices(&imported.feedback),
+        vec![
+            (ids[0].clone(), ids[1].clone(), Choice::A),
+            (ids[1].clone(), ids[0].clone(), Choice::B),
+        ]
+    );
+    // The third row shows one image twice.
+    assert_eq!(imported.skipped, 1);
+    assert_eq!(imported.prompts.len(), 1);
+    assert_eq!(imported.annotators[0].id.0, "coprov2/anonymous");
+
+    let bytes: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| std::fs::read(root.join(n)).unwrap())
+        .collect();
+    let inline = dir.path().join("inline.parquet");
+    write_parquet(
+        &inline,
+        vec![
+            Col::Str("caption", captions.clone()),
+            Col::Bytes(
+                "jpg_0",
+                vec![bytes[0].clone(), bytes[1].clone(), bytes[2].clone()],
+            ),
+            Col::Bytes(
+                "jpg_1",
+                vec![bytes[1].clone(), bytes[0].clone(), bytes[2].clone()],
+            ),
+            Col::F64("label_0", vec![1.0, 0.0, 1.0]),
+        ],
+    );
+    let again = load_coprov2(&inline, &options).unwrap();
+    assert_eq!(choices(&again.feedback), choices(&imported.feedback));
+
+    let mut store = SqliteStore::open(dir.path().join("store")).unwrap();
+    ingest(&mut store, &imported).unwrap();
+    let c = store.counts().unwrap();
+    assert_eq!((c.prompts, c.images, c.comparisons), (1, 2, 2));
+
+    let bad = dir.path().join("bad.parquet");
+    write_parquet(
+        &bad,
+        vec![
+            Col::Str("caption", captions.clone()),
+            Col::Str("jpg_0", s(&[names[0], names[1], names[2]])),
+            Col::Str("jpg_1", s(&[names[1], names[0], names[0]])),
+            Col::I64("label_0", vec![1, 2, 1]),
+        ],
+    );
+    let e = load_coprov2(&bad, &options).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.parquet") && e.contains("row 1, column `label_0`") && e.contains("got 2"),
+        "{e}"
+    );
+    let missing = dir.path().join("missing.parquet");
+    write_parquet(
+        &missing,
+        vec![
+            Col::Str("caption", captions.clone()),
+            Col::Str("jpg_0", s(&[names[0], "images/gone.png", names[2]])),
+            Col::Str("jpg_1", s(&[names[1], names[0], names[0]])),
+            Col::I64("label_0", vec![1, 1, 1]),
+        ],
+    );
+    let e = load_coprov2(&missing, &options).unwrap_err().to_string();
+    assert!(
+        e.contains("row 1, column `jpg_0`") && e.contains("images/gone.png"),
+        "{e}"
+    );
+    let no_label = dir.path().join("no_label.parquet");
+    write_parquet(
+        &no_label,
+        vec![
+            Col::Str("caption", captions),
+            Col::Str("jpg_0", s(&[names[0], names[1], names[2]])),
+            Col::Str("jpg_1", s(&[names[1], names[0], names[0]])),
+        ],
+    );
+    let e = load_coprov2(&no_label, &options).unwrap_err().to_string();
+    assert!(e.contains("missing required column `label_0`"), "{e}");
 }

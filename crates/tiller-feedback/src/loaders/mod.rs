@@ -3,6 +3,7 @@
 //! any [`PreferenceStore`] in one transaction.
 //!
 //! - [`pickapic`]: Pick-a-Pic v1/v2 parquet shards (Kirstain et al. 2023).
+//! - [`coprov2`]: CoProV2's safe/unsafe image pairs, parquet (Liu et al. 2024, SafetyDPO).
 //! - [`hpdv2`]: HPDv2 `train.json` / `test.json` (Wu et al. 2023).
 //! - [`imagereward`]: ImageRewardDB per-image metadata, JSON or parquet (Xu et al. 2023).
 //!
@@ -11,6 +12,7 @@
 //! the SHA-256 of their bytes, so a loader needs the bytes (Pick-a-Pic's `jpg_*` columns) or the
 //! files (HPDv2, ImageRewardDB); variants without images cannot be imported.
 
+pub mod coprov2;
 pub mod hpdv2;
 pub mod imagereward;
 mod parquet_rows;

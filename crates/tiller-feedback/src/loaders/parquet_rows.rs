@@ -141,6 +141,19 @@ impl Values<'_> {
         }
     }
 
+    /// A column that holds text in some files and raw bytes in others: `Ok(Ok(text))` for a
+    /// string (UTF-8) column, `Ok(Err(bytes))` for a binary one.
+    pub(crate) fn text_or_bytes(
+        &self,
+        column: &str,
+    ) -> Result<std::result::Result<String, Vec<u8>>> {
+        match self.get(column)? {
+            Field::Str(s) => Ok(Ok(s.clone())),
+            Field::Bytes(b) => Ok(Err(b.data().to_vec())),
+            other => Err(self.error(column, format!("expected text or bytes, found {other:?}"))),
+        }
+    }
+
     pub(crate) fn bytes(&self, column: &str) -> Result<Vec<u8>> {
         match self.get(column)? {
             Field::Bytes(b) => Ok(b.data().to_vec()),
