@@ -1,8 +1,11 @@
 //! D3PO (Yang et al., "Using Human Feedback to Fine-tune Diffusion Models without Any Reward
 //! Model", CVPR 2024): DPO on the denoising MDP. Each step of the chain is an action, so a
 //! preference between two final images becomes a preference between the two trajectories' steps,
-//! and the DPO loss is applied step by step with no reward model in between: the preference may
-//! come from a person (the store) or, as here, from comparing the run's reward on the pair.
+//! and the DPO loss is applied step by step with no reward model in between. The paper's
+//! preferences come from people choosing between the two images (`scripts/sample.py`, then
+//! `scripts/train.py` on a JSON of their choices); here they come from comparing the run's reward
+//! on the pair (`train_with_rm.py`), as online sampling needs. Training from people's choices on
+//! stored trajectories is not offered yet.
 //!
 //! For each drawn prompt two trajectories are sampled from the **same initial latent**
 //! (`yk7333/d3po` `scripts/train_with_rm.py`: `latents = latents1[:, 0]` for the second
