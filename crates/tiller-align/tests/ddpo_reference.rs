@@ -766,6 +766,33 @@ struct D3poCase {
     trainable_tensors: usize,
 }
 
+/// The fixture's `grad.<name>` (every trained LoRA factor, `tensors` of them) against `grads`
+/// ([`assert_tensor_close`] at `rtol`); prints the worst relative L2 error.
+fn check_gradients(
+    case: &str,
+    io: &BTreeMap<String, HostTensor>,
+    policy: &Policy,
+    grads: GradientsParams,
+    tensors: usize,
+    rtol: f64,
+) {
+    let grads = gradients_by_name(&policy.model, grads);
+    let trained: Vec<&String> = io.keys().filter(|k| k.starts_with("grad.")).collect();
+    assert_eq!(trained.len(), tensors, "{case}");
+    let mut worst = 0f64;
+    for key in &trained {
+        let name = &key["grad.".len()..];
+        let l2 = assert_tensor_close(
+            &format!("{case} grad {name}"),
+            &torch_view(&grads, name),
+            &io[*key].data,
+            rtol,
+        );
+        worst = worst.max(l2);
+    }
+    eprintln!("{case}: gradients' worst relative L2 error {worst:.2e}");
+}
+
 /// D3PO against a PyTorch reference written from `yk7333/d3po` (`scripts/fixtures/d3po_update.py`,
 /// fixture `tests/fixtures/d3po-update/`): on the same pairs of trajectories (one initial latent
 /// per pair) and with the same adapters over the DDPO fixture's UNet (the UNet without them is
@@ -838,25 +865,15 @@ fn d3po_update_matches_the_reference() {
             case.name,
             metric("clipfrac")
         );
-        let grads = gradients_by_name(&policy.model, out.grads);
-        let trained: Vec<&String> = io.keys().filter(|k| k.starts_with("grad.")).collect();
-        assert_eq!(trained.len(), case.trainable_tensors);
         // The DDPO cases' bounds: twice torch's own float32 error or more (see `run_case`).
         let rtol = if case.guidance == 1.0 { 2e-4 } else { 3e-4 };
-        let mut worst = 0f64;
-        for key in &trained {
-            let name = &key["grad.".len()..];
-            let l2 = assert_tensor_close(
-                &format!("{} grad {name}", case.name),
-                &torch_view(&grads, name),
-                &io[*key].data,
-                rtol,
-            );
-            worst = worst.max(l2);
-        }
-        eprintln!(
-            "{}: gradients' worst relative L2 error {worst:.2e}",
-            case.name
+        check_gradients(
+            &case.name,
+            &io,
+            &policy,
+            out.grads,
+            case.trainable_tensors,
+            rtol,
         );
     }
 }
@@ -950,28 +967,18 @@ fn dense_dpo_update_matches_the_reference() {
             case.name,
             out.loss
         );
-        let grads = gradients_by_name(&policy.model, out.grads);
-        let trained: Vec<&String> = io.keys().filter(|k| k.starts_with("grad.")).collect();
-        assert_eq!(trained.len(), case.trainable_tensors);
         // torch's own float32 gradients on these inputs are 9.7e-6 (init-g1) and 3.9e-4 (both-g3,
         // median 9.2e-5) from the float64 reference in relative L2 (`dense_dpo_update.py
         // --torch-float32-check`): the guided case's listMLE weights of opposite sign cancel in
         // the sum over a prompt's trajectories. Ours measured 1.5e-5 and 4.3e-4.
         let rtol = if case.guidance == 1.0 { 2e-4 } else { 1e-3 };
-        let mut worst = 0f64;
-        for key in &trained {
-            let name = &key["grad.".len()..];
-            let l2 = assert_tensor_close(
-                &format!("{} grad {name}", case.name),
-                &torch_view(&grads, name),
-                &io[*key].data,
-                rtol,
-            );
-            worst = worst.max(l2);
-        }
-        eprintln!(
-            "{}: gradients' worst relative L2 error {worst:.2e}",
-            case.name
+        check_gradients(
+            &case.name,
+            &io,
+            &policy,
+            out.grads,
+            case.trainable_tensors,
+            rtol,
         );
     }
 }

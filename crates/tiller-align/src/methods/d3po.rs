@@ -81,24 +81,7 @@ impl MethodSpec for D3poConfig {
     fn validate(&self, config: &AlignConfig) -> Result<()> {
         let f = Fields("d3po");
         f.stochastic_steps(config)?;
-        if config.train.images_per_prompt != 2 {
-            return Err(Error::config(
-                "train.images_per_prompt",
-                format!(
-                    "d3po compares two trajectories of each prompt: set it to 2, got {}",
-                    config.train.images_per_prompt
-                ),
-            ));
-        }
-        if !config.train.batch_size.is_multiple_of(2) {
-            return Err(Error::config(
-                "train.batch_size",
-                format!(
-                    "must be even for d3po (a micro-batch holds whole pairs), got {}",
-                    config.train.batch_size
-                ),
-            ));
-        }
+        f.whole_pairs(config)?;
         f.positive(&[("beta", self.beta)])?;
         if !(self.clip_range > 0.0 && self.clip_range < 1.0) {
             return Err(f.error(
@@ -130,11 +113,7 @@ impl MethodSpec for D3poConfig {
     }
 
     fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
-        let batch = config.train.effective_batch().max(1) as u64;
-        (
-            vec![format!("train.reward_budget={budget}")],
-            budget.div_ceil(batch) * self.inner_epochs as u64,
-        )
+        super::rollout_budget(config, budget, self.inner_epochs)
     }
 }
 

@@ -104,13 +104,7 @@ impl MethodSpec for DdpoConfig {
     }
 
     fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
-        let train = &config.train;
-        // Each collected batch costs its rollouts' rewards and gives `inner_epochs` updates.
-        let batch = train.effective_batch().max(1) as u64;
-        (
-            vec![format!("train.reward_budget={budget}")],
-            budget.div_ceil(batch) * self.inner_epochs as u64,
-        )
+        super::rollout_budget(config, budget, self.inner_epochs)
     }
 }
 

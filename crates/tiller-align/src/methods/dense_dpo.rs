@@ -148,11 +148,7 @@ impl MethodSpec for DenseDpoConfig {
     }
 
     fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
-        let batch = config.train.effective_batch().max(1) as u64;
-        (
-            vec![format!("train.reward_budget={budget}")],
-            budget.div_ceil(batch) * self.inner_epochs as u64,
-        )
+        super::rollout_budget(config, budget, self.inner_epochs)
     }
 }
 

@@ -265,6 +265,20 @@ pub fn build<M: PolicyModel>(config: &AlignConfig) -> Box<dyn Algorithm<M>> {
     config.method.build::<M>()
 }
 
+/// [`MethodSpec::size_to_budget`] of a method that collects rollouts: each collected batch costs
+/// its rollouts' rewards and gives `inner_epochs` updates.
+pub(crate) fn rollout_budget(
+    config: &AlignConfig,
+    budget: u64,
+    inner_epochs: usize,
+) -> (Vec<String>, u64) {
+    let batch = config.train.effective_batch().max(1) as u64;
+    (
+        vec![format!("train.reward_budget={budget}")],
+        budget.div_ceil(batch) * inner_epochs as u64,
+    )
+}
+
 /// The field checks methods' validations share; every error names `method.<name>.<field>`.
 pub(crate) struct Fields(pub &'static str);
 
@@ -295,6 +309,31 @@ impl Fields {
             Some((f, _)) => Err(self.error(f, "must be at least 1")),
             None => Ok(()),
         }
+    }
+
+    /// `train.images_per_prompt == 2` and an even `train.batch_size`: the method compares two
+    /// rollouts of each prompt, and a micro-batch holds whole pairs.
+    pub(crate) fn whole_pairs(&self, config: &AlignConfig) -> Result<()> {
+        let train = &config.train;
+        if train.images_per_prompt != 2 {
+            return Err(tiller_core::Error::config(
+                "train.images_per_prompt",
+                format!(
+                    "{} compares two rollouts of each prompt: set it to 2, got {}",
+                    self.0, train.images_per_prompt
+                ),
+            ));
+        }
+        if !train.batch_size.is_multiple_of(2) {
+            return Err(tiller_core::Error::config(
+                "train.batch_size",
+                format!(
+                    "must be even for {} (a micro-batch holds whole pairs), got {}",
+                    self.0, train.batch_size
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `sampling.eta > 0`: the method reads the log-probability of every step taken.

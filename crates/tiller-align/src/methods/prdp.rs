@@ -73,24 +73,7 @@ impl MethodSpec for PrdpConfig {
                 "must be > 0 for prdp: a deterministic step has no log-probability".into(),
             );
         }
-        if config.train.images_per_prompt != 2 {
-            return bad(
-                "train.images_per_prompt",
-                format!(
-                    "prdp compares two rollouts of each prompt: set it to 2, got {}",
-                    config.train.images_per_prompt
-                ),
-            );
-        }
-        if !config.train.batch_size.is_multiple_of(2) {
-            return bad(
-                "train.batch_size",
-                format!(
-                    "must be even for prdp (a micro-batch holds whole pairs), got {}",
-                    config.train.batch_size
-                ),
-            );
-        }
+        super::Fields("prdp").whole_pairs(config)?;
         for (field, v) in [("beta", self.beta), ("clip_range", self.clip_range)] {
             if !(v > 0.0 && v.is_finite()) {
                 return bad(
@@ -117,12 +100,7 @@ impl MethodSpec for PrdpConfig {
     }
 
     fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
-        let train = &config.train;
-        let batch = train.effective_batch().max(1) as u64;
-        (
-            vec![format!("train.reward_budget={budget}")],
-            budget.div_ceil(batch) * self.inner_epochs as u64,
-        )
+        super::rollout_budget(config, budget, self.inner_epochs)
     }
 }
 
