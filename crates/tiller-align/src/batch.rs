@@ -6,6 +6,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use std::ops::Range;
+use tiller_core::{Error, Result};
 use tiller_diffusion::models::unet::AddedConditions;
 use tiller_diffusion::sampling::ExampleNoise;
 
@@ -109,6 +110,39 @@ pub struct Rollouts {
 }
 
 impl Rollouts {
+    /// Checks that the rollouts are whole groups of [`Self::group`] (of `size` when given, else of
+    /// two or more) side by side, each of one prompt: what a method comparing a prompt's rollouts
+    /// with each other reads (PRDP's and D3PO's pairs, dense DPO's rankings). Returns the group
+    /// size; errors name `method`.
+    pub fn check_groups(&self, method: &str, size: Option<usize>) -> Result<usize> {
+        let (n, k) = (self.prompts.len(), self.group);
+        if let Some(size) = size
+            && k != size
+        {
+            return Err(Error::invalid(format!(
+                "{method} compares {size} rollouts of each prompt, and these come {k} per prompt \
+                 (train.images_per_prompt)"
+            )));
+        }
+        if k < 2 || !n.is_multiple_of(k) {
+            return Err(Error::invalid(format!(
+                "{method}: {n} rollouts are not whole groups of {k} rollouts of one prompt \
+                 (train.images_per_prompt >= 2)"
+            )));
+        }
+        if self
+            .prompts
+            .texts
+            .chunks(k)
+            .any(|g| g.iter().any(|t| *t != g[0]))
+        {
+            return Err(Error::invalid(format!(
+                "{method}: the rollouts of one group have different prompts"
+            )));
+        }
+        Ok(k)
+    }
+
     /// Rollouts `rows` (in that order), with their advantages; the trained steps are dropped,
     /// the group size kept (rows that keep whole groups keep it meaningful).
     pub fn select_rows(&self, rows: &[usize]) -> Rollouts {

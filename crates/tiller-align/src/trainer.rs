@@ -591,22 +591,10 @@ pub fn collect<M: PolicyModel>(
             // Sampled in micro-batches: the same batch layout as training, so the first ratio
             // of an on-policy update is exactly 1.
             let mut noise = ExampleNoise::for_examples(seed, indices);
-            let starts = match kind {
-                Collect::SharedStartRollouts => {
-                    Some(shared_starts(policy, &mut noise, group, [n, c, h, w])?)
-                }
-                _ => None,
-            };
+            let shared = (kind == Collect::SharedStartRollouts).then_some(group);
+            let x_t = chain_starts(policy, &mut noise, [n, c, h, w], shared)?;
             let record = Record::Trajectory(LogProbReduction::Mean);
-            let parts = sample_parts(
-                policy,
-                &current,
-                &prompts,
-                (&noise, starts.as_ref()),
-                micro,
-                [c, h, w],
-                record,
-            )?;
+            let parts = sample_parts(policy, &current, &prompts, (&x_t, &noise), micro, record)?;
             for s in parts {
                 let traj = s.trajectory.expect("recorded");
                 for (i, x) in traj.latents.into_iter().enumerate() {
@@ -727,14 +715,14 @@ pub fn collect<M: PolicyModel>(
         Collect::Samples => {
             let prompts = draw_prompts(data, n, group, rng)?;
             let current = policy.current();
-            let noise = ExampleNoise::for_examples(seed, indices.clone());
+            let mut noise = ExampleNoise::for_examples(seed, indices.clone());
+            let x_t = chain_starts(policy, &mut noise, [n, c, h, w], None)?;
             let parts: Vec<Tensor<4>> = sample_parts(
                 policy,
                 &current,
                 &prompts,
-                (&noise, None),
+                (&x_t, &noise),
                 micro,
-                [c, h, w],
                 Record::Nothing,
             )?
             .into_iter()
@@ -774,33 +762,36 @@ pub fn collect<M: PolicyModel>(
     }
 }
 
-/// The initial latents of `n` chains in groups of `group` side by side, each group's the initial
-/// noise of its first chain's stream. Every stream still draws its own (unused but for the
-/// first), so each chain's step noise is what it would be with starts of its own.
-fn shared_starts<M: PolicyModel>(
+/// The initial latents x_T [N, C, H, W] of `N` chains, each from its own stream in `noise` (which
+/// advances past them); with `shared = Some(group)`, the chains in groups of `group` side by side
+/// all take the x_T of their group's first chain. Every stream draws its own either way, so each
+/// chain's step noise is what it would be with a start of its own.
+fn chain_starts<M: PolicyModel>(
     policy: &Policy<M>,
     noise: &mut ExampleNoise,
-    group: usize,
     shape: [usize; 4],
+    shared: Option<usize>,
 ) -> Result<Tensor<4>> {
     let own = initial_noise(policy.sampler.as_ref(), shape, noise, &policy.device)?;
+    let Some(group) = shared else {
+        return Ok(own);
+    };
     let group = group.max(1);
     let leads: Vec<i64> = (0..shape[0]).map(|i| (i - i % group) as i64).collect();
     let leads = Tensor::<1, Int>::from_data(TensorData::new(leads, [shape[0]]), &policy.device);
     Ok(own.select(0, leads))
 }
 
-/// The chains of `prompts` sampled by `model` (the policy's current weights) `micro` at a time,
-/// each example's noise from its own stream in `noise.0` and its initial latent from there too,
-/// or from `noise.1` when the chains' starts were drawn already ([`shared_starts`]): the same
-/// batch layout as training, so the first ratio of an on-policy update is exactly 1.
+/// The chains of `prompts` from their starts `x_t` ([`chain_starts`]) sampled by `model` (the
+/// policy's current weights) `micro` at a time, each example's step noise from its own stream in
+/// `noise`: the same batch layout as training, so the first ratio of an on-policy update is
+/// exactly 1.
 fn sample_parts<M: PolicyModel>(
     policy: &Policy<M>,
     model: &M,
     prompts: &Prompts,
-    (noise, starts): (&ExampleNoise, Option<&Tensor<4>>),
+    (x_t, noise): (&Tensor<4>, &ExampleNoise),
     micro: usize,
-    [c, h, w]: [usize; 3],
     record: Record,
 ) -> Result<Vec<tiller_diffusion::sampling::Sample>> {
     let n = prompts.len();
@@ -811,20 +802,11 @@ fn sample_parts<M: PolicyModel>(
         let part = prompts.slice(range.clone());
         let mut part_noise = noise.slice(range.clone());
         let cond = policy.conditioning(&part, device);
-        let x_t = match starts {
-            Some(x) => x.clone().narrow(0, range.start, range.len()),
-            None => initial_noise(
-                policy.sampler.as_ref(),
-                [part.len(), c, h, w],
-                &mut part_noise,
-                device,
-            )?,
-        };
         out.push(sample(
             model,
             policy.sampler.as_ref(),
             &cond,
-            x_t,
+            x_t.clone().narrow(0, range.start, range.len()),
             &mut part_noise,
             record,
         )?);

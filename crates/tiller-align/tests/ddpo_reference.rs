@@ -37,8 +37,14 @@ fn fixture() -> PathBuf {
     if let Some(dir) = std::env::var_os("TILLER_DDPO_FIXTURE") {
         return PathBuf::from(dir);
     }
+    committed("ddpo-update")
+}
+
+/// The committed fixture folder `name` (`tests/fixtures/<name>`).
+fn committed(name: &str) -> PathBuf {
     Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
-        .join("tests/fixtures/ddpo-update")
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The settings `ddpo_update.py` writes next to its cases.
@@ -766,6 +772,22 @@ struct D3poCase {
     trainable_tensors: usize,
 }
 
+/// Case `name` of the fixture folder `dir`: its tensors (`<name>.safetensors`), and the DDPO
+/// fixture's committed UNet with the case's adapters (`<name>.lora.safetensors`) as the policy
+/// ([`lora_policy`]).
+fn lora_case(
+    dir: &Path,
+    name: &str,
+    guidance: f64,
+    chain: (f64, usize),
+    device: &Device,
+) -> (BTreeMap<String, HostTensor>, Policy) {
+    let io = read_safetensors(&dir.join(format!("{name}.safetensors"))).unwrap();
+    let lora = dir.join(format!("{name}.lora.safetensors"));
+    let unet = committed("ddpo-update");
+    (io, lora_policy(&unet, &lora, guidance, chain, device))
+}
+
 /// The fixture's `grad.<name>` (every trained LoRA factor, `tensors` of them) against `grads`
 /// ([`assert_tensor_close`] at `rtol`); prints the worst relative L2 error.
 fn check_gradients(
@@ -803,17 +825,14 @@ fn check_gradients(
 fn d3po_update_matches_the_reference() {
     use tiller_align::methods::D3po;
     use tiller_align::methods::d3po::D3poConfig;
-    let root = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
-        .join("tests/fixtures");
-    let dir = root.join("d3po-update");
+    let dir = committed("d3po-update");
     let meta: D3poMeta =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let device = tiller_core::device::parse_device("cpu").unwrap();
     for case in &meta.cases {
-        let io = read_safetensors(&dir.join(format!("{}.safetensors", case.name))).unwrap();
-        let policy = lora_policy(
-            &root.join("ddpo-update"),
-            &dir.join(format!("{}.lora.safetensors", case.name)),
+        let (io, policy) = lora_case(
+            &dir,
+            &case.name,
             case.guidance,
             (meta.eta, meta.steps),
             &device,
@@ -909,17 +928,14 @@ struct DenseCase {
 fn dense_dpo_update_matches_the_reference() {
     use tiller_align::methods::DenseDpo;
     use tiller_align::methods::dense_dpo::DenseDpoConfig;
-    let root = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
-        .join("tests/fixtures");
-    let dir = root.join("dense-dpo-update");
+    let dir = committed("dense-dpo-update");
     let meta: DenseMeta =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let device = tiller_core::device::parse_device("cpu").unwrap();
     for case in &meta.cases {
-        let io = read_safetensors(&dir.join(format!("{}.safetensors", case.name))).unwrap();
-        let policy = lora_policy(
-            &root.join("ddpo-update"),
-            &dir.join(format!("{}.lora.safetensors", case.name)),
+        let (io, policy) = lora_case(
+            &dir,
+            &case.name,
             case.guidance,
             (meta.eta, meta.steps),
             &device,

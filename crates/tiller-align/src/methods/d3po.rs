@@ -33,7 +33,9 @@
 
 use crate::batch::{Batch, Collect, Rollouts};
 use crate::config::AlignConfig;
-use crate::methods::ddpo::{draw_group_train_steps, for_each_trained_step, step_log_prob, to_f32};
+use crate::methods::ddpo::{
+    draw_group_train_steps, for_each_trained_step, log_prob_under, step_log_prob, to_f32,
+};
 use crate::methods::{Fields, MethodSpec};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -41,7 +43,6 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
-use tiller_diffusion::LogProbReduction;
 
 /// `[method.d3po]`: `yk7333/d3po` `config/base.py` defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,12 +93,7 @@ impl MethodSpec for D3poConfig {
                 ),
             ));
         }
-        if !(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0) {
-            return Err(f.error(
-                "timestep_fraction",
-                format!("must be in (0, 1], got {}", self.timestep_fraction),
-            ));
-        }
+        f.unit_interval(&[("timestep_fraction", self.timestep_fraction)])?;
         f.at_least_one(&[("inner_epochs", self.inner_epochs)])
     }
 
@@ -151,34 +147,11 @@ pub fn d3po_loss(
     (log_sigmoid(z.clone()).neg(), z)
 }
 
-/// log pi_ref(x_{t-1} | x_t) of chain step `i` of the rollouts under the frozen reference, [B]
-/// (mean over dimensions, without a graph).
-fn reference_log_prob<M: PolicyModel>(
-    policy: &crate::Policy<M>,
-    r: &Rollouts,
-    i: usize,
-) -> Result<Tensor<1>> {
-    let cond = policy.conditioning(&r.prompts, &policy.device);
-    let t = policy.sampler.timesteps()[i];
-    let pred = cond.predict(&policy.reference, r.latents[i].clone(), t);
-    let step = policy.sampler.step(pred, i, r.latents[i].clone())?;
-    step.distribution
-        .log_prob(r.latents[i + 1].clone(), LogProbReduction::Mean)
-}
-
-/// Checks that the rollouts are whole pairs of one prompt and one initial latent.
+/// Checks that the rollouts are whole pairs of one prompt and one initial latent (the whole
+/// collected batch, once).
 fn check_pairs(r: &Rollouts) -> Result<()> {
+    r.check_groups("d3po", Some(2))?;
     let n = r.prompts.len();
-    if !n.is_multiple_of(2) {
-        return Err(Error::invalid(format!(
-            "d3po: a batch of {n} trajectories is not whole pairs"
-        )));
-    }
-    if (0..n / 2).any(|j| r.prompts.texts[2 * j] != r.prompts.texts[2 * j + 1]) {
-        return Err(Error::invalid(
-            "d3po: a pair's two trajectories have different prompts (train.images_per_prompt = 2)",
-        ));
-    }
     let [_, c, h, w] = r.latents[0].dims();
     let starts = r.latents[0].clone().reshape([n / 2, 2, c * h * w]);
     let gap = (starts.clone().narrow(1, 0, 1) - starts.narrow(1, 1, 1))
@@ -251,7 +224,8 @@ impl<M: PolicyModel> Algorithm<M> for D3po {
                 "d3po: the pairs' preferences were not drawn for this batch (prepare)",
             ));
         }
-        check_pairs(r)?;
+        // The shared starts were checked on the whole batch (prepare).
+        r.check_groups("d3po", Some(2))?;
         let policy = cx.policy;
         let ad = policy.autodiff_device();
         let (beta, eps) = (self.config.beta, self.config.clip_range);
@@ -262,7 +236,8 @@ impl<M: PolicyModel> Algorithm<M> for D3po {
             let m = part.prompts.len();
             let cond = policy.conditioning(&part.prompts, &ad);
             let (_, log_prob) = step_log_prob(policy, &cond, part, i)?;
-            let reference = reference_log_prob(policy, part, i)?.autodiff();
+            let plain = policy.conditioning(&part.prompts, &policy.device);
+            let reference = log_prob_under(policy, &policy.reference, &plain, part, i)?.autodiff();
             let log_ratio = log_prob - reference;
             let h = Tensor::<1>::from_data(
                 TensorData::new(part.advantages.iter().map(|&v| v as f32).collect(), [m]),

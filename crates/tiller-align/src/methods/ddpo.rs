@@ -83,20 +83,10 @@ impl MethodSpec for DdpoConfig {
     }
 
     fn validate(&self, config: &AlignConfig) -> Result<()> {
-        let bad = |field: &str, msg: &str| Err(Error::config(format!("method.ddpo.{field}"), msg));
-        if config.sampling.eta <= 0.0 {
-            return Err(Error::config(
-                "sampling.eta",
-                "must be > 0 for ddpo: a deterministic step has no log-probability",
-            ));
-        }
-        if !(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0) {
-            return bad("timestep_fraction", "must be in (0, 1]");
-        }
-        if self.inner_epochs == 0 {
-            return bad("inner_epochs", "must be at least 1");
-        }
-        Ok(())
+        let f = super::Fields("ddpo");
+        f.stochastic_steps(config)?;
+        f.unit_interval(&[("timestep_fraction", self.timestep_fraction)])?;
+        f.at_least_one(&[("inner_epochs", self.inner_epochs)])
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
@@ -234,6 +224,25 @@ pub fn step_log_prob<M: PolicyModel>(
     let step = policy.sampler.step(pred, i, x_t)?.distribution;
     let log_prob = step.log_prob(next, LogProbReduction::Mean)?;
     Ok((step, log_prob))
+}
+
+/// log pi(x_{t-1} | x_t) of the recorded x_{t-1} at chain step `i` of rollouts `r` under `model`
+/// (the current weights without a graph, or the frozen reference), [B] (mean over dimensions).
+/// `cond` is the rollouts' conditioning on the plain device.
+pub fn log_prob_under<M: PolicyModel>(
+    policy: &crate::Policy<M>,
+    model: &M,
+    cond: &tiller_diffusion::sampling::Conditioning,
+    r: &Rollouts,
+    i: usize,
+) -> Result<Tensor<1>> {
+    let t = policy.sampler.timesteps()[i];
+    let pred = cond.predict(model, r.latents[i].clone(), t);
+    policy
+        .sampler
+        .step(pred, i, r.latents[i].clone())?
+        .distribution
+        .log_prob(r.latents[i + 1].clone(), LogProbReduction::Mean)
 }
 
 /// Which steps each rollout trains on in this update: a random `fraction` of its chain's

@@ -38,16 +38,15 @@
 //! respect to each logit from them, then one backward per drawn step of `sum_k dL/dl_k * (that
 //! step's part of l_k)`; the steps' gradients sum to the loss's.
 
-use crate::batch::{Batch, Collect, Rollouts};
+use crate::batch::{Batch, Collect};
 use crate::config::AlignConfig;
-use crate::methods::ddpo::{step_log_prob, to_f32};
+use crate::methods::ddpo::{log_prob_under, step_log_prob, to_f32};
 use crate::methods::{Fields, MethodSpec};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
-use tiller_diffusion::LogProbReduction;
 
 /// `[method.dense-dpo]`: `Dense_Reward_T2I` `parse_args.py` single-prompt defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,12 +117,9 @@ impl MethodSpec for DenseDpoConfig {
         }
         f.positive(&[
             ("temperature", self.temperature),
-            ("gamma", self.gamma),
             ("log_ratio_clip", self.log_ratio_clip),
         ])?;
-        if self.gamma > 1.0 {
-            return Err(f.error("gamma", format!("must be in (0, 1], got {}", self.gamma)));
-        }
+        f.unit_interval(&[("gamma", self.gamma)])?;
         if !(self.reg_to_init || self.reg_to_old) {
             return Err(f.error(
                 "reg_to_init",
@@ -207,23 +203,6 @@ fn draw(p: &[f64], rng: &mut SeededRng) -> usize {
     p.iter().rposition(|x| *x > 0.0).unwrap_or(0)
 }
 
-/// Checks that the rollouts are whole groups of one prompt.
-fn check_groups(r: &Rollouts) -> Result<usize> {
-    let (n, k) = (r.prompts.len(), r.group);
-    if k < 2 || !n.is_multiple_of(k) {
-        return Err(Error::invalid(format!(
-            "dense-dpo: {n} trajectories are not whole rankings of {k} (train.images_per_prompt >= 2)"
-        )));
-    }
-    let texts = &r.prompts.texts;
-    if texts.chunks(k).any(|g| g.iter().any(|t| *t != g[0])) {
-        return Err(Error::invalid(
-            "dense-dpo: a ranking's trajectories have different prompts",
-        ));
-    }
-    Ok(k)
-}
-
 /// One drawn step's share of the logits: the clamped log-ratios of the rollouts that drew it.
 struct StepTerms {
     /// The chain step.
@@ -282,7 +261,7 @@ impl<M: PolicyModel> Algorithm<M> for DenseDpo {
         let Batch::Rollouts(r) = batch else {
             return Err(Error::invalid("dense-dpo needs rollouts"));
         };
-        let k = check_groups(r)?;
+        let k = r.check_groups("dense-dpo", None)?;
         let mut ranks = vec![0.0; r.prompts.len()];
         for (g, rewards) in r.rewards.chunks(k).enumerate() {
             let mut order: Vec<usize> = (0..k).collect();
@@ -317,7 +296,7 @@ impl<M: PolicyModel> Algorithm<M> for DenseDpo {
         let Batch::Rollouts(r) = batch else {
             return Err(Error::invalid("dense-dpo needs rollouts"));
         };
-        let k = check_groups(r)?;
+        let k = r.check_groups("dense-dpo", None)?;
         let n = r.prompts.len();
         if r.train_steps.len() != n || r.advantages.len() != n {
             return Err(Error::invalid(
@@ -346,18 +325,9 @@ impl<M: PolicyModel> Algorithm<M> for DenseDpo {
                 .clone()
                 .ok_or_else(|| Error::invalid(format!("step {i} has no log-probability")))?;
             let cond = policy.conditioning(&part.prompts, &policy.device);
-            let t = policy.sampler.timesteps()[i];
-            let log_prob = |model: &M| -> Result<Tensor<1>> {
-                let pred = cond.predict(model, part.latents[i].clone(), t);
-                policy
-                    .sampler
-                    .step(pred, i, part.latents[i].clone())?
-                    .distribution
-                    .log_prob(part.latents[i + 1].clone(), LogProbReduction::Mean)
-            };
-            let lp = log_prob(&current)?;
+            let lp = log_prob_under(policy, &current, &cond, &part, i)?;
             let reference = match self.config.reg_to_init {
-                true => Some(log_prob(&policy.reference)?),
+                true => Some(log_prob_under(policy, &policy.reference, &cond, &part, i)?),
                 false => None,
             };
             let c = self.config.log_ratio_clip;

@@ -103,9 +103,7 @@ impl MethodSpec for DpokConfig {
             ("value_lr", self.value_lr),
         ])?;
         f.non_negative(&[("kl_weight", self.kl_weight)])?;
-        if !(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0) {
-            return Err(f.error("timestep_fraction", "must be in (0, 1]"));
-        }
+        f.unit_interval(&[("timestep_fraction", self.timestep_fraction)])?;
         f.at_least_one(&[
             ("policy_steps", self.policy_steps),
             ("value_batch", self.value_batch),

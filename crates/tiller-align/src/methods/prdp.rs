@@ -26,13 +26,12 @@
 use crate::batch::{Batch, Collect, Rollouts};
 use crate::config::AlignConfig;
 use crate::methods::MethodSpec;
-use crate::methods::ddpo::{mean_std, step_log_prob, to_f32};
+use crate::methods::ddpo::{log_prob_under, mean_std, step_log_prob, to_f32};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
-use tiller_diffusion::LogProbReduction;
 
 /// `[method.prdp]`: PRDP (our reading; see the module notes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,26 +65,11 @@ impl MethodSpec for PrdpConfig {
     }
 
     fn validate(&self, config: &AlignConfig) -> Result<()> {
-        let bad = |field: &str, msg: String| Err(Error::config(field, msg));
-        if config.sampling.eta <= 0.0 {
-            return bad(
-                "sampling.eta",
-                "must be > 0 for prdp: a deterministic step has no log-probability".into(),
-            );
-        }
-        super::Fields("prdp").whole_pairs(config)?;
-        for (field, v) in [("beta", self.beta), ("clip_range", self.clip_range)] {
-            if !(v > 0.0 && v.is_finite()) {
-                return bad(
-                    &format!("method.prdp.{field}"),
-                    format!("must be positive, got {v}"),
-                );
-            }
-        }
-        if self.inner_epochs == 0 {
-            return bad("method.prdp.inner_epochs", "must be at least 1".into());
-        }
-        Ok(())
+        let f = super::Fields("prdp");
+        f.stochastic_steps(config)?;
+        f.whole_pairs(config)?;
+        f.positive(&[("beta", self.beta), ("clip_range", self.clip_range)])?;
+        f.at_least_one(&[("inner_epochs", self.inner_epochs)])
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
@@ -141,12 +125,7 @@ impl Prdp {
         steps
             .iter()
             .map(|&i| {
-                let t = policy.sampler.timesteps()[i];
-                let pred = cond.predict(&current, r.latents[i].clone(), t);
-                let step = policy.sampler.step(pred, i, r.latents[i].clone())?;
-                let lp = step
-                    .distribution
-                    .log_prob(r.latents[i + 1].clone(), LogProbReduction::Mean)?;
+                let lp = log_prob_under(policy, &current, &cond, r, i)?;
                 let old = r.log_probs[i]
                     .clone()
                     .ok_or_else(|| Error::invalid(format!("step {i} has no log-probability")))?;
@@ -197,15 +176,11 @@ impl<M: PolicyModel> Algorithm<M> for Prdp {
         let Batch::Rollouts(r) = batch else {
             return Err(Error::invalid("prdp needs rollouts"));
         };
+        r.check_groups("prdp", Some(2))?;
         let n = r.prompts.len();
-        if n % 2 != 0 || r.advantages.len() != n {
-            return Err(Error::invalid(format!(
-                "prdp: a micro-batch of {n} rollouts is not whole pairs with standardised rewards"
-            )));
-        }
-        if (0..n / 2).any(|j| r.prompts.texts[2 * j] != r.prompts.texts[2 * j + 1]) {
+        if r.advantages.len() != n {
             return Err(Error::invalid(
-                "prdp: a pair's two rollouts have different prompts (train.images_per_prompt = 2)",
+                "prdp: the rewards were not standardised for this batch (prepare)",
             ));
         }
         let policy = cx.policy;

@@ -163,13 +163,10 @@ impl MethodSpec for TdpoConfig {
             ("embed_grid", self.embed_grid),
             ("reset_every", self.reset_every),
         ])?;
-        if !(self.gamma > 0.0 && self.gamma <= 1.0) {
-            return Err(f.error("gamma", format!("must be in (0, 1], got {}", self.gamma)));
-        }
-        if !(self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0) {
-            return Err(f.error("timestep_fraction", "must be in (0, 1]"));
-        }
-        Ok(())
+        f.unit_interval(&[
+            ("gamma", self.gamma),
+            ("timestep_fraction", self.timestep_fraction),
+        ])
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
