@@ -818,6 +818,13 @@ pub fn load_model(
 
 /// A reward spec (`tiller_reward::load::load`) with its folder, if it names one, located.
 pub fn locate_spec(spec: &str, locate: &dyn Fn(&Path) -> PathBuf) -> String {
+    if let Ok((factor, path)) = tiller_reward::load::factor_spec(spec) {
+        return format!(
+            "{}{factor}:{}",
+            tiller_reward::load::FACTOR_PREFIX,
+            locate(Path::new(path)).display()
+        );
+    }
     match spec.split_once(':') {
         Some((prefix, path)) if tiller_reward::load::FOLDER_PREFIXES.contains(&prefix) => {
             format!("{prefix}:{}", locate(Path::new(path)).display())

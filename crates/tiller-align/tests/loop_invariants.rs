@@ -507,6 +507,24 @@ fn config(method: &str, updates: u64, lr: f64) -> AlignConfig {
         Method::D3po(_) => c.train.images_per_prompt = 2,
         // Pairs; a log-ratio clip this 4-step chain's updates can move within (the paper's
         // 1e-4 is for 50-step chains of a large model, as DDPO's clip range).
+        // DRaFT-K's K = 2 here; only the left half of each 8x8 image may change (a fixed box:
+        // the gold evaluator needs the testbed's 32x32 images).
+        Method::FocusNFix(d) => {
+            d.k = 2;
+            d.mask = tiller_align::methods::focus_n_fix::MaskSource::Box;
+            d.mask_box = vec![0.0, 0.0, 0.5, 1.0];
+            d.dilate = 0;
+            // The brightness rewards' gradients have norm about 0.02 per 8x8 image: a lambda of
+            // that order (the default 1 is for rewards whose gradients are of order 1).
+            d.lambda = 3e-3;
+        }
+        // Compared steps from the second of the 4 (the default 4 would leave none), and any
+        // strict difference of the brightness scores a pair (they differ by about 1e-3 between
+        // candidates of this tiny model, far below the reference's softmax gap of 0.3).
+        Method::Spo(d) => {
+            d.divert_start_step = 1;
+            d.threshold = 0.0;
+        }
         Method::DenseDpo(d) => {
             c.train.images_per_prompt = 2;
             d.log_ratio_clip = 1e-2;
@@ -929,8 +947,150 @@ fn ddpo_raises_the_reward() {
     rises("ddpo", 20, 1e-2, 0.003);
 }
 
+/// Fixed-seed samples [B, 3, H, W] of `unet` on the training prompts (`brightness`'s).
+fn samples<M: Denoiser>(unet: &M) -> Vec<f32> {
+    let device = device();
+    let texts = prompts();
+    let cond = Conditioning::new(encode(&texts).unwrap());
+    let scheduler = sampler().build(STEPS).unwrap();
+    let mut rng = SeededRng::new(99);
+    let x = rng.normal([texts.len(), 3, RES, RES], &device);
+    let s = sample(
+        unet,
+        scheduler.as_ref(),
+        &cond,
+        x,
+        &mut rng,
+        Record::Nothing,
+    )
+    .unwrap();
+    // What the reward sees: values clamped to [-1, 1].
+    s.images
+        .clamp(-1.0, 1.0)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+/// Mean absolute change of `b` from `a` (both [B, 3, RES, RES]) over the left (`left`) or right
+/// half of the images, and the mean value of `b` there.
+fn half(a: &[f32], b: &[f32], left: bool) -> (f64, f64) {
+    let (mut change, mut value, mut n) = (0.0, 0.0, 0.0);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if ((i % RES) < RES / 2) == left {
+            change += f64::from((x - y).abs());
+            value += f64::from(*y);
+            n += 1.0;
+        }
+    }
+    (change / n, value / n)
+}
+
+/// The brightness of the left half of each image only: a reward about one region, as a safety
+/// reward is about the region showing the unsafe content.
+struct LeftBrightness;
+
+impl Reward for LeftBrightness {
+    fn name(&self) -> String {
+        "left-brightness".into()
+    }
+    fn score(&self, images: &[Image], _prompts: &[String]) -> Result<Vec<f64>> {
+        Ok(images
+            .iter()
+            .map(|im| {
+                let (w, h) = (im.width(), im.height());
+                let mut sum = 0.0;
+                for y in 0..h {
+                    for x in 0..w / 2 {
+                        for c in 0..3 {
+                            sum += f64::from(im.data()[(y * w + x) * 3 + c]);
+                        }
+                    }
+                }
+                sum / ((w / 2) * h * 3) as f64 / 255.0
+            })
+            .collect())
+    }
+    fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
+        Some(self)
+    }
+}
+
+impl DifferentiableReward for LeftBrightness {
+    fn score_tensor(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
+        let [b, c, h, w] = images.dims();
+        let left = images.clamp(-1.0, 1.0).slice([0..b, 0..c, 0..h, 0..w / 2]);
+        Ok((left.reshape([b as i64, -1]).mean_dim(1).reshape([b]) + 1.0) * 0.5)
+    }
+}
+
+/// Focus-N-Fix with the left half as its mask against DRaFT-K on the same reward (the left
+/// half's brightness), settings and seeds: both brighten the left half; DRaFT-K changes the
+/// right half too (the adapter's weights are shared by every pixel), Focus-N-Fix much less.
+#[test]
+fn focus_n_fix_changes_less_outside_its_mask_than_draft_k() {
+    let base = samples(&policy(AdapterKind::Lora, 1.0).merged());
+    let focus = samples(&trained_on("focus-n-fix", 20, 3e-3, &LeftBrightness).merged());
+    let draft = samples(&trained_on("draft-k", 20, 3e-3, &LeftBrightness).merged());
+    let (f_in, f_left) = half(&base, &focus, true);
+    let (f_out, _) = half(&base, &focus, false);
+    let (d_in, d_left) = half(&base, &draft, true);
+    let (d_out, _) = half(&base, &draft, false);
+    let (_, b_left) = half(&base, &base, true);
+    eprintln!(
+        "left half (mask) value {b_left:.4} -> focus-n-fix {f_left:.4}, draft-k {d_left:.4}; \
+         mean |change| inside: focus-n-fix {f_in:.4}, draft-k {d_in:.4}; outside: focus-n-fix \
+         {f_out:.4}, draft-k {d_out:.4}"
+    );
+    // Measured: left half 0.2629 -> 0.2666 (Focus-N-Fix), 0.2808 (DRaFT-K); mean |change| inside
+    // 0.0113 and 0.0339, outside 0.0066 and 0.0305.
+    assert!(f_left > b_left + 0.002, "focus-n-fix brightens its mask");
+    assert!(d_out > 0.01, "draft-k changes the right half: {d_out}");
+    assert!(
+        f_out < 0.5 * d_out,
+        "focus-n-fix changes the right half less: {f_out} vs {d_out}"
+    );
+    assert!(
+        f_out / f_in < 0.8 * (d_out / d_in),
+        "focus-n-fix's change is more concentrated in its mask"
+    );
+}
+
+/// With nothing outside the mask (a box over the whole image) Focus-N-Fix is DRaFT-K: the same
+/// update; with the mask a box, its first update is DRaFT-K's too (the policy starts at the
+/// reference, so Î = Î0 and the penalty's gradient is zero).
+#[test]
+fn focus_n_fix_first_update_is_draft_k() {
+    let run = |method: &str, whole: bool| {
+        let mut c = config(method, 1, 3e-3);
+        if let Method::FocusNFix(d) = &mut c.method {
+            if whole {
+                d.mask_box = vec![0.0, 0.0, 1.0, 1.0];
+            }
+        }
+        let dir = scratch(&format!("fnf-first-{method}-{whole}"));
+        let w = run_config(&c, &dir, None, None).0;
+        let _ = std::fs::remove_dir_all(&dir);
+        w
+    };
+    let draft = run("draft-k", false);
+    for whole in [false, true] {
+        let focus = run("focus-n-fix", whole);
+        for ((k, a), (_, b)) in draft.iter().zip(&focus) {
+            assert_close(floats(a), floats(b), 1e-5, 1e-7);
+            let _ = k;
+        }
+    }
+}
+
 /// The policy after `updates` updates of `method` at learning rate `lr` (no validation).
 fn trained(method: &str, updates: u64, lr: f64) -> Policy {
+    trained_on(method, updates, lr, &Brightness)
+}
+
+/// [`trained`] optimising `reward`.
+fn trained_on(method: &str, updates: u64, lr: f64, reward: &dyn Reward) -> Policy {
     let config = config(method, updates, lr);
     // One folder per call: tests run in parallel.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -945,7 +1105,7 @@ fn trained(method: &str, updates: u64, lr: f64) -> Policy {
         &config,
         policy_for(&config),
         algorithm.as_mut(),
-        &Brightness,
+        reward,
         &d,
         None,
         None,
@@ -1672,7 +1832,8 @@ fn draft_lv_without_extras_is_draft_1() {
 #[test]
 #[ignore]
 fn prdp_and_ddpo_on_the_toy_across_seeds() {
-    let rows: [(&str, u64, usize); 7] = [
+    let rows: [(&str, u64, usize); 8] = [
+        ("spo", 20, 4),
         ("d3po", 20, 4),
         ("dense-dpo", 20, 4),
         ("prdp", 20, 4),
@@ -1699,4 +1860,10 @@ fn prdp_and_ddpo_on_the_toy_across_seeds() {
             batch_size * 2
         );
     }
+}
+
+#[test]
+fn spo_raises_the_reward() {
+    // Measured: 0.6166 -> 0.6400 over 20 updates.
+    rises("spo", 20, 1e-2, 0.005);
 }

@@ -14,7 +14,7 @@ use tiller_eval::evaluate::{Evaluation, Source, evaluate};
 use tiller_eval::report::{Report, best_of};
 use tiller_eval::sampling::{check_resolution, sample_prompts};
 use tiller_reward::clip_rewards::SafetyMargin;
-use tiller_testbed::{Image, Tokenizer, geneval};
+use tiller_testbed::{Image, Task, Tokenizer, geneval};
 
 #[derive(Args)]
 pub struct SampleArgs {
@@ -226,6 +226,9 @@ pub struct EvalArgs {
     /// Prompts per task (default: all of the suite's, 64).
     #[arg(long)]
     per_task: Option<usize>,
+    /// Only these tasks, comma-separated (e.g. `unsafe`, `counting,position`; default: all).
+    #[arg(long, value_delimiter = ',', value_parser = parse_task)]
+    tasks: Vec<Task>,
     /// Images per prompt.
     #[arg(long, default_value_t = 4)]
     per_prompt: usize,
@@ -245,6 +248,17 @@ impl EvalArgs {
     pub fn out(&self) -> &Path {
         &self.out
     }
+}
+
+/// A task by its name (GenEval's tag, or `unsafe`).
+fn parse_task(name: &str) -> std::result::Result<Task, String> {
+    Task::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .ok_or_else(|| {
+            let valid: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
+            format!("unknown task `{name}`; valid: {}", valid.join(", "))
+        })
 }
 
 pub fn eval(args: EvalArgs) -> Result<Report> {
@@ -272,6 +286,7 @@ pub fn eval(args: EvalArgs) -> Result<Report> {
         source,
         suite: args.suite.clone(),
         per_task: args.per_task,
+        tasks: args.tasks.clone(),
         per_prompt: args.per_prompt,
         seed: args.seed,
         best_of: reward.as_deref().map(|r| (n, r)),

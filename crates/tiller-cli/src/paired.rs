@@ -3,7 +3,9 @@
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
+use tiller_eval::locality::region_change;
 use tiller_eval::paired::{compare_results, overall, read};
+use tiller_reward::localize::GoldRegion;
 
 #[derive(Args)]
 pub struct PairedArgs {
@@ -11,6 +13,14 @@ pub struct PairedArgs {
     pub a: PathBuf,
     /// The second, evaluated on the same suite with the same seeds.
     pub b: PathBuf,
+    /// Also how much B's images differ from A's outside and inside A's gold regions (the
+    /// forbidden marks; every factor's region at fault): what a region-aware method should
+    /// leave alone and what it should fix.
+    #[arg(long)]
+    pub regions: bool,
+    /// Pixels by which the regions are widened (with --regions).
+    #[arg(long, default_value_t = 1)]
+    pub dilate: usize,
 }
 
 pub fn run(args: PairedArgs) -> Result<()> {
@@ -52,6 +62,29 @@ pub fn run(args: PairedArgs) -> Result<()> {
             o.only_a + o.only_b,
             o.p
         );
+    }
+    if args.regions {
+        println!(
+            "\nChange from A to B, mean |B - A| per pixel as a fraction of the range, outside and inside A's gold regions (widened by {} px):\n",
+            args.dilate
+        );
+        println!(
+            "| regions | images | outside ± SE | images with regions | inside ± SE | outside pixels changed > 10 % |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (name, region) in [("marks", GoldRegion::Marks), ("faults", GoldRegion::Faults)] {
+            let c = region_change(&args.a, &args.b, region, args.dilate)?;
+            println!(
+                "| {name} | {} | {:.4} ± {:.4} | {} | {:.4} ± {:.4} | {:.4} |",
+                c.images,
+                c.outside.mean,
+                c.outside.se,
+                c.inside.n,
+                c.inside.mean,
+                c.inside.se,
+                c.changed_outside
+            );
+        }
     }
     Ok(())
 }

@@ -88,6 +88,7 @@ pub fn quickstart(args: QuickstartArgs) -> Result<()> {
         source,
         suite: "testbed-test".into(),
         per_task: Some(per_task),
+        tasks: Vec::new(),
         per_prompt,
         seed: args.seed,
         best_of,

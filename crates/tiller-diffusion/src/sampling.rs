@@ -74,6 +74,11 @@ impl ExampleNoise {
     pub fn concat(parts: impl IntoIterator<Item = ExampleNoise>) -> Self {
         Self::new(parts.into_iter().flat_map(|p| p.streams).collect())
     }
+
+    /// One uniform draw in `0..n` per example, each from its own stream.
+    pub fn below(&mut self, n: usize) -> Vec<usize> {
+        self.streams.iter_mut().map(|s| s.below(n)).collect()
+    }
 }
 
 impl NoiseSource for ExampleNoise {

@@ -11,7 +11,7 @@ use std::path::Path;
 use tiller_core::Result;
 use tiller_diffusion::pipeline::TextToImage;
 use tiller_reward::{GoldReward, Reward};
-use tiller_testbed::{Image, RenderConfig, Tokenizer, render_prompt};
+use tiller_testbed::{Image, RenderConfig, Task, Tokenizer, render_prompt};
 
 /// Where the images come from.
 pub enum Source<'a> {
@@ -35,6 +35,8 @@ pub struct Evaluation<'a> {
     pub suite: String,
     /// Prompts per task (`None`: all of the suite's).
     pub per_task: Option<usize>,
+    /// Only these tasks' prompts (empty: every task's).
+    pub tasks: Vec<Task>,
     /// Images per prompt; image `j` of a prompt has seed `seed + j` (times N with best-of-N).
     pub per_prompt: usize,
     pub seed: u64,
@@ -44,7 +46,16 @@ pub struct Evaluation<'a> {
 
 /// Samples, scores and writes the report folder `out`; returns the report.
 pub fn evaluate(e: Evaluation<'_>, out: &Path) -> Result<Report> {
-    let prompts = suite(&e.suite, e.per_task)?;
+    let prompts: Vec<_> = suite(&e.suite, e.per_task)?
+        .into_iter()
+        .filter(|p| e.tasks.is_empty() || e.tasks.contains(&p.spec.tag))
+        .collect();
+    if prompts.is_empty() {
+        return Err(tiller_core::Error::invalid(format!(
+            "suite `{}` has no prompts of the tasks asked for",
+            e.suite
+        )));
+    }
     let n = e.best_of.map_or(1, |(n, _)| n.max(1));
     let seeds: Vec<u64> = (0..(e.per_prompt * n) as u64).map(|i| e.seed + i).collect();
     let mut settings = BTreeMap::new();

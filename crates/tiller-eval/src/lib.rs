@@ -17,6 +17,7 @@
 pub mod comparison;
 pub mod evaluate;
 pub mod feedback;
+pub mod locality;
 pub mod noise_scale;
 pub mod paired;
 pub mod report;

@@ -13,7 +13,7 @@ use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_diffusion::pipeline::TextToImage;
 use tiller_diffusion::stable_diffusion::StableDiffusion;
 use tiller_reward::{GoldReward, Reward};
-use tiller_testbed::{Image, Prompt, Tokenizer, geneval};
+use tiller_testbed::{Image, Prompt, Task, Tokenizer, geneval};
 
 /// Gold accuracy (GenEval overall), gold reward and, if given, the proxy reward of `unet` on
 /// the validation prompts with fixed seeds; writes a grid (`samples/val-<step>.png`) and each
@@ -57,6 +57,10 @@ pub fn validation(
         ("aesthetic".to_string(), report.aesthetic),
         ("unasked_mark_rate".to_string(), report.unasked_mark_rate),
     ];
+    if prompts.iter().any(|p| p.spec.tag == Task::Unsafe) {
+        // The mark drawn for the prompts that ask for it: what safety alignment lowers.
+        out.push(("unsafe_mark_rate".to_string(), report.unsafe_mark_rate));
+    }
     if let Some(r) = proxy {
         out.push((
             "proxy_reward".to_string(),

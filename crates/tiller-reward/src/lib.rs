@@ -16,6 +16,8 @@
 //!   checker on transformers/diffusers CLIP weights, differentiable through CLIP's preprocessing.
 //! - [`fusion::Fusion`]: late fusion, a weighted sum of rewards each standardised by label-free
 //!   statistics over reference images (e.g. a learned reward plus a caption match).
+//! - [`localize`]: where in an image a problem is (gold regions, a region head, a box), for
+//!   region-aware fine-tuning.
 //! - [`metrics`]: held-out pairwise accuracy, calibration, Spearman and Pearson correlations.
 //! - [`config::RewardFile`] (a reward config file), [`store`] (a preference store's feedback as
 //!   training examples) and [`fit`] (pretraining and training from a config into a model folder):
@@ -27,6 +29,7 @@ pub mod ensemble;
 pub mod fit;
 pub mod fusion;
 pub mod load;
+pub mod localize;
 pub mod losses;
 pub mod metrics;
 pub mod net;
@@ -57,6 +60,11 @@ pub trait Reward {
     fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>>;
     /// The same reward as a differentiable function of the pixels, when it is one.
     fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
+        None
+    }
+    /// The learned ensemble this reward is, when it is one (its region head, if trained,
+    /// localises flaws: [`localize::RegionHead`]).
+    fn learned(&self) -> Option<&LearnedReward> {
         None
     }
 }

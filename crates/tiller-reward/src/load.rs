@@ -2,7 +2,7 @@
 
 use crate::clip_rewards::{Aesthetic, ClipSimilarity, SafetyMargin, SimilarityScale};
 use crate::fusion::Fusion;
-use crate::rewards::CaptionMatch;
+use crate::rewards::{CaptionMatch, FactorReward, SoftMarks};
 use crate::{GoldReward, JpegCompressibility, LearnedReward, Reward};
 use burn::tensor::Device;
 use std::path::Path;
@@ -10,13 +10,15 @@ use tiller_core::{Error, Result};
 use tiller_testbed::Tokenizer;
 
 /// The spellings [`load`] accepts besides a folder.
-pub const NAMED: [&str; 2] = ["gold", "jpeg"];
+pub const NAMED: [&str; 3] = ["gold", "jpeg", "soft-marks"];
 
-/// `gold` (the testbed's gold evaluator), `jpeg` (JPEG compressibility), the CLIP rewards on
+/// `gold` (the testbed's gold evaluator), `jpeg` (JPEG compressibility), `soft-marks` (the
+/// testbed's differentiable safety reward, [`SoftMarks`]), the CLIP rewards on
 /// real weights (`clip-score:<CLIPModel folder>`, `pickscore:<CLIPModel folder>`,
 /// `hpsv2:<open_clip folder>`,
 /// `aesthetic:<CLIP folder with aesthetic_mlp.safetensors>`, `safety-checker:<folder>`; see
-/// [`crate::clip_rewards`]), `caption-match:<folder>`
+/// [`crate::clip_rewards`]), `factor:<name>:<folder>` (one factor of a reward model folder,
+/// e.g. `no_mark`, a safety reward), `caption-match:<folder>`
 /// (the caption match of a folder's towers, e.g. `tiller reward pretrain`'s), a fusion folder
 /// (`tiller reward fuse`) or a reward-model folder (`tiller reward train`). Folders are read
 /// with `tokenizer` for their text tower, on `device`.
@@ -33,6 +35,13 @@ pub fn load(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dy
     Ok(match spec {
         "gold" => Box::new(GoldReward::default()),
         "jpeg" => Box::new(JpegCompressibility),
+        "soft-marks" => Box::new(SoftMarks::default()),
+        _ if spec.starts_with(FACTOR_PREFIX) => {
+            let (factor, path) = factor_spec(spec)?;
+            let learned = LearnedReward::load(Path::new(path), tokenizer.clone(), device)
+                .map_err(|e| wrap(&format!("{path} is not a reward model folder"), e))?;
+            Box::new(FactorReward::new(learned, factor)?)
+        }
         _ if spec.starts_with("caption-match:") => {
             let path = &spec["caption-match:".len()..];
             Box::new(
@@ -53,6 +62,21 @@ pub fn load(spec: &str, tokenizer: &Tokenizer, device: &Device) -> Result<Box<dy
             })?,
         ),
     })
+}
+
+/// `factor:<name>:<folder>`: one factor of a reward model folder as the reward.
+pub const FACTOR_PREFIX: &str = "factor:";
+
+/// The factor's name and the folder of a `factor:<name>:<folder>` spec.
+pub fn factor_spec(spec: &str) -> Result<(&str, &str)> {
+    spec.strip_prefix(FACTOR_PREFIX)
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(name, path)| !name.is_empty() && !path.is_empty())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "reward `{spec}`: a factor reward is `factor:<name>:<reward model folder>`, e.g. `factor:no_mark:assets/testbed-reward`"
+            ))
+        })
 }
 
 /// The prefixes of specs that name a folder after them (`<prefix>:<folder>`).

@@ -250,6 +250,8 @@ pub(crate) fn affine_sum_tensor(
 /// A trained reward ensemble with the tokenizer of its prompts.
 pub struct LearnedReward {
     pub name: String,
+    /// The factor head's factors, in order (`net.factors`).
+    pub factors: Vec<String>,
     pub ensemble: RewardEnsemble,
     pub tokenizer: Tokenizer,
     pub device: Device,
@@ -258,13 +260,25 @@ pub struct LearnedReward {
 impl LearnedReward {
     /// Loads a reward model folder (see [`RewardEnsemble::load`]).
     pub fn load(folder: &Path, tokenizer: Tokenizer, device: &Device) -> Result<Self> {
-        let (_, ensemble) = RewardEnsemble::load(folder, device)?;
+        let (config, ensemble) = RewardEnsemble::load(folder, device)?;
         Ok(Self {
             name: format!("learned:{}", folder.display()),
+            factors: config.net.factors,
             ensemble,
             tokenizer,
             device: device.clone(),
         })
+    }
+
+    /// Whether its members have a region head (per-cell flaw logits, [`crate::localize`]).
+    pub fn has_region_head(&self) -> bool {
+        self.ensemble.members.iter().all(|m| m.region.is_some())
+            && !self.ensemble.members.is_empty()
+    }
+
+    /// The prompts' token ids under the reward's tokenizer.
+    pub fn token_ids(&self, prompts: &[String]) -> Result<Vec<Vec<i64>>> {
+        self.ids(prompts)
     }
 
     fn ids(&self, prompts: &[String]) -> Result<Vec<Vec<i64>>> {
@@ -331,6 +345,10 @@ impl Reward for LearnedReward {
     fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
         Some(self)
     }
+
+    fn learned(&self) -> Option<&LearnedReward> {
+        Some(self)
+    }
 }
 
 impl DifferentiableReward for LearnedReward {
@@ -338,6 +356,175 @@ impl DifferentiableReward for LearnedReward {
         // The reward model itself stays frozen: a copy on the images' device without grad.
         let model = self.ensemble.clone().to_device(&images.device()).no_grad();
         model.forward_mean(images, &self.ids(prompts)?)
+    }
+}
+
+/// The testbed's safety reward: minus the percentage of an image's pixels that are mark-white,
+/// each pixel counted softly as `sigmoid((tolerance - d) / softness)` with `d` its RGB distance
+/// (0-255 units) from the mark's white, the gold evaluator's segmentation test
+/// (`EvaluatorConfig::color_tolerance`, 40) relaxed so that it has a gradient. A hand-written
+/// detector of the one unsafe content the world has, standing in for a safety classifier
+/// (NudeNet, Q16) on real images; differentiable.
+#[derive(Debug, Clone, Copy)]
+pub struct SoftMarks {
+    pub tolerance: f64,
+    pub softness: f64,
+}
+
+impl Default for SoftMarks {
+    fn default() -> Self {
+        Self {
+            tolerance: tiller_testbed::EvaluatorConfig::default().color_tolerance,
+            softness: 8.0,
+        }
+    }
+}
+
+impl Reward for SoftMarks {
+    fn name(&self) -> String {
+        "soft-marks".into()
+    }
+
+    fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>> {
+        check_lengths(images, prompts)?;
+        let white = tiller_testbed::palette::MARK_WHITE;
+        Ok(images
+            .iter()
+            .map(|im| {
+                let px = im.data().chunks(3);
+                let n = (im.data().len() / 3).max(1) as f64;
+                let soft: f64 = px
+                    .map(|p| {
+                        let d = p
+                            .iter()
+                            .zip(white)
+                            .map(|(&x, w)| (f64::from(x) - f64::from(w)).powi(2))
+                            .sum::<f64>()
+                            .sqrt();
+                        1.0 / (1.0 + ((d - self.tolerance) / self.softness).exp())
+                    })
+                    .sum();
+                -100.0 * soft / n
+            })
+            .collect())
+    }
+
+    fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
+        Some(self)
+    }
+}
+
+impl DifferentiableReward for SoftMarks {
+    fn score_tensor(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
+        let [b, c, h, w] = images.dims();
+        let white = tiller_testbed::palette::MARK_WHITE;
+        let device = images.device();
+        let white = Tensor::<1>::from_floats(
+            [
+                f32::from(white[0]),
+                f32::from(white[1]),
+                f32::from(white[2]),
+            ],
+            &device,
+        )
+        .reshape([1, 3, 1, 1])
+        .expand([b, c, h, w]);
+        // [-1, 1] -> 0-255, as the images are written (clamped).
+        let x = (images.clamp(-1.0, 1.0) + 1.0) * 127.5;
+        let d = (x - white).powi_scalar(2).sum_dim(1).sqrt();
+        let soft = burn::tensor::activation::sigmoid((d.neg() + self.tolerance) / self.softness);
+        Ok(soft.reshape([b as i64, -1]).mean_dim(1).reshape([b]) * -100.0)
+    }
+}
+
+/// One factor of a learned reward as a reward: the members' mean probability that the factor is
+/// met (the interpretable factor head's sigmoid), e.g. `no_mark`, the absence of the forbidden
+/// mark: a safety reward with the whole reward model's image tower behind it. Differentiable.
+pub struct FactorReward {
+    pub learned: LearnedReward,
+    /// Index into the reward's factors.
+    pub factor: usize,
+}
+
+impl FactorReward {
+    /// The factor `name` of `learned`; an error lists the valid names.
+    pub fn new(learned: LearnedReward, name: &str) -> Result<Self> {
+        let factor = learned
+            .factors
+            .iter()
+            .position(|f| f == name)
+            .ok_or_else(|| {
+                Error::config(
+                    "reward",
+                    format!(
+                        "`{name}` is not a factor of `{}` (valid: {})",
+                        learned.name,
+                        learned.factors.join(", ")
+                    ),
+                )
+            })?;
+        Ok(Self { learned, factor })
+    }
+
+    fn probability(
+        &self,
+        ensemble: &RewardEnsemble,
+        images: Tensor<4>,
+        prompts: &[String],
+    ) -> Result<Tensor<1>> {
+        let ids = self.learned.ids(prompts)?;
+        let b = images.dims()[0];
+        let mut sum: Option<Tensor<1>> = None;
+        for m in &ensemble.members {
+            let logits = m.forward(images.clone(), &ids)?.factor_logits;
+            let p =
+                burn::tensor::activation::sigmoid(logits.narrow(1, self.factor, 1).reshape([b]));
+            sum = Some(match sum {
+                None => p,
+                Some(s) => s + p,
+            });
+        }
+        Ok(
+            sum.ok_or_else(|| Error::invalid("an ensemble without members"))?
+                / ensemble.members.len() as f64,
+        )
+    }
+}
+
+impl Reward for FactorReward {
+    fn name(&self) -> String {
+        format!(
+            "factor:{}:{}",
+            self.learned.factors[self.factor], self.learned.name
+        )
+    }
+
+    fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>> {
+        let s = self.learned.score_with_uncertainty(images, prompts)?;
+        let v: Vec<f64> = s.factors.iter().map(|f| f[self.factor]).collect();
+        check_finite(&self.name(), &v)?;
+        Ok(v)
+    }
+
+    fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
+        Some(self)
+    }
+
+    fn learned(&self) -> Option<&LearnedReward> {
+        Some(&self.learned)
+    }
+}
+
+impl DifferentiableReward for FactorReward {
+    fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
+        // Frozen, as the learned reward: a copy on the images' device without grad.
+        let model = self
+            .learned
+            .ensemble
+            .clone()
+            .to_device(&images.device())
+            .no_grad();
+        self.probability(&model, images, prompts)
     }
 }
 
@@ -380,5 +567,47 @@ impl DifferentiableReward for CaptionMatch {
             .to_device(&images.device())
             .no_grad();
         model.caption_match_mean(images, &self.0.ids(prompts)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiller_testbed::{PromptGenerator, RenderConfig, Split, Task, render_prompt};
+
+    /// The soft mark share scores as its tensor form; an image with the mark loses about its
+    /// share of pixels, one without loses almost nothing.
+    #[test]
+    fn soft_marks_count_the_mark_pixels_as_the_tensor_form_does() {
+        let mut g = PromptGenerator::new(0);
+        let with = g.prompt(Task::Unsafe, Split::Train).unwrap();
+        let without = g.prompt(Task::Colors, Split::Train).unwrap();
+        let images: Vec<Image> = [&with, &without]
+            .iter()
+            .map(|p| render_prompt(p, &RenderConfig::default(), 3).unwrap().image)
+            .collect();
+        let prompts = vec![with.text.clone(), without.text.clone()];
+        let r = SoftMarks::default();
+        let s = r.score(&images, &prompts).unwrap();
+        let device = Device::default();
+        let t = r
+            .score_tensor(crate::images_to_tensor(&images, &device).unwrap(), &prompts)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let mark = Evaluator::default()
+            .evaluate(&images[0], &PromptSpec::parse(&with.text).unwrap())
+            .unwrap()
+            .mark
+            .mask;
+        let share = 100.0 * mark.count() as f64 / mark.bits.len() as f64;
+        assert!(share > 1.0, "{share}");
+        assert!((s[0] + share).abs() < 0.25 * share, "{s:?} vs {share}");
+        assert!(s[1] > -0.05, "{s:?}");
+        for (a, b) in s.iter().zip(&t) {
+            assert!((a - f64::from(*b)).abs() < 1e-3, "{s:?} {t:?}");
+        }
     }
 }

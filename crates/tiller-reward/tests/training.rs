@@ -707,6 +707,10 @@ fn the_caption_match_reward_scores_as_its_tensor_form_and_the_ensemble() {
         .unwrap();
     let reward = CaptionMatch(LearnedReward {
         name: "caption-match:test".into(),
+        factors: tiller_reward::FACTORS
+            .iter()
+            .map(|f| f.to_string())
+            .collect(),
         ensemble: ensemble.clone(),
         tokenizer,
         device: d.clone(),
@@ -866,4 +870,92 @@ fn a_fusion_sums_its_standardised_parts_and_rejects_bad_statistics() {
     let err = Fusion::load(&dir, tokenizer, &d).err().unwrap().to_string();
     assert!(err.contains("wieght"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A factor reward is its ensemble's mean factor probability, as a score, as a tensor and as
+/// the ensemble's own scored factors; `factor:<name>:<folder>` loads one and a bad name or
+/// spelling is an error naming the valid ones.
+#[test]
+fn a_factor_reward_is_the_members_mean_factor_probability() {
+    let d = Device::default();
+    let config = model_config(2);
+    let ensemble = RewardEnsemble::init(&config, &d).unwrap();
+    let (train, _) = split(&[Task::Unsafe, Task::Colors]);
+    let prompts: Vec<String> = train.iter().take(4).map(|p| p.text.clone()).collect();
+    let images: Vec<Image> = train
+        .iter()
+        .take(4)
+        .map(|p| render_prompt(p, &RenderConfig::default(), 1).unwrap().image)
+        .collect();
+    let learned = tiller_reward::LearnedReward {
+        name: "test".into(),
+        factors: config.net.factors.clone(),
+        ensemble: ensemble.clone(),
+        tokenizer: Tokenizer::shapes(),
+        device: d.clone(),
+    };
+    let k = config
+        .net
+        .factors
+        .iter()
+        .position(|f| f == "no_mark")
+        .unwrap();
+    let reward = tiller_reward::rewards::FactorReward::new(learned, "no_mark").unwrap();
+    let scores = reward.score(&images, &prompts).unwrap();
+    let tensor = reward
+        .differentiable()
+        .unwrap()
+        .score_tensor(
+            tiller_reward::images_to_tensor(&images, &d).unwrap(),
+            &prompts,
+        )
+        .unwrap();
+    let tensor: Vec<f64> = tensor
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| {
+            Tokenizer::shapes()
+                .encode(p)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect()
+        })
+        .collect();
+    let own: Vec<f64> = ensemble
+        .score(&images, &ids, &d)
+        .unwrap()
+        .factors
+        .iter()
+        .map(|f| f[k])
+        .collect();
+    for i in 0..4 {
+        assert!((scores[i] - own[i]).abs() < 1e-6, "{scores:?} {own:?}");
+        assert!((tensor[i] - own[i]).abs() < 1e-5, "{tensor:?} {own:?}");
+        assert!(scores[i] > 0.0 && scores[i] < 1.0);
+    }
+    let learned = || tiller_reward::LearnedReward {
+        name: "test".into(),
+        factors: config.net.factors.clone(),
+        ensemble: ensemble.clone(),
+        tokenizer: Tokenizer::shapes(),
+        device: d.clone(),
+    };
+    let err = tiller_reward::rewards::FactorReward::new(learned(), "no_such")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no_such") && err.contains("no_mark"), "{err}");
+    assert!(tiller_reward::load::factor_spec("factor:no_mark").is_err());
+    assert_eq!(
+        tiller_reward::load::factor_spec("factor:no_mark:some/folder").unwrap(),
+        ("no_mark", "some/folder")
+    );
 }

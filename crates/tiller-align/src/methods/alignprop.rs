@@ -297,12 +297,14 @@ impl<M: PolicyModel> Algorithm<M> for AlignProp {
         let (coeff, target) = (self.config.loss_coeff, self.config.target);
         let mut out = match self.config.loss {
             AlignPropLoss::L1ToTarget => {
-                backprop_reward(cx, s, scale, steps - b, "alignprop", &|r| {
+                backprop_reward(cx, s, scale, steps - b, "alignprop", &|r, _| {
                     (r - target).abs() * coeff
                 })?
             }
             AlignPropLoss::NegativeReward => {
-                backprop_reward(cx, s, scale, steps - b, "alignprop", &|r| r.neg() * coeff)?
+                backprop_reward(cx, s, scale, steps - b, "alignprop", &|r, _| {
+                    r.neg() * coeff
+                })?
             }
         };
         out.metrics

@@ -106,16 +106,25 @@ pub(crate) fn run_prefix<M: PolicyModel>(
     s: &crate::batch::Starts,
     steps: usize,
 ) -> Result<(Tensor<4>, ExampleNoise)> {
+    run_prefix_with(policy, &policy.current(), s, steps)
+}
+
+/// [`run_prefix`] under the weights `frozen` (a plain-device model: the reference, say).
+pub(crate) fn run_prefix_with<M: PolicyModel>(
+    policy: &crate::Policy<M>,
+    frozen: &M,
+    s: &crate::batch::Starts,
+    steps: usize,
+) -> Result<(Tensor<4>, ExampleNoise)> {
     let device = &policy.device;
     let sampler = policy.sampler.as_ref();
     let shape: [usize; 4] = s.x_t.dims();
-    let frozen = policy.current();
     let cond = policy.conditioning(&s.prompts, device);
     let mut noise = s.noise.clone();
     let mut x = s.x_t.clone();
     for (i, &t) in sampler.timesteps().iter().enumerate().take(steps) {
         let z = noise.draw(shape, device)?;
-        let pred = cond.predict(&frozen, x.clone(), t);
+        let pred = cond.predict(frozen, x.clone(), t);
         x = sampler.step(pred, i, x)?.distribution.sample(z);
     }
     Ok((x, noise))
@@ -178,7 +187,7 @@ impl<M: PolicyModel> Algorithm<M> for DraftK {
             return Err(Error::invalid("draft-k needs chain starts"));
         };
         // Maximise the mean reward: minimise its negative.
-        backprop_reward(cx, s, scale, self.k, "draft-k", &|r| r.neg())
+        backprop_reward(cx, s, scale, self.k, "draft-k", &|r, _| r.neg())
     }
 }
 
@@ -186,14 +195,14 @@ impl<M: PolicyModel> Algorithm<M> for DraftK {
 /// to the end, and the gradient of `scale * mean(objective(r(x_0)))` (plus the per-step KL to the
 /// reference at every differentiated step when `train.kl_weight > 0`) through the last `k` steps
 /// (0: all; memory stays one step's graph by step-level recomputation). `objective` maps the
-/// rewards [B] to per-sample losses [B].
+/// rewards [B] and the images they score [B, 3, H, W] (differentiable) to per-sample losses [B].
 pub(crate) fn backprop_reward<M: PolicyModel>(
     cx: &Context<'_, M>,
     s: &crate::batch::Starts,
     scale: f64,
     k: usize,
     method: &str,
-    objective: &dyn Fn(Tensor<1>) -> Tensor<1>,
+    objective: &dyn Fn(Tensor<1>, Tensor<4>) -> Tensor<1>,
 ) -> Result<MicroStep> {
     backprop_reward_to(cx, s, scale, k, method, objective, None)
 }
@@ -206,7 +215,7 @@ pub(crate) fn backprop_reward_to<M: PolicyModel>(
     scale: f64,
     k: usize,
     method: &str,
-    objective: &dyn Fn(Tensor<1>) -> Tensor<1>,
+    objective: &dyn Fn(Tensor<1>, Tensor<4>) -> Tensor<1>,
     reference: Option<&M>,
 ) -> Result<MicroStep> {
     let reward = differentiable(cx.reward, method)?;
@@ -218,9 +227,9 @@ pub(crate) fn backprop_reward_to<M: PolicyModel>(
     let texts = &s.prompts.texts;
     let loss = |x0: burn::tensor::Tensor<4>| {
         let out = policy.reward_loss(x0, |images| {
-            let r = reward.score_tensor(images, texts)?;
+            let r = reward.score_tensor(images.clone(), texts)?;
             *scores.borrow_mut() = Some(to_vec(&r));
-            let l = objective(r).mean();
+            let l = objective(r, images).mean();
             *objective_value.borrow_mut() = l.clone().into_scalar::<f64>();
             // Scaled for accumulation.
             Ok(l * scale)

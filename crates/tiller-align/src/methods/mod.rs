@@ -16,6 +16,7 @@ pub mod diffusion_kto;
 pub mod dpok;
 pub mod draft_k;
 pub mod draft_lv;
+pub mod focus_n_fix;
 pub mod mlp;
 pub mod prdp;
 pub mod raft;
@@ -23,6 +24,7 @@ pub mod refl;
 pub mod reward_weighted;
 pub mod rwr;
 pub mod seiko;
+pub mod spo;
 pub mod tdpo;
 
 pub use alignprop::AlignProp;
@@ -34,12 +36,14 @@ pub use diffusion_kto::DiffusionKto;
 pub use dpok::Dpok;
 pub use draft_k::DraftK;
 pub use draft_lv::DraftLv;
+pub use focus_n_fix::FocusNFix;
 pub use prdp::Prdp;
 pub use raft::Raft;
 pub use refl::Refl;
 pub use reward_weighted::RewardWeighted;
 pub use rwr::Rwr;
 pub use seiko::Seiko;
+pub use spo::Spo;
 pub use tdpo::Tdpo;
 
 use crate::config::AlignConfig;
@@ -190,6 +194,8 @@ registry! {
     Seiko(seiko::SeikoConfig) = "seiko",
     D3po(d3po::D3poConfig) = "d3po",
     DenseDpo(dense_dpo::DenseDpoConfig) = "dense-dpo",
+    FocusNFix(focus_n_fix::FocusNFixConfig) = "focus-n-fix",
+    Spo(spo::SpoConfig) = "spo",
 }
 
 impl Method {

@@ -721,9 +721,11 @@ impl<M: PolicyModel> Algorithm<M> for Seiko<M> {
             kl_weight: self.config.kl_weight,
         };
         let (coeff, target) = (self.config.loss_coeff, self.config.target);
-        let objective: Box<dyn Fn(Tensor<1>) -> Tensor<1>> = match self.config.loss {
-            AlignPropLoss::L1ToTarget => Box::new(move |r: Tensor<1>| (r - target).abs() * coeff),
-            AlignPropLoss::NegativeReward => Box::new(move |r: Tensor<1>| r.neg() * coeff),
+        let objective: Box<dyn Fn(Tensor<1>, Tensor<4>) -> Tensor<1>> = match self.config.loss {
+            AlignPropLoss::L1ToTarget => {
+                Box::new(move |r: Tensor<1>, _| (r - target).abs() * coeff)
+            }
+            AlignPropLoss::NegativeReward => Box::new(move |r: Tensor<1>, _| r.neg() * coeff),
         };
         let mut out = backprop_reward_to(
             &inner,
