@@ -584,15 +584,15 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-/// Mean brightness of fixed-seed samples of `unet` on the training prompts.
-fn brightness<M: Denoiser>(unet: &M) -> f64 {
+/// Fixed-seed samples [B, 3, RES, RES] of `unet` on the training prompts.
+fn fixed_samples<M: Denoiser>(unet: &M) -> Tensor<4> {
     let device = device();
     let texts = prompts();
     let cond = Conditioning::new(encode(&texts).unwrap());
     let scheduler = sampler().build(STEPS).unwrap();
     let mut rng = SeededRng::new(99);
     let x = rng.normal([texts.len(), 3, RES, RES], &device);
-    let s = sample(
+    sample(
         unet,
         scheduler.as_ref(),
         &cond,
@@ -600,8 +600,15 @@ fn brightness<M: Denoiser>(unet: &M) -> f64 {
         &mut rng,
         Record::Nothing,
     )
-    .unwrap();
-    let v = Brightness.score_tensor(s.images, &texts).unwrap();
+    .unwrap()
+    .images
+}
+
+/// Mean brightness of fixed-seed samples of `unet` on the training prompts.
+fn brightness<M: Denoiser>(unet: &M) -> f64 {
+    let v = Brightness
+        .score_tensor(fixed_samples(unet), &prompts())
+        .unwrap();
     v.mean().into_scalar::<f64>()
 }
 
@@ -947,25 +954,9 @@ fn ddpo_raises_the_reward() {
     rises("ddpo", 20, 1e-2, 0.003);
 }
 
-/// Fixed-seed samples [B, 3, H, W] of `unet` on the training prompts (`brightness`'s).
+/// [`fixed_samples`] as the reward sees them: values clamped to [-1, 1].
 fn samples<M: Denoiser>(unet: &M) -> Vec<f32> {
-    let device = device();
-    let texts = prompts();
-    let cond = Conditioning::new(encode(&texts).unwrap());
-    let scheduler = sampler().build(STEPS).unwrap();
-    let mut rng = SeededRng::new(99);
-    let x = rng.normal([texts.len(), 3, RES, RES], &device);
-    let s = sample(
-        unet,
-        scheduler.as_ref(),
-        &cond,
-        x,
-        &mut rng,
-        Record::Nothing,
-    )
-    .unwrap();
-    // What the reward sees: values clamped to [-1, 1].
-    s.images
+    fixed_samples(unet)
         .clamp(-1.0, 1.0)
         .into_data()
         .convert::<f32>()
@@ -1064,10 +1055,8 @@ fn focus_n_fix_changes_less_outside_its_mask_than_draft_k() {
 fn focus_n_fix_first_update_is_draft_k() {
     let run = |method: &str, whole: bool| {
         let mut c = config(method, 1, 3e-3);
-        if let Method::FocusNFix(d) = &mut c.method {
-            if whole {
-                d.mask_box = vec![0.0, 0.0, 1.0, 1.0];
-            }
+        if let (Method::FocusNFix(d), true) = (&mut c.method, whole) {
+            d.mask_box = vec![0.0, 0.0, 1.0, 1.0];
         }
         let dir = scratch(&format!("fnf-first-{method}-{whole}"));
         let w = run_config(&c, &dir, None, None).0;
@@ -1077,9 +1066,8 @@ fn focus_n_fix_first_update_is_draft_k() {
     let draft = run("draft-k", false);
     for whole in [false, true] {
         let focus = run("focus-n-fix", whole);
-        for ((k, a), (_, b)) in draft.iter().zip(&focus) {
+        for ((_, a), (_, b)) in draft.iter().zip(&focus) {
             assert_close(floats(a), floats(b), 1e-5, 1e-7);
-            let _ = k;
         }
     }
 }

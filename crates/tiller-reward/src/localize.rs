@@ -293,7 +293,7 @@ mod tests {
             .unwrap()
             .image;
         let m = GoldRegions::new(GoldRegion::Marks)
-            .localize(&[im], &[benign.text.clone()])
+            .localize(&[im], std::slice::from_ref(&benign.text))
             .unwrap();
         assert!(m[0].is_empty());
     }

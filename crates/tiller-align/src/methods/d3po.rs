@@ -84,15 +84,8 @@ impl MethodSpec for D3poConfig {
         f.stochastic_steps(config)?;
         f.whole_pairs(config)?;
         f.positive(&[("beta", self.beta)])?;
-        if !(self.clip_range > 0.0 && self.clip_range < 1.0) {
-            return Err(f.error(
-                "clip_range",
-                format!(
-                    "must be in (0, 1) (the ratio is clamped to [1 - eps, 1 + eps]), got {}",
-                    self.clip_range
-                ),
-            ));
-        }
+        // The ratio is clamped to [1 - eps, 1 + eps].
+        f.open_unit_interval(&[("clip_range", self.clip_range)])?;
         f.unit_interval(&[("timestep_fraction", self.timestep_fraction)])?;
         f.at_least_one(&[("inner_epochs", self.inner_epochs)])
     }

@@ -127,13 +127,7 @@ impl MethodSpec for FocusNFixConfig {
         if self.mask != MaskSource::RegionHead && !self.factors.is_empty() {
             return Err(f.error("factors", "apply only with mask = \"region-head\""));
         }
-        if !(self.threshold > 0.0 && self.threshold < 1.0) {
-            return Err(f.error(
-                "threshold",
-                format!("must be in (0, 1), got {}", self.threshold),
-            ));
-        }
-        Ok(())
+        f.open_unit_interval(&[("threshold", self.threshold)])
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {

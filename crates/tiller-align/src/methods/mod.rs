@@ -317,6 +317,14 @@ impl Fields {
         }
     }
 
+    /// Each value in (0, 1) (a ratio clamp's eps, a probability threshold).
+    pub(crate) fn open_unit_interval(&self, fields: &[(&str, f64)]) -> Result<()> {
+        match fields.iter().find(|(_, v)| !(*v > 0.0 && *v < 1.0)) {
+            Some((f, v)) => Err(self.error(f, format!("must be in (0, 1), got {v}"))),
+            None => Ok(()),
+        }
+    }
+
     /// Each count at least 1.
     pub(crate) fn at_least_one(&self, fields: &[(&str, usize)]) -> Result<()> {
         match fields.iter().find(|(_, v)| *v == 0) {

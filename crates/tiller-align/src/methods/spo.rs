@@ -102,12 +102,7 @@ impl MethodSpec for SpoConfig {
                 format!("must be in [0, 1) (a softmax gap), got {}", self.threshold),
             ));
         }
-        if !(self.clip_range > 0.0 && self.clip_range < 1.0) {
-            return Err(f.error(
-                "clip_range",
-                format!("must be in (0, 1), got {}", self.clip_range),
-            ));
-        }
+        f.open_unit_interval(&[("clip_range", self.clip_range)])?;
         if self.divert_start_step >= config.sampling.steps {
             return Err(f.error(
                 "divert_start_step",
@@ -194,19 +189,25 @@ fn pick(from: &[Tensor<4>], rows: &[(usize, usize)]) -> Tensor<4> {
     )
 }
 
+/// One micro-batch's chains with their compared steps.
+struct Sampled {
+    pairs: Vec<StepPairs>,
+    /// Every candidate's score (each a reward query).
+    queries: Vec<f64>,
+    /// The last step's scores of the candidates the chains ended on.
+    finals: Vec<f64>,
+    /// Steps compared per chain.
+    compared: usize,
+}
+
 pub struct Spo {
     pub config: SpoConfig,
 }
 
 impl Spo {
     /// Samples the chains of `s` with candidates at every compared step under the current
-    /// weights (no graph): the pairs, every candidate score (the queries), the final step's
-    /// scores of the candidates continued from, and the compared steps' count.
-    fn sample_pairs<M: PolicyModel>(
-        &self,
-        cx: &Context<'_, M>,
-        s: &Starts,
-    ) -> Result<(Vec<StepPairs>, Vec<f64>, Vec<f64>, usize)> {
+    /// weights (no graph).
+    fn sample_pairs<M: PolicyModel>(&self, cx: &Context<'_, M>, s: &Starts) -> Result<Sampled> {
         let policy = cx.policy;
         let sampler = policy.sampler.as_ref();
         let ts = sampler.timesteps();
@@ -242,7 +243,6 @@ impl Spo {
             }
             // Each candidate's score: of its x_0 estimate at the next step, or of itself at the end.
             let mut scores = Vec::with_capacity(k);
-            let mut next = Vec::with_capacity(k);
             for c in &candidates {
                 let x0 = if i + 1 < steps {
                     let o = sampler.step(
@@ -250,9 +250,7 @@ impl Spo {
                         i + 1,
                         c.clone(),
                     )?;
-                    let x0 = o.pred_original_sample.clone();
-                    next.push(o);
-                    x0
+                    o.pred_original_sample
                 } else {
                     c.clone()
                 };
@@ -300,9 +298,13 @@ impl Spo {
                     x.clone(),
                 )?;
             }
-            drop(next);
         }
-        Ok((pairs, queries, finals, compared))
+        Ok(Sampled {
+            pairs,
+            queries,
+            finals,
+            compared,
+        })
     }
 }
 
@@ -326,7 +328,12 @@ impl<M: PolicyModel> Algorithm<M> for Spo {
             return Err(Error::invalid("spo needs chain starts"));
         };
         let policy = cx.policy;
-        let (pairs, queries, finals, compared) = self.sample_pairs(cx, s)?;
+        let Sampled {
+            pairs,
+            queries,
+            finals,
+            compared,
+        } = self.sample_pairs(cx, s)?;
         let ad = policy.autodiff_device();
         let (beta, eps) = (self.config.beta, self.config.clip_range);
         // Sum over pairs / (examples x compared steps): a step without a pair counts as zero.
