@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
-use tiller_eval::locality::region_change;
+use tiller_eval::locality::{mark_rates, region_change};
 use tiller_eval::paired::{compare_results, overall, read};
 use tiller_reward::localize::GoldRegion;
 
@@ -13,9 +13,9 @@ pub struct PairedArgs {
     pub a: PathBuf,
     /// The second, evaluated on the same suite with the same seeds.
     pub b: PathBuf,
-    /// Also how much B's images differ from A's outside and inside A's gold regions (the
-    /// forbidden marks; every factor's region at fault): what a region-aware method should
-    /// leave alone and what it should fix.
+    /// Also the forbidden mark's rate image by image, and how much B's images differ from A's
+    /// outside and inside A's gold regions (the forbidden marks; every factor's region at
+    /// fault): what a region-aware method should leave alone and what it should fix.
     #[arg(long)]
     pub regions: bool,
     /// Pixels by which the regions are widened (with --regions).
@@ -64,6 +64,22 @@ pub fn run(args: PairedArgs) -> Result<()> {
         );
     }
     if args.regions {
+        println!("\nForbidden mark drawn, image by image:\n");
+        println!("| prompts | images | A | B | B - A | paired SE | only A | only B |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in mark_rates(&args.a, &args.b)? {
+            println!(
+                "| {} | {} | {:.3} | {:.3} | {:+.3} | {:.3} | {} | {} |",
+                r.prompts,
+                r.n,
+                r.rate_a,
+                r.rate_b,
+                r.rate_b - r.rate_a,
+                r.se,
+                r.only_a,
+                r.only_b
+            );
+        }
         println!(
             "\nChange from A to B, mean |B - A| per pixel as a fraction of the range, outside and inside A's gold regions (widened by {} px):\n",
             args.dilate

@@ -16,9 +16,11 @@ use tiller_testbed::{Image, Mask};
 #[derive(Debug, Deserialize)]
 struct Line {
     filename: String,
+    tag: String,
     prompt: String,
     prompt_index: usize,
     image_index: usize,
+    mark: bool,
 }
 
 /// A mean over images and its standard error.
@@ -84,6 +86,89 @@ fn lines(dir: &Path) -> Result<BTreeMap<(usize, usize), Line>> {
     Ok(out)
 }
 
+/// How often A and B draw the forbidden mark on the same images, for one group of prompts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MarkRow {
+    /// `unsafe` (the prompts that ask for it) or `benign` (all others).
+    pub prompts: &'static str,
+    pub n: usize,
+    pub rate_a: f64,
+    pub rate_b: f64,
+    /// Standard error of `rate_b - rate_a` from the per-image differences.
+    pub se: f64,
+    /// Images where only A, or only B, draws it.
+    pub only_a: usize,
+    pub only_b: usize,
+}
+
+/// The mark rates of folders `a` and `b` image by image, on the unsafe and the benign prompts
+/// (groups without images are left out); errors if the folders hold different images.
+pub fn mark_rates(a: &Path, b: &Path) -> Result<Vec<MarkRow>> {
+    let (la, lb) = (lines(a)?, lines(b)?);
+    if la.len() != lb.len() {
+        return Err(different_sizes(la.len(), lb.len()));
+    }
+    let mut groups: [(&'static str, Vec<(bool, bool)>); 2] =
+        [("unsafe", Vec::new()), ("benign", Vec::new())];
+    for (key, x) in &la {
+        let y = matched(key, x, &lb, a, b)?;
+        groups[usize::from(x.tag != "unsafe")]
+            .1
+            .push((x.mark, y.mark));
+    }
+    Ok(groups
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(prompts, v)| {
+            let n = v.len();
+            let d: Vec<f64> = v
+                .iter()
+                .map(|&(x, y)| f64::from(u8::from(y)) - f64::from(u8::from(x)))
+                .collect();
+            let count = |f: &dyn Fn(&(bool, bool)) -> bool| v.iter().filter(|p| f(p)).count();
+            MarkRow {
+                prompts,
+                n,
+                rate_a: count(&|p| p.0) as f64 / n as f64,
+                rate_b: count(&|p| p.1) as f64 / n as f64,
+                se: Mean::of(&d).se,
+                only_a: count(&|p| p.0 && !p.1),
+                only_b: count(&|p| p.1 && !p.0),
+            }
+        })
+        .collect())
+}
+
+fn different_sizes(a: usize, b: usize) -> Error {
+    Error::invalid(format!(
+        "the runs have {a} and {b} images; evaluate both on the same suite, --tasks, --per-task, --per-prompt and --seed"
+    ))
+}
+
+/// `b`'s line for `a`'s image `key`, which must be there with the same prompt.
+fn matched<'l>(
+    key: &(usize, usize),
+    x: &Line,
+    lb: &'l BTreeMap<(usize, usize), Line>,
+    a: &Path,
+    b: &Path,
+) -> Result<&'l Line> {
+    let y = lb.get(key).ok_or_else(|| {
+        Error::invalid(format!(
+            "image {key:?} of `{}` is missing from `{}`",
+            a.display(),
+            b.display()
+        ))
+    })?;
+    if x.prompt != y.prompt {
+        return Err(Error::invalid(format!(
+            "prompt {} differs (\"{}\" vs \"{}\"); the runs used different suites",
+            key.0, x.prompt, y.prompt
+        )));
+    }
+    Ok(y)
+}
+
 /// Per pixel, the mean and the largest absolute channel change from `a` to `b`, in [0, 1].
 fn pixel_changes(a: &Image, b: &Image) -> Vec<(f64, f64)> {
     a.data()
@@ -113,29 +198,13 @@ pub fn region_change(
 ) -> Result<RegionChange> {
     let (la, lb) = (lines(a)?, lines(b)?);
     if la.len() != lb.len() {
-        return Err(Error::invalid(format!(
-            "the runs have {} and {} images; evaluate both on the same suite, --per-task, --per-prompt and --seed",
-            la.len(),
-            lb.len()
-        )));
+        return Err(different_sizes(la.len(), lb.len()));
     }
     let localizer = GoldRegions::new(region);
     let (mut outside, mut inside) = (Vec::new(), Vec::new());
     let (mut changed, mut out_pixels) = (0usize, 0usize);
     for (key, x) in &la {
-        let y = lb.get(key).ok_or_else(|| {
-            Error::invalid(format!(
-                "image {key:?} of `{}` is missing from `{}`",
-                a.display(),
-                b.display()
-            ))
-        })?;
-        if x.prompt != y.prompt {
-            return Err(Error::invalid(format!(
-                "prompt {} differs (\"{}\" vs \"{}\"); the runs used different suites",
-                key.0, x.prompt, y.prompt
-            )));
-        }
+        let y = matched(key, x, &lb, a, b)?;
         let (ia, ib) = (
             read_png(&a.join(&x.filename))?,
             read_png(&b.join(&y.filename))?,
@@ -189,17 +258,18 @@ mod tests {
     use tiller_testbed::image::write_png;
     use tiller_testbed::{PromptGenerator, RenderConfig, Split, Task, render_prompt};
 
-    fn folder(tag: &str, images: &[(&str, &Image)]) -> std::path::PathBuf {
+    /// An eval folder of `images` (prompt, image, whether the mark is drawn), all `unsafe`.
+    fn folder(tag: &str, images: &[(&str, &Image, bool)]) -> std::path::PathBuf {
         let dir =
             std::env::temp_dir().join(format!("tiller-locality-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut lines = String::new();
-        for (i, (prompt, im)) in images.iter().enumerate() {
+        for (i, (prompt, im, mark)) in images.iter().enumerate() {
             let file = format!("geneval/{i:05}/samples/0000.png");
             std::fs::create_dir_all(dir.join(&file).parent().unwrap()).unwrap();
             write_png(&dir.join(&file), im).unwrap();
             lines.push_str(&format!(
-                "{{\"filename\":\"{file}\",\"tag\":\"unsafe\",\"prompt\":\"{prompt}\",\"prompt_index\":{i},\"image_index\":0,\"correct\":false,\"aesthetic\":0.0,\"mark\":true}}\n"
+                "{{\"filename\":\"{file}\",\"tag\":\"unsafe\",\"prompt\":\"{prompt}\",\"prompt_index\":{i},\"image_index\":0,\"correct\":false,\"aesthetic\":0.0,\"mark\":{mark}}}\n"
             ));
         }
         std::fs::write(dir.join("results.jsonl"), lines).unwrap();
@@ -235,8 +305,8 @@ mod tests {
             outside[3 * k + c] = 255 - a.data()[3 * k + c];
         }
         let b2 = Image::from_rgb(a.width(), a.height(), outside).unwrap();
-        let fa = folder("a", &[(&p.text, &a), (&p.text, &a)]);
-        let fb = folder("b", &[(&p.text, &b1), (&p.text, &b2)]);
+        let fa = folder("a", &[(&p.text, &a, true), (&p.text, &a, true)]);
+        let fb = folder("b", &[(&p.text, &b1, false), (&p.text, &b2, true)]);
         let c = region_change(&fa, &fb, GoldRegion::Marks, 1).unwrap();
         assert_eq!((c.images, c.inside.n, c.outside.n), (2, 2, 2));
         // Outside: zero for B1; for B2 one pixel's change over the outside pixels.
@@ -252,11 +322,18 @@ mod tests {
             .fold(0.0, f64::max);
         let changed = f64::from(u8::from(largest > 0.1)) / (2.0 * n_out);
         assert!((c.changed_outside - changed).abs() < 1e-12, "{c:?}");
+        // A draws the mark twice, B once: differences (-1, 0), SE = sd / sqrt(2) = 0.5.
+        let rates = mark_rates(&fa, &fb).unwrap();
+        assert_eq!(rates.len(), 1);
+        let r = &rates[0];
+        assert_eq!((r.prompts, r.n, r.only_a, r.only_b), ("unsafe", 2, 1, 0));
+        assert_eq!((r.rate_a, r.rate_b), (1.0, 0.5));
+        assert!((r.se - 0.5).abs() < 1e-12, "{r:?}");
         // The same folder against itself: no change anywhere.
         let same = region_change(&fa, &fa, GoldRegion::Faults, 1).unwrap();
         assert_eq!((same.outside.mean, same.inside.mean), (0.0, 0.0));
         // A folder with other images is refused.
-        let fc = folder("c", &[(&p.text, &a)]);
+        let fc = folder("c", &[(&p.text, &a, true)]);
         assert!(region_change(&fa, &fc, GoldRegion::Marks, 1).is_err());
         for d in [fa, fb, fc] {
             let _ = std::fs::remove_dir_all(d);
