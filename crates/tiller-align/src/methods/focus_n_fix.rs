@@ -147,15 +147,16 @@ impl MethodSpec for FocusNFixConfig {
 
 /// The per-image loss `-r + lambda ‖keep ⊙ (images - base)‖_F` (the norm as
 /// `sqrt(sum + NORM_EPSILON)`): `rewards` [B], `images` and `base` [B, 3, H, W], `keep` [B, 3, H, W]
-/// (1 outside the mask, 0 inside).
+/// (1 outside the mask, 0 inside); and the norm itself, [B].
 pub fn focus_objective(
     rewards: Tensor<1>,
     images: Tensor<4>,
     base: Tensor<4>,
     keep: Tensor<4>,
     lambda: f64,
-) -> Tensor<1> {
-    rewards.neg() + outside_norm(images, base, keep) * lambda
+) -> (Tensor<1>, Tensor<1>) {
+    let norm = outside_norm(images, base, keep);
+    (rewards.neg() + norm.clone() * lambda, norm)
 }
 
 /// `‖keep ⊙ (images - base)‖_F` per image, as `sqrt(sum + NORM_EPSILON)`.
@@ -251,11 +252,11 @@ impl<M: PolicyModel> Algorithm<M> for FocusNFix {
         let lambda = self.config.lambda;
         let outside: RefCell<Vec<f64>> = RefCell::new(Vec::new());
         let objective = |r: Tensor<1>, images: Tensor<4>| {
-            let norm = outside_norm(images, base.clone(), keep.clone());
+            let (loss, norm) = focus_objective(r, images, base.clone(), keep.clone(), lambda);
             if let Ok(v) = crate::methods::draft_k::to_vec(&norm) {
                 *outside.borrow_mut() = v;
             }
-            r.neg() + norm * lambda
+            loss
         };
         let mut out = backprop_reward(cx, s, scale, self.config.k, "focus-n-fix", &objective)?;
         let outside = outside.into_inner();
@@ -330,7 +331,7 @@ mod tests {
         };
         let xs = t(&x).require_grad();
         let rs = Tensor::<1>::from_data(TensorData::new(vec![0.3f32, -1.2], [2]), &device);
-        let loss = focus_objective(rs, xs.clone(), t(&base), t(&keep), lambda);
+        let (loss, _) = focus_objective(rs, xs.clone(), t(&base), t(&keep), lambda);
         let values: Vec<f64> = crate::methods::draft_k::to_vec(&loss).unwrap();
         assert_close(
             values.as_slice(),
@@ -361,7 +362,7 @@ mod tests {
         );
         // Where the image equals the base the penalty's gradient is zero, not 0/0.
         let same = t(&base).require_grad();
-        let l = focus_objective(
+        let (l, _) = focus_objective(
             Tensor::<1>::zeros([2], &device),
             same.clone(),
             t(&base),
