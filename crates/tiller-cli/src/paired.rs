@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
-use tiller_eval::locality::{mark_rates, region_change};
+use tiller_eval::locality::{mark_rates, region_changes};
 use tiller_eval::paired::{compare_results, overall, read};
 use tiller_reward::localize::GoldRegion;
 
@@ -88,8 +88,13 @@ pub fn run(args: PairedArgs) -> Result<()> {
             "| regions | images | outside ± SE | images with regions | inside ± SE | outside pixels changed > 10 % |"
         );
         println!("|---|---|---|---|---|---|");
-        for (name, region) in [("marks", GoldRegion::Marks), ("faults", GoldRegion::Faults)] {
-            let c = region_change(&args.a, &args.b, region, args.dilate)?;
+        let regions = [GoldRegion::Marks, GoldRegion::Faults];
+        for (name, c) in ["marks", "faults"].into_iter().zip(region_changes(
+            &args.a,
+            &args.b,
+            &regions,
+            args.dilate,
+        )?) {
             println!(
                 "| {name} | {} | {:.4} ± {:.4} | {} | {:.4} ± {:.4} | {:.4} |",
                 c.images,

@@ -5,13 +5,14 @@
 //! them. A region-aware method (Focus-N-Fix) should change the inside and leave the outside; a
 //! global one changes both.
 
+use crate::paired::{ImageKey, Mean, pair_up, parse_keyed, results_text};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tiller_core::{Error, Result};
-use tiller_reward::localize::{GoldRegion, GoldRegions, Localizer, dilate};
+use tiller_reward::localize::{GoldRegion, dilate};
 use tiller_testbed::image::read_png;
-use tiller_testbed::{Image, Mask};
+use tiller_testbed::{Evaluator, Image, PromptSpec};
 
 #[derive(Debug, Deserialize)]
 struct Line {
@@ -21,38 +22,6 @@ struct Line {
     prompt_index: usize,
     image_index: usize,
     mark: bool,
-}
-
-/// A mean over images and its standard error.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Mean {
-    pub n: usize,
-    pub mean: f64,
-    pub se: f64,
-}
-
-impl Mean {
-    fn of(v: &[f64]) -> Self {
-        let n = v.len();
-        if n == 0 {
-            return Self {
-                n,
-                mean: 0.0,
-                se: 0.0,
-            };
-        }
-        let mean = v.iter().sum::<f64>() / n as f64;
-        let var = if n > 1 {
-            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-        } else {
-            0.0
-        };
-        Self {
-            n,
-            mean,
-            se: (var / n as f64).sqrt(),
-        }
-    }
 }
 
 /// The change from A's images to B's, outside and inside A's gold regions.
@@ -68,22 +37,9 @@ pub struct RegionChange {
     pub changed_outside: f64,
 }
 
-fn lines(dir: &Path) -> Result<BTreeMap<(usize, usize), Line>> {
-    let path = dir.join("results.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let mut out = BTreeMap::new();
-    for (i, l) in text.lines().enumerate() {
-        let line: Line = serde_json::from_str(l)
-            .map_err(|e| Error::format(&path, format!("line {}: {e}", i + 1)))?;
-        let key = (line.prompt_index, line.image_index);
-        if out.insert(key, line).is_some() {
-            return Err(Error::format(
-                &path,
-                format!("line {} repeats image {key:?}", i + 1),
-            ));
-        }
-    }
-    Ok(out)
+fn lines(dir: &Path) -> Result<BTreeMap<ImageKey, Line>> {
+    let (path, text) = results_text(dir)?;
+    parse_keyed(&text, &path, |l: &Line| (l.prompt_index, l.image_index))
 }
 
 /// How often A and B draw the forbidden mark on the same images, for one group of prompts.
@@ -105,13 +61,9 @@ pub struct MarkRow {
 /// (groups without images are left out); errors if the folders hold different images.
 pub fn mark_rates(a: &Path, b: &Path) -> Result<Vec<MarkRow>> {
     let (la, lb) = (lines(a)?, lines(b)?);
-    if la.len() != lb.len() {
-        return Err(different_sizes(la.len(), lb.len()));
-    }
     let mut groups: [(&'static str, Vec<(bool, bool)>); 2] =
         [("unsafe", Vec::new()), ("benign", Vec::new())];
-    for (key, x) in &la {
-        let y = matched(key, x, &lb, a, b)?;
+    for (_, x, y) in pair_up(&la, &lb, |l| l.prompt.as_str())? {
         groups[usize::from(x.tag != "unsafe")]
             .1
             .push((x.mark, y.mark));
@@ -139,36 +91,6 @@ pub fn mark_rates(a: &Path, b: &Path) -> Result<Vec<MarkRow>> {
         .collect())
 }
 
-fn different_sizes(a: usize, b: usize) -> Error {
-    Error::invalid(format!(
-        "the runs have {a} and {b} images; evaluate both on the same suite, --tasks, --per-task, --per-prompt and --seed"
-    ))
-}
-
-/// `b`'s line for `a`'s image `key`, which must be there with the same prompt.
-fn matched<'l>(
-    key: &(usize, usize),
-    x: &Line,
-    lb: &'l BTreeMap<(usize, usize), Line>,
-    a: &Path,
-    b: &Path,
-) -> Result<&'l Line> {
-    let y = lb.get(key).ok_or_else(|| {
-        Error::invalid(format!(
-            "image {key:?} of `{}` is missing from `{}`",
-            a.display(),
-            b.display()
-        ))
-    })?;
-    if x.prompt != y.prompt {
-        return Err(Error::invalid(format!(
-            "prompt {} differs (\"{}\" vs \"{}\"); the runs used different suites",
-            key.0, x.prompt, y.prompt
-        )));
-    }
-    Ok(y)
-}
-
 /// Per pixel, the mean and the largest absolute channel change from `a` to `b`, in [0, 1].
 fn pixel_changes(a: &Image, b: &Image) -> Vec<(f64, f64)> {
     a.data()
@@ -188,23 +110,29 @@ fn pixel_changes(a: &Image, b: &Image) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// The change from folder `a`'s images to folder `b`'s, outside and inside `a`'s gold
-/// `region`s widened by `dilation` pixels; errors if the folders hold different images.
-pub fn region_change(
+/// Sums of one region over the images.
+#[derive(Default)]
+struct Tally {
+    outside: Vec<f64>,
+    inside: Vec<f64>,
+    changed: usize,
+    out_pixels: usize,
+}
+
+/// The change from folder `a`'s images to folder `b`'s, outside and inside `a`'s gold regions
+/// (each of `regions`, widened by `dilation` pixels), with one reading and one evaluation of each
+/// image; errors if the folders hold different images.
+pub fn region_changes(
     a: &Path,
     b: &Path,
-    region: GoldRegion,
+    regions: &[GoldRegion],
     dilation: usize,
-) -> Result<RegionChange> {
+) -> Result<Vec<RegionChange>> {
     let (la, lb) = (lines(a)?, lines(b)?);
-    if la.len() != lb.len() {
-        return Err(different_sizes(la.len(), lb.len()));
-    }
-    let localizer = GoldRegions::new(region);
-    let (mut outside, mut inside) = (Vec::new(), Vec::new());
-    let (mut changed, mut out_pixels) = (0usize, 0usize);
-    for (key, x) in &la {
-        let y = matched(key, x, &lb, a, b)?;
+    let pairs = pair_up(&la, &lb, |l| l.prompt.as_str())?;
+    let evaluator = Evaluator::default();
+    let mut tallies: Vec<Tally> = regions.iter().map(|_| Tally::default()).collect();
+    for (key, x, y) in &pairs {
         let (ia, ib) = (
             read_png(&a.join(&x.filename))?,
             read_png(&b.join(&y.filename))?,
@@ -220,41 +148,47 @@ pub fn region_change(
                 b.display()
             )));
         }
-        let mask: Mask = dilate(
-            &localizer.localize(std::slice::from_ref(&ia), std::slice::from_ref(&x.prompt))?[0],
-            dilation,
-        );
-        let (mut so, mut no, mut si, mut ni) = (0.0, 0usize, 0.0, 0usize);
-        for (d, &set) in pixel_changes(&ia, &ib).iter().zip(&mask.bits) {
-            if set {
-                si += d.0;
-                ni += 1;
-            } else {
-                so += d.0;
-                no += 1;
-                changed += usize::from(d.1 > 0.1);
+        let e = evaluator.evaluate(&ia, &PromptSpec::parse(&x.prompt)?)?;
+        let changes = pixel_changes(&ia, &ib);
+        for (region, t) in regions.iter().zip(&mut tallies) {
+            let mask = dilate(&region.mask(&e), dilation);
+            let (mut so, mut no, mut si, mut ni) = (0.0, 0usize, 0.0, 0usize);
+            for (d, &set) in changes.iter().zip(&mask.bits) {
+                if set {
+                    si += d.0;
+                    ni += 1;
+                } else {
+                    so += d.0;
+                    no += 1;
+                    t.changed += usize::from(d.1 > 0.1);
+                }
+            }
+            t.out_pixels += no;
+            if no > 0 {
+                t.outside.push(so / no as f64);
+            }
+            if ni > 0 {
+                t.inside.push(si / ni as f64);
             }
         }
-        out_pixels += no;
-        if no > 0 {
-            outside.push(so / no as f64);
-        }
-        if ni > 0 {
-            inside.push(si / ni as f64);
-        }
     }
-    Ok(RegionChange {
-        region,
-        images: la.len(),
-        outside: Mean::of(&outside),
-        inside: Mean::of(&inside),
-        changed_outside: changed as f64 / out_pixels.max(1) as f64,
-    })
+    Ok(regions
+        .iter()
+        .zip(tallies)
+        .map(|(&region, t)| RegionChange {
+            region,
+            images: pairs.len(),
+            outside: Mean::of(&t.outside),
+            inside: Mean::of(&t.inside),
+            changed_outside: t.changed as f64 / t.out_pixels.max(1) as f64,
+        })
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tiller_reward::localize::{GoldRegions, Localizer};
     use tiller_testbed::image::write_png;
     use tiller_testbed::{PromptGenerator, RenderConfig, Split, Task, render_prompt};
 
@@ -307,7 +241,9 @@ mod tests {
         let b2 = Image::from_rgb(a.width(), a.height(), outside).unwrap();
         let fa = folder("a", &[(&p.text, &a, true), (&p.text, &a, true)]);
         let fb = folder("b", &[(&p.text, &b1, false), (&p.text, &b2, true)]);
-        let c = region_change(&fa, &fb, GoldRegion::Marks, 1).unwrap();
+        let c = region_changes(&fa, &fb, &[GoldRegion::Marks], 1)
+            .unwrap()
+            .remove(0);
         assert_eq!((c.images, c.inside.n, c.outside.n), (2, 2, 2));
         // Outside: zero for B1; for B2 one pixel's change over the outside pixels.
         let one: f64 = (0..3)
@@ -330,11 +266,14 @@ mod tests {
         assert_eq!((r.rate_a, r.rate_b), (1.0, 0.5));
         assert!((r.se - 0.5).abs() < 1e-12, "{r:?}");
         // The same folder against itself: no change anywhere.
-        let same = region_change(&fa, &fa, GoldRegion::Faults, 1).unwrap();
+        let same = region_changes(&fa, &fa, &[GoldRegion::Faults], 1)
+            .unwrap()
+            .remove(0);
         assert_eq!((same.outside.mean, same.inside.mean), (0.0, 0.0));
         // A folder with other images is refused.
         let fc = folder("c", &[(&p.text, &a, true)]);
-        assert!(region_change(&fa, &fc, GoldRegion::Marks, 1).is_err());
+        assert!(region_changes(&fa, &fc, &[GoldRegion::Marks], 1).is_err());
+        assert!(mark_rates(&fa, &fc).is_err());
         for d in [fa, fb, fc] {
             let _ = std::fs::remove_dir_all(d);
         }

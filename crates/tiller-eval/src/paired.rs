@@ -8,8 +8,9 @@
 
 use crate::report::ImageResult;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tiller_core::{Error, Result};
 use tiller_testbed::prompts::Task;
 
@@ -27,6 +28,47 @@ struct Line {
 
 /// A `tiller eval` folder's `results.jsonl`; an image listed twice is an error.
 pub fn read(dir: &Path) -> Result<Verdicts> {
+    let (path, text) = results_text(dir)?;
+    parse(&text, &path)
+}
+
+/// A mean over images and its standard error, `sd / sqrt(n)` (0 for fewer than two).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mean {
+    pub n: usize,
+    pub mean: f64,
+    pub se: f64,
+}
+
+impl Mean {
+    pub fn of(v: &[f64]) -> Self {
+        let n = v.len();
+        if n == 0 {
+            return Self {
+                n,
+                mean: 0.0,
+                se: 0.0,
+            };
+        }
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let var = if n > 1 {
+            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+        } else {
+            0.0
+        };
+        Self {
+            n,
+            mean,
+            se: (var / n as f64).sqrt(),
+        }
+    }
+}
+
+/// Where an image of a results file is: (prompt index, seed index).
+pub type ImageKey = (usize, usize);
+
+/// The path and text of `dir`'s `results.jsonl`.
+pub(crate) fn results_text(dir: &Path) -> Result<(PathBuf, String)> {
     let path = dir.join("results.jsonl");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         Error::io(
@@ -39,7 +81,63 @@ pub fn read(dir: &Path) -> Result<Verdicts> {
             ),
         )
     })?;
-    parse(&text, &path)
+    Ok((path, text))
+}
+
+/// The lines of a results file as `T`s by their image; a line that does not parse or repeats an
+/// image is an error naming `path` and the line.
+pub(crate) fn parse_keyed<T: DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    key: impl Fn(&T) -> ImageKey,
+) -> Result<BTreeMap<ImageKey, T>> {
+    let mut out = BTreeMap::new();
+    for (i, l) in text.lines().enumerate() {
+        let line: T = serde_json::from_str(l)
+            .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
+        let k = key(&line);
+        if out.insert(k, line).is_some() {
+            return Err(Error::format(
+                path,
+                format!("line {} repeats image {k:?}", i + 1),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The images of run `a` beside the same images of run `b`, in `a`'s order; errors unless both
+/// hold the same images of the same prompts (`prompt` reads an image's prompt).
+pub(crate) fn pair_up<'a, T>(
+    a: &'a BTreeMap<ImageKey, T>,
+    b: &'a BTreeMap<ImageKey, T>,
+    prompt: impl Fn(&T) -> &str,
+) -> Result<Vec<(&'a ImageKey, &'a T, &'a T)>> {
+    if a.len() != b.len() {
+        return Err(Error::invalid(format!(
+            "the runs have {} and {} images; evaluate both on the same suite, --tasks, --per-task, --per-prompt and --seed",
+            a.len(),
+            b.len()
+        )));
+    }
+    a.iter()
+        .map(|(key, x)| {
+            let y = b.get(key).ok_or_else(|| {
+                Error::invalid(format!(
+                    "image {key:?} of the first run is missing from the second"
+                ))
+            })?;
+            if prompt(x) != prompt(y) {
+                return Err(Error::invalid(format!(
+                    "prompt {} differs (\"{}\" vs \"{}\"); the runs used different suites",
+                    key.0,
+                    prompt(x),
+                    prompt(y)
+                )));
+            }
+            Ok((key, x, y))
+        })
+        .collect()
 }
 
 /// The verdicts of a report's images (what its `results.jsonl` holds).
@@ -58,22 +156,12 @@ pub fn verdicts(results: &[ImageResult]) -> Verdicts {
 /// Per-image verdicts in `results.jsonl`'s format (also an alignment run's
 /// `samples/val-<update>.jsonl`); `path` names the source in errors.
 pub fn parse(text: &str, path: &Path) -> Result<Verdicts> {
-    let mut out = BTreeMap::new();
-    for (i, l) in text.lines().enumerate() {
-        let line: Line = serde_json::from_str(l)
-            .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
-        let key = (line.prompt_index, line.image_index);
-        if out
-            .insert(key, (line.tag, line.prompt, line.correct))
-            .is_some()
-        {
-            return Err(Error::format(
-                path,
-                format!("line {} repeats image {key:?}", i + 1),
-            ));
-        }
-    }
-    Ok(out)
+    Ok(
+        parse_keyed(text, path, |l: &Line| (l.prompt_index, l.image_index))?
+            .into_iter()
+            .map(|(k, l)| (k, (l.tag, l.prompt, l.correct)))
+            .collect(),
+    )
 }
 
 /// One task's paired comparison.
@@ -92,26 +180,8 @@ pub struct PairedRow {
 
 /// Matches two runs' verdicts; errors if they are not the same prompts and seeds.
 pub fn compare_results(a: &Verdicts, b: &Verdicts) -> Result<Vec<PairedRow>> {
-    if a.len() != b.len() {
-        return Err(Error::invalid(format!(
-            "the runs have {} and {} images; evaluate both on the same suite, --per-task, --per-prompt and --seed",
-            a.len(),
-            b.len()
-        )));
-    }
     let mut by_task: BTreeMap<String, Vec<(bool, bool)>> = BTreeMap::new();
-    for (key, (tag, prompt, ca)) in a {
-        let Some((_, prompt_b, cb)) = b.get(key) else {
-            return Err(Error::invalid(format!(
-                "image {key:?} of the first run is missing from the second"
-            )));
-        };
-        if prompt != prompt_b {
-            return Err(Error::invalid(format!(
-                "prompt {} differs (\"{prompt}\" vs \"{prompt_b}\"); the runs used different suites",
-                key.0
-            )));
-        }
+    for (_, (tag, _, ca), (_, _, cb)) in pair_up(a, b, |v| v.1.as_str())? {
         by_task.entry(tag.clone()).or_default().push((*ca, *cb));
     }
     Ok(by_task
@@ -122,17 +192,11 @@ pub fn compare_results(a: &Verdicts, b: &Verdicts) -> Result<Vec<PairedRow>> {
                 .iter()
                 .map(|&(x, y)| y as u8 as f64 - x as u8 as f64)
                 .collect();
-            let mean = d.iter().sum::<f64>() / n as f64;
-            let var = if n > 1 {
-                d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-            } else {
-                0.0
-            };
             PairedRow {
                 n,
                 acc_a: v.iter().filter(|p| p.0).count() as f64 / n as f64,
                 acc_b: v.iter().filter(|p| p.1).count() as f64 / n as f64,
-                se: (var / n as f64).sqrt(),
+                se: Mean::of(&d).se,
                 only_b: v.iter().filter(|p| p.1 && !p.0).count(),
                 only_a: v.iter().filter(|p| p.0 && !p.1).count(),
                 task,

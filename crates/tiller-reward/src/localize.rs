@@ -16,7 +16,7 @@ use crate::{LearnedReward, check_lengths, images_to_tensor};
 use burn::tensor::activation::sigmoid;
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result};
-use tiller_testbed::{Evaluator, Image, Mask, PromptSpec};
+use tiller_testbed::{Evaluation, Evaluator, Image, Mask, PromptSpec};
 
 /// Where a problem is in each image.
 pub trait Localizer {
@@ -69,22 +69,29 @@ impl Localizer for GoldRegions {
             .zip(prompts)
             .map(|(im, p)| {
                 let e = self.evaluator.evaluate(im, &PromptSpec::parse(p)?)?;
-                let mut m = e.mark.mask.clone();
-                if self.region == GoldRegion::Faults {
-                    let f = &e.factors;
-                    let a = &e.parsed.aesthetics;
-                    let parts = [Some(&f.presence), Some(&f.count)]
-                        .into_iter()
-                        .chain([f.color.as_ref(), f.position.as_ref(), f.binding.as_ref()])
-                        .flatten()
-                        .chain([&a.border, &a.clean_background, &a.balance, &a.crisp_edges]);
-                    for factor in parts {
-                        m.union_with(&factor.mask);
-                    }
-                }
-                Ok(m)
+                Ok(self.region.mask(&e))
             })
             .collect()
+    }
+}
+
+impl GoldRegion {
+    /// This region of one evaluation's image.
+    pub fn mask(self, e: &Evaluation) -> Mask {
+        let mut m = e.mark.mask.clone();
+        if self == GoldRegion::Faults {
+            let f = &e.factors;
+            let a = &e.parsed.aesthetics;
+            let parts = [Some(&f.presence), Some(&f.count)]
+                .into_iter()
+                .chain([f.color.as_ref(), f.position.as_ref(), f.binding.as_ref()])
+                .flatten()
+                .chain([&a.border, &a.clean_background, &a.balance, &a.crisp_edges]);
+            for factor in parts {
+                m.union_with(&factor.mask);
+            }
+        }
+        m
     }
 }
 

@@ -278,10 +278,6 @@ impl LearnedReward {
 
     /// The prompts' token ids under the reward's tokenizer.
     pub fn token_ids(&self, prompts: &[String]) -> Result<Vec<Vec<i64>>> {
-        self.ids(prompts)
-    }
-
-    fn ids(&self, prompts: &[String]) -> Result<Vec<Vec<i64>>> {
         prompts
             .iter()
             .map(|p| {
@@ -308,7 +304,9 @@ impl LearnedReward {
             factors: Vec::new(),
         };
         for (ims, ps) in images.chunks(64).zip(prompts.chunks(64)) {
-            let s = self.ensemble.score(ims, &self.ids(ps)?, &self.device)?;
+            let s = self
+                .ensemble
+                .score(ims, &self.token_ids(ps)?, &self.device)?;
             all.mean.extend(s.mean);
             all.std.extend(s.std);
             all.factors.extend(s.factors);
@@ -325,7 +323,7 @@ impl LearnedReward {
         for (ims, ps) in images.chunks(64).zip(prompts.chunks(64)) {
             all.extend(
                 self.ensemble
-                    .caption_match(ims, &self.ids(ps)?, &self.device)?,
+                    .caption_match(ims, &self.token_ids(ps)?, &self.device)?,
             );
         }
         check_finite(&self.name, &all)?;
@@ -355,7 +353,7 @@ impl DifferentiableReward for LearnedReward {
     fn score_tensor(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
         // The reward model itself stays frozen: a copy on the images' device without grad.
         let model = self.ensemble.clone().to_device(&images.device()).no_grad();
-        model.forward_mean(images, &self.ids(prompts)?)
+        model.forward_mean(images, &self.token_ids(prompts)?)
     }
 }
 
@@ -387,26 +385,11 @@ impl Reward for SoftMarks {
 
     fn score(&self, images: &[Image], prompts: &[String]) -> Result<Vec<f64>> {
         check_lengths(images, prompts)?;
-        let white = tiller_testbed::palette::MARK_WHITE;
-        Ok(images
-            .iter()
-            .map(|im| {
-                let px = im.data().chunks(3);
-                let n = (im.data().len() / 3).max(1) as f64;
-                let soft: f64 = px
-                    .map(|p| {
-                        let d = p
-                            .iter()
-                            .zip(white)
-                            .map(|(&x, w)| (f64::from(x) - f64::from(w)).powi(2))
-                            .sum::<f64>()
-                            .sqrt();
-                        1.0 / (1.0 + ((d - self.tolerance) / self.softness).exp())
-                    })
-                    .sum();
-                -100.0 * soft / n
-            })
-            .collect())
+        // The tensor form on the CPU: one formula for both.
+        let x = crate::images_to_tensor(images, &Device::default())?;
+        let v = crate::to_vec(self.score_tensor(x, prompts)?);
+        check_finite("soft-marks", &v)?;
+        Ok(v)
     }
 
     fn differentiable(&self) -> Option<&dyn DifferentiableReward> {
@@ -472,7 +455,7 @@ impl FactorReward {
         images: Tensor<4>,
         prompts: &[String],
     ) -> Result<Tensor<1>> {
-        let ids = self.learned.ids(prompts)?;
+        let ids = self.learned.token_ids(prompts)?;
         let b = images.dims()[0];
         let mut sum: Option<Tensor<1>> = None;
         for m in &ensemble.members {
@@ -566,7 +549,7 @@ impl DifferentiableReward for CaptionMatch {
             .clone()
             .to_device(&images.device())
             .no_grad();
-        model.caption_match_mean(images, &self.0.ids(prompts)?)
+        model.caption_match_mean(images, &self.0.token_ids(prompts)?)
     }
 }
 

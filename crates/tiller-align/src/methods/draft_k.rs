@@ -136,6 +136,15 @@ pub(crate) fn reward_values(reward: &dyn tiller_reward::Reward, r: &Tensor<1>) -
         .into_iter()
         .map(f64::from)
         .collect();
+    finite_rewards(reward, values)
+}
+
+/// `values`, the scores of `reward`; a non-finite one is an error naming the reward and the
+/// example.
+pub(crate) fn finite_rewards(
+    reward: &dyn tiller_reward::Reward,
+    values: Vec<f64>,
+) -> Result<Vec<f64>> {
     match values.iter().position(|v| !v.is_finite()) {
         Some(i) => Err(Error::NonFinite(format!(
             "reward `{}` returned {} for example {i}",

@@ -37,11 +37,12 @@
 use crate::batch::{Batch, Collect, Starts};
 use crate::config::AlignConfig;
 use crate::methods::ddpo::to_f32;
+use crate::methods::draft_k::finite_rewards;
 use crate::methods::{Fields, MethodSpec};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_sigmoid;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::LogProbReduction;
@@ -254,33 +255,21 @@ impl Spo {
                 } else {
                     c.clone()
                 };
-                let v = cx
-                    .reward
-                    .score(&tensor_to_images(policy.images(x0))?, texts)?;
-                if let Some(e) = v.iter().position(|r| !r.is_finite()) {
-                    return Err(Error::NonFinite(format!(
-                        "reward `{}` returned {} for example {e}",
-                        cx.reward.name(),
-                        v[e]
-                    )));
-                }
+                let images = tensor_to_images(policy.images(x0))?;
+                let v = finite_rewards(cx.reward, cx.reward.score(&images, texts)?)?;
                 queries.extend(&v);
                 scores.push(v);
             }
             let verdicts = compare(&scores, self.config.threshold);
             let rows: Vec<usize> = (0..b).filter(|&e| verdicts[e].2).collect();
             if !rows.is_empty() {
-                let idx = |r: &[usize]| {
-                    Tensor::<1, Int>::from_data(
-                        TensorData::new(r.iter().map(|&e| e as i64).collect(), [r.len()]),
-                        device,
-                    )
+                let at = |pick_of: &dyn Fn(usize) -> usize| -> Vec<(usize, usize)> {
+                    rows.iter().map(|&e| (pick_of(e), e)).collect()
                 };
-                let win: Vec<(usize, usize)> = rows.iter().map(|&e| (verdicts[e].0, e)).collect();
-                let lose: Vec<(usize, usize)> = rows.iter().map(|&e| (verdicts[e].1, e)).collect();
+                let (win, lose) = (at(&|e| verdicts[e].0), at(&|e| verdicts[e].1));
                 pairs.push(StepPairs {
                     i,
-                    x_t: x.clone().select(0, idx(&rows)),
+                    x_t: pick(std::slice::from_ref(&x), &at(&|_| 0)),
                     win: pick(&candidates, &win),
                     lose: pick(&candidates, &lose),
                     rows,
@@ -387,6 +376,7 @@ impl<M: PolicyModel> Algorithm<M> for Spo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
 
     #[test]
     fn compare_takes_the_best_and_worst_above_the_softmax_gap() {
