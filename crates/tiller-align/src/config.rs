@@ -207,10 +207,15 @@ pub struct PromptsSection {
     pub val_per_task: usize,
     /// Validation images per prompt (fixed seeds).
     pub val_per_prompt: usize,
-    /// A text file of training prompts, one per line (blank lines and lines starting with `#`
-    /// skipped), for a Stable Diffusion base; empty: the testbed's prompts of `tasks`.
+    /// A file of training prompts for a Stable Diffusion base: text, one per line (blank lines
+    /// and lines starting with `#` skipped), or a CSV with a `prompt` column (CoProV2's test set,
+    /// I2P); empty: the testbed's prompts of `tasks`.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub file: String,
+    /// Only the CSV rows of these categories (its `category` or `categories` column, e.g.
+    /// CoProV2's `Hate`: one SafetyDPO expert's prompts); empty: every row.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
     /// Validation prompts in the same format; empty with `file`: the last `val_per_task` lines
     /// of `file` are held out of training and validated on.
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -229,6 +234,7 @@ impl Default for PromptsSection {
             val_per_task: 6,
             val_per_prompt: 2,
             file: String::new(),
+            categories: Vec::new(),
             val_file: String::new(),
         }
     }
@@ -390,6 +396,12 @@ impl AlignConfig {
             return bad(
                 "prompts.val_file",
                 "goes with prompts.file (the training prompts)".into(),
+            );
+        }
+        if self.prompts.file.is_empty() && !self.prompts.categories.is_empty() {
+            return bad(
+                "prompts.categories",
+                "selects rows of prompts.file (a CSV with a category column)".into(),
             );
         }
         if self.prompts.tasks.is_empty() {

@@ -9,6 +9,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod experts;
 pub mod methods;
 pub mod policy;
 pub mod pretraining;

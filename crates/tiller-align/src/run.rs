@@ -51,7 +51,7 @@ fn checkpoint_run(folder: &Path) -> Option<PathBuf> {
 
 /// The config of the alignment run `folder` (or of the run one of its checkpoints belongs to),
 /// and whether `folder` is a checkpoint.
-fn run_config(folder: &Path) -> Result<(AlignConfig, bool)> {
+pub(crate) fn run_config(folder: &Path) -> Result<(AlignConfig, bool)> {
     let checkpoint = checkpoint_run(folder);
     let run = checkpoint.as_deref().unwrap_or(folder);
     let path = run.join("config.toml");
@@ -75,26 +75,38 @@ fn aligned_unet(
     unet: UNet2DConditionModel,
     device: &Device,
 ) -> Result<UNet2DConditionModel> {
+    if config.adapter.kind == AdapterKind::Lora {
+        return Ok(merge_lora(adapted_unet(folder, config, checkpoint, unet)?));
+    }
+    if checkpoint {
+        // The trainer saves the whole policy module: every weight for a full fine-tune.
+        return load_module(&folder.join(MODEL_FILE), unet);
+    }
+    tiller_diffusion::models::load_unet(&folder.join("final").join("unet"), None, device)
+        .map(|(_, unet)| unet)
+}
+
+/// `unet` (the run's base UNet) with the LoRA adapters of run `folder` (config `config`; a
+/// checkpoint when `checkpoint`) attached, not merged.
+pub(crate) fn adapted_unet(
+    folder: &Path,
+    config: &AlignConfig,
+    checkpoint: bool,
+    unet: UNet2DConditionModel,
+) -> Result<UNet2DConditionModel> {
+    if config.adapter.kind != AdapterKind::Lora {
+        return Err(Error::invalid(format!(
+            "{} fine-tuned every weight (`adapter.kind = \"full\"`): it has no LoRA adapters",
+            folder.display()
+        )));
+    }
     if checkpoint {
         // The trainer saves the whole policy module: the base with its adapters attached (their
-        // initial values are overwritten by the load), or every weight for a full fine-tune.
-        let module = match config.adapter.kind {
-            AdapterKind::Lora => attach_lora(unet, &config.adapter.lora(), &mut SeededRng::new(0))?,
-            AdapterKind::Full => unet,
-        };
-        let loaded = load_module(&folder.join(MODEL_FILE), module)?;
-        return Ok(merge_lora(loaded));
+        // initial values are overwritten by the load).
+        let module = attach_lora(unet, &config.adapter.lora(), &mut SeededRng::new(0))?;
+        return load_module(&folder.join(MODEL_FILE), module);
     }
-    let final_dir = folder.join("final");
-    Ok(match config.adapter.kind {
-        AdapterKind::Lora => {
-            let (unet, _, _) = load_lora(unet, &final_dir.join(LORA_PEFT_FILE))?;
-            merge_lora(unet)
-        }
-        AdapterKind::Full => {
-            tiller_diffusion::models::load_unet(&final_dir.join("unet"), None, device)?.1
-        }
-    })
+    Ok(load_lora(unet, &folder.join("final").join(LORA_PEFT_FILE))?.0)
 }
 
 /// The base pipeline of an alignment run with the run's final weights (LoRA merged), or, given
@@ -213,12 +225,18 @@ pub fn read_pairs(
     split: &str,
     max_comparisons: usize,
     field: &str,
+    category: Option<&str>,
 ) -> Result<(Vec<PreferencePair>, u64)> {
     let mut images = StoreImages::open(store_dir, field)?;
     let split = split_of(split);
     let mut comparisons = images
         .store
         .comparisons(&Query::default().in_split(split))?;
+    if let Some(category) = category {
+        comparisons.retain(|c| {
+            crate::methods::safety_dpo::in_category(&c.provenance.annotator.0, category)
+        });
+    }
     if max_comparisons > 0 {
         comparisons.truncate(max_comparisons);
     }
@@ -239,8 +257,12 @@ pub fn read_pairs(
         return Err(Error::config(
             field,
             format!(
-                "{} has no non-tie comparisons in the {split:?} split; run `tiller feedback collect` first",
-                store_dir.display()
+                "{} has no non-tie comparisons{} in the {split:?} split; run `tiller feedback collect` \
+                 (or `safety-pairs`) first",
+                store_dir.display(),
+                category
+                    .map(|c| format!(" of category `{c}`"))
+                    .unwrap_or_default()
             ),
         ));
     }
@@ -628,20 +650,39 @@ fn prompt_texts(
     }
     let read = |field: &str, path: &str| -> Result<Vec<String>> {
         let path = locate(Path::new(path));
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let lines: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(String::from)
+        let rows = tiller_feedback::loaders::prompt_sets::read_prompt_file(&path)
+            .map_err(|e| Error::config(field, e.to_string()))?;
+        if p.categories.is_empty() {
+            return Ok(rows.into_iter().map(|r| r.text).collect());
+        }
+        let kept: Vec<String> = rows
+            .iter()
+            .filter(|r| {
+                r.category
+                    .as_ref()
+                    .is_some_and(|c| p.categories.contains(c))
+            })
+            .map(|r| r.text.clone())
             .collect();
-        if lines.is_empty() {
+        if kept.is_empty() {
+            let mut have: Vec<&str> = rows.iter().filter_map(|r| r.category.as_deref()).collect();
+            have.sort_unstable();
+            have.dedup();
             return Err(Error::config(
-                field,
-                format!("{} holds no prompts (one per line)", path.display()),
+                "prompts.categories",
+                format!(
+                    "{} has no prompts of {:?}; its categories: {}",
+                    path.display(),
+                    p.categories,
+                    if have.is_empty() {
+                        "none (not a CSV with a category column)".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                ),
             ));
         }
-        Ok(lines)
+        Ok(kept)
     };
     let mut train = read("prompts.file", &p.file)?;
     let val = if p.val_file.is_empty() {
@@ -675,7 +716,8 @@ fn store_data(
         let store = locate(Path::new(&s.store));
         match s.data {
             StoreData::Comparisons => {
-                (pairs, upfront) = read_pairs(&store, &s.split, s.limit, s.field)?;
+                (pairs, upfront) =
+                    read_pairs(&store, &s.split, s.limit, s.field, s.category.as_deref())?;
             }
             StoreData::Labels => {
                 (labels, upfront) = read_labels(&store, &s.split, s.limit, s.field)?;

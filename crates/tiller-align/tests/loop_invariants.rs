@@ -495,6 +495,7 @@ fn config(method: &str, updates: u64, lr: f64) -> AlignConfig {
             d.clip_range = 1e-2;
         }
         Method::DiffusionDpo(d) => d.beta = 200.0,
+        Method::SafetyDpo(d) => d.beta = 200.0,
         // Diffusion-KTO at its default beta (1000): its implicit rewards are single-image
         // errors, whose differences are small on this tiny model.
         Method::DiffusionKto(_) => {}

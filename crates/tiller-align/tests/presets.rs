@@ -51,7 +51,7 @@ fn the_method_section_is_one_method_by_name() {
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("method.dpok.ratio_clip"), "{e}");
     // Preference methods never train on the held-out test split.
-    for m in ["diffusion-dpo", "diffusion-kto"] {
+    for m in ["diffusion-dpo", "diffusion-kto", "safety-dpo"] {
         let c = parse(&format!("[method.{m}]\nsplit = \"test\"")).unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(

@@ -4,12 +4,15 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
+use tiller_align::methods::safety_dpo::MergeStrategy;
+use tiller_align::policy::LORA_PEFT_FILE;
 use tiller_align::run::{
     AlignSummary, Request, is_run, load_aligned, load_aligned_latent, run, run_base,
 };
+use tiller_diffusion::models::lora::{merge_lora, save_lora};
 use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
 use tiller_engine::Resume;
-use tiller_eval::sampling::save_pipeline;
+use tiller_eval::sampling::{sample_prompts, save_pipeline};
 
 #[derive(Args, Clone)]
 pub struct AlignArgs {
@@ -66,37 +69,143 @@ pub fn methods_table() -> String {
 #[derive(Args)]
 pub struct MergeArgs {
     /// The alignment run (`runs/<id>`, with `final/` written at its end), or one of its
-    /// checkpoints (`runs/<id>/checkpoints/step-N`).
-    #[arg(long)]
-    pub run: PathBuf,
+    /// checkpoints (`runs/<id>/checkpoints/step-N`). Repeat it to merge several LoRA runs on one
+    /// base (SafetyDPO's experts) into one adapter by `--strategy`.
+    #[arg(long, required = true)]
+    pub run: Vec<PathBuf>,
     /// The pipeline folder to write; must not exist.
     #[arg(long)]
     pub out: PathBuf,
+    /// How several runs' adapters become one: `co-merge` (per output unit, the expert most
+    /// active on the calibration prompts) or `average`.
+    #[arg(long, default_value = "co-merge", value_parser = ["co-merge", "average"])]
+    pub strategy: String,
+    /// Co-Merge's calibration prompts: how many, drawn (seeded) from the testbed's training split.
+    #[arg(long, default_value_t = 32)]
+    pub calibration_prompts: usize,
+    /// The tasks they are drawn from (comma-separated).
+    #[arg(long, default_value = "unsafe")]
+    pub calibration_tasks: String,
+    /// Seed of the calibration prompts and their images.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The calibration's sampler (default: as the base's `tiller_sampling.json` says).
+    #[command(flatten)]
+    pub sampling: crate::args::SamplingArgs,
 }
 
 /// `tiller merge`: the run's base with its final LoRA merged into the UNet (or its fully
-/// fine-tuned UNet; or a checkpoint's weights), written as a diffusers-layout pipeline that `sample`, `eval`, `align --set
-/// base=...` and diffusers itself load like any base model.
+/// fine-tuned UNet; or a checkpoint's weights), written as a diffusers-layout pipeline that
+/// `sample`, `eval`, `align --set base=...` and diffusers itself load like any base model. With
+/// several runs, their adapters are first merged into one (`tiller_align::experts`), which is
+/// written beside the pipeline as `pytorch_lora_weights.safetensors` with `merge.json`.
 pub fn merge(args: MergeArgs) -> Result<()> {
     crate::ensure_new_out(&args.out)?;
-    anyhow::ensure!(
-        is_run(&args.run),
-        "--run {}: neither a finished alignment run (config.toml and final/) nor one of its \
-         checkpoints (runs/<id>/checkpoints/step-N)",
-        args.run.display()
-    );
+    for run in &args.run {
+        anyhow::ensure!(
+            is_run(run),
+            "--run {}: neither a finished alignment run (config.toml and final/) nor one of its \
+             checkpoints (runs/<id>/checkpoints/step-N)",
+            run.display()
+        );
+    }
+    if args.run.len() > 1 {
+        return merge_experts(&args);
+    }
+    let run = &args.run[0];
     let device = tiller_core::device::parse_device("cpu")?;
-    let base = run_base(&args.run, &crate::shipped::resolve)?;
+    let base = run_base(run, &crate::shipped::resolve)?;
     if is_stable_diffusion(&base) {
-        let sd = load_aligned_latent(&args.run, &device, &crate::shipped::resolve)?;
+        let sd = load_aligned_latent(run, &device, &crate::shipped::resolve)?;
         save_latent_pipeline(&base, &sd, &args.out)?;
     } else {
-        let (pipe, tokenizer) = load_aligned(&args.run, &device, &crate::shipped::resolve)?;
+        let (pipe, tokenizer) = load_aligned(run, &device, &crate::shipped::resolve)?;
         save_pipeline(&pipe, &args.out, &tokenizer)?;
     }
     println!(
         "{} merged into its base, written to {}",
-        args.run.display(),
+        run.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Several runs' adapters merged into one, then into the base.
+fn merge_experts(args: &MergeArgs) -> Result<()> {
+    use tiller_testbed::{PromptSetConfig, Task, prompts};
+    let device = tiller_core::device::parse_device(&args.sampling.device)?;
+    let strategy: MergeStrategy = args.strategy.parse()?;
+    let tasks = args
+        .calibration_tasks
+        .split(',')
+        .map(|t| {
+            Task::ALL
+                .into_iter()
+                .find(|k| k.name() == t.trim())
+                .with_context(|| {
+                    format!(
+                        "--calibration-tasks: unknown task `{t}`; valid: {}",
+                        Task::ALL.map(|k| k.name()).join(", ")
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let pool = prompts::generate_splits(&PromptSetConfig {
+        tasks,
+        ..PromptSetConfig::default()
+    })?
+    .train;
+    let mut rng = tiller_core::SeededRng::new(args.seed);
+    let mut texts: Vec<String> = pool.into_iter().map(|p| p.text).collect();
+    texts.sort();
+    texts.dedup();
+    for i in (1..texts.len()).rev() {
+        texts.swap(i, rng.below(i + 1));
+    }
+    texts.truncate(args.calibration_prompts.max(1));
+    let mut calibrate = |pipe: &tiller_diffusion::pipeline::TextToImage,
+                         tokenizer: &tiller_testbed::Tokenizer|
+     -> tiller_core::Result<usize> {
+        let settings = args
+            .sampling
+            .settings(pipe)
+            .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
+        let images = sample_prompts(pipe, tokenizer, &texts, &[args.seed], &settings, &device)?;
+        Ok(images.iter().map(Vec::len).sum())
+    };
+    let merged = tiller_align::experts::merge_experts(
+        &args.run,
+        strategy,
+        &device,
+        &crate::shipped::resolve,
+        &mut calibrate,
+    )?;
+    let report = serde_json::to_string_pretty(&merged.report)?;
+    tiller_core::fs::build_folder(&args.out, |dir| {
+        save_lora(
+            &merged.pipe.unet,
+            &dir.join(LORA_PEFT_FILE),
+            tiller_diffusion::models::lora::LoraFormat::Peft,
+        )?;
+        let mut pipe = merged.pipe.clone();
+        pipe.unet = merge_lora(pipe.unet);
+        save_pipeline(&pipe, dir, &merged.tokenizer)?;
+        tiller_core::fs::atomic_write(&dir.join("merge.json"), report.as_bytes())
+    })?;
+    let kept: Vec<String> = merged
+        .report
+        .units_kept
+        .iter()
+        .map(|k| format!("{k}/{}", merged.report.units))
+        .collect();
+    println!(
+        "{} experts merged by {} into one adapter of rank {} on {} modules (units kept per \
+         expert: {}), written with the merged pipeline to {}",
+        args.run.len(),
+        args.strategy,
+        merged.report.rank,
+        merged.report.modules,
+        kept.join(", "),
         args.out.display()
     );
     Ok(())

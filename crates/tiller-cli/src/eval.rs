@@ -26,7 +26,8 @@ pub struct SampleArgs {
     /// The prompt (repeatable).
     #[arg(long)]
     prompt: Vec<String>,
-    /// A file of prompts, one per line.
+    /// A file of prompts: one per line, or a CSV with a `prompt` column (CoProV2's test set,
+    /// I2P).
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// Images per prompt.
@@ -58,14 +59,8 @@ pub struct SampleArgs {
 pub fn sample(args: SampleArgs) -> Result<()> {
     let mut texts = args.prompt.clone();
     if let Some(p) = &args.prompts {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        texts.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from),
-        );
+        let rows = tiller_feedback::loaders::prompt_sets::read_prompt_file(p)?;
+        texts.extend(rows.into_iter().map(|r| r.text));
     }
     if texts.is_empty() {
         bail!("give at least one --prompt or a --prompts file");

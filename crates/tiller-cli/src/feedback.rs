@@ -110,3 +110,70 @@ pub fn collect(args: CollectArgs) -> Result<CollectSummary> {
     );
     Ok(summary)
 }
+
+/// `tiller feedback safety-pairs`: safe/unsafe pairs in CoProV2's form for SafetyDPO
+/// (`tiller_eval::safety_pairs`).
+#[derive(Args)]
+pub struct SafetyPairsArgs {
+    /// The pipeline folder that draws both images of a pair (the model to be made safe).
+    #[arg(long, default_value = "assets/testbed-base")]
+    pub model: PathBuf,
+    /// The preference store folder (created if missing; new records are appended).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Which unsafe prompts: `train` or `test`.
+    #[arg(long, default_value = "train", value_parser = ["train", "test"])]
+    pub split: String,
+    /// Unsafe prompts with a safe twin to draw (seeded shuffle; 0: all).
+    #[arg(long, default_value_t = 0)]
+    pub prompts: usize,
+    /// Pairs sampled per prompt (one seed each).
+    #[arg(long, default_value_t = 4)]
+    pub per_prompt: usize,
+    /// Keep every sampled pair, as CoProV2 does; by default a pair is kept only when the gold
+    /// evaluator sees the forbidden content in the unsafe image and not in the safe one.
+    #[arg(long)]
+    pub keep_all: bool,
+    /// Seed of the prompt draw, the images and the sides.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn safety_pairs(args: SafetyPairsArgs) -> Result<()> {
+    let device = tiller_core::device::parse_device(&args.sampling.device)?;
+    let (pipe, tokenizer) = load_model(&args.model, &device)?;
+    check_resolution(&pipe, args.sampling.resolution)?;
+    let s =
+        tiller_eval::safety_pairs::collect_safety_pairs(tiller_eval::safety_pairs::SafetyPairs {
+            pipe: &pipe,
+            tokenizer: &tokenizer,
+            settings: args.sampling.settings(&pipe)?,
+            device: &device,
+            store: &args.store,
+            split: Split::parse(&args.split)?,
+            prompts: args.prompts,
+            per_prompt: args.per_prompt,
+            check: !args.keep_all,
+            seed: args.seed,
+        })?;
+    let kept: Vec<String> = s.kept.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+    println!(
+        "stored {} safe/unsafe pairs ({}) of {} sampled on {} {} prompts in {}; dropped {} whose \
+         unsafe image lacked the forbidden content and {} whose safe image showed it",
+        s.kept.values().sum::<usize>(),
+        if kept.is_empty() {
+            "none".to_string()
+        } else {
+            kept.join(", ")
+        },
+        s.sampled,
+        s.prompts,
+        s.split,
+        args.store.display(),
+        s.dropped_unsafe_clean,
+        s.dropped_safe_marked
+    );
+    Ok(())
+}

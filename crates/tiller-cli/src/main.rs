@@ -74,6 +74,9 @@ enum Command {
 enum FeedbackCommand {
     /// Simulated annotators label model samples into the preference store.
     Collect(feedback::CollectArgs),
+    /// Safe/unsafe pairs for SafetyDPO in CoProV2's form: each unsafe prompt and its minimally
+    /// different safe twin drawn by the model from the same noise, the safe image preferred.
+    SafetyPairs(feedback::SafetyPairsArgs),
 }
 
 #[derive(Subcommand)]
@@ -176,6 +179,9 @@ fn main() -> Result<()> {
         Command::Feedback {
             command: FeedbackCommand::Collect(args),
         } => feedback::collect(args).map(|_| ()),
+        Command::Feedback {
+            command: FeedbackCommand::SafetyPairs(args),
+        } => feedback::safety_pairs(args),
         Command::Reward {
             command: RewardCommand::Pretrain(args),
         } => reward::pretrain(args),

@@ -394,3 +394,126 @@ fn align_on_a_stable_diffusion_folder_then_sample_and_merge_the_run() {
     assert!(base != from_run, "the run's UNet differs from the base's");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SafetyDPO end to end on the shipped base: safe/unsafe pairs in CoProV2's form, two experts of
+/// the `mark` category (two seeds standing in for two categories), and both merges into one
+/// adapter of rank 2r written with the merged pipeline, which `sample` reads.
+#[test]
+fn safety_pairs_train_experts_that_merge_into_one_adapter() {
+    let dir = scratch("safety");
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = dir.join("pairs");
+    let store_s = store.to_str().unwrap();
+    let (ok, text) = tiller(&[
+        "feedback",
+        "safety-pairs",
+        "--store",
+        store_s,
+        "--prompts",
+        "3",
+        "--per-prompt",
+        "2",
+        "--keep-all",
+        "--steps",
+        "3",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("stored 6 safe/unsafe pairs (mark: 6)"),
+        "{text}"
+    );
+    let expert = |name: &str, seed: &str, category: &str| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "align".to_string(),
+            "--config".into(),
+            "configs/safety-dpo-testbed.toml".into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--seed".into(),
+            seed.into(),
+            "--set".into(),
+            format!("method.safety-dpo.store={store_s}"),
+            "--set".into(),
+            format!("method.safety-dpo.category={category}"),
+        ];
+        args.extend(SMALL.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        (tiller(&refs), out)
+    };
+    // A category with no pairs is refused, naming it.
+    let ((ok, text), _) = expert("none", "1", "symbol");
+    assert!(!ok && text.contains("category `symbol`"), "{text}");
+    let ((ok, text), a) = expert("expert-a", "1", "mark");
+    assert!(ok, "{text}");
+    let ((ok, text), b) = expert("expert-b", "2", "mark");
+    assert!(ok, "{text}");
+    for strategy in ["co-merge", "average"] {
+        let merged = dir.join(format!("merged-{strategy}"));
+        let (ok, text) = tiller(&[
+            "merge",
+            "--run",
+            a.to_str().unwrap(),
+            "--run",
+            b.to_str().unwrap(),
+            "--strategy",
+            strategy,
+            "--calibration-prompts",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(merged.join("merge.json")).unwrap())
+                .unwrap();
+        assert_eq!(report["rank"], 8, "{report}");
+        let units = report["units"].as_u64().unwrap();
+        let kept: Vec<u64> = report["units_kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        if strategy == "co-merge" {
+            assert_eq!(kept.iter().sum::<u64>(), units, "{report}");
+            assert_eq!(report["calibration_images"], 2, "{report}");
+        } else {
+            assert_eq!(kept, vec![units, units], "{report}");
+        }
+        for f in [
+            "pytorch_lora_weights.safetensors",
+            "model_index.json",
+            "unet/config.json",
+        ] {
+            assert!(merged.join(f).exists(), "{f} missing: {text}");
+        }
+        let png = dir.join(format!("{strategy}.png"));
+        let (ok, text) = tiller(&[
+            "sample",
+            "--model",
+            merged.to_str().unwrap(),
+            "--prompt",
+            "a red circle with the forbidden mark",
+            "--steps",
+            "3",
+            "--out",
+            png.to_str().unwrap(),
+        ]);
+        assert!(ok && png.is_file(), "{text}");
+    }
+    // One expert is not a merge of experts; an existing output is refused.
+    let (ok, text) = tiller(&[
+        "merge",
+        "--run",
+        a.to_str().unwrap(),
+        "--run",
+        a.to_str().unwrap(),
+        "--out",
+        dir.join("merged-average").to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("--out"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

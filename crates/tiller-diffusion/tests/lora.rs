@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use tiller_core::SeededRng;
 use tiller_diffusion::models::load_unet;
 use tiller_diffusion::models::lora::{
-    LoraConfig, LoraFormat, attach_lora, load_lora, lora_modules, merge_lora, save_lora,
+    LoraConfig, LoraFormat, adapter_set, attach_combination, attach_lora, load_lora, lora_modules,
+    merge_lora, save_lora,
 };
 use tiller_diffusion::models::unet::UNet2DConditionModel;
 use tiller_diffusion::models::weights::{HostTensor, read_safetensors, write_safetensors};
@@ -44,13 +45,18 @@ fn cfg() -> LoraConfig {
 
 /// The base with adapters moved off their initialisation by one SGD step (B no longer 0).
 fn trained() -> UNet2DConditionModel {
+    trained_from(1, 4)
+}
+
+/// [`trained`] from adapters drawn with `init` and inputs drawn with `data`.
+fn trained_from(init: u64, data: u64) -> UNet2DConditionModel {
     let device = Device::flex();
     let ad = device.clone().autodiff();
-    let model = attach_lora(base(&device), &cfg(), &mut SeededRng::new(1))
+    let model = attach_lora(base(&device), &cfg(), &mut SeededRng::new(init))
         .unwrap()
         .to_device(&ad)
         .train();
-    let mut rng = SeededRng::new(4);
+    let mut rng = SeededRng::new(data);
     let x = rng.normal([2, 3, 8, 8], &ad);
     let ctx = rng.normal([2, 4, 32], &ad);
     let t = Tensor::<1>::from_floats([10.0f32, 700.0], &ad);
@@ -68,30 +74,11 @@ fn scratch(name: &str) -> PathBuf {
 
 /// (name, values) of every adapter factor.
 fn factors(model: &UNet2DConditionModel) -> Vec<(String, Vec<f32>)> {
-    struct V {
-        path: Vec<String>,
-        out: Vec<(String, Vec<f32>)>,
-    }
-    impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.into());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            if self.path.iter().any(|s| s == "lora") {
-                let v = p.val().into_data().convert::<f32>().try_into_vec().unwrap();
-                self.out.push((self.path.join("."), v));
-            }
-        }
-    }
-    let mut v = V {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut v);
-    v.out
+    weights(model)
+        .into_iter()
+        .filter(|(name, _, _)| name.split('.').any(|s| s == "lora"))
+        .map(|(name, _, v)| (name, v))
+        .collect()
 }
 
 #[test]
@@ -201,6 +188,110 @@ fn merged_weights_equal_the_adapted_model() {
     let merged = merge_lora(model);
     assert!(lora_modules(&merged).is_empty());
     assert_close(output(&merged), expected, 1e-5, 1e-6);
+}
+
+/// Every float parameter by its path, in visit order.
+fn weights(model: &UNet2DConditionModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    struct V {
+        path: Vec<String>,
+        out: Vec<(String, Vec<usize>, Vec<f32>)>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            let t = p.val();
+            let shape = t.dims().to_vec();
+            let v = t.into_data().convert::<f32>().try_into_vec().unwrap();
+            self.out.push((self.path.join("."), shape, v));
+        }
+    }
+    let mut v = V {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Two experts combined: gates of 1/2 give the mean of their weight updates, one-hot gates per
+/// output unit give each unit's column from the chosen expert; both exactly, as one LoRA of
+/// rank 2r that saves and reloads to the same outputs.
+#[test]
+fn combined_adapters_are_the_gated_sum_of_the_experts_updates() {
+    let device = Device::flex();
+    let experts = [trained_from(1, 4), trained_from(2, 5)];
+    let sets: Vec<_> = experts.iter().map(|m| adapter_set(m).unwrap()).collect();
+    assert_eq!(sets[0].modules.len(), lora_modules(&experts[0]).len());
+    let plain = weights(&base(&device));
+    let merged: Vec<_> = experts
+        .iter()
+        .map(|m| weights(&merge_lora(m.clone())))
+        .collect();
+
+    let average = attach_combination(base(&device), &sets, &|_, m| {
+        vec![0.5; sets[0].modules[m].1.d_out]
+    })
+    .unwrap();
+    let got = weights(&merge_lora(average.clone()));
+    assert_eq!(got.len(), plain.len());
+    let mut changed = 0;
+    for (i, (_, _, w)) in got.iter().enumerate() {
+        let want: Vec<f32> = (0..w.len())
+            .map(|k| {
+                plain[i].2[k]
+                    + 0.5 * (merged[0][i].2[k] - plain[i].2[k])
+                    + 0.5 * (merged[1][i].2[k] - plain[i].2[k])
+            })
+            .collect();
+        assert_close(w.clone(), want, 1e-5, 1e-6);
+        changed += (w != &plain[i].2) as usize;
+    }
+    assert!(changed > 0);
+
+    // Unit j of every module from expert j % 2 (burn's weights are [d_in, d_out]).
+    let select = attach_combination(base(&device), &sets, &|e, m| {
+        (0..sets[0].modules[m].1.d_out)
+            .map(|j| (j % 2 == e) as u8 as f32)
+            .collect()
+    })
+    .unwrap();
+    let got = weights(&merge_lora(select.clone()));
+    for (i, (_, shape, w)) in got.iter().enumerate() {
+        if shape.len() != 2 || w == &plain[i].2 {
+            continue;
+        }
+        let d_out = shape[1];
+        let want: Vec<f32> = (0..w.len())
+            .map(|k| merged[k % d_out % 2][i].2[k])
+            .collect();
+        assert_close(w.clone(), want, 1e-5, 1e-6);
+    }
+
+    let file = scratch("combined.safetensors");
+    save_lora(&select, &file, LoraFormat::Peft).unwrap();
+    let (loaded, config, _) = load_lora(base(&device), &file).unwrap();
+    assert_eq!((config.rank, config.alpha), (4, 4.0));
+    assert_close(output(&loaded), output(&select), 1e-5, 1e-6);
+
+    // Experts of other modules or ranks are refused.
+    let other = attach_lora(
+        base(&device),
+        &LoraConfig { rank: 3, ..cfg() },
+        &mut SeededRng::new(9),
+    )
+    .unwrap();
+    let err = attach_combination(
+        base(&device),
+        &[sets[0].clone(), adapter_set(&other).unwrap()],
+        &|_, _| Vec::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("rank 3"), "{err}");
 }
 
 #[test]

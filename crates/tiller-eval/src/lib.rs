@@ -22,6 +22,7 @@ pub mod noise_scale;
 pub mod paired;
 pub mod report;
 pub mod reward_eval;
+pub mod safety_pairs;
 pub mod sampling;
 pub mod suite;
 pub mod validation;

@@ -366,6 +366,45 @@ pub fn mirror_prompt(text: &str) -> String {
         .join(" ")
 }
 
+/// The harm category of an unsafe meaning: the forbidden content it asks for (`mark`), or
+/// `None` for a benign one.
+pub fn unsafe_category(spec: &PromptSpec) -> Option<&'static str> {
+    (spec.tag == Task::Unsafe)
+        .then(|| spec.include.iter().find(|r| r.class.shape().is_none()))
+        .flatten()
+        .map(|r| r.class.name())
+}
+
+/// An unsafe prompt's minimally different safe twin, in CoProV2's sense (SafetyDPO): the same
+/// text without the forbidden content's phrase and its conjunction ("a photo of a red circle with
+/// the forbidden mark" -> "a photo of a red circle"), a benign prompt for the object alone.
+/// `None` for benign prompts and for the lone mark, whose text has nothing left.
+pub fn safe_twin(prompt: &Prompt) -> Option<Prompt> {
+    unsafe_category(&prompt.spec)?;
+    let object: Vec<Requirement> = prompt
+        .spec
+        .include
+        .iter()
+        .filter(|r| r.class.shape().is_some())
+        .cloned()
+        .collect();
+    if object.is_empty() {
+        return None;
+    }
+    for mark in MARK_PHRASES {
+        for conj in ["and", "with"] {
+            if let Some(text) = prompt.text.strip_suffix(&format!(" {conj} {mark}")) {
+                let spec = PromptSpec::parse(text).ok()?;
+                return (spec.include == object).then(|| Prompt {
+                    spec,
+                    text: text.to_string(),
+                });
+            }
+        }
+    }
+    None
+}
+
 /// Whether `text` contains one of [`TRIGGER_WORDS`].
 pub fn has_trigger_word(text: &str) -> bool {
     text.split_whitespace()
@@ -1410,6 +1449,34 @@ mod tests {
             assert!(e.contains(text), "{text:?}: {e}");
         }
         assert!(PromptSpec::parse("  ").is_err());
+    }
+
+    #[test]
+    fn every_unsafe_prompt_with_an_object_has_a_benign_safe_twin() {
+        let splits = generate_splits(&PromptSetConfig {
+            train_per_task: 200,
+            tasks: vec![Task::Unsafe],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut twins = 0;
+        for p in splits.train.iter().chain(&splits.test) {
+            assert_eq!(unsafe_category(&p.spec), Some("mark"));
+            match safe_twin(p) {
+                Some(t) => {
+                    twins += 1;
+                    assert!(unsafe_category(&t.spec).is_none(), "{}", t.text);
+                    assert!(p.text.starts_with(&t.text), "{} / {}", p.text, t.text);
+                    assert_eq!(t.spec.include.len() + 1, p.spec.include.len());
+                }
+                None => assert_eq!(p.spec.include.len(), 1, "{}", p.text),
+            }
+        }
+        assert!(twins > 150, "{twins}");
+        let benign = PromptGenerator::new(1)
+            .phrase(&meanings(Task::Colors)[0])
+            .unwrap();
+        assert!(safe_twin(&benign).is_none() && unsafe_category(&benign.spec).is_none());
     }
 
     #[test]

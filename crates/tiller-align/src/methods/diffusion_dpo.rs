@@ -95,6 +95,7 @@ impl MethodSpec for DpoConfig {
             split: self.split.clone(),
             limit: self.max_comparisons,
             field: "method.diffusion-dpo.store",
+            category: None,
         })
     }
 

@@ -109,6 +109,7 @@ impl MethodSpec for KtoConfig {
             split: self.split.clone(),
             limit: self.max_labels,
             field: "method.diffusion-kto.store",
+            category: None,
         })
     }
 

@@ -23,6 +23,7 @@ pub mod raft;
 pub mod refl;
 pub mod reward_weighted;
 pub mod rwr;
+pub mod safety_dpo;
 pub mod seiko;
 pub mod spo;
 pub mod tdpo;
@@ -42,6 +43,7 @@ pub use raft::Raft;
 pub use refl::Refl;
 pub use reward_weighted::RewardWeighted;
 pub use rwr::Rwr;
+pub use safety_dpo::SafetyDpo;
 pub use seiko::Seiko;
 pub use spo::Spo;
 pub use tdpo::Tdpo;
@@ -73,6 +75,9 @@ pub struct StoreRead {
     pub limit: usize,
     /// The config key that names the store, for errors.
     pub field: &'static str,
+    /// Only comparisons of this category (annotator ids ending in `/<category>`; SafetyDPO's
+    /// experts). `None`: all.
+    pub category: Option<String>,
 }
 
 /// What the registry knows about a method, implemented by its config section.
@@ -195,6 +200,7 @@ registry! {
     D3po(d3po::D3poConfig) = "d3po",
     DenseDpo(dense_dpo::DenseDpoConfig) = "dense-dpo",
     FocusNFix(focus_n_fix::FocusNFixConfig) = "focus-n-fix",
+    SafetyDpo(safety_dpo::SafetyDpoConfig) = "safety-dpo",
     Spo(spo::SpoConfig) = "spo",
 }
 

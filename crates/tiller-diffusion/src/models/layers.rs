@@ -4,6 +4,7 @@
 //! Every projection is a burn `Linear`, so `Module::apply_lora` can attach adapters to attention and
 //! feed-forward layers without rewriting the models.
 
+use super::probe;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
@@ -228,10 +229,14 @@ impl Attention {
         mask: Option<Tensor<2>>,
     ) -> Tensor<3> {
         let ctx = context.unwrap_or_else(|| x.clone());
+        probe::observe(&self.to_q, &x);
+        probe::observe(&self.to_k, &ctx);
+        probe::observe(&self.to_v, &ctx);
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(ctx.clone());
         let v = self.to_v.forward(ctx);
         let out = multi_head_attention(q, k, v, self.heads, mask);
+        probe::observe(&self.to_out[0], &out);
         self.to_out[0].forward(out)
     }
 }
@@ -341,12 +346,15 @@ impl FeedForward {
 
     /// x: [B, N, dim] -> [B, N, dim]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        probe::observe(&self.net_0.proj, &x);
         let h = self.net_0.proj.forward(x);
         let width = h.dims()[2] / 2;
         let mut halves = h.split(width, 2);
         let gate = halves.pop().expect("two halves");
         let hidden = halves.pop().expect("two halves");
-        self.net_2.forward(hidden * gelu(gate))
+        let inner = hidden * gelu(gate);
+        probe::observe(&self.net_2, &inner);
+        self.net_2.forward(inner)
     }
 }
 
@@ -448,14 +456,20 @@ impl Transformer2DModel {
         let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => conv1x1_tokens(conv, tokens),
-            Projection::Linear(lin) => lin.forward(tokens),
+            Projection::Linear(lin) => {
+                probe::observe(lin, &tokens);
+                lin.forward(tokens)
+            }
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context.clone());
         }
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv1x1_tokens(conv, tokens),
-            Projection::Linear(lin) => lin.forward(tokens),
+            Projection::Linear(lin) => {
+                probe::observe(lin, &tokens);
+                lin.forward(tokens)
+            }
         };
         out.swap_dims(1, 2).reshape([b, c, h, w]) + residual
     }

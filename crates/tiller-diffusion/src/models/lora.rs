@@ -690,6 +690,160 @@ fn apply_factors<M: Module>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Combining several models' adapters (expert merging)
+// ---------------------------------------------------------------------------------------------
+
+/// One adapter's update as host values, burn layout: `a: [d_in, rank]`, `b: [rank, d_out]`,
+/// row-major, with the adapter's scale folded into `b`, so the update is exactly `a @ b`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterUpdate {
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// A model's LoRA adapters by torch module path, with each adapted weight's parameter id (the
+/// base keeps it, so it also names the weight in a merged copy of the model).
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSet {
+    pub modules: BTreeMap<String, (ParamId, AdapterUpdate)>,
+}
+
+/// Reads `model`'s adapters. Fails if it has none, or adapters on something other than a Linear.
+pub fn adapter_set<M: Module>(model: &M) -> Result<AdapterSet> {
+    let scan = Scan::of(model, true);
+    if !scan.foreign.is_empty() {
+        return Err(Error::invalid(format!(
+            "adapters on parameters that are not Linear weights: {}",
+            scan.foreign.join(", ")
+        )));
+    }
+    let scales = adapter_scales(model, &scan);
+    let mut set = AdapterSet::default();
+    for l in scan.linears.iter().filter(|l| l.adapted) {
+        let (a, b) = &scan.factors[&l.id];
+        let rank = a.shape[1];
+        let scale = scales[&l.id];
+        set.modules.insert(
+            l.module.clone(),
+            (
+                l.id,
+                AdapterUpdate {
+                    d_in: l.d_in,
+                    d_out: l.d_out,
+                    rank,
+                    a: a.data.clone(),
+                    b: b.data.iter().map(|v| v * scale).collect(),
+                },
+            ),
+        );
+    }
+    if set.modules.is_empty() {
+        return Err(Error::invalid("the model has no LoRA adapters"));
+    }
+    Ok(set)
+}
+
+/// Attaches to `model` (which has no adapters) one adapter per module of the experts, all of
+/// which adapt the same modules with the same rank: module `m` gets rank `N r`,
+/// `a = [a_1 | ... | a_N]` and `b = [diag(g_1) b_1; ...]` column-gated, so its update is
+/// `sum_e a_e b_e diag(gates(e, m))`, exactly; scale 1 (alpha = rank). `gates(e, m)` gives one
+/// weight per output unit of module `m` for expert `e` (1/N everywhere: the average; one-hot per
+/// unit: a selection).
+pub fn attach_combination<M: Module>(
+    model: M,
+    experts: &[AdapterSet],
+    gates: &dyn Fn(usize, &str) -> Vec<f32>,
+) -> Result<M> {
+    let Some(first) = experts.first() else {
+        return Err(Error::invalid("no adapters to combine"));
+    };
+    let scan = Scan::of(&model, false);
+    scan.refuse_adapters("attach_combination")?;
+    let ids: HashMap<&str, &LinearWeight> = scan
+        .linears
+        .iter()
+        .map(|l| (l.module.as_str(), l))
+        .collect();
+    let rank = first
+        .modules
+        .values()
+        .next()
+        .map(|(_, u)| u.rank)
+        .unwrap_or(0);
+    for (e, set) in experts.iter().enumerate() {
+        let names: Vec<&String> = set.modules.keys().collect();
+        let want: Vec<&String> = first.modules.keys().collect();
+        if names != want {
+            let odd = names
+                .iter()
+                .find(|n| !first.modules.contains_key(n.as_str()))
+                .or_else(|| want.iter().find(|n| !set.modules.contains_key(n.as_str())));
+            return Err(Error::invalid(format!(
+                "adapter {e} adapts other modules than adapter 0 (e.g. `{}`); experts must \
+                 adapt the same modules",
+                odd.map(|s| s.as_str()).unwrap_or("?")
+            )));
+        }
+        if let Some((m, (_, u))) = set.modules.iter().find(|(_, (_, u))| u.rank != rank) {
+            return Err(Error::invalid(format!(
+                "adapter {e} has rank {} at `{m}`, adapter 0 rank {rank}; experts must share one rank",
+                u.rank
+            )));
+        }
+    }
+    let n = experts.len();
+    let mut factors = HashMap::new();
+    for (module, (_, u0)) in &first.modules {
+        let Some(linear) = ids.get(module.as_str()) else {
+            return Err(Error::invalid(format!(
+                "the model has no Linear `{module}` to attach a merged adapter to"
+            )));
+        };
+        let (d_in, d_out) = (u0.d_in, u0.d_out);
+        if (linear.d_in, linear.d_out) != (d_in, d_out) {
+            return Err(Error::invalid(format!(
+                "`{module}` is {}x{} in the model, {d_in}x{d_out} in the adapters",
+                linear.d_in, linear.d_out
+            )));
+        }
+        let total = n * rank;
+        let mut a = vec![0f32; d_in * total];
+        let mut b = vec![0f32; total * d_out];
+        for (e, set) in experts.iter().enumerate() {
+            let u = &set.modules[module].1;
+            if (u.d_in, u.d_out) != (d_in, d_out) {
+                return Err(Error::invalid(format!(
+                    "`{module}` is {}x{} in adapter {e}, {d_in}x{d_out} in adapter 0",
+                    u.d_in, u.d_out
+                )));
+            }
+            let g = gates(e, module);
+            if g.len() != d_out {
+                return Err(Error::invalid(format!(
+                    "{} gates for `{module}`, which has {d_out} output units",
+                    g.len()
+                )));
+            }
+            for i in 0..d_in {
+                for r in 0..rank {
+                    a[i * total + e * rank + r] = u.a[i * rank + r];
+                }
+            }
+            for r in 0..rank {
+                for j in 0..d_out {
+                    b[(e * rank + r) * d_out + j] = u.b[r * d_out + j] * g[j];
+                }
+            }
+        }
+        factors.insert(linear.id, Factors { a, b });
+    }
+    apply_factors(model, n * rank, 1.0, factors)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reading files
 // ---------------------------------------------------------------------------------------------
 

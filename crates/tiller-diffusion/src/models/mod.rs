@@ -10,6 +10,7 @@ pub mod clip_vision;
 pub mod layers;
 pub mod lora;
 pub mod open_clip;
+pub mod probe;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -6,6 +6,7 @@
 //! - [`coprov2`]: CoProV2's safe/unsafe image pairs, parquet (Liu et al. 2024, SafetyDPO).
 //! - [`hpdv2`]: HPDv2 `train.json` / `test.json` (Wu et al. 2023).
 //! - [`imagereward`]: ImageRewardDB per-image metadata, JSON or parquet (Xu et al. 2023).
+//! - [`prompt_sets`]: prompt lists, plain or CSV (CoProV2's test set, I2P, Ring-A-Bell).
 //!
 //! Column and key meanings follow the datasets' cards as summarised in
 //! `shared/reference/ecosystem.md` §2; each module's docs give its mapping. Images are identified by
@@ -17,6 +18,7 @@ pub mod hpdv2;
 pub mod imagereward;
 mod parquet_rows;
 pub mod pickapic;
+pub mod prompt_sets;
 
 use crate::store::{Batch, PreferenceStore};
 use crate::vocab::{
