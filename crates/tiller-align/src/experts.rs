@@ -59,34 +59,33 @@ pub fn merge_experts(
             runs.len()
         )));
     }
-    let mut base: Option<PathBuf> = None;
+    let (first, _) = run_config(&runs[0])?;
+    let folder = locate(Path::new(&first.base));
+    if is_stable_diffusion(&folder) {
+        return Err(Error::invalid(format!(
+            "{}: merging experts of Stable Diffusion runs is not supported yet; testbed-format \
+             pipelines only",
+            runs[0].display()
+        )));
+    }
+    // One base for every expert: each attaches its adapters to a copy.
+    let (base, tokenizer) = load_pipeline(&folder, device)?;
     let mut sets: Vec<AdapterSet> = Vec::new();
     let mut moments = Vec::new();
     let mut calibration_images = 0;
     for run in runs {
         let (config, checkpoint) = run_config(run)?;
-        let folder = locate(Path::new(&config.base));
-        match &base {
-            None => base = Some(folder.clone()),
-            Some(b) if *b != folder => {
-                return Err(Error::invalid(format!(
-                    "{} was trained from {}, {} from {}: experts must share one base",
-                    runs[0].display(),
-                    b.display(),
-                    run.display(),
-                    folder.display()
-                )));
-            }
-            Some(_) => {}
-        }
-        if is_stable_diffusion(&folder) {
+        let own = locate(Path::new(&config.base));
+        if own != folder {
             return Err(Error::invalid(format!(
-                "{}: merging experts of Stable Diffusion runs is not supported yet; testbed-format \
-                 pipelines only",
-                run.display()
+                "{} was trained from {}, {} from {}: experts must share one base",
+                runs[0].display(),
+                folder.display(),
+                run.display(),
+                own.display()
             )));
         }
-        let (mut pipe, tokenizer) = load_pipeline(&folder, device)?;
+        let mut pipe = base.clone();
         pipe.unet = adapted_unet(run, &config, checkpoint, pipe.unet)?;
         sets.push(
             adapter_set(&pipe.unet)
@@ -102,8 +101,7 @@ pub fn merge_experts(
         MergeStrategy::CoMerge => Some(co_merge_gates(&sets, &moments)?),
         MergeStrategy::Average => None,
     };
-    let folder = base.expect("at least two runs");
-    let (mut pipe, tokenizer) = load_pipeline(&folder, device)?;
+    let mut pipe = base;
     let n = sets.len();
     let d_out = |m: &str| sets[0].modules[m].1.d_out;
     pipe.unet = attach_combination(pipe.unet, &sets, &|e, m| {

@@ -84,8 +84,8 @@ pub struct MergeArgs {
     #[arg(long, default_value_t = 32)]
     pub calibration_prompts: usize,
     /// The tasks they are drawn from (comma-separated).
-    #[arg(long, default_value = "unsafe")]
-    pub calibration_tasks: String,
+    #[arg(long, default_value = "unsafe", value_delimiter = ',', value_parser = crate::eval::parse_task)]
+    pub calibration_tasks: Vec<tiller_testbed::Task>,
     /// Seed of the calibration prompts and their images.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -132,26 +132,11 @@ pub fn merge(args: MergeArgs) -> Result<()> {
 
 /// Several runs' adapters merged into one, then into the base.
 fn merge_experts(args: &MergeArgs) -> Result<()> {
-    use tiller_testbed::{PromptSetConfig, Task, prompts};
+    use tiller_testbed::{PromptSetConfig, prompts};
     let device = tiller_core::device::parse_device(&args.sampling.device)?;
     let strategy: MergeStrategy = args.strategy.parse()?;
-    let tasks = args
-        .calibration_tasks
-        .split(',')
-        .map(|t| {
-            Task::ALL
-                .into_iter()
-                .find(|k| k.name() == t.trim())
-                .with_context(|| {
-                    format!(
-                        "--calibration-tasks: unknown task `{t}`; valid: {}",
-                        Task::ALL.map(|k| k.name()).join(", ")
-                    )
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
     let pool = prompts::generate_splits(&PromptSetConfig {
-        tasks,
+        tasks: args.calibration_tasks.clone(),
         ..PromptSetConfig::default()
     })?
     .train;
@@ -159,9 +144,7 @@ fn merge_experts(args: &MergeArgs) -> Result<()> {
     let mut texts: Vec<String> = pool.into_iter().map(|p| p.text).collect();
     texts.sort();
     texts.dedup();
-    for i in (1..texts.len()).rev() {
-        texts.swap(i, rng.below(i + 1));
-    }
+    rng.shuffle(&mut texts);
     texts.truncate(args.calibration_prompts.max(1));
     let mut calibrate = |pipe: &tiller_diffusion::pipeline::TextToImage,
                          tokenizer: &tiller_testbed::Tokenizer|

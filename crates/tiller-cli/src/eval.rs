@@ -246,7 +246,7 @@ impl EvalArgs {
 }
 
 /// A task by its name (GenEval's tag, or `unsafe`).
-fn parse_task(name: &str) -> std::result::Result<Task, String> {
+pub(crate) fn parse_task(name: &str) -> std::result::Result<Task, String> {
     Task::ALL
         .into_iter()
         .find(|t| t.name() == name)

@@ -108,6 +108,14 @@ impl SeededRng {
     pub fn below(&mut self, n: usize) -> usize {
         self.inner.random_range(0..n)
     }
+
+    /// Shuffles `items` in place (Fisher–Yates from the end: position `i` swaps with
+    /// `below(i + 1)`).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
 }
 
 #[cfg(test)]

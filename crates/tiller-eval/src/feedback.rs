@@ -116,9 +116,7 @@ pub struct CollectSummary {
 
 fn shuffled<T: Clone>(list: &[T], rng: &mut SeededRng) -> Vec<T> {
     let mut v = list.to_vec();
-    for i in (1..v.len()).rev() {
-        v.swap(i, rng.below(i + 1));
-    }
+    rng.shuffle(&mut v);
     v
 }
 

@@ -94,9 +94,7 @@ pub fn collect_safety_pairs(req: SafetyPairs<'_>) -> Result<SafetyPairsSummary> 
         .filter_map(|p| safe_twin(&p).map(|t| (p, t)))
         .collect();
     let mut rng = SeededRng::new(req.seed);
-    for i in (1..twins.len()).rev() {
-        twins.swap(i, rng.below(i + 1));
-    }
+    rng.shuffle(&mut twins);
     if req.prompts > 0 {
         twins.truncate(req.prompts);
     }

@@ -25,7 +25,7 @@
 use crate::batch::{Batch, Collect};
 use crate::config::AlignConfig;
 use crate::methods::diffusion_dpo::{DiffusionDpo, train_split};
-use crate::methods::{MethodSpec, StoreData, StoreRead};
+use crate::methods::{Fields, MethodSpec, StoreData, StoreRead};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::module::ParamId;
 use serde::{Deserialize, Serialize};
@@ -78,15 +78,11 @@ impl MethodSpec for SafetyDpoConfig {
     }
 
     fn validate(&self, _config: &AlignConfig) -> Result<()> {
-        if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return Err(Error::config(
-                "method.safety-dpo.beta",
-                format!("must be positive, got {}", self.beta),
-            ));
-        }
+        let f = Fields("safety-dpo");
+        f.positive(&[("beta", self.beta)])?;
         if self.category.contains('/') {
-            return Err(Error::config(
-                "method.safety-dpo.category",
+            return Err(f.error(
+                "category",
                 format!(
                     "is a category name such as `mark`, without `/`; got `{}`",
                     self.category
