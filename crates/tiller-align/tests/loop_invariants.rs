@@ -1856,3 +1856,26 @@ fn spo_raises_the_reward() {
     // Measured: 0.6166 -> 0.6400 over 20 updates (seeds 2 and 3: 0.6315, 0.6231).
     rises("spo", 20, 1e-2, 0.005);
 }
+
+/// A measurement, not a check (run with `--ignored --nocapture`): PRDP with the proximal clip
+/// doing its work (4 optimizer passes over each batch, as the paper's multi-epoch updates) on the
+/// toy brightness reward over seeds 1-3. It does not rise on every seed either (see the module
+/// notes of `methods/prdp.rs` and `docs/experiments/rl-backprop-methods.md` for the numbers).
+#[test]
+#[ignore]
+fn prdp_with_inner_epochs_on_the_toy_across_seeds() {
+    for (updates, epochs, beta) in [(20u64, 4usize, 30.0), (40, 4, 30.0), (20, 4, 300.0)] {
+        let ends: Vec<f64> = (1..=3u64)
+            .map(|seed| {
+                let mut c = config("prdp", updates, 1e-2);
+                c.train.seed = seed;
+                if let Method::Prdp(d) = &mut c.method {
+                    d.inner_epochs = epochs;
+                    d.beta = beta;
+                }
+                end_brightness(&c, &format!("probe-prdp-{updates}-{epochs}-{seed}"))
+            })
+            .collect();
+        eprintln!("prdp {updates} updates, {epochs} epochs, beta {beta}: 0.6166 -> {ends:.4?}");
+    }
+}
