@@ -13,9 +13,10 @@ use tiller_diffusion::schedulers::SchedulerConfig;
 use tiller_engine::checkpoint::Resume;
 use tiller_engine::denoiser::DenoiserData;
 use tiller_engine::denoiser::{
-    CheckpointWeights, LogSection, TextToImageModules, TrainSection, load_checkpoint_weights,
-    train_denoiser,
+    CheckpointWeights, DiffusionObjective, LogSection, TextToImageModules, TrainSection,
+    load_checkpoint_weights, train_denoiser,
 };
+use tiller_engine::distill::{DistillSection, ProgressiveDistillation, student_scheduler};
 use tiller_engine::run_dir::RunDir;
 use tiller_eval::sampling::{SampleSettings, empty_prompt, sample_prompts, save_pipeline};
 use tiller_testbed::{Prompt, render_prompt};
@@ -209,7 +210,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let trained = train_denoiser(
         &run,
         model,
-        scheduler.as_ref(),
+        &DiffusionObjective(scheduler.as_ref()),
         &mut data,
         &config.train,
         &config.log,
@@ -278,6 +279,202 @@ pub fn export(args: ExportArgs) -> Result<()> {
         "step {step} ({} weights) written to {}",
         if args.raw { "raw" } else { "EMA" },
         args.out.display()
+    );
+    Ok(())
+}
+
+/// `configs/testbed-distill.toml`: one stage of progressive distillation of a testbed model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// `cpu`, or `cuda[:N]` in a CUDA build.
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// The teacher pipeline folder: the shipped base, or the `pipeline` of an earlier stage.
+    pub teacher: PathBuf,
+    #[serde(default)]
+    pub distill: DistillSection,
+    /// The clean images the noisy inputs are made from (the base's training prompts).
+    #[serde(default)]
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub sample: DistillSampleSection,
+}
+
+/// The fixed-seed sample grids of a distillation run, drawn as the student is sampled (its N
+/// steps, DDIM eta 0, no guidance).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSampleSection {
+    pub prompts: Vec<String>,
+    pub per_prompt: usize,
+    pub seed: u64,
+}
+
+impl Default for DistillSampleSection {
+    fn default() -> Self {
+        let s = SampleSection::default();
+        Self {
+            prompts: s.prompts,
+            per_prompt: s.per_prompt,
+            seed: s.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct DistillArgs {
+    /// The distillation config (TOML).
+    #[arg(long, default_value = "configs/testbed-distill.toml")]
+    config: PathBuf,
+    /// The run directory (config, metrics, checkpoints, samples, the student's pipeline).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue a run: `latest` or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<Resume>,
+    /// Override a config value, e.g. `--set teacher=runs/distill-4/pipeline` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// `--seed` sets `train.seed`, `--device` sets `device`.
+    #[command(flatten)]
+    run: crate::args::RunFlags,
+}
+
+/// `tiller base distill`: one stage of progressive distillation (`tiller_engine::distill`). The
+/// student starts as a copy of the teacher and is written as `<out>/pipeline` with its own DDIM
+/// grid and `tiller_sampling.json` (N steps, eta 0, guidance 1); the next stage names it as
+/// its teacher.
+pub fn distill(args: DistillArgs) -> Result<()> {
+    let overrides = args.run.apply(&args.overrides, "train.seed");
+    let (run, config) = match &args.resume {
+        Some(_) => {
+            let (run, config, _) = RunDir::open_with_overrides::<DistillConfig>(
+                &args.out,
+                &overrides,
+                RESUME_EXTENDABLE,
+            )?;
+            (run, config)
+        }
+        None => {
+            let (mut config, _): (DistillConfig, String) =
+                tiller_core::config::from_toml_file_with_overrides(
+                    &crate::shipped::resolve(&args.config),
+                    &overrides,
+                )?;
+            // The run keeps the teacher's path as found, so `--resume` finds it from anywhere.
+            config.teacher = std::fs::canonicalize(crate::shipped::resolve(&config.teacher))
+                .with_context(|| format!("teacher = {}", config.teacher.display()))?;
+            let resolved = toml::to_string(&config).context("the resolved config")?;
+            let run = RunDir::create(&args.out, &resolved)?;
+            (run, config)
+        }
+    };
+    let device = tiller_core::device::parse_device(&config.device)?;
+    let (teacher, _) = TextToImage::load(&config.teacher, &device)
+        .with_context(|| format!("teacher = {}", config.teacher.display()))?;
+    let SchedulerConfig::Ddim(teacher_ddim) = &teacher.scheduler else {
+        anyhow::bail!(
+            "teacher = {}: its scheduler/scheduler_config.json is not a DDIMScheduler; \
+             progressive distillation follows the teacher's DDIM steps",
+            config.teacher.display()
+        );
+    };
+    let student_ddim = student_scheduler(teacher_ddim, config.distill.teacher_steps)?;
+    let student_steps = config.distill.teacher_steps / 2;
+    let tokenizer = Tokenizer::shapes();
+    let splits = prompts::generate_splits(&config.data.prompts)?;
+    let mut data = TestbedData {
+        prompts: splits.train,
+        tokenizer: tokenizer.clone(),
+        render: config.data.render.clone(),
+    };
+    let frozen = TextToImageModules {
+        text_encoder: teacher.text_encoder.clone(),
+        unet: teacher.unet.clone(),
+    };
+    let objective = ProgressiveDistillation::new(
+        &frozen,
+        teacher_ddim,
+        &config.distill,
+        empty_prompt(&tokenizer),
+    )?;
+    eprintln!(
+        "base distill: {} -> {student_steps} steps (teacher guidance {}), {} updates x batch {}, run {}",
+        config.distill.teacher_steps,
+        config.distill.guidance,
+        config.train.steps,
+        config.train.batch_size,
+        run.root().display()
+    );
+    let student_of = |m: &TextToImageModules| TextToImage {
+        text_config: teacher.text_config.clone(),
+        text_encoder: m.text_encoder.clone(),
+        unet_config: teacher.unet_config.clone(),
+        unet: m.unet.clone(),
+        scheduler: SchedulerConfig::Ddim(student_ddim.clone()),
+        recommended: Some(RecommendedSampling {
+            steps: student_steps,
+            eta: 0.0,
+            guidance: 1.0,
+        }),
+    };
+    let settings = SampleSettings {
+        scheduler: SchedulerConfig::Ddim(student_ddim.clone()),
+        steps: student_steps,
+        guidance: 1.0,
+        batch: 16,
+    };
+    let sample_cfg = config.sample.clone();
+    let seeds: Vec<u64> = (0..sample_cfg.per_prompt as u64)
+        .map(|i| sample_cfg.seed + i)
+        .collect();
+    let samples_dir = run.samples();
+    let mut hook = |step: u64, m: &TextToImageModules| -> tiller_core::Result<()> {
+        let rows = sample_prompts(
+            &student_of(m),
+            &tokenizer,
+            &sample_cfg.prompts,
+            &seeds,
+            &settings,
+            &device,
+        )
+        .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
+        let images: Vec<_> = rows.into_iter().flatten().collect();
+        std::fs::create_dir_all(&samples_dir)
+            .map_err(|e| tiller_core::Error::io(&samples_dir, e))?;
+        geneval::write_grid_png(
+            &samples_dir.join(format!("step-{step:08}.png")),
+            &images,
+            sample_cfg.per_prompt,
+        )
+    };
+    let student = TextToImageModules {
+        text_encoder: teacher.text_encoder.clone(),
+        unet: teacher.unet.clone(),
+    };
+    let trained = train_denoiser(
+        &run,
+        student,
+        &objective,
+        &mut data,
+        &config.train,
+        &config.log,
+        &device,
+        args.resume.as_ref(),
+        None,
+        &mut hook,
+    )?;
+    let final_modules = trained.ema.unwrap_or(trained.model);
+    let out = run.root().join("pipeline");
+    save_pipeline(&student_of(&final_modules), &out, &tokenizer)?;
+    println!(
+        "{student_steps}-step student written to {} (sample it with --sampler ddim --steps {student_steps} --guidance 1, its tiller_sampling.json)",
+        out.display()
     );
     Ok(())
 }

@@ -102,6 +102,9 @@ enum BaseCommand {
     Train(base::TrainArgs),
     /// Write a checkpoint of a `base train` run as a pipeline folder (diffusers layout).
     Export(base::ExportArgs),
+    /// One stage of progressive distillation: a student that samples in N deterministic steps
+    /// what its teacher samples in 2N, without guidance.
+    Distill(base::DistillArgs),
 }
 
 #[derive(Subcommand)]
@@ -175,6 +178,9 @@ fn main() -> Result<()> {
         Command::Base {
             command: BaseCommand::Export(args),
         } => base::export(args),
+        Command::Base {
+            command: BaseCommand::Distill(args),
+        } => base::distill(args),
         Command::Sample(args) => eval::sample(args),
         Command::Feedback {
             command: FeedbackCommand::Collect(args),

@@ -61,6 +61,63 @@ pub trait DenoiserData {
     fn image_shape(&self) -> [usize; 3];
 }
 
+/// What one batch regresses onto: the noisy inputs at their timesteps, the targets of the
+/// network's output, and optional per-example loss weights (the loss is the mean over examples of
+/// `weight x mean squared error`; no weights means weight 1).
+pub struct Regression {
+    /// Training timesteps [B], as fed to the UNet.
+    pub timesteps: Vec<f64>,
+    /// [B, C, H, W].
+    pub x_t: Tensor<4>,
+    /// [B, C, H, W].
+    pub target: Tensor<4>,
+    pub weights: Option<Vec<f64>>,
+}
+
+/// The objective [`train_denoiser`] trains: the diffusion loss ([`DiffusionObjective`]) or, for
+/// instance, a distillation target (`crate::distill`).
+pub trait Objective {
+    /// The regression for clean images `x0` [B, C, H, W] (in [-1, 1], on `device`, no graph)
+    /// and their prompts' token ids (after conditioning dropout). All randomness must come from
+    /// `rng`, so a resumed run draws what an uninterrupted one does.
+    fn regression(
+        &self,
+        x0: Tensor<4>,
+        ids: &[Vec<i64>],
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Regression>;
+}
+
+/// The plain diffusion objective: t ~ U{0, ..., T-1}, x_t = add_noise(x0, eps, t), and the
+/// scheduler's training target (eps, v or x0), every example weighted 1.
+pub struct DiffusionObjective<'a>(pub &'a dyn Scheduler);
+
+impl Objective for DiffusionObjective<'_> {
+    fn regression(
+        &self,
+        x0: Tensor<4>,
+        _ids: &[Vec<i64>],
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Regression> {
+        let scheduler = self.0;
+        let shape = x0.dims();
+        let timesteps: Vec<f64> = (0..shape[0])
+            .map(|_| rng.below(scheduler.num_train_timesteps()) as f64)
+            .collect();
+        let noise = rng.normal(shape, device);
+        let x_t = scheduler.add_noise(x0.clone(), noise.clone(), &timesteps)?;
+        let target = scheduler.training_target(x0, noise, &timesteps)?;
+        Ok(Regression {
+            timesteps,
+            x_t,
+            target,
+            weights: None,
+        })
+    }
+}
+
 /// The optimisation settings. Defaults follow diffusers' `train_text_to_image.py` where it has
 /// one (AdamW betas 0.9/0.999, eps 1e-8, weight decay 1e-2, max grad norm 1.0, EMA decay 0.9999
 /// with its warm-up), and small-model values where it does not.
@@ -214,7 +271,7 @@ pub fn load_checkpoint_weights(
 pub fn train_denoiser(
     run: &RunDir,
     model: TextToImageModules,
-    scheduler: &dyn Scheduler,
+    objective: &dyn Objective,
     data: &mut dyn DenoiserData,
     train: &TrainSection,
     log: &LogSection,
@@ -269,7 +326,6 @@ pub fn train_denoiser(
     let [c, h, w] = data.image_shape();
     let b = train.batch_size;
     let empty = data.empty_prompt();
-    let num_train = scheduler.num_train_timesteps();
     let mut progress = Progress::new("train", step, train.steps);
     let mut last_loss = f64::NAN;
     let mut done_here = 0u64;
@@ -284,19 +340,29 @@ pub fn train_denoiser(
                 *row = empty.clone();
             }
         }
-        let timesteps: Vec<f64> = (0..b).map(|_| rng.below(num_train) as f64).collect();
-        let noise = rng.normal([b, c, h, w], &ad);
-        let x0 = Tensor::<4>::from_data(TensorData::new(pixels, [b, c, h, w]), &ad);
-        let x_t = scheduler.add_noise(x0.clone(), noise.clone(), &timesteps)?;
-        let target = scheduler.training_target(x0, noise, &timesteps)?;
+        let x0 = Tensor::<4>::from_data(TensorData::new(pixels, [b, c, h, w]), device);
+        let reg = objective.regression(x0, &ids, &mut rng, device)?;
         let t = Tensor::<1>::from_data(
-            TensorData::new(timesteps.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]),
+            TensorData::new(
+                reg.timesteps.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                [b],
+            ),
             &ad,
         );
 
         // ---- loss and update
-        let pred = model.predict(x_t, t, &ids)?;
-        let loss = (pred - target).powi_scalar(2).mean();
+        let pred = model.predict(reg.x_t.autodiff(), t, &ids)?;
+        let squared = (pred - reg.target.autodiff()).powi_scalar(2);
+        let loss = match &reg.weights {
+            None => squared.mean(),
+            Some(w) => {
+                let w = Tensor::<1>::from_data(
+                    TensorData::new(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]),
+                    &ad,
+                );
+                (squared.reshape([b as i64, -1]).mean_dim(1).reshape([b]) * w).mean()
+            }
+        };
         let value = loss.clone().into_scalar::<f64>();
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(

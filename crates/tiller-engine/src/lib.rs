@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod denoiser;
+pub mod distill;
 pub mod ema;
 pub mod metrics;
 pub mod optim;

@@ -146,6 +146,16 @@ impl DdimScheduler {
         self.train_steps[i] as i64 - self.step_ratio as i64
     }
 
+    /// (ᾱ_t, ᾱ_{t'}) of step `i`: at its timestep and at its previous one (see
+    /// [`Self::previous_timestep`]; below 0, 1 or ᾱ_0 as `set_alpha_to_one` says).
+    pub fn step_alpha_bars(&self, i: usize) -> Result<(f64, f64)> {
+        check_step_index(i, self.train_steps.len())?;
+        Ok((
+            self.schedule.alpha_bar(self.train_steps[i]),
+            self.previous_alpha_bar(i),
+        ))
+    }
+
     /// ᾱ at the previous timestep: ᾱ_{t'} for t' >= 0, else 1 or ᾱ_0 (`set_alpha_to_one`).
     fn previous_alpha_bar(&self, i: usize) -> f64 {
         match usize::try_from(self.previous_timestep(i)) {
