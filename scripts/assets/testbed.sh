@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands that produced the shipped testbed assets (assets/testbed-base,
-# assets/testbed-reward, assets/testbed-reward-17k) and the README's tables. Each step is a plain `tiller` command; run from
+# assets/testbed-reward, assets/testbed-reward-17k, assets/testbed-fewstep-{4,2}) and the README's tables. Each step is a plain `tiller` command; run from
 # the repository root with a release build. Times are on 2 CPU cores.
 set -euo pipefail
 T=${TILLER:-target/release/tiller}
@@ -91,3 +91,11 @@ for m in ddpo diffusion-dpo draft-k; do
   $T eval --model runs/compare/$m --per-prompt 1 --scheduler ddpm --steps 20 --out runs/eval-full/$m
   $T paired runs/eval-full/base runs/eval-full/$m
 done
+
+# 5. The few-step models (docs/experiments/few-step-model.md): two stages of progressive
+#    distillation from the base, 8 guided DDIM steps -> 4 -> 2, each student the next teacher.
+$T base distill --out runs/distill-4 --set train.steps=1500
+$T base distill --out runs/distill-2 --set teacher=runs/distill-4/pipeline \
+  --set distill.teacher_steps=4 --set distill.guidance=1 --set train.steps=1000
+cp -r runs/distill-4/pipeline assets/testbed-fewstep-4
+cp -r runs/distill-2/pipeline assets/testbed-fewstep-2

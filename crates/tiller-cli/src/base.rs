@@ -184,28 +184,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
         guidance: sample_cfg.guidance,
         batch: 16,
     };
-    let seeds: Vec<u64> = (0..sample_cfg.per_prompt as u64)
-        .map(|i| sample_cfg.seed + i)
-        .collect();
+    let grid = SampleGrid {
+        prompts: &sample_cfg.prompts,
+        per_prompt: sample_cfg.per_prompt,
+        seed: sample_cfg.seed,
+        settings: &settings,
+        dir: &samples_dir,
+    };
     let mut hook = |step: u64, m: &TextToImageModules| -> tiller_core::Result<()> {
-        let pipe = pipe_of(m);
-        let rows = sample_prompts(
-            &pipe,
-            &tokenizer,
-            &sample_cfg.prompts,
-            &seeds,
-            &settings,
-            &device,
-        )
-        .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
-        let images: Vec<_> = rows.into_iter().flatten().collect();
-        std::fs::create_dir_all(&samples_dir)
-            .map_err(|e| tiller_core::Error::io(&samples_dir, e))?;
-        geneval::write_grid_png(
-            &samples_dir.join(format!("step-{step:08}.png")),
-            &images,
-            sample_cfg.per_prompt,
-        )
+        grid.write(step, &pipe_of(m), &tokenizer, &device)
     };
     let trained = train_denoiser(
         &run,
@@ -283,6 +270,36 @@ pub fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
+/// The fixed-seed sample grid a training run writes as `samples/step-N.png`.
+struct SampleGrid<'a> {
+    prompts: &'a [String],
+    per_prompt: usize,
+    seed: u64,
+    settings: &'a SampleSettings,
+    dir: &'a std::path::Path,
+}
+
+impl SampleGrid<'_> {
+    fn write(
+        &self,
+        step: u64,
+        pipe: &TextToImage,
+        tokenizer: &Tokenizer,
+        device: &burn::tensor::Device,
+    ) -> tiller_core::Result<()> {
+        let seeds: Vec<u64> = (0..self.per_prompt as u64).map(|i| self.seed + i).collect();
+        let rows = sample_prompts(pipe, tokenizer, self.prompts, &seeds, self.settings, device)
+            .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
+        let images: Vec<_> = rows.into_iter().flatten().collect();
+        std::fs::create_dir_all(self.dir).map_err(|e| tiller_core::Error::io(self.dir, e))?;
+        geneval::write_grid_png(
+            &self.dir.join(format!("step-{step:08}.png")),
+            &images,
+            self.per_prompt,
+        )
+    }
+}
+
 /// `configs/testbed-distill.toml`: one stage of progressive distillation of a testbed model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,6 +360,9 @@ pub struct DistillArgs {
     /// `--seed` sets `train.seed`, `--device` sets `device`.
     #[command(flatten)]
     run: crate::args::RunFlags,
+    /// Stop after this many updates in this process (the run can be resumed).
+    #[arg(long, hide = true)]
+    stop_after: Option<u64>,
 }
 
 /// `tiller base distill`: one stage of progressive distillation (`tiller_engine::distill`). The
@@ -430,28 +450,16 @@ pub fn distill(args: DistillArgs) -> Result<()> {
         batch: 16,
     };
     let sample_cfg = config.sample.clone();
-    let seeds: Vec<u64> = (0..sample_cfg.per_prompt as u64)
-        .map(|i| sample_cfg.seed + i)
-        .collect();
     let samples_dir = run.samples();
+    let grid = SampleGrid {
+        prompts: &sample_cfg.prompts,
+        per_prompt: sample_cfg.per_prompt,
+        seed: sample_cfg.seed,
+        settings: &settings,
+        dir: &samples_dir,
+    };
     let mut hook = |step: u64, m: &TextToImageModules| -> tiller_core::Result<()> {
-        let rows = sample_prompts(
-            &student_of(m),
-            &tokenizer,
-            &sample_cfg.prompts,
-            &seeds,
-            &settings,
-            &device,
-        )
-        .map_err(|e| tiller_core::Error::invalid(e.to_string()))?;
-        let images: Vec<_> = rows.into_iter().flatten().collect();
-        std::fs::create_dir_all(&samples_dir)
-            .map_err(|e| tiller_core::Error::io(&samples_dir, e))?;
-        geneval::write_grid_png(
-            &samples_dir.join(format!("step-{step:08}.png")),
-            &images,
-            sample_cfg.per_prompt,
-        )
+        grid.write(step, &student_of(m), &tokenizer, &device)
     };
     let student = TextToImageModules {
         text_encoder: teacher.text_encoder.clone(),
@@ -466,9 +474,16 @@ pub fn distill(args: DistillArgs) -> Result<()> {
         &config.log,
         &device,
         args.resume.as_ref(),
-        None,
+        args.stop_after,
         &mut hook,
     )?;
+    if trained.step < config.train.steps {
+        println!(
+            "stopped at update {} of {}; continue with --resume latest",
+            trained.step, config.train.steps
+        );
+        return Ok(());
+    }
     let final_modules = trained.ema.unwrap_or(trained.model);
     let out = run.root().join("pipeline");
     save_pipeline(&student_of(&final_modules), &out, &tokenizer)?;

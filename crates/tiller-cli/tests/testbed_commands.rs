@@ -407,3 +407,76 @@ fn quickstart_runs_the_whole_loop_on_the_shipped_base() {
     );
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// `tiller base distill` on the shipped base: two updates of 8 -> 4 steps, interrupted and
+/// resumed; the student's pipeline samples on its own 4-step grid without guidance (its
+/// `scheduler_config.json` and `tiller_sampling.json` say so); a teacher or setting that rules
+/// distillation out is refused by name before anything is written.
+#[test]
+fn base_distill_writes_a_few_step_student() {
+    let run = scratch("distill");
+    let run_s = run.to_str().unwrap();
+    let args = [
+        "base",
+        "distill",
+        "--out",
+        run_s,
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "log.checkpoint_every=1",
+        "--set",
+        "log.sample_every=0",
+    ];
+    let (ok, text) = tiller(&[&args[..], &["--stop-after", "1"]].concat());
+    assert!(ok && !run.join("pipeline").exists(), "{text}");
+    let (ok, text) = tiller(&["base", "distill", "--out", run_s, "--resume", "latest"]);
+    assert!(ok && text.contains("resumed from"), "{text}");
+    let pipe = run.join("pipeline");
+    let sched: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pipe.join("scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sched["steps_offset"], 126, "{sched}");
+    let sampling: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pipe.join("tiller_sampling.json")).unwrap())
+            .unwrap();
+    assert_eq!(sampling["steps"], 4);
+    assert_eq!(sampling["guidance"], 1.0);
+    // The saved config names the teacher by its full path, so resume works from anywhere.
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("testbed-base"), "{saved}");
+
+    let bad = scratch("distill-bad");
+    let bad_s = bad.to_str().unwrap();
+    let (ok, text) = tiller(&[
+        "base",
+        "distill",
+        "--out",
+        bad_s,
+        "--set",
+        "distill.teacher_steps=6",
+    ]);
+    assert!(!ok && text.contains("distill.teacher_steps"), "{text}");
+    let (ok, text) = tiller(&[
+        "base",
+        "distill",
+        "--out",
+        bad_s,
+        "--set",
+        "distill.steps=4",
+    ]);
+    assert!(!ok && text.contains("steps"), "{text}");
+    let (ok, text) = tiller(&[
+        "base",
+        "distill",
+        "--out",
+        bad_s,
+        "--set",
+        "teacher=/nonexistent/teacher",
+    ]);
+    assert!(!ok && text.contains("/nonexistent/teacher"), "{text}");
+    let _ = std::fs::remove_dir_all(&run);
+}

@@ -220,6 +220,8 @@ pub struct Trained {
     pub ema: Option<TextToImageModules>,
     /// The last logged loss.
     pub last_loss: f64,
+    /// The update the run reached (`train.steps` unless stopped early).
+    pub step: u64,
 }
 
 /// Which weights of a checkpoint to read.
@@ -419,6 +421,7 @@ pub fn train_denoiser(
         model: model.valid(),
         ema: ema.map(|e| e.model().clone()),
         last_loss,
+        step,
     })
 }
 
