@@ -9,7 +9,7 @@ use tiller_core::SeededRng;
 use tiller_diffusion::models::clip::ClipTextConfig;
 use tiller_diffusion::models::unet::UNet2DConditionConfig;
 use tiller_diffusion::pipeline::{RecommendedSampling, TextToImage};
-use tiller_diffusion::schedulers::SchedulerConfig;
+use tiller_diffusion::schedulers::{DdimConfig, SchedulerConfig};
 use tiller_engine::checkpoint::Resume;
 use tiller_engine::denoiser::DenoiserData;
 use tiller_engine::denoiser::{
@@ -115,34 +115,47 @@ pub struct TrainArgs {
     run: crate::args::RunFlags,
 }
 
-/// The config keys `--set` may change when resuming a base run.
+/// The config keys `--set` may change when resuming a base run. `--set train.steps=N` extends a
+/// finished run (diffusers' scripts allow a larger `max_train_steps` on resume): the cosine
+/// schedule is recomputed over the new total.
 const RESUME_EXTENDABLE: &[&str] = &["train.steps", "log."];
+
+/// The run folder and config of a `base` command: with `--resume` the run in `out` reopened
+/// (`--set` may only extend it); otherwise `config_path` read with the overrides, handed to
+/// `prepare` with its resolved text (to check or complete it; it returns the text to save),
+/// and a new run created in `out`.
+fn open_or_create<T: serde::de::DeserializeOwned + Serialize>(
+    out: &std::path::Path,
+    config_path: &std::path::Path,
+    resume: bool,
+    overrides: &[String],
+    prepare: impl FnOnce(&mut T, String) -> Result<String>,
+) -> Result<(RunDir, T)> {
+    if resume {
+        let (run, config, _) = RunDir::open_with_overrides::<T>(out, overrides, RESUME_EXTENDABLE)?;
+        return Ok((run, config));
+    }
+    let (mut config, resolved): (T, String) = tiller_core::config::from_toml_file_with_overrides(
+        &crate::shipped::resolve(config_path),
+        overrides,
+    )?;
+    let text = prepare(&mut config, resolved)?;
+    Ok((RunDir::create(out, &text)?, config))
+}
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let overrides = args.run.apply(&args.overrides, "train.seed");
-    let (run, config) = match &args.resume {
-        Some(_) => {
-            // `--set train.steps=N` extends a finished run (diffusers' scripts allow a larger
-            // `max_train_steps` on resume): the cosine schedule is recomputed over the new total.
-            let (run, config, _) = RunDir::open_with_overrides::<BaseConfig>(
-                &args.out,
-                &overrides,
-                RESUME_EXTENDABLE,
-            )?;
-            (run, config)
-        }
-        None => {
-            let (config, resolved): (BaseConfig, String) =
-                tiller_core::config::from_toml_file_with_overrides(
-                    &crate::shipped::resolve(&args.config),
-                    &overrides,
-                )?;
+    let (run, config) = open_or_create(
+        &args.out,
+        &args.config,
+        args.resume.is_some(),
+        &overrides,
+        |config: &mut BaseConfig, resolved| {
             config.model.unet.validate()?;
             config.model.text_encoder.validate()?;
-            let run = RunDir::create(&args.out, &resolved)?;
-            (run, config)
-        }
-    };
+            Ok(resolved)
+        },
+    )?;
     let device = tiller_core::device::parse_device(&config.device)?;
     let tokenizer = Tokenizer::shapes();
     check_compatible(&config, &tokenizer)?;
@@ -365,45 +378,47 @@ pub struct DistillArgs {
     stop_after: Option<u64>,
 }
 
+/// The DDIM settings of the teacher pipeline in `folder` (its scheduler config alone); an error
+/// naming the folder when its scheduler is not DDIM.
+fn teacher_ddim(folder: &std::path::Path) -> Result<DdimConfig> {
+    let path = folder.join("scheduler/scheduler_config.json");
+    match SchedulerConfig::from_diffusers_json(&path)
+        .with_context(|| format!("teacher = {}", folder.display()))?
+    {
+        SchedulerConfig::Ddim(c) => Ok(c),
+        _ => anyhow::bail!(
+            "teacher = {}: {} is not a DDIMScheduler; progressive distillation follows the \
+             teacher's DDIM steps",
+            folder.display(),
+            path.display()
+        ),
+    }
+}
+
 /// `tiller base distill`: one stage of progressive distillation (`tiller_engine::distill`). The
 /// student starts as a copy of the teacher and is written as `<out>/pipeline` with its own DDIM
 /// grid and `tiller_sampling.json` (N steps, eta 0, guidance 1); the next stage names it as
 /// its teacher.
 pub fn distill(args: DistillArgs) -> Result<()> {
     let overrides = args.run.apply(&args.overrides, "train.seed");
-    let (run, config) = match &args.resume {
-        Some(_) => {
-            let (run, config, _) = RunDir::open_with_overrides::<DistillConfig>(
-                &args.out,
-                &overrides,
-                RESUME_EXTENDABLE,
-            )?;
-            (run, config)
-        }
-        None => {
-            let (mut config, _): (DistillConfig, String) =
-                tiller_core::config::from_toml_file_with_overrides(
-                    &crate::shipped::resolve(&args.config),
-                    &overrides,
-                )?;
+    let (run, config) = open_or_create(
+        &args.out,
+        &args.config,
+        args.resume.is_some(),
+        &overrides,
+        |config: &mut DistillConfig, _| {
             // The run keeps the teacher's path as found, so `--resume` finds it from anywhere.
             config.teacher = std::fs::canonicalize(crate::shipped::resolve(&config.teacher))
                 .with_context(|| format!("teacher = {}", config.teacher.display()))?;
-            let resolved = toml::to_string(&config).context("the resolved config")?;
-            let run = RunDir::create(&args.out, &resolved)?;
-            (run, config)
-        }
-    };
+            // Refused before the run folder is created.
+            config.distill.validate(&teacher_ddim(&config.teacher)?)?;
+            toml::to_string(config).context("the resolved config")
+        },
+    )?;
     let device = tiller_core::device::parse_device(&config.device)?;
     let (teacher, _) = TextToImage::load(&config.teacher, &device)
         .with_context(|| format!("teacher = {}", config.teacher.display()))?;
-    let SchedulerConfig::Ddim(teacher_ddim) = &teacher.scheduler else {
-        anyhow::bail!(
-            "teacher = {}: its scheduler/scheduler_config.json is not a DDIMScheduler; \
-             progressive distillation follows the teacher's DDIM steps",
-            config.teacher.display()
-        );
-    };
+    let teacher_ddim = &teacher_ddim(&config.teacher)?;
     let student_ddim = student_scheduler(teacher_ddim, config.distill.teacher_steps)?;
     let student_steps = config.distill.teacher_steps / 2;
     let tokenizer = Tokenizer::shapes();

@@ -451,32 +451,14 @@ fn base_distill_writes_a_few_step_student() {
 
     let bad = scratch("distill-bad");
     let bad_s = bad.to_str().unwrap();
-    let (ok, text) = tiller(&[
-        "base",
-        "distill",
-        "--out",
-        bad_s,
-        "--set",
-        "distill.teacher_steps=6",
-    ]);
-    assert!(!ok && text.contains("distill.teacher_steps"), "{text}");
-    let (ok, text) = tiller(&[
-        "base",
-        "distill",
-        "--out",
-        bad_s,
-        "--set",
-        "distill.steps=4",
-    ]);
-    assert!(!ok && text.contains("steps"), "{text}");
-    let (ok, text) = tiller(&[
-        "base",
-        "distill",
-        "--out",
-        bad_s,
-        "--set",
-        "teacher=/nonexistent/teacher",
-    ]);
-    assert!(!ok && text.contains("/nonexistent/teacher"), "{text}");
+    for (set, named) in [
+        ("distill.teacher_steps=6", "distill.teacher_steps"),
+        ("distill.steps=4", "steps"),
+        ("teacher=/nonexistent/teacher", "/nonexistent/teacher"),
+    ] {
+        let (ok, text) = tiller(&["base", "distill", "--out", bad_s, "--set", set]);
+        assert!(!ok && text.contains(named), "--set {set}: {text}");
+        assert!(!bad.exists(), "--set {set} wrote {}", bad.display());
+    }
     let _ = std::fs::remove_dir_all(&run);
 }

@@ -39,7 +39,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result, SeededRng};
 use tiller_diffusion::schedulers::{
-    DdimConfig, DdimScheduler, PredictionType, Scheduler, TimestepSpacing,
+    DdimConfig, DdimScheduler, PredictionType, Scheduler, TimestepSpacing, per_sample,
 };
 
 /// `[distill]`: one stage of progressive distillation.
@@ -50,6 +50,24 @@ pub struct DistillSection {
     pub teacher_steps: usize,
     /// The teacher's classifier-free guidance scale (1 = none); the student is sampled without.
     pub guidance: f64,
+}
+
+impl DistillSection {
+    /// Errors, naming the setting, unless a teacher sampled with `teacher` can be distilled with
+    /// these settings.
+    pub fn validate(&self, teacher: &DdimConfig) -> Result<()> {
+        student_scheduler(teacher, self.teacher_steps)?;
+        if !(self.guidance.is_finite() && self.guidance >= 1.0) {
+            return Err(Error::config(
+                "distill.guidance",
+                format!(
+                    "must be at least 1 (1 = no guidance), got {}",
+                    self.guidance
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for DistillSection {
@@ -103,21 +121,21 @@ pub fn ddim_step_per_example(
     alpha_bars: &[(f64, f64)],
     clip: Option<f64>,
 ) -> Tensor<4> {
-    let device = z.device();
     let col = |f: &dyn Fn(f64, f64) -> f64| {
-        let v: Vec<f32> = alpha_bars.iter().map(|&(a, p)| f(a, p) as f32).collect();
-        Tensor::<4>::from_data(TensorData::new(v, [alpha_bars.len(), 1, 1, 1]), &device)
+        per_sample(alpha_bars.iter().map(|&(a, p)| f(a, p)).collect(), &z)
     };
-    let mut x0 = (z - eps.clone() * col(&|a, _| (1.0 - a).sqrt())) / col(&|a, _| a.sqrt());
+    let (signal, sigma) = (col(&|a, _| a.sqrt()), col(&|a, _| (1.0 - a).sqrt()));
+    let (signal_end, sigma_end) = (col(&|_, p| p.sqrt()), col(&|_, p| (1.0 - p).sqrt()));
+    let mut x0 = (z - eps.clone() * sigma) / signal;
     if let Some(r) = clip {
         x0 = x0.clamp(-r, r);
     }
-    x0 * col(&|_, p| p.sqrt()) + eps * col(&|_, p| (1.0 - p).sqrt())
+    x0 * signal_end + eps * sigma_end
 }
 
-/// The distillation target of one example as the per-coefficient formula of the module notes:
-/// `(x~ coefficients)`: x~ = (z'' - k z) / (alpha'' - k alpha) with k = sigma'' / sigma; returns
-/// (1 / (alpha'' - k alpha), k) so that x~ = (z'' - k z) * first.
+/// The coefficients of the distillation target x~ = (z'' - k z) / (alpha'' - k alpha), with
+/// k = sigma'' / sigma, for a student step from abar to abar_end: returns
+/// (1 / (alpha'' - k alpha), k), so that x~ = (z'' - k z) * first.
 pub fn target_coefficients(abar: f64, abar_end: f64) -> (f64, f64) {
     let (alpha, sigma) = (abar.sqrt(), (1.0 - abar).sqrt());
     let (alpha_end, sigma_end) = (abar_end.sqrt(), (1.0 - abar_end).sqrt());
@@ -144,16 +162,7 @@ impl<'a> ProgressiveDistillation<'a> {
         settings: &DistillSection,
         empty: Vec<i64>,
     ) -> Result<Self> {
-        student_scheduler(teacher_scheduler, settings.teacher_steps)?;
-        if !(settings.guidance.is_finite() && settings.guidance >= 1.0) {
-            return Err(Error::config(
-                "distill.guidance",
-                format!(
-                    "must be at least 1 (1 = no guidance), got {}",
-                    settings.guidance
-                ),
-            ));
-        }
+        settings.validate(teacher_scheduler)?;
         let grid = DdimScheduler::new(
             DdimConfig {
                 eta: 0.0,
@@ -227,13 +236,10 @@ impl Objective for ProgressiveDistillation<'_> {
             .collect::<Result<_>>()?;
         let t0: Vec<f64> = steps.iter().map(|&k| grid.timesteps()[2 * k]).collect();
         let t1: Vec<f64> = steps.iter().map(|&k| grid.timesteps()[2 * k + 1]).collect();
-        let col = |v: Vec<f64>| {
-            let v: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
-            Tensor::<4>::from_data(TensorData::new(v, [b, 1, 1, 1]), device)
-        };
         let abar: Vec<f64> = first.iter().map(|p| p.0).collect();
-        let z = x0 * col(abar.iter().map(|a| a.sqrt()).collect())
-            + noise * col(abar.iter().map(|a| (1.0 - a).sqrt()).collect());
+        let signal = per_sample(abar.iter().map(|a| a.sqrt()).collect(), &x0);
+        let sigma = per_sample(abar.iter().map(|a| (1.0 - a).sqrt()).collect(), &x0);
+        let z = x0 * signal.clone() + noise * sigma.clone();
 
         // The teacher's two guided DDIM steps, without a graph.
         let cond = self
@@ -257,9 +263,8 @@ impl Objective for ProgressiveDistillation<'_> {
             .zip(&second)
             .map(|(f, s)| target_coefficients(f.0, s.1))
             .unzip();
-        let x_target = (end - z.clone() * col(k)) * col(scale);
-        let target = (z.clone() - x_target * col(abar.iter().map(|a| a.sqrt()).collect()))
-            / col(abar.iter().map(|a| (1.0 - a).sqrt()).collect());
+        let x_target = (end - z.clone() * per_sample(k, &z)) * per_sample(scale, &z);
+        let target = (z.clone() - x_target * signal) / sigma;
         // max(SNR, 1) on the x error is max(1, 1 / SNR) on the eps error.
         let weights = abar.iter().map(|a| ((1.0 - a) / a).max(1.0)).collect();
         Ok(Regression {

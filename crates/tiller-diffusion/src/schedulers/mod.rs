@@ -193,7 +193,7 @@ pub(crate) fn check_step_index(i: usize, n: usize) -> Result<()> {
 
 /// A [B, 1, 1, 1] tensor of per-sample `values` with `like`'s dtype and device, to broadcast over
 /// C, H, W.
-pub(crate) fn per_sample(values: Vec<f64>, like: &Tensor<4>) -> Tensor<4> {
+pub fn per_sample(values: Vec<f64>, like: &Tensor<4>) -> Tensor<4> {
     let batch = values.len();
     Tensor::from_data(
         TensorData::new(values, [batch, 1, 1, 1]),
