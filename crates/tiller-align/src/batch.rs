@@ -289,6 +289,9 @@ pub enum Collect {
     /// flow_grpo's `same_latent`).
     SharedStartRollouts,
     Pairs,
+    /// Preference pairs whose `rejected` image is replaced by the policy's own current sample of
+    /// the pair's prompt (PSO's offline pairs: a target image against the model's reference image).
+    PairsWithOwnSamples,
     Labeled,
     Starts,
     /// Final samples only (no trajectories), scored.

@@ -62,6 +62,15 @@ pub trait Algorithm<M: PolicyModel = UNet2DConditionModel> {
         Ok(())
     }
 
+    /// Takes the reward model the method trains beside the policy ([`MethodSpec::reward_model`]:
+    /// LaSRO's surrogate starts from it), loaded on the run's plain device before training.
+    fn adopt_reward_model(&mut self, _model: tiller_reward::LearnedReward) -> Result<()> {
+        Err(tiller_core::Error::invalid(format!(
+            "{} trains no reward model beside the policy",
+            self.name()
+        )))
+    }
+
     /// Optimizer updates taken on each collected batch (DDPO's inner epochs); 1 for the rest.
     /// Asked before each batch is collected, with [`Self::collects`]: a method whose batches
     /// differ answers for the one about to be collected (SEIKO's true-reward queries take none).

@@ -384,6 +384,19 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         &tokenizer,
         &device,
     )?;
+    // A reward model the method trains beside the policy (LaSRO's surrogate), on the base's
+    // tokenizer.
+    let trained_reward = match config.method.spec().reward_model() {
+        None => None,
+        Some((field, folder)) => Some(
+            tiller_reward::LearnedReward::load(
+                &(args.locate)(Path::new(&folder)),
+                tokenizer.clone(),
+                &device,
+            )
+            .map_err(|e| Error::config(field, e.to_string()))?,
+        ),
+    };
     let splits = prompts::generate_splits(&PromptSetConfig::default())?;
     let train_prompts = first_per_task(
         &splits.train,
@@ -466,6 +479,7 @@ pub fn run(args: &Request<'_>) -> Result<AlignSummary> {
         &resolved,
         policy,
         reward.as_ref(),
+        trained_reward,
         &data,
         &mut validate,
     )
@@ -484,6 +498,16 @@ fn run_latent(
     base: &Path,
     device: &Device,
 ) -> Result<AlignSummary> {
+    if let Some((field, _)) = config.method.spec().reward_model() {
+        return Err(Error::config(
+            field,
+            format!(
+                "{} trains a reward network on the model's samples, and Tiller has none for a \
+                 Stable Diffusion pipeline's latents yet: run it on the testbed",
+                config.method.name()
+            ),
+        ));
+    }
     let sd = StableDiffusion::load(base, device)?;
     let res = match config.sampling.resolution {
         0 => sd.default_resolution()?,
@@ -589,6 +613,7 @@ fn run_latent(
         resolved,
         policy,
         reward.as_ref(),
+        None,
         &data,
         &mut validate,
     )
@@ -785,6 +810,7 @@ fn train_and_export(
     resolved: &str,
     policy: Policy,
     reward: &dyn tiller_reward::Reward,
+    trained_reward: Option<tiller_reward::LearnedReward>,
     data: &AlignData<'_>,
     validate: &mut crate::trainer::Validate<'_, UNet2DConditionModel>,
 ) -> Result<AlignSummary> {
@@ -794,6 +820,9 @@ fn train_and_export(
         None => RunDir::create(args.out, resolved)?,
     };
     let mut algorithm = crate::methods::build(config);
+    if let Some(model) = trained_reward {
+        algorithm.adopt_reward_model(model)?;
+    }
     let out = crate::align(
         &run,
         config,

@@ -641,7 +641,7 @@ pub fn collect<M: PolicyModel>(
                 rewards,
             ))
         }
-        Collect::Pairs => {
+        Collect::Pairs | Collect::PairsWithOwnSamples => {
             if data.pairs.is_empty() {
                 return Err(Error::invalid(
                     "no preference pairs (collect feedback into the store first)",
@@ -655,7 +655,29 @@ pub fn collect<M: PolicyModel>(
                 encode_stored(policy, picks.iter().map(|p| f(p).as_slice()), data, micro)
             };
             let chosen = stack(&|p| &p.chosen)?;
-            let rejected = stack(&|p| &p.rejected)?;
+            let rejected = if kind == Collect::Pairs {
+                stack(&|p| &p.rejected)?
+            } else {
+                // The current model's sample of each pair's prompt, its chain from the
+                // example's own stream (apart from the pair's training noise).
+                let current = policy.current();
+                let mut noise = ExampleNoise::for_examples(seed ^ OWN_SAMPLE_SALT, indices.clone());
+                let x_t = chain_starts(policy, &mut noise, [n, c, h, w], None)?;
+                let parts = sample_parts(
+                    policy,
+                    &current,
+                    &prompts,
+                    (&x_t, &noise),
+                    micro,
+                    Record::Nothing,
+                )?;
+                let x0 = Tensor::cat(parts.into_iter().map(|s| s.images).collect(), 0);
+                match policy.latents {
+                    // As the stored images are: in the image range.
+                    None => x0.clamp(-1.0, 1.0),
+                    Some(_) => x0,
+                }
+            };
             // Each pair's shared noise and timestep from its own stream.
             let (values, timesteps) = example_noise_and_timesteps(policy, indices, seed, [c, h, w]);
             let noise = Tensor::<4>::from_data(TensorData::new(values, [n, c, h, w]), device);
@@ -818,6 +840,8 @@ fn sample_parts<M: PolicyModel>(
 /// apart from the chain's stream (`seed`) of the same example.
 const SAMPLE_SALT: u64 = 0x5a3b_1e00_0000_0001;
 const PRETRAIN_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Salt of the per-example chain stream of a pair's own sample ([`Collect::PairsWithOwnSamples`]).
+const OWN_SAMPLE_SALT: u64 = 0x2545_f491_4f6c_dd1d;
 
 /// Adds one pre-training image per example (`data.pretrain` of the example's global index, with
 /// its noise and timestep from the example's own pre-training stream) to a batch of chain starts

@@ -838,13 +838,11 @@ fn d3po_update_matches_the_reference() {
             &device,
         );
         let mut batch = recorded_rollouts(&io, "", (&case.prompts, 2), meta.steps, &device);
-        let mut d3po = D3po {
-            config: D3poConfig {
-                beta: case.beta,
-                clip_range: case.eps,
-                ..Default::default()
-            },
-        };
+        let mut d3po = D3po::new(D3poConfig {
+            beta: case.beta,
+            clip_range: case.eps,
+            ..Default::default()
+        });
         let cx = Context {
             policy: &policy,
             reward: &NoReward,

@@ -91,9 +91,7 @@ impl MethodSpec for D3poConfig {
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
-        Box::new(D3po {
-            config: self.clone(),
-        })
+        Box::new(D3po::new(self.clone()))
     }
 
     /// Regularised by its clamp and beta, against the reference itself.
@@ -108,6 +106,22 @@ impl MethodSpec for D3poConfig {
 
 pub struct D3po {
     pub config: D3poConfig,
+    /// The method's name in errors and logs (`d3po`, or `pso` for PSO's online form).
+    pub name: &'static str,
+    /// Whether a pair's two trajectories start from one initial latent (D3PO) or each from its
+    /// own (PSO's online pairs).
+    pub shared_start: bool,
+}
+
+impl D3po {
+    /// D3PO itself: pairs from one initial latent.
+    pub fn new(config: D3poConfig) -> Self {
+        Self {
+            config,
+            name: "d3po",
+            shared_start: true,
+        }
+    }
 }
 
 /// The preference of each pair from its rewards, as `compare()` gives it for one reward:
@@ -142,8 +156,8 @@ pub fn d3po_loss(
 
 /// Checks that the rollouts are whole pairs of one prompt and one initial latent (the whole
 /// collected batch, once).
-fn check_pairs(r: &Rollouts) -> Result<()> {
-    r.check_groups("d3po", Some(2))?;
+fn check_pairs(r: &Rollouts, method: &str) -> Result<()> {
+    r.check_groups(method, Some(2))?;
     let n = r.prompts.len();
     let [_, c, h, w] = r.latents[0].dims();
     let starts = r.latents[0].clone().reshape([n / 2, 2, c * h * w]);
@@ -153,7 +167,7 @@ fn check_pairs(r: &Rollouts) -> Result<()> {
         .into_scalar::<f64>();
     if gap != 0.0 {
         return Err(Error::invalid(format!(
-            "d3po: a pair's two trajectories start from different latents (max |difference| \
+            "{method}: a pair's two trajectories start from different latents (max |difference| \
              {gap:.3e}); they must share the initial latent"
         )));
     }
@@ -162,11 +176,15 @@ fn check_pairs(r: &Rollouts) -> Result<()> {
 
 impl<M: PolicyModel> Algorithm<M> for D3po {
     fn name(&self) -> &'static str {
-        "d3po"
+        self.name
     }
 
     fn collects(&self) -> Collect {
-        Collect::SharedStartRollouts
+        if self.shared_start {
+            Collect::SharedStartRollouts
+        } else {
+            Collect::Rollouts
+        }
     }
 
     fn updates_per_batch(&self) -> usize {
@@ -181,9 +199,13 @@ impl<M: PolicyModel> Algorithm<M> for D3po {
         _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, f64)>> {
         let Batch::Rollouts(r) = batch else {
-            return Err(Error::invalid("d3po needs rollouts"));
+            return Err(Error::invalid(format!("{} needs rollouts", self.name)));
         };
-        check_pairs(r)?;
+        if self.shared_start {
+            check_pairs(r, self.name)?;
+        } else {
+            r.check_groups(self.name, Some(2))?;
+        }
         r.advantages = preferences(&r.rewards);
         let ties = r.advantages.iter().filter(|h| **h == 0.0).count() as f64;
         Ok(vec![("ties", ties / r.advantages.len().max(1) as f64)])
@@ -196,7 +218,7 @@ impl<M: PolicyModel> Algorithm<M> for D3po {
         rng: &mut SeededRng,
     ) -> Result<()> {
         let Batch::Rollouts(r) = batch else {
-            return Err(Error::invalid("d3po needs rollouts"));
+            return Err(Error::invalid(format!("{} needs rollouts", self.name)));
         };
         draw_group_train_steps(r, self.config.timestep_fraction, 2, rng);
         Ok(())
@@ -210,21 +232,22 @@ impl<M: PolicyModel> Algorithm<M> for D3po {
         _rng: &mut SeededRng,
     ) -> Result<MicroStep> {
         let Batch::Rollouts(r) = batch else {
-            return Err(Error::invalid("d3po needs rollouts"));
+            return Err(Error::invalid(format!("{} needs rollouts", self.name)));
         };
         if r.advantages.len() != r.prompts.len() {
-            return Err(Error::invalid(
-                "d3po: the pairs' preferences were not drawn for this batch (prepare)",
-            ));
+            return Err(Error::invalid(format!(
+                "{}: the pairs' preferences were not drawn for this batch (prepare)",
+                self.name
+            )));
         }
         // The shared starts were checked on the whole batch (prepare).
-        r.check_groups("d3po", Some(2))?;
+        r.check_groups(self.name, Some(2))?;
         let policy = cx.policy;
         let ad = policy.autodiff_device();
         let (beta, eps) = (self.config.beta, self.config.clip_range);
         let mut acc = GradientsAccumulator::<M>::new();
         let (mut loss_sum, mut clipfrac, mut agree, mut decided) = (0.0, 0.0, 0.0, 0.0);
-        for_each_trained_step(r, "d3po", |i, part, weight| {
+        for_each_trained_step(r, self.name, |i, part, weight| {
             // `part` holds the rollouts training step i: whole pairs, as they are drawn per pair.
             let m = part.prompts.len();
             let cond = policy.conditioning(&part.prompts, &ad);

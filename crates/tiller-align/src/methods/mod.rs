@@ -17,8 +17,10 @@ pub mod dpok;
 pub mod draft_k;
 pub mod draft_lv;
 pub mod focus_n_fix;
+pub mod lasro;
 pub mod mlp;
 pub mod prdp;
+pub mod pso;
 pub mod raft;
 pub mod refl;
 pub mod reward_weighted;
@@ -109,6 +111,12 @@ pub trait MethodSpec {
         _device: &burn::tensor::Device,
     ) -> Result<()> {
         Ok(())
+    }
+    /// A reward-model folder the method trains beside the policy, as (its config field, the
+    /// folder): the run loads it with the base's tokenizer and hands it to
+    /// [`Algorithm::adopt_reward_model`] (LaSRO's surrogate).
+    fn reward_model(&self) -> Option<(&'static str, String)> {
+        None
     }
     /// Preference data it reads from a store before training, if any.
     fn store(&self) -> Option<StoreRead> {
@@ -202,6 +210,8 @@ registry! {
     FocusNFix(focus_n_fix::FocusNFixConfig) = "focus-n-fix",
     SafetyDpo(safety_dpo::SafetyDpoConfig) = "safety-dpo",
     Spo(spo::SpoConfig) = "spo",
+    Pso(pso::PsoConfig) = "pso",
+    Lasro(lasro::LasroConfig) = "lasro",
 }
 
 impl Method {
