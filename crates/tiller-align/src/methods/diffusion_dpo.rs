@@ -14,6 +14,22 @@
 //! `-log sigmoid(beta_dpo * (d_ref_diff - d_diff))` with `beta_dpo = 2500`: the same objective.
 //! `implicit_acc = mean(inside > 0)` is logged (the fraction of pairs the policy ranks right,
 //! relative to the reference).
+//!
+//! **The winner-preserving safeguard** (`safeguard = true`; Diffusion-SDPO,
+//! arXiv 2511.03317, `AIDC-AI/Diffusion-SDPO` `train.py::get_adaptive_lose_l_scale`): plain DPO can
+//! raise the chosen image's error as long as the rejected one's rises faster. SDPO scales the
+//! gradient through the rejected image's error by one coefficient per micro-batch,
+//!
+//! ```text
+//! e_w, e_l = eps_theta - target on the chosen and rejected halves (detached)
+//! lambda   = clamp((1 - mu) ||e_w||^2 / (<e_l, e_w> + 1e-9), 0, 1)   if <e_l, e_w> > 0, else 1
+//! d_l      -> sg(d_l) + lambda (d_l - sg(d_l))
+//! ```
+//!
+//! so that to first order in output space the step does not increase the chosen image's error;
+//! the loss value is unchanged (the straight-through form of the reference). mu = 0.9 is its SD1.5
+//! launch script's `--winner_preserving_mu`; like the reference, lambda is computed per
+//! micro-batch (with the safeguard on, accumulation is not exactly one big batch).
 
 use crate::batch::{Batch, Collect};
 use crate::config::AlignConfig;
@@ -41,6 +57,11 @@ pub struct DpoConfig {
     /// Train on at most this many comparisons (the first in the store; 0: all). `tiller compare`
     /// sets it to the reward-query budget: each comparison is one query to an annotator.
     pub max_comparisons: usize,
+    /// Diffusion-SDPO's winner-preserving scale of the rejected image's gradient (`--use_winner_
+    /// preserving`).
+    pub safeguard: bool,
+    /// Its mu (`--winner_preserving_mu 0.9`, the SD1.5 script's), in [0, 1].
+    pub safeguard_mu: f64,
 }
 
 impl Default for DpoConfig {
@@ -50,6 +71,8 @@ impl Default for DpoConfig {
             store: "runs/prefs".into(),
             split: "train".into(),
             max_comparisons: 0,
+            safeguard: false,
+            safeguard_mu: 0.9,
         }
     }
 }
@@ -71,11 +94,20 @@ impl MethodSpec for DpoConfig {
             ));
         }
         train_split("method.diffusion-dpo.split", &self.split)?;
+        if !(0.0..=1.0).contains(&self.safeguard_mu) {
+            return Err(Error::config(
+                "method.diffusion-dpo.safeguard_mu",
+                format!("must be in [0, 1], got {}", self.safeguard_mu),
+            ));
+        }
         Ok(())
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
-        Box::new(DiffusionDpo { beta: self.beta })
+        Box::new(DiffusionDpo {
+            beta: self.beta,
+            safeguard: self.safeguard.then_some(self.safeguard_mu),
+        })
     }
 
     /// Regularised by beta, not a per-step KL.
@@ -113,6 +145,18 @@ impl MethodSpec for DpoConfig {
 pub struct DiffusionDpo {
     /// beta (Salesforce convention).
     pub beta: f64,
+    /// SDPO's safeguard with its mu; `None`: plain Diffusion-DPO.
+    pub safeguard: Option<f64>,
+}
+
+impl DiffusionDpo {
+    /// Plain Diffusion-DPO at `beta`.
+    pub fn new(beta: f64) -> Self {
+        Self {
+            beta,
+            safeguard: None,
+        }
+    }
 }
 
 /// Per-example squared error [B] of `model` on noised `x0` (mean over C, H, W), conditioned on
@@ -131,16 +175,57 @@ pub fn denoising_error<M: Denoiser>(
         TensorData::new(timesteps.iter().map(|&v| v as f32).collect(), [b]),
         &device,
     );
-    let cond = cond.to_device(&device);
-    let pred = match &cond.added {
-        None => model.predict(x_t, t, cond.context),
-        Some((added, _)) => model.predict_added(x_t, t, cond.context, added),
-    };
+    let pred = prediction(model, x_t, &t, cond);
+    per_example_error(pred, target)
+}
+
+/// `model`'s prediction at `x_t` and timesteps `t` [B], conditioned on `cond` (the conditional
+/// model, as trained).
+fn prediction<M: Denoiser>(
+    model: &M,
+    x_t: Tensor<4>,
+    t: &Tensor<1>,
+    cond: &Conditioning,
+) -> Tensor<4> {
+    let cond = cond.to_device(&x_t.device());
+    match &cond.added {
+        None => model.predict(x_t, t.clone(), cond.context),
+        Some((added, _)) => model.predict_added(x_t, t.clone(), cond.context, added),
+    }
+}
+
+/// The squared error [B] of `pred` against `target`, mean over C, H, W.
+fn per_example_error(pred: Tensor<4>, target: Tensor<4>) -> Tensor<1> {
+    let b = pred.dims()[0];
     (pred - target)
         .powi_scalar(2)
         .reshape([b as i64, -1])
         .mean_dim(1)
         .reshape([b])
+}
+
+/// SDPO's coefficient of the rejected image's gradient from the prediction errors `e_w`, `e_l`
+/// (model output minus target) of the chosen and rejected halves:
+/// `clamp((1 - mu) ||e_w||^2 / (<e_l, e_w> + 1e-9), 0, 1)` when `<e_l, e_w> > 0`, else 1.
+pub fn safeguard_scale(e_w: &[f32], e_l: &[f32], mu: f64) -> f64 {
+    let num: f64 = e_w.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let den: f64 = e_w
+        .iter()
+        .zip(e_l)
+        .map(|(&w, &l)| f64::from(w) * f64::from(l))
+        .sum();
+    if den > 0.0 {
+        ((1.0 - mu) * num / (den + 1e-9)).clamp(0.0, 1.0)
+    } else {
+        1.0
+    }
+}
+
+/// `d_l` in the forward pass, its gradient scaled by `lambda` (the reference's straight-through
+/// `sg(d_l) + lambda (d_l - sg(d_l))`).
+pub fn scale_gradient(d_l: Tensor<1>, lambda: f64) -> Tensor<1> {
+    let held = d_l.clone().detach();
+    held.clone() + (d_l - held) * lambda
 }
 
 /// A store split a method may train on: `train` only; the test split is held out.
@@ -207,17 +292,42 @@ impl<M: PolicyModel> Algorithm<M> for DiffusionDpo {
             &ts,
             &policy.conditional(&both, &policy.device),
         );
-        let d = denoising_error(
+        let ad = policy.autodiff_device();
+        let t = Tensor::<1>::from_data(
+            TensorData::new(ts.iter().map(|&v| v as f32).collect(), [2 * b]),
+            &ad,
+        );
+        let pred = prediction(
             &policy.model,
             x_t.autodiff(),
-            target.autodiff(),
-            &ts,
-            &policy.conditional(&both, &policy.autodiff_device()),
+            &t,
+            &policy.conditional(&both, &ad),
         );
+        let target = target.autodiff();
+        let mut metrics = Vec::new();
+        let lambda = match self.safeguard {
+            None => 1.0,
+            Some(mu) => {
+                let e = crate::methods::ddpo::to_f32(
+                    (pred.clone() - target.clone()).inner().reshape([-1]),
+                )?;
+                let half = e.len() / 2;
+                let lambda = safeguard_scale(&e[..half], &e[half..], mu);
+                metrics.push(("safeguard_lambda", lambda));
+                lambda
+            }
+        };
+        let d = per_example_error(pred, target);
         let d_ref = d_ref.autodiff();
+        let d_l = d.clone().narrow(0, b, b);
+        let d_l = if self.safeguard.is_some() {
+            scale_gradient(d_l, lambda)
+        } else {
+            d_l
+        };
         let (loss, inside) = dpo_loss(
-            d.clone().narrow(0, 0, b),
-            d.narrow(0, b, b),
+            d.narrow(0, 0, b),
+            d_l,
             d_ref.clone().narrow(0, 0, b),
             d_ref.narrow(0, b, b),
             self.beta,
@@ -231,10 +341,11 @@ impl<M: PolicyModel> Algorithm<M> for DiffusionDpo {
             .map_err(|e| Error::invalid(format!("{e:?}")))?;
         let implicit_acc = inside.iter().filter(|v| **v > 0.0).count() as f64 / b as f64;
         let grads = GradientsParams::from_grads((loss * scale).backward(), &policy.model);
+        metrics.insert(0, ("implicit_acc", implicit_acc));
         Ok(MicroStep {
             grads,
             loss: value,
-            metrics: vec![("implicit_acc", implicit_acc)],
+            metrics,
             rewards: Vec::new(),
         })
     }
@@ -244,6 +355,35 @@ impl<M: PolicyModel> Algorithm<M> for DiffusionDpo {
 mod tests {
     use super::*;
     use burn::tensor::Device;
+
+    /// SDPO's coefficient on numbers worked by hand, and its straight-through form: the value of
+    /// d_l unchanged, its gradient scaled by lambda.
+    #[test]
+    fn safeguard_by_hand() {
+        // ||e_w||^2 = 1 + 4 = 5; <e_l, e_w> = 2 + 2 = 4; (1 - 0.5) 5 / 4 = 0.625.
+        assert!((safeguard_scale(&[1.0, 2.0], &[2.0, 1.0], 0.5) - 0.625).abs() < 1e-9);
+        // Capped at 1; a negative alignment leaves the gradient as it is.
+        assert_eq!(safeguard_scale(&[1.0, 2.0], &[0.5, 0.5], 0.0), 1.0);
+        assert_eq!(safeguard_scale(&[1.0, 2.0], &[-2.0, 0.5], 0.9), 1.0);
+        // mu = 1 stops the rejected image's gradient whenever the two align.
+        assert_eq!(safeguard_scale(&[1.0], &[3.0], 1.0), 0.0);
+        let device = Device::default().autodiff();
+        let x =
+            Tensor::<1>::from_data(TensorData::new(vec![0.3f32, 0.7], [2]), &device).require_grad();
+        let y = scale_gradient(x.clone().powi_scalar(2), 0.25);
+        let v = crate::methods::ddpo::to_f32(y.clone().inner()).unwrap();
+        assert!(
+            (v[0] - 0.09).abs() < 1e-6 && (v[1] - 0.49).abs() < 1e-6,
+            "{v:?}"
+        );
+        let grads = y.sum().backward();
+        let g = crate::methods::ddpo::to_f32(x.grad(&grads).unwrap()).unwrap();
+        // d(x^2)/dx = 2x, times 0.25.
+        assert!(
+            (g[0] - 0.15).abs() < 1e-6 && (g[1] - 0.35).abs() < 1e-6,
+            "{g:?}"
+        );
+    }
 
     /// The loss on numbers worked by hand; swapping chosen and rejected must change it.
     #[test]

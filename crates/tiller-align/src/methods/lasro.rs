@@ -306,9 +306,7 @@ impl Lasro {
                 .model
                 .ensemble
                 .forward_mean(x, &s.model.token_ids(&both)?)?;
-            let loss = log_sigmoid(r.clone().narrow(0, 0, n) - r.narrow(0, n, n))
-                .neg()
-                .mean();
+            let loss = ranking_loss(r.clone().narrow(0, 0, n), r.narrow(0, n, n));
             last = loss.clone().into_scalar::<f64>();
             if !last.is_finite() {
                 return Err(Error::NonFinite(format!("lasro surrogate loss {last}")));
@@ -344,6 +342,18 @@ impl Lasro {
             / n;
         Ok((mean, var.sqrt().max(1e-6)))
     }
+}
+
+/// The Bradley-Terry ranking loss of the surrogate's scores of the preferred (`r_w`) and the other
+/// (`r_l`) image of each pair, both [P]: `mean(-log sigmoid(r_w - r_l))`.
+pub fn ranking_loss(r_w: Tensor<1>, r_l: Tensor<1>) -> Tensor<1> {
+    log_sigmoid(r_w - r_l).neg().mean()
+}
+
+/// The generator's loss per image [B] from the surrogate's scores `r` [B]:
+/// `-coeff * clamp((r - mu) / sigma, -clip, clip)`.
+pub fn generator_loss(r: Tensor<1>, (mu, sigma): (f64, f64), clip: f64, coeff: f64) -> Tensor<1> {
+    ((r - mu) / sigma).clamp(-clip, clip).neg() * coeff
 }
 
 fn winners_losers(pairs: &[(usize, usize, usize)]) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
@@ -481,7 +491,7 @@ impl<M: PolicyModel> Algorithm<M> for Lasro {
         };
         let (coeff, clip) = (self.config.loss_coeff, self.config.clip);
         let objective =
-            move |r: Tensor<1>, _: Tensor<4>| ((r - mu) / sigma).clamp(-clip, clip).neg() * coeff;
+            move |r: Tensor<1>, _: Tensor<4>| generator_loss(r, (mu, sigma), clip, coeff);
         let mut out =
             backprop_reward_to(&inner, s, scale, self.config.k, "lasro", &objective, None)?;
         // The surrogate is not the reward: its scores are no queries.
@@ -680,6 +690,28 @@ mod tests {
         };
         let pairs = Lasro::ranked_pairs(&[g(vec![0.2, 0.5, 0.2]), g(vec![1.0, 0.0])]);
         assert_eq!(pairs, vec![(0, 1, 0), (0, 1, 2), (1, 0, 1)]);
+    }
+
+    fn t(v: Vec<f32>) -> Tensor<1> {
+        let n = v.len();
+        Tensor::from_data(TensorData::new(v, [n]), &Device::default())
+    }
+
+    /// The two losses on numbers worked by hand.
+    #[test]
+    fn losses_by_hand() {
+        // Gaps 1 and -2: (ln(1 + e^-1) + ln(1 + e^2)) / 2 = (0.313262 + 2.126928) / 2.
+        let l = ranking_loss(t(vec![1.5, 0.0]), t(vec![0.5, 2.0])).into_scalar::<f64>();
+        assert!((l - 1.220095).abs() < 1e-5, "{l}");
+        // (r - 1) / 0.5 = [-1, 2, 10 -> clip 3], times -2.
+        let g = crate::methods::ddpo::to_f32(generator_loss(
+            t(vec![0.5, 2.0, 6.0]),
+            (1.0, 0.5),
+            3.0,
+            2.0,
+        ))
+        .unwrap();
+        assert_eq!(g, vec![2.0, -4.0, -6.0]);
     }
 
     #[test]

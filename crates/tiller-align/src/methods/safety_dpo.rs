@@ -93,7 +93,7 @@ impl MethodSpec for SafetyDpoConfig {
     }
 
     fn build<M: PolicyModel>(&self) -> Box<dyn Algorithm<M>> {
-        Box::new(SafetyDpo(DiffusionDpo { beta: self.beta }))
+        Box::new(SafetyDpo(DiffusionDpo::new(self.beta)))
     }
 
     /// Regularised by beta, not a per-step KL.
