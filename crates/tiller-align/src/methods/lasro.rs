@@ -151,12 +151,14 @@ impl MethodSpec for LasroConfig {
         Some(("method.lasro.surrogate", self.surrogate.clone()))
     }
 
-    /// Each query batch costs its samples' rewards and gives `updates_per_query` updates.
+    /// Each query batch costs its samples' rewards and gives `updates_per_query` updates: the
+    /// run is sized by its updates (as SEIKO's), so that the last query batch's updates are taken
+    /// (a reward budget would stop the loop right after that batch, its queries unused).
     fn size_to_budget(&self, config: &AlignConfig, budget: u64) -> (Vec<String>, u64) {
         let batch = config.train.effective_batch().max(1) as u64;
         (
-            vec![format!("train.reward_budget={budget}")],
-            budget.div_ceil(batch) * self.updates_per_query as u64,
+            Vec::new(),
+            budget.div_ceil(batch).max(1) * self.updates_per_query as u64,
         )
     }
 }
