@@ -1122,34 +1122,19 @@ fn offline_pso_learns_held_out_targets() {
             }
         })
         .collect();
-    let test = AlignData {
-        pairs: held_out,
-        ..data(&encode)
+    let Method::Pso(config) = &c.method else {
+        unreachable!()
     };
     let loss = |p: &Policy| {
-        let (batch, _) = collect(
-            tiller_align::Collect::PairsWithOwnSamples,
-            p,
-            &Brightness,
-            &test,
-            draw(16, 1, 16),
-            &mut SeededRng::new(9),
-        )
-        .unwrap();
-        let cx = Context {
-            policy: p,
-            reward: &Brightness,
-            kl_weight: 0.0,
-        };
-        let Method::Pso(config) = &c.method else {
-            unreachable!()
-        };
-        tiller_align::methods::pso::OfflinePso {
+        let mut pso = tiller_align::methods::pso::OfflinePso {
             config: config.clone(),
-        }
-        .gradients(&cx, &batch, 1.0, &mut SeededRng::new(0))
-        .unwrap()
-        .loss
+        };
+        held_out_loss(
+            p,
+            tiller_align::Collect::PairsWithOwnSamples,
+            &held_out,
+            &mut pso,
+        )
     };
     let before = loss(&policy_for(&c));
     let after = loss(&trained);
@@ -1338,6 +1323,38 @@ fn trained_config(config: &AlignConfig, reward: &dyn Reward) -> Policy {
     out.policy
 }
 
+/// The loss `algorithm` computes on `pairs` collected as `kind` for policy `p` (16 pairs, fixed
+/// draws): what the preference methods' held-out tests compare before and after training.
+fn held_out_loss(
+    p: &Policy,
+    kind: tiller_align::Collect,
+    pairs: &[PreferencePair],
+    algorithm: &mut dyn Algorithm,
+) -> f64 {
+    let test = AlignData {
+        pairs: pairs.to_vec(),
+        ..data(&encode)
+    };
+    let (batch, _) = collect(
+        kind,
+        p,
+        &Brightness,
+        &test,
+        draw(16, 1, 16),
+        &mut SeededRng::new(9),
+    )
+    .unwrap();
+    let cx = Context {
+        policy: p,
+        reward: &Brightness,
+        kl_weight: 0.0,
+    };
+    algorithm
+        .gradients(&cx, &batch, 1.0, &mut SeededRng::new(0))
+        .unwrap()
+        .loss
+}
+
 /// Diffusion-SDPO's safeguard: plain Diffusion-DPO may let the chosen images' denoising error
 /// rise as long as the rejected ones' rises faster; with the safeguard the chosen images' error
 /// ends lower, while the preference is still learnt (the rejected ones' error rises more).
@@ -1426,29 +1443,13 @@ fn diffusion_dpo_learns_held_out_preferences() {
             }
         })
         .collect();
-    let test = AlignData {
-        pairs: held_out,
-        ..data(&encode)
-    };
     let loss = |p: &Policy| {
-        let (batch, _) = collect(
-            tiller_align::Collect::Pairs,
+        held_out_loss(
             p,
-            &Brightness,
-            &test,
-            draw(16, 1, 16),
-            &mut SeededRng::new(9),
+            tiller_align::Collect::Pairs,
+            &held_out,
+            &mut DiffusionDpo::new(200.0),
         )
-        .unwrap();
-        let cx = Context {
-            policy: p,
-            reward: &Brightness,
-            kl_weight: 0.0,
-        };
-        DiffusionDpo::new(200.0)
-            .gradients(&cx, &batch, 1.0, &mut SeededRng::new(0))
-            .unwrap()
-            .loss
     };
     let before = loss(&policy(AdapterKind::Lora, 1.0));
     let after = loss(&trained_policy);

@@ -358,7 +358,11 @@ pub fn generator_loss(r: Tensor<1>, (mu, sigma): (f64, f64), clip: f64, coeff: f
     ((r - mu) / sigma).clamp(-clip, clip).neg() * coeff
 }
 
-fn winners_losers(pairs: &[(usize, usize, usize)]) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+/// A sample of the buffer: (group, index in the group).
+type Pick = (usize, usize);
+
+/// The preferred and the other sample of each ranked pair (group, winner, loser).
+fn winners_losers(pairs: &[(usize, usize, usize)]) -> (Vec<Pick>, Vec<Pick>) {
     (
         pairs.iter().map(|&(g, w, _)| (g, w)).collect(),
         pairs.iter().map(|&(g, _, l)| (g, l)).collect(),
@@ -511,7 +515,7 @@ impl<M: PolicyModel> Algorithm<M> for Lasro {
             "shape": self.shape,
             "prompts": self.buffer.iter().map(|g| g.prompt.clone()).collect::<Vec<_>>(),
             "group_sizes": self.buffer.iter().map(|g| g.rewards.len()).collect::<Vec<_>>(),
-            "logged": self.logged.iter().map(|(k, v)| [k.to_string(), format!("{v:?}")]).collect::<Vec<_>>(),
+            "logged": super::scalars_state(&self.logged),
         })
     }
 
@@ -532,20 +536,7 @@ impl<M: PolicyModel> Algorithm<M> for Lasro {
             }
             _ => None,
         };
-        self.logged = Vec::new();
-        if let Some(rows) = state.get("logged").and_then(|l| l.as_array()) {
-            for row in rows {
-                let key = row
-                    .get(0)
-                    .and_then(|k| k.as_str())
-                    .ok_or_else(|| bad("logged"))?;
-                let key = LOGGED
-                    .iter()
-                    .find(|k| **k == key)
-                    .ok_or_else(|| bad(&format!("unknown logged key {key}")))?;
-                self.logged.push((key, float(&row[1])?));
-            }
-        }
+        self.logged = super::scalars_from_state(state.get("logged"), &LOGGED);
         self.restored = Some(state.clone());
         Ok(())
     }

@@ -301,6 +301,37 @@ pub(crate) fn rollout_budget(
     )
 }
 
+/// Scalars a method logs with later updates, as checkpoint state: `[[name, value], ...]`, each
+/// value as Rust's shortest round-trip text (SEIKO's and LaSRO's last fit).
+pub(crate) fn scalars_state(scalars: &[(&'static str, f64)]) -> serde_json::Value {
+    serde_json::Value::from(
+        scalars
+            .iter()
+            .map(|(k, v)| vec![k.to_string(), format!("{v:?}")])
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// [`scalars_state`] read back, keeping the names in `known` (others are dropped).
+pub(crate) fn scalars_from_state(
+    state: Option<&serde_json::Value>,
+    known: &[&'static str],
+) -> Vec<(&'static str, f64)> {
+    state
+        .and_then(|l| l.as_array())
+        .map(|pairs| {
+            pairs
+                .iter()
+                .filter_map(|pair| {
+                    let name = pair.get(0)?.as_str()?;
+                    let v = pair.get(1)?.as_str()?.parse::<f64>().ok()?;
+                    Some((known.iter().copied().find(|n| *n == name)?, v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The field checks methods' validations share; every error names `method.<name>.<field>`.
 pub(crate) struct Fields(pub &'static str);
 

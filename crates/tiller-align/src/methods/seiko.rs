@@ -753,7 +753,7 @@ impl<M: PolicyModel> Algorithm<M> for Seiko<M> {
             "heads": self.fitted.as_ref().map(|f| f.heads.len()),
             "round_model": self.round_model.is_some(),
             // In order, each value as Rust's shortest round-trip text.
-            "logged": self.logged.iter().map(|(k, v)| [k.to_string(), format!("{v:?}")]).collect::<Vec<_>>(),
+            "logged": super::scalars_state(&self.logged),
         })
     }
 
@@ -858,20 +858,7 @@ impl<M: PolicyModel> Algorithm<M> for Seiko<M> {
                 Some(Fitted { heads, inverse })
             }
         };
-        self.logged = state
-            .get("logged")
-            .and_then(|l| l.as_array())
-            .map(|pairs| {
-                pairs
-                    .iter()
-                    .filter_map(|pair| {
-                        let name = pair.get(0)?.as_str()?;
-                        let v = pair.get(1)?.as_str()?.parse::<f64>().ok()?;
-                        Some((FIT_SCALARS.into_iter().find(|n| *n == name)?, v))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        self.logged = super::scalars_from_state(state.get("logged"), &FIT_SCALARS);
         if state.get("round_model").and_then(|v| v.as_bool()) == Some(true) {
             let template = self
                 .template
