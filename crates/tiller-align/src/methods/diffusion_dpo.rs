@@ -228,6 +228,22 @@ pub fn scale_gradient(d_l: Tensor<1>, lambda: f64) -> Tensor<1> {
     held.clone() + (d_l - held) * lambda
 }
 
+/// Both images of each pair of `p` noised with the pair's noise at `timesteps` (one per pair):
+/// `[chosen; rejected]` as x_t and the training target, the timesteps and the prompts, each
+/// twice over.
+pub(crate) fn noised_pairs<M: PolicyModel>(
+    policy: &crate::Policy<M>,
+    p: &crate::batch::Pairs,
+    timesteps: &[f64],
+) -> Result<(Tensor<4>, Tensor<4>, Vec<f64>, crate::batch::Prompts)> {
+    let x0 = Tensor::cat(vec![p.chosen.clone(), p.rejected.clone()], 0);
+    let noise = Tensor::cat(vec![p.noise.clone(), p.noise.clone()], 0);
+    let ts: Vec<f64> = timesteps.iter().chain(timesteps).copied().collect();
+    let x_t = policy.noise.add_noise(x0.clone(), noise.clone(), &ts)?;
+    let target = policy.noise.training_target(x0, noise, &ts)?;
+    Ok((x_t, target, ts, p.prompts.repeat(2)))
+}
+
 /// A store split a method may train on: `train` only; the test split is held out.
 pub(crate) fn train_split(field: &str, split: &str) -> Result<()> {
     match split {
@@ -278,13 +294,7 @@ impl<M: PolicyModel> Algorithm<M> for DiffusionDpo {
         };
         let policy = cx.policy;
         let b = p.prompts.len();
-        // [winners; losers], sharing noise and t.
-        let x0 = Tensor::cat(vec![p.chosen.clone(), p.rejected.clone()], 0);
-        let noise = Tensor::cat(vec![p.noise.clone(), p.noise.clone()], 0);
-        let ts: Vec<f64> = p.timesteps.iter().chain(&p.timesteps).copied().collect();
-        let x_t = policy.noise.add_noise(x0.clone(), noise.clone(), &ts)?;
-        let target = policy.noise.training_target(x0, noise, &ts)?;
-        let both = p.prompts.repeat(2);
+        let (x_t, target, ts, both) = noised_pairs(policy, p, &p.timesteps)?;
         let d_ref = denoising_error(
             &policy.reference,
             x_t.clone(),

@@ -270,11 +270,12 @@ impl Lasro {
         Ok(rw.iter().zip(&rl).filter(|(a, b)| a > b).count() as f64 / pairs.len() as f64)
     }
 
-    /// Adapts the surrogate to the buffer's ranked pairs; returns the last step's loss.
-    fn adapt(&mut self, rng: &mut SeededRng) -> Result<f64> {
+    /// Adapts the surrogate to the buffer's ranked pairs; returns the last step's loss and the
+    /// number of pairs.
+    fn adapt(&mut self, rng: &mut SeededRng) -> Result<(f64, usize)> {
         let pairs = Self::ranked_pairs(&self.buffer);
         if pairs.is_empty() {
-            return Ok(f64::NAN);
+            return Ok((f64::NAN, 0));
         }
         let ad = self
             .surrogate
@@ -318,7 +319,7 @@ impl Lasro {
                 s.optim
                     .step(self.config.surrogate_lr, s.model.ensemble.clone(), grads);
         }
-        Ok(last)
+        Ok((last, pairs.len()))
     }
 
     /// The surrogate's mean and standard deviation on `groups`' samples.
@@ -460,17 +461,14 @@ impl<M: PolicyModel> Algorithm<M> for Lasro {
         while kept > self.config.buffer {
             kept -= self.buffer.remove(0).rewards.len();
         }
-        let loss = self.adapt(rng)?;
+        let (loss, pairs) = self.adapt(rng)?;
         let after = self.agreement(&new, &new_pairs)?;
         self.norm = Some(self.statistics(&new)?);
         self.logged = vec![
             ("surrogate_acc_before", before),
             ("surrogate_acc_after", after),
             ("surrogate_loss", loss),
-            (
-                "surrogate_pairs",
-                Self::ranked_pairs(&self.buffer).len() as f64,
-            ),
+            ("surrogate_pairs", pairs as f64),
         ];
         Ok(Vec::new())
     }

@@ -51,7 +51,7 @@
 use crate::batch::{Batch, Collect};
 use crate::config::AlignConfig;
 use crate::methods::d3po::{D3po, D3poConfig};
-use crate::methods::diffusion_dpo::{denoising_error, train_split};
+use crate::methods::diffusion_dpo::{denoising_error, noised_pairs, train_split};
 use crate::methods::{Fields, MethodSpec, StoreData, StoreRead};
 use crate::{Algorithm, Context, MicroStep, PolicyModel};
 use burn::optim::GradientsParams;
@@ -308,12 +308,7 @@ impl<M: PolicyModel> Algorithm<M> for OfflinePso {
             .map(|&t| grid_timestep(t, &grid, num_train))
             .collect();
         // [targets; references], sharing each pair's noise and timestep.
-        let x0 = Tensor::cat(vec![p.chosen.clone(), p.rejected.clone()], 0);
-        let noise = Tensor::cat(vec![p.noise.clone(), p.noise.clone()], 0);
-        let ts: Vec<f64> = on_grid.iter().chain(&on_grid).copied().collect();
-        let x_t = policy.noise.add_noise(x0.clone(), noise.clone(), &ts)?;
-        let target = policy.noise.training_target(x0, noise, &ts)?;
-        let both = p.prompts.repeat(2);
+        let (x_t, target, ts, both) = noised_pairs(policy, p, &on_grid)?;
         let reference = match self.config.loss {
             PsoLoss::Hinge => None,
             PsoLoss::Sigmoid => {
