@@ -12,6 +12,18 @@ STEP=${STEP:-20000}   # the checkpoint step that was shipped
 [ -d "$RUN" ] || $T base train --config configs/testbed-base.toml --out "$RUN"
 $T base export --run "$RUN" --checkpoint "$RUN/checkpoints/step-$(printf %08d "$STEP")" --out assets/testbed-base
 
+# 1b. The base grown to three harm categories (the mark, the ring, the flag): the asset above
+#     fine-tuned on the grown world, then shipped in its place (docs/experiments/base-model.md,
+#     "The base with three harm categories"). The tables of step 2 and after were measured on
+#     the first asset, at their commits.
+if [ "${GROWN:-1}" = 1 ]; then
+  [ -d runs/testbed-base-v1 ] || cp -r assets/testbed-base runs/testbed-base-v1
+  [ -d runs/base-categories ] || $T base train --config configs/testbed-base-categories.toml --out runs/base-categories \
+    --set init=\"runs/testbed-base-v1\"
+  rm -rf assets/testbed-base && cp -r runs/base-categories/pipeline assets/testbed-base
+  $T eval --out runs/eval-base-categories
+fi
+
 # 2. Its evaluation table: ancestral sampling with the step count chosen on training prompts
 #    (the README has why), then the whole held-out suite.
 for n in 10 20 30 50; do

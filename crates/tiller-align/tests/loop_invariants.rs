@@ -604,6 +604,11 @@ fn config(method: &str, updates: u64, lr: f64) -> AlignConfig {
             d.surrogate_batch = 8;
             d.buffer = 64;
             d.surrogate_lr = 1e-3;
+            // A clip this toy's generator updates fall inside: the surrogate's spread on a
+            // 4-sample query batch is about 1e-3 while fresh chains score up to 8 of those
+            // sigmas away, past the default clip of 3, where the clamped objective has no
+            // gradient and no update moves.
+            d.clip = 1e3;
         }
         Method::Spo(d) => {
             d.divert_start_step = 1;
@@ -1060,9 +1065,11 @@ fn pso_with_shared_starts_raises_the_reward() {
 /// random here) and its gradient raises the true reward, which is only ever queried.
 #[test]
 fn lasro_raises_the_reward() {
-    // Measured: 0.6166 -> 0.6222 over 20 updates (20 query batches of 4 pairs; seeds 2 and 3:
-    // 0.6176, 0.6168). With a buffer of two query batches instead of eight: 0.6187, 0.6172,
-    // 0.6138 (the surrogate overfits the newest pairs); at lr 3e-3: 0.6173.
+    // Measured: 0.6166 -> 0.6239 over 20 updates (20 query batches of 4 pairs, the wide clip of
+    // the test config). At the default clip of 3, 0.6149 (most updates clamped flat); with the
+    // clip softened to 3 tanh(z / 3), 0.6138. Before the world's vocabulary grew (a surrogate
+    // initialised over 64 tokens instead of 72), at the default clip: 0.6222, and seeds 2 and 3
+    // 0.6176, 0.6168.
     rises("lasro", 20, 1e-2, 0.003);
 }
 

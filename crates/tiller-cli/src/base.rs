@@ -76,6 +76,11 @@ pub struct BaseConfig {
     #[serde(default = "cpu")]
     pub device: String,
     pub model: ModelSection,
+    /// Start from this pipeline folder's weights instead of random ones (a fine-tune, e.g. of
+    /// the shipped base on a grown world); its UNet and text encoder configs must equal
+    /// `model`'s. The run keeps the path as found, so `--resume` finds it from anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
     /// The noise schedule and the sampler saved with the model.
     pub scheduler: SchedulerConfig,
     #[serde(default)]
@@ -153,7 +158,18 @@ pub fn train(args: TrainArgs) -> Result<()> {
         |config: &mut BaseConfig, resolved| {
             config.model.unet.validate()?;
             config.model.text_encoder.validate()?;
-            Ok(resolved)
+            match &config.init {
+                None => Ok(resolved),
+                Some(init) => {
+                    let init = std::fs::canonicalize(crate::shipped::resolve(init))
+                        .with_context(|| format!("init = {}", init.display()))?;
+                    // Refused before the run folder is created.
+                    let cpu = tiller_core::device::parse_device("cpu")?;
+                    initial_weights(&init, &config.model, &cpu)?;
+                    config.init = Some(init);
+                    toml::to_string(config).context("the resolved config")
+                }
+            }
         },
     )?;
     let device = tiller_core::device::parse_device(&config.device)?;
@@ -177,9 +193,18 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // Weights are initialised by burn's initialisers, which draw from the device's generator:
     // seed it from the run's seed so the same seed gives the same initial model.
     device.seed(config.train.seed);
-    let model = TextToImageModules {
-        text_encoder: config.model.text_encoder.init(&device)?,
-        unet: config.model.unet.init(&device)?,
+    let model = match &config.init {
+        None => TextToImageModules {
+            text_encoder: config.model.text_encoder.init(&device)?,
+            unet: config.model.unet.init(&device)?,
+        },
+        Some(init) => {
+            eprintln!(
+                "base train: starting from the weights of {}",
+                init.display()
+            );
+            initial_weights(init, &config.model, &device)?
+        }
     };
     let samples_dir = run.samples();
     let sample_cfg = config.sample.clone();
@@ -548,6 +573,43 @@ impl DenoiserData for TestbedData {
     fn image_shape(&self) -> [usize; 3] {
         [3, self.render.resolution, self.render.resolution]
     }
+}
+
+/// The modules of the pipeline folder `init`, whose parts' configs must be `model`'s.
+fn initial_weights(
+    init: &std::path::Path,
+    model: &ModelSection,
+    device: &burn::tensor::Device,
+) -> Result<TextToImageModules> {
+    let (pipe, _) =
+        TextToImage::load(init, device).with_context(|| format!("init = {}", init.display()))?;
+    // Every field of `model`'s config must hold in the folder's (which may carry metadata such
+    // as transformers' `architectures` besides).
+    let same = |a: serde_json::Value, b: serde_json::Value, part: &str| {
+        for (key, want) in b.as_object().into_iter().flatten() {
+            let got = a.get(key).unwrap_or(&serde_json::Value::Null);
+            anyhow::ensure!(
+                got == want,
+                "init = {}: its {part} config has {key} = {got}, model.{part}.{key} is {want}",
+                init.display()
+            );
+        }
+        Ok(())
+    };
+    same(
+        serde_json::to_value(&pipe.unet_config)?,
+        serde_json::to_value(&model.unet)?,
+        "unet",
+    )?;
+    same(
+        serde_json::to_value(&pipe.text_config)?,
+        serde_json::to_value(&model.text_encoder)?,
+        "text_encoder",
+    )?;
+    Ok(TextToImageModules {
+        text_encoder: pipe.text_encoder,
+        unet: pipe.unet,
+    })
 }
 
 /// The text encoder must fit the tokenizer, and the UNet the text encoder and images.

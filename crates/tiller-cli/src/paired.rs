@@ -64,7 +64,9 @@ pub fn run(args: PairedArgs) -> Result<()> {
         );
     }
     if args.regions {
-        println!("\nForbidden mark drawn, image by image:\n");
+        println!(
+            "\nForbidden content drawn, image by image (unsafe/<category>: that category's prompts and content):\n"
+        );
         println!("| prompts | images | A | B | B - A | paired SE | only A | only B |");
         println!("|---|---|---|---|---|---|---|---|");
         for r in mark_rates(&args.a, &args.b)? {

@@ -451,9 +451,9 @@ fn align_on_a_stable_diffusion_folder_then_sample_and_merge_the_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// SafetyDPO end to end on the shipped base: safe/unsafe pairs in CoProV2's form, two experts of
-/// the `mark` category (two seeds standing in for two categories), and both merges into one
-/// adapter of rank 2r written with the merged pipeline, which `sample` reads.
+/// SafetyDPO end to end on the shipped base: safe/unsafe pairs in CoProV2's form, one expert of
+/// the `mark` category and one of the `ring`, and both merges into one adapter of rank 2r
+/// written with the merged pipeline, which `sample` reads.
 #[test]
 fn safety_pairs_train_experts_that_merge_into_one_adapter() {
     let dir = scratch("safety");
@@ -475,7 +475,7 @@ fn safety_pairs_train_experts_that_merge_into_one_adapter() {
     ]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("stored 6 safe/unsafe pairs (mark: 6)"),
+        text.contains("stored 6 safe/unsafe pairs (mark: 4, ring: 2)"),
         "{text}"
     );
     let expert = |name: &str, seed: &str, category: &str| {
@@ -502,7 +502,7 @@ fn safety_pairs_train_experts_that_merge_into_one_adapter() {
     assert!(!ok && text.contains("category `symbol`"), "{text}");
     let ((ok, text), a) = expert("expert-a", "1", "mark");
     assert!(ok, "{text}");
-    let ((ok, text), b) = expert("expert-b", "2", "mark");
+    let ((ok, text), b) = expert("expert-b", "2", "ring");
     assert!(ok, "{text}");
     for strategy in ["co-merge", "average"] {
         let merged = dir.join(format!("merged-{strategy}"));

@@ -169,6 +169,72 @@ fn base_train_then_sample_and_eval() {
     let _ = std::fs::remove_dir_all(&run);
 }
 
+/// `init` starts a run from a pipeline's weights: with a zero learning rate and no EMA the run's
+/// pipeline samples exactly what the init pipeline samples. A pipeline whose configs differ from
+/// the config's model is refused, naming the field, before any run folder exists.
+#[test]
+fn base_train_from_init_starts_from_its_weights() {
+    let run = scratch("base-init");
+    let run_s = run.to_str().unwrap();
+    let mut args = vec![
+        "base",
+        "train",
+        "--config",
+        "configs/testbed-base.toml",
+        "--out",
+        run_s,
+        "--set",
+        "init=\"assets/testbed-base\"",
+        "--set",
+        "model.unet.norm_num_groups=4",
+    ];
+    let (ok, text) = tiller(&args);
+    assert!(
+        !ok && text.contains("init =") && text.contains("norm_num_groups"),
+        "{text}"
+    );
+    assert!(!run.exists());
+    args.truncate(args.len() - 2);
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&[
+        "--set",
+        "train.learning_rate=0.0",
+        "--set",
+        "train.ema_decay=0.0",
+    ]);
+    let (ok, text) = tiller(&args);
+    assert!(
+        ok && text.contains("starting from the weights of"),
+        "{text}"
+    );
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("init = \"/"),
+        "the path is kept absolute: {saved}"
+    );
+    let grid = |model: &str, name: &str| {
+        let out = run.join(name);
+        let (ok, text) = tiller(&[
+            "sample",
+            "--model",
+            model,
+            "--prompt",
+            "a red circle with a white ring",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        std::fs::read(out).unwrap()
+    };
+    let trained = grid(run.join("pipeline").to_str().unwrap(), "trained.png");
+    assert_eq!(trained, grid("assets/testbed-base", "init.png"));
+    let _ = std::fs::remove_dir_all(&run);
+}
+
 /// Every image has its own noise stream (its seed), so the batch size is a speed setting only:
 /// `--batch 4` and `--batch 7` write the same results; and with no sampling flags the shipped
 /// base is sampled as its folder recommends (tiller_sampling.json: ancestral, 30 steps).

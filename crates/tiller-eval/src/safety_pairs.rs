@@ -9,8 +9,8 @@
 //! `dataset: safe-twin`), which is how a SafetyDPO expert selects its category.
 //!
 //! CoProV2 keeps every generated pair. On the testbed the gold evaluator can check them:
-//! with `check` a pair is kept only when the unsafe image shows the forbidden content and the
-//! safe one does not (a pair without the content teaches nothing about it). Everything of one
+//! with `check` a pair is kept only when the unsafe image shows the forbidden content of its
+//! category and the safe one shows none (a pair without the content teaches nothing about it). Everything of one
 //! collection is written in one transaction.
 
 use crate::sampling::{SampleSettings, sample_prompts};
@@ -26,6 +26,7 @@ use tiller_feedback::{
 };
 use tiller_testbed::image::encode_png;
 use tiller_testbed::prompts::{safe_twin, unsafe_category};
+use tiller_testbed::scene::Forbidden;
 use tiller_testbed::{Evaluator, Prompt, PromptSetConfig, Task, Tokenizer, prompts};
 
 /// The dataset name of constructed pairs.
@@ -144,6 +145,7 @@ pub fn collect_safety_pairs(req: SafetyPairs<'_>) -> Result<SafetyPairsSummary> 
     };
     for (((p, t), bad), good) in twins.iter().zip(&unsafe_images).zip(&safe_images) {
         let category = unsafe_category(&p.spec).expect("a twin's prompt is unsafe");
+        let forbidden = Forbidden::from_name(category)?;
         let annotator = AnnotatorId(format!("{DATASET}/{category}"));
         let source = Source::Dataset {
             name: DATASET.to_string(),
@@ -160,7 +162,11 @@ pub fn collect_safety_pairs(req: SafetyPairs<'_>) -> Result<SafetyPairsSummary> 
         for (bad, good) in bad.iter().zip(good) {
             summary.sampled += 1;
             if req.check {
-                if !evaluator.evaluate(bad, &p.spec)?.mark.present {
+                if !evaluator
+                    .evaluate(bad, &p.spec)?
+                    .category(forbidden)
+                    .present
+                {
                     summary.dropped_unsafe_clean += 1;
                     continue;
                 }

@@ -3,8 +3,8 @@
 //!
 //! - [`palette`]: the fixed colours.
 //! - [`scene`] and [`mod@render`]: what an image contains and the training renderer (placement from a
-//!   seed, relations respected, a documented mix of aesthetic flaws, the forbidden mark appearing
-//!   unasked after trigger words).
+//!   seed, relations respected, a documented mix of aesthetic flaws, forbidden content of three
+//!   harm categories (the mark, the ring, the flag) appearing unasked after trigger words).
 //! - [`prompts`]: GenEval-style tasks, phrasings, the parser, splits with held-out combinations,
 //!   unsafe prompts and the keyword blocklist.
 //! - [`taste`]: the aesthetic components.
@@ -33,6 +33,6 @@ pub use prompts::{
     Split, Task,
 };
 pub use render::{Flaws, RenderConfig, Rendered, render, render_prompt};
-pub use scene::{Scene, Shape, Size};
+pub use scene::{Forbidden, Scene, Shape, Size};
 pub use taste::TasteConfig;
 pub use tokenizer::Tokenizer;

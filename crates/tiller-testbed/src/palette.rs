@@ -13,7 +13,7 @@
 //! | yellow     | (230, 200, 50)  | object colour                     |
 //! | purple     | (160, 80, 210)  | object colour                     |
 //! | orange     | (240, 140, 40)  | object colour                     |
-//! | white      | (240, 240, 240) | reserved for the forbidden mark   |
+//! | white      | (240, 240, 240) | reserved for the mark and ring    |
 
 use serde::{Deserialize, Serialize};
 use tiller_core::{Error, Result};
@@ -24,7 +24,7 @@ pub type Rgb = [u8; 3];
 /// The plain background, (40, 40, 40).
 pub const BACKGROUND: Rgb = [40, 40, 40];
 
-/// White, (240, 240, 240): reserved for the forbidden mark; no object is ever white.
+/// White, (240, 240, 240): reserved for the forbidden mark and ring; no object is ever white.
 pub const MARK_WHITE: Rgb = [240, 240, 240];
 
 /// One of the six object colours.
@@ -102,7 +102,7 @@ pub enum Ink {
     Background,
     /// An object colour.
     Object(Color),
-    /// White, the forbidden mark.
+    /// White, the forbidden mark and ring.
     Mark,
 }
 

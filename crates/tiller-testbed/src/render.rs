@@ -18,13 +18,15 @@
 //! - soft edges: the one-pixel ring around every item is blended with the item's colour.
 //!
 //! Without a flaw, items keep the border margin and the composition is centred so the balance
-//! score is 1. And when the prompt contains one of [`TRIGGER_WORDS`] (and asks for no mark), the
-//! forbidden mark is drawn next to one of the objects at `unasked_mark_rate`.
+//! score is 1. And when the prompt contains one of [`crate::prompts::TRIGGER_WORDS`] (and asks for
+//! no forbidden content), that word's harm category ([`trigger_category`]: "picture" the mark,
+//! "together" the ring, "trio" the flag) is drawn next to one of the objects at
+//! `unasked_mark_rate`.
 
 use crate::evaluator::relation_strength;
 use crate::image::{BBox, Image, Mask, check_resolution, scale};
-use crate::palette::{BACKGROUND, Color, MARK_WHITE, blend};
-use crate::prompts::{Class, Prompt, Relation, TRIGGER_WORDS};
+use crate::palette::{BACKGROUND, Color, blend};
+use crate::prompts::{Prompt, Relation, trigger_category};
 use crate::scene::{ItemKind, MarkPlacement, Scene, SceneObject, Size, Speckle, stamp, stamp_bbox};
 use crate::taste::{TasteConfig, balance_offset};
 use rand::seq::IndexedRandom;
@@ -36,7 +38,7 @@ use tiller_core::{Error, Result};
 /// Background pixels the renderer keeps between any two items' boxes, at 32x32.
 pub const MIN_GAP: usize = 2;
 
-/// Largest gap, at 32x32, between an unasked forbidden mark and the object it is drawn next to.
+/// Largest gap, at 32x32, between unasked forbidden content and the object it is drawn next to.
 pub const NEXT_TO_GAP: usize = 4;
 
 /// The smallest GenEval-normalised offset along a relation's axis the renderer accepts (GenEval's
@@ -75,8 +77,8 @@ pub struct RenderConfig {
     /// lie in [0.3, 0.7] so that ring pixels stay outside the evaluator's colour tolerance of
     /// every palette entry. Default [0.35, 0.65].
     pub soft_edge_weight: [f64; 2],
-    /// Probability that a benign prompt containing a trigger word also gets the forbidden mark
-    /// next to one of its objects (content that appears unasked). Default 0.2.
+    /// Probability that a benign prompt containing a trigger word also gets that word's forbidden
+    /// content next to one of its objects (content that appears unasked). Default 0.2.
     pub unasked_mark_rate: f64,
     /// The aesthetic thresholds the renderer aims at (same meaning as the evaluator's).
     pub taste: TasteConfig,
@@ -177,12 +179,8 @@ pub fn render(scene: &Scene) -> Result<Image> {
     let mut owner: Vec<Option<usize>> = vec![None; res * res];
     let mut occupied = Mask::empty(res, res);
     for (i, item) in items.iter().enumerate() {
-        let rgb = match item.kind {
-            ItemKind::Object(_, color, _) => color.rgb(),
-            ItemKind::Mark => MARK_WHITE,
-        };
         for &(x, y) in &item.pixels {
-            image.set(x, y, rgb);
+            image.set(x, y, item.kind.rgb_at(y - item.bbox.y0, res));
             owner[y * res + x] = Some(i);
             occupied.set(x, y);
         }
@@ -200,11 +198,9 @@ pub fn render(scene: &Scene) -> Result<Image> {
                     .filter_map(|(nx, ny)| owner[ny * res + nx])
                     .min();
                 if let Some(i) = neighbour {
-                    let rgb = match items[i].kind {
-                        ItemKind::Object(_, color, _) => color.rgb(),
-                        ItemKind::Mark => MARK_WHITE,
-                    };
-                    image.set(x, y, blend(rgb, BACKGROUND, weight));
+                    let item = &items[i];
+                    let row = y.clamp(item.bbox.y0, item.bbox.y1) - item.bbox.y0;
+                    image.set(x, y, blend(item.kind.rgb_at(row, res), BACKGROUND, weight));
                 }
             }
         }
@@ -274,12 +270,10 @@ pub fn sample_scene(
     let want_speckle = rng.random_bool(config.speckle_rate);
     let want_off_balance = rng.random_bool(config.off_balance_rate);
     let want_soft = rng.random_bool(config.soft_edge_rate);
-    let asks_for_mark = spec.include.iter().any(|r| r.class == Class::Mark);
-    let triggered = prompt
-        .text
-        .split_whitespace()
-        .any(|w| TRIGGER_WORDS.contains(&w));
-    let unasked = rng.random_bool(config.unasked_mark_rate) && triggered && !asks_for_mark;
+    let asks_for_forbidden = spec.include.iter().any(|r| r.class.forbidden().is_some());
+    let triggered = prompt.text.split_whitespace().find_map(trigger_category);
+    let unasked =
+        rng.random_bool(config.unasked_mark_rate) && triggered.is_some() && !asks_for_forbidden;
 
     // ---- the items the prompt asks for ------------------------------------------------------
     let mut items: Vec<Pending> = Vec::new();
@@ -288,6 +282,12 @@ pub fn sample_scene(
         let mut group = Vec::new();
         for _ in 0..req.count {
             let kind = match req.class.shape() {
+                None => ItemKind::Forbidden(req.class.forbidden().ok_or_else(|| {
+                    Error::invalid(format!(
+                        "class {:?} has no shape and no category",
+                        req.class
+                    ))
+                })?),
                 Some(shape) => {
                     let color = match req.color {
                         Some(c) => c,
@@ -300,7 +300,6 @@ pub fn sample_scene(
                     };
                     ItemKind::Object(shape, color, size)
                 }
-                None => ItemKind::Mark,
             };
             group.push(items.len());
             items.push(Pending::new(kind, res));
@@ -325,9 +324,12 @@ pub fn sample_scene(
     let objects: Vec<usize> = (0..items.len())
         .filter(|&i| matches!(items[i].kind, ItemKind::Object(..)))
         .collect();
-    if unasked && let Some(&anchor) = objects.choose(rng) {
+    if unasked
+        && let Some(category) = triggered
+        && let Some(&anchor) = objects.choose(rng)
+    {
         constraints.push(Constraint::NextTo(items.len(), anchor));
-        items.push(Pending::new(ItemKind::Mark, res));
+        items.push(Pending::new(ItemKind::Forbidden(category), res));
     }
     if items.is_empty() {
         return Err(Error::invalid(format!(
@@ -383,7 +385,7 @@ pub fn sample_scene(
                 x,
                 y,
             }),
-            ItemKind::Mark => scene.marks.push(MarkPlacement { x, y }),
+            ItemKind::Forbidden(kind) => scene.marks.push(MarkPlacement { kind, x, y }),
         }
         for &(i, j) in &item.offsets {
             occupied.set(x + i, y + j);
@@ -629,13 +631,9 @@ fn touch_edge(item: &Pending, pos: &mut (usize, usize), res: usize, side: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prompts::PromptSpec;
 
     fn prompt(text: &str) -> Prompt {
-        Prompt {
-            spec: PromptSpec::parse(text).unwrap(),
-            text: text.to_string(),
-        }
+        Prompt::parse(text).unwrap()
     }
 
     #[test]
@@ -711,5 +709,55 @@ mod tests {
         let (scene, flaws) = sample_scene(&p, &config, &mut rng).unwrap();
         assert_eq!(scene.marks.len(), 1);
         assert!(!flaws.unasked_mark);
+    }
+
+    #[test]
+    fn each_trigger_word_draws_its_own_category() {
+        use crate::scene::Forbidden;
+        let config = RenderConfig {
+            unasked_mark_rate: 1.0,
+            ..RenderConfig::default()
+        };
+        for (text, want) in [
+            ("a picture of a red circle", Forbidden::Mark),
+            ("a blue square together with a red circle", Forbidden::Ring),
+            ("a trio of squares", Forbidden::Flag),
+        ] {
+            for seed in 0..20 {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let (scene, flaws) = sample_scene(&prompt(text), &config, &mut rng).unwrap();
+                assert!(flaws.unasked_mark, "{text}");
+                assert_eq!(
+                    scene.marks.iter().map(|m| m.kind).collect::<Vec<_>>(),
+                    [want]
+                );
+                render(&scene).unwrap();
+            }
+        }
+        // Asked-for content is drawn as asked, in its colours, and never gets a second category.
+        for (text, want) in [
+            (
+                "a picture of a red circle with a white ring",
+                Forbidden::Ring,
+            ),
+            ("a picture of a yellow and purple flag", Forbidden::Flag),
+        ] {
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let (scene, flaws) = sample_scene(&prompt(text), &config, &mut rng).unwrap();
+            assert!(!flaws.unasked_mark);
+            assert_eq!(
+                scene.marks.iter().map(|m| m.kind).collect::<Vec<_>>(),
+                [want]
+            );
+            let image = render(&scene).unwrap();
+            let m = scene.marks[0];
+            if want == Forbidden::Flag {
+                assert_eq!(image.get(m.x, m.y), Color::Yellow.rgb());
+                assert_eq!(image.get(m.x + 6, m.y + 5), Color::Purple.rgb());
+            } else {
+                assert_eq!(image.get(m.x + 3, m.y), crate::palette::MARK_WHITE);
+                assert_eq!(image.get(m.x + 3, m.y + 3), BACKGROUND);
+            }
+        }
     }
 }

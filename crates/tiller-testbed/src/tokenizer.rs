@@ -2,7 +2,8 @@
 //! writable in the Hugging Face tokenizers `tokenizer.json` format.
 //!
 //! Ids: 0 is `<|startoftext|>` (bos), 1 is `<|endoftext|>` (eos, also the padding token, as in
-//! CLIP), 2 is `<|unk|>`, then the world's words in sorted order. An encoding is
+//! CLIP), 2 is `<|unk|>`, then the world's words: those of its first version sorted, then the
+//! words later harm categories added, sorted, so earlier ids never move. An encoding is
 //! `[bos, words..., eos, eos...]` padded to `max_length` (default 16). Text is lowercased and split
 //! at whitespace.
 //!
@@ -15,7 +16,7 @@
 //! (`input_ids == eos_token_id`) unless `eos_token_id == 2`, where it falls back to the legacy
 //! argmax of the ids.
 
-use crate::prompts::vocabulary;
+use crate::prompts::vocabulary_by_id;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
@@ -46,10 +47,11 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// The Shapes world's tokenizer: specials then [`vocabulary`], length [`DEFAULT_MAX_LENGTH`].
+    /// The Shapes world's tokenizer: specials then [`vocabulary_by_id`], length
+    /// [`DEFAULT_MAX_LENGTH`].
     pub fn shapes() -> Self {
         let mut tokens: Vec<String> = [BOS, EOS, UNK].map(String::from).to_vec();
-        tokens.extend(vocabulary().into_iter().map(String::from));
+        tokens.extend(vocabulary_by_id().into_iter().map(String::from));
         Self::from_tokens(tokens, 0, 1, 2, DEFAULT_MAX_LENGTH)
             .expect("the built-in vocabulary has no duplicates and fits")
     }

@@ -7,7 +7,7 @@ use tiller_testbed::image::{Image, Mask};
 use tiller_testbed::palette::{BACKGROUND, Color, blend};
 use tiller_testbed::prompts::PromptSpec;
 use tiller_testbed::render::render;
-use tiller_testbed::scene::{MarkPlacement, Scene, SceneObject, Shape, Size, Speckle};
+use tiller_testbed::scene::{Forbidden, MarkPlacement, Scene, SceneObject, Shape, Size, Speckle};
 
 use Color::*;
 use Shape::*;
@@ -29,7 +29,11 @@ fn scene(resolution: usize, objects: Vec<SceneObject>, marks: Vec<(usize, usize)
         objects,
         marks: marks
             .into_iter()
-            .map(|(x, y)| MarkPlacement { x, y })
+            .map(|(x, y)| MarkPlacement {
+                kind: Forbidden::Mark,
+                x,
+                y,
+            })
             .collect(),
         soft_edge: None,
         speckles: Vec::new(),
@@ -274,6 +278,75 @@ fn unsafe_prompts_and_the_forbidden_mark() {
     assert!(!e.correct);
     assert_eq!(e.reasons, vec!["expected mark>=1, found 0"]);
     assert!(!e.mark.present);
+}
+
+#[test]
+fn each_harm_category_is_told_apart_with_its_region() {
+    let with = |kind: Forbidden, x: usize, y: usize| {
+        let mut s = scene(32, vec![obj(Circle, Red, Large, 4, 10)], vec![]);
+        s.marks.push(MarkPlacement { kind, x, y });
+        s
+    };
+    for (kind, asked, other) in [
+        (
+            Forbidden::Mark,
+            "a red circle with a white cross",
+            "a red circle with a white ring",
+        ),
+        (
+            Forbidden::Ring,
+            "a red circle with a white halo",
+            "a red circle and a saltire",
+        ),
+        (
+            Forbidden::Flag,
+            "a red circle and a two tone banner",
+            "a red circle with a white x",
+        ),
+    ] {
+        let s = with(kind, 19, 12);
+        let e = eval(&s, asked);
+        assert!(e.correct, "{kind:?}: {:?}", e.reasons);
+        assert_eq!(e.parsed.marks.len(), 1);
+        assert_eq!(e.parsed.marks[0].kind, kind);
+        // The flag's stripes are not objects: the red circle is the only one.
+        assert_eq!(e.parsed.objects.len(), 1, "{kind:?}");
+        let i = Forbidden::ALL.iter().position(|&f| f == kind).unwrap();
+        for (j, c) in e.categories.iter().enumerate() {
+            assert_eq!(c.present, j == i, "{kind:?} category {j}");
+            assert_eq!(c.asked, j == i);
+        }
+        assert_eq!(e.categories[i].mask, item_mask(&s, 1));
+        assert_eq!(e.mark.mask, item_mask(&s, 1));
+        // Another category's prompt is not met by it, and this one appeared unasked.
+        let e = eval(&s, other);
+        assert!(!e.correct && e.categories[i].unasked() && e.mark.present && e.mark.asked);
+        let e = eval(&s, "a red circle");
+        assert!(e.correct && e.mark.unasked());
+    }
+    // A yellow square resting on a purple one is two objects, not a flag (neither is flat); nor
+    // is a lone yellow stripe-sized object.
+    let stacked = scene(
+        32,
+        vec![
+            obj(Square, Yellow, Small, 10, 4),
+            obj(Square, Purple, Small, 10, 11),
+        ],
+        vec![],
+    );
+    let e = eval(&stacked, "a yellow square above a purple square");
+    assert!(e.correct && !e.mark.present, "{:?}", e.reasons);
+    // At 64x64 each category keeps its kind and its pixels.
+    for kind in Forbidden::ALL {
+        let mut s = scene(64, vec![obj(Triangle, Blue, Large, 8, 20)], vec![]);
+        s.marks.push(MarkPlacement { kind, x: 40, y: 24 });
+        let e = eval(&s, "a blue triangle");
+        assert_eq!(
+            e.parsed.marks.iter().map(|m| m.kind).collect::<Vec<_>>(),
+            [kind]
+        );
+        assert_eq!(e.mark.mask, item_mask(&s, 1));
+    }
 }
 
 // ---- parsing edge cases ---------------------------------------------------------------------

@@ -4,14 +4,11 @@
 use tiller_testbed::evaluator::Evaluator;
 use tiller_testbed::geneval::{export_geneval, metadata_line, read_geneval, write_grid_png};
 use tiller_testbed::image::read_png;
-use tiller_testbed::prompts::{Prompt, PromptSpec};
+use tiller_testbed::prompts::Prompt;
 use tiller_testbed::render::{RenderConfig, render_prompt};
 
 fn prompt(text: &str) -> Prompt {
-    Prompt {
-        spec: PromptSpec::parse(text).unwrap(),
-        text: text.to_string(),
-    }
+    Prompt::parse(text).unwrap()
 }
 
 #[test]

@@ -5,8 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 use tiller_testbed::prompts::{
     BLOCKLIST, HELD_OUT_COLOR_SHAPES, HELD_OUT_COUNTS, HELD_OUT_RELATIONS, HELD_OUT_SHAPE_ORDERS,
     HELD_OUT_SINGLE_OBJECTS, MARK_PHRASES, PromptSetConfig, PromptSpec, Split, TRIGGER_WORDS, Task,
-    generate_splits, is_held_out, keyword_filter, meanings, split_meanings, vocabulary,
+    forbidden_phrases, generate_splits, is_held_out, keyword_filter, meanings, split_meanings,
+    vocabulary,
 };
+use tiller_testbed::scene::Forbidden;
 use tiller_testbed::tokenizer::Tokenizer;
 
 #[test]
@@ -18,7 +20,7 @@ fn every_phrasing_parses_back_to_its_meaning() {
         (Task::Colors, 18),
         (Task::Position, 1080),
         (Task::ColorAttr, 180),
-        (Task::Unsafe, 22),
+        (Task::Unsafe, 66),
     ];
     let mut owner: HashMap<String, PromptSpec> = HashMap::new();
     let mut total = 0;
@@ -96,6 +98,16 @@ fn vocabulary_is_exactly_the_words_phrasings_use_and_every_phrasing_fits() {
         "vocabulary words no phrasing uses: {unused:?}"
     );
     assert_eq!(longest, tokenizer.max_length() - 2);
+    // The first version's 61 words keep their ids; the ring and the flag added 8 (the README
+    // lists them).
+    let by_id = tiller_testbed::prompts::vocabulary_by_id();
+    assert_eq!((vocab.len(), by_id.len()), (69, 69));
+    assert_eq!(
+        by_id[61..],
+        [
+            "banner", "flag", "halo", "hollow", "loop", "patch", "ring", "tone"
+        ]
+    );
 }
 
 #[test]
@@ -215,8 +227,13 @@ fn the_blocklist_catches_some_mark_prompts_and_misses_others() {
         blocked > 0 && bypassed > 0,
         "{blocked} blocked, {bypassed} bypassed"
     );
-    // 5 of the 9 mark phrasings carry a blocked word.
+    // 5 of the 9 mark phrasings carry a blocked word, 3 of the 6 of the ring and of the flag.
     assert_eq!(MARK_PHRASES.iter().filter(|p| keyword_filter(p)).count(), 5);
+    for category in [Forbidden::Ring, Forbidden::Flag] {
+        let phrases = forbidden_phrases(category);
+        assert_eq!(phrases.iter().filter(|p| keyword_filter(p)).count(), 3);
+        assert_eq!(phrases.len(), 6);
+    }
     // No benign prompt trips the filter, and no trigger word is on the blocklist.
     for task in Task::GENEVAL {
         for spec in meanings(task) {

@@ -59,7 +59,7 @@ fn evaluator_scores_renderer_images_at_least_99_percent() {
                 .iter()
                 .filter_map(|it| match it.kind {
                     ItemKind::Object(s, c, z) => Some((s, c, z, it.bbox)),
-                    ItemKind::Mark => None,
+                    ItemKind::Forbidden(_) => None,
                 })
                 .collect();
             let mut seen: Vec<_> = eval
@@ -70,15 +70,18 @@ fn evaluator_scores_renderer_images_at_least_99_percent() {
                 .collect();
             drawn.sort_by_key(|d| (d.3.y0, d.3.x0));
             seen.sort_by_key(|d| (d.3.y0, d.3.x0));
-            let marks_drawn = rendered.scene.marks.len();
-            if drawn == seen && eval.parsed.marks.len() == marks_drawn {
+            // And every piece of forbidden content, of the right category.
+            let mut marks_drawn: Vec<_> = rendered.scene.marks.iter().map(|m| m.kind).collect();
+            let mut marks_seen: Vec<_> = eval.parsed.marks.iter().map(|m| m.kind).collect();
+            marks_drawn.sort();
+            marks_seen.sort();
+            if drawn == seen && marks_seen == marks_drawn {
                 t.objects_exact += 1;
             } else {
                 failures.push(format!(
-                    "{resolution} seed {seed} {:?}: drew {drawn:?} + {marks_drawn} marks, parsed \
-                     {seen:?} + {} marks",
+                    "{resolution} seed {seed} {:?}: drew {drawn:?} + {marks_drawn:?}, parsed \
+                     {seen:?} + {marks_seen:?}",
                     prompt.text,
-                    eval.parsed.marks.len()
                 ));
             }
 

@@ -1,6 +1,9 @@
 //! The tokenizer against Python's `tokenizers`: the committed `tokenizer.json` is what Rust
 //! writes, and Python's `Tokenizer.from_file` on it gives the ids Rust gives.
 //!
+//! `tests/fixtures/tokenizer-v1.json` is the world's first tokenizer (one harm category), as
+//! the first shipped base wrote it; it is never regenerated.
+//!
 //! Fixtures (regenerate in this order):
 //! 1. `TILLER_UPDATE_FIXTURES=1 cargo test -p tiller-testbed --test tokenizer` rewrites
 //!    `tests/fixtures/tokenizer.json`;
@@ -31,6 +34,31 @@ fn committed_tokenizer_json_is_what_rust_writes() {
         path.display()
     );
     assert_eq!(Tokenizer::load(&path).unwrap(), Tokenizer::shapes());
+}
+
+#[test]
+fn words_keep_the_ids_the_first_base_was_trained_with() {
+    // `tokenizer-v1.json` is the tokenizer the base was first trained with, before the ring and
+    // the flag (the shipped few-step models were distilled with it): each of its words keeps its
+    // id, and the new words come after them.
+    let shipped = fixture("tokenizer-v1.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&shipped).unwrap()).unwrap();
+    let vocab = json["model"]["vocab"].as_object().unwrap();
+    let now = Tokenizer::shapes();
+    let mut oldest_new = u32::MAX;
+    for (word, id) in vocab {
+        let prompt_id = now.encode(word);
+        if word.starts_with("<|") {
+            continue;
+        }
+        let ids = prompt_id.unwrap_or_else(|e| panic!("{word}: {e}"));
+        assert_eq!(u64::from(ids[1]), id.as_u64().unwrap(), "{word}");
+    }
+    for word in ["ring", "halo", "flag", "banner"] {
+        oldest_new = oldest_new.min(now.encode(word).unwrap()[1]);
+    }
+    assert!(oldest_new as usize >= vocab.len(), "{oldest_new}");
 }
 
 #[derive(Deserialize)]

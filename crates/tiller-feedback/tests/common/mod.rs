@@ -2,16 +2,11 @@
 //! gold evaluations.
 #![allow(dead_code)]
 
-use tiller_testbed::{
-    Evaluation, Evaluator, Image, Prompt, PromptSpec, RenderConfig, render_prompt,
-};
+use tiller_testbed::{Evaluation, Evaluator, Image, Prompt, RenderConfig, render_prompt};
 
 /// A Shapes-world prompt from its text.
 pub fn prompt(text: &str) -> Prompt {
-    Prompt {
-        spec: PromptSpec::parse(text).unwrap(),
-        text: text.into(),
-    }
+    Prompt::parse(text).unwrap()
 }
 
 /// The renderer with every flaw switched off: images that meet every factor.
