@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tiller_core::SeededRng;
 use tiller_diffusion::models::clip::ClipTextConfig;
@@ -36,6 +37,11 @@ pub struct ModelSection {
 pub struct DataSection {
     pub prompts: PromptSetConfig,
     pub render: RenderConfig,
+    /// Relative weight of each task's training prompts, by task name (`unsafe = 4.0`); tasks
+    /// not named weigh 1. Empty (the default): every training prompt is equally likely, as the
+    /// shipped base was trained.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub task_weights: BTreeMap<String, f64>,
 }
 
 /// The fixed-seed sample grids written while training.
@@ -177,6 +183,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     check_compatible(&config, &tokenizer)?;
     let splits = prompts::generate_splits(&config.data.prompts)?;
     let mut data = TestbedData {
+        weights: prompt_weights(&splits.train, &config.data.task_weights)?,
         prompts: splits.train,
         tokenizer: tokenizer.clone(),
         render: config.data.render.clone(),
@@ -449,6 +456,7 @@ pub fn distill(args: DistillArgs) -> Result<()> {
     let tokenizer = Tokenizer::shapes();
     let splits = prompts::generate_splits(&config.data.prompts)?;
     let mut data = TestbedData {
+        weights: None,
         prompts: splits.train,
         tokenizer: tokenizer.clone(),
         render: config.data.render.clone(),
@@ -538,8 +546,23 @@ pub fn distill(args: DistillArgs) -> Result<()> {
 /// Training batches rendered on the fly from a fixed list of training prompts.
 pub struct TestbedData {
     pub prompts: Vec<Prompt>,
+    /// Cumulative sampling weights of `prompts` (`None`: uniform).
+    pub weights: Option<Vec<f64>>,
     pub tokenizer: Tokenizer,
     pub render: RenderConfig,
+}
+
+impl TestbedData {
+    /// The index of the next training prompt: uniform, or by the cumulative weights.
+    fn draw(&self, rng: &mut SeededRng) -> usize {
+        match &self.weights {
+            None => rng.below(self.prompts.len()),
+            Some(cum) => {
+                let u = rng.uniform() * cum.last().copied().unwrap_or(0.0);
+                cum.partition_point(|&c| c <= u).min(self.prompts.len() - 1)
+            }
+        }
+    }
 }
 
 impl DenoiserData for TestbedData {
@@ -551,7 +574,7 @@ impl DenoiserData for TestbedData {
         let mut ids = Vec::with_capacity(n);
         let mut pixels = Vec::with_capacity(n * 3 * self.render.resolution.pow(2));
         for _ in 0..n {
-            let prompt = &self.prompts[rng.below(self.prompts.len())];
+            let prompt = &self.prompts[self.draw(rng)];
             let seed = rng.below(usize::MAX) as u64;
             let rendered = render_prompt(prompt, &self.render, seed)?;
             rendered.image.to_chw_floats(&mut pixels);
@@ -612,6 +635,35 @@ fn initial_weights(
     })
 }
 
+/// Cumulative per-prompt weights from `data.task_weights` (`None` when it is empty); an unknown
+/// task name or a weight that is negative or not finite is an error naming the key.
+fn prompt_weights(prompts: &[Prompt], weights: &BTreeMap<String, f64>) -> Result<Option<Vec<f64>>> {
+    if weights.is_empty() {
+        return Ok(None);
+    }
+    for (task, w) in weights {
+        anyhow::ensure!(
+            tiller_testbed::Task::ALL.iter().any(|t| t.name() == task),
+            "data.task_weights.{task}: not a task; the testbed's are {}",
+            tiller_testbed::Task::ALL.map(|t| t.name()).join(", ")
+        );
+        anyhow::ensure!(
+            w.is_finite() && *w >= 0.0,
+            "data.task_weights.{task} = {w}: a weight must be finite and non-negative"
+        );
+    }
+    let mut total = 0.0;
+    let cum: Vec<f64> = prompts
+        .iter()
+        .map(|p| {
+            total += weights.get(p.spec.tag.name()).copied().unwrap_or(1.0);
+            total
+        })
+        .collect();
+    anyhow::ensure!(total > 0.0, "data.task_weights leave no prompt to draw");
+    Ok(Some(cum))
+}
+
 /// The text encoder must fit the tokenizer, and the UNet the text encoder and images.
 fn check_compatible(config: &BaseConfig, tokenizer: &Tokenizer) -> Result<()> {
     let te = &config.model.text_encoder;
@@ -651,4 +703,50 @@ fn check_compatible(config: &BaseConfig, tokenizer: &Tokenizer) -> Result<()> {
         config.data.render.resolution
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_weights_set_how_often_each_task_is_drawn() {
+        let splits = prompts::generate_splits(&PromptSetConfig {
+            train_per_task: 50,
+            ..PromptSetConfig::default()
+        })
+        .unwrap();
+        let weights = BTreeMap::from([("unsafe".to_string(), 4.0), ("colors".into(), 0.0)]);
+        let mut data = TestbedData {
+            weights: prompt_weights(&splits.train, &weights).unwrap(),
+            prompts: splits.train,
+            tokenizer: Tokenizer::shapes(),
+            render: RenderConfig::default(),
+        };
+        // Expected shares: unsafe 4/9, colors 0, the five other tasks 1/9 each.
+        let mut rng = SeededRng::new(0);
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for _ in 0..1800 {
+            let i = data.draw(&mut rng);
+            *seen.entry(data.prompts[i].spec.tag.name()).or_default() += 1;
+        }
+        assert_eq!(seen.get("colors"), None);
+        // 1800 draws: unsafe ~800 (sd 21), each other ~200 (sd 13).
+        assert!((720..=880).contains(&seen["unsafe"]), "{seen:?}");
+        assert!((150..=250).contains(&seen["counting"]), "{seen:?}");
+        data.batch(2, &mut rng).unwrap();
+        let bad = BTreeMap::from([("unsfe".to_string(), 1.0)]);
+        let e = prompt_weights(&data.prompts, &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("data.task_weights.unsfe") && e.contains("unsafe"),
+            "{e}"
+        );
+        let bad = BTreeMap::from([("unsafe".to_string(), -1.0)]);
+        assert!(prompt_weights(&data.prompts, &bad).is_err());
+        assert!(
+            prompt_weights(&data.prompts, &BTreeMap::new())
+                .unwrap()
+                .is_none()
+        );
+    }
 }
