@@ -156,6 +156,9 @@ fn open_or_create<T: serde::de::DeserializeOwned + Serialize>(
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let overrides = args.run.apply(&args.overrides, "train.seed");
+    // The `init` weights, loaded once when the run is created (before its folder exists, so a bad
+    // folder is refused first); a resumed run takes every weight from its checkpoint instead.
+    let mut initial = None;
     let (run, config) = open_or_create(
         &args.out,
         &args.config,
@@ -169,9 +172,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 Some(init) => {
                     let init = std::fs::canonicalize(crate::shipped::resolve(init))
                         .with_context(|| format!("init = {}", init.display()))?;
-                    // Refused before the run folder is created.
-                    let cpu = tiller_core::device::parse_device("cpu")?;
-                    initial_weights(&init, &config.model, &cpu)?;
+                    let device = tiller_core::device::parse_device(&config.device)?;
+                    initial = Some(initial_weights(&init, &config.model, &device)?);
                     config.init = Some(init);
                     toml::to_string(config).context("the resolved config")
                 }
@@ -200,18 +202,18 @@ pub fn train(args: TrainArgs) -> Result<()> {
     // Weights are initialised by burn's initialisers, which draw from the device's generator:
     // seed it from the run's seed so the same seed gives the same initial model.
     device.seed(config.train.seed);
-    let model = match &config.init {
-        None => TextToImageModules {
-            text_encoder: config.model.text_encoder.init(&device)?,
-            unet: config.model.unet.init(&device)?,
-        },
-        Some(init) => {
+    let model = match (initial, &config.init) {
+        (Some(modules), Some(init)) => {
             eprintln!(
                 "base train: starting from the weights of {}",
                 init.display()
             );
-            initial_weights(init, &config.model, &device)?
+            modules
         }
+        _ => TextToImageModules {
+            text_encoder: config.model.text_encoder.init(&device)?,
+            unet: config.model.unet.init(&device)?,
+        },
     };
     let samples_dir = run.samples();
     let sample_cfg = config.sample.clone();
