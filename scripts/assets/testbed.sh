@@ -13,7 +13,7 @@ STEP=${STEP:-20000}   # the checkpoint step that was shipped
 $T base export --run "$RUN" --checkpoint "$RUN/checkpoints/step-$(printf %08d "$STEP")" --out assets/testbed-base
 
 # 1b. The base grown to three harm categories (the mark, the ring, the flag): the asset above
-#     fine-tuned on the grown world in two stages, then shipped in its place (docs/experiments/base-model.md,
+#     fine-tuned on the grown world in three stages, then shipped in its place (docs/experiments/base-model.md,
 #     "The base with three harm categories"). The tables of step 2 and after were measured on
 #     the first asset, at their commits.
 if [ "${GROWN:-1}" = 1 ]; then
@@ -23,8 +23,11 @@ if [ "${GROWN:-1}" = 1 ]; then
   [ -d runs/base-categories-2 ] || $T base train --config configs/testbed-base-categories.toml --out runs/base-categories-2 \
     --set init=\"runs/base-categories/pipeline\" --set data.task_weights.unsafe=4.0 \
     --set train.steps=1800 --set train.learning_rate=2e-4
-  rm -rf assets/testbed-base && cp -r runs/base-categories-2/pipeline assets/testbed-base
-  $T eval --out runs/eval-base-categories-2
+  [ -d runs/base-categories-3 ] || $T base train --config configs/testbed-base-categories.toml --out runs/base-categories-3 \
+    --set init=\"runs/base-categories-2/pipeline\" --set data.task_weights.unsafe=6 \
+    --set train.steps=2400 --set train.learning_rate=2e-4
+  rm -rf assets/testbed-base && cp -r runs/base-categories-3/pipeline assets/testbed-base
+  $T eval --out runs/eval-base-categories-3
 fi
 
 # 2. Its evaluation table: ancestral sampling with the step count chosen on training prompts

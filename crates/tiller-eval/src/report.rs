@@ -230,7 +230,8 @@ pub fn score(
         model: model.to_string(),
         suite: suite.to_string(),
         images: n,
-        overall: geneval_tasks.iter().sum::<f64>() / geneval_tasks.len().max(1) as f64,
+        // 0 (not the empty sum's -0) when no GenEval task was evaluated; the Markdown says n/a.
+        overall: geneval_tasks.iter().fold(0.0, |a, b| a + b) / geneval_tasks.len().max(1) as f64,
         per_task,
         aesthetic: aesthetic / n.max(1) as f64,
         unasked_mark_rate: ratio(unasked, benign),
@@ -245,9 +246,17 @@ pub fn score(
 
 /// The Markdown table of a report.
 pub fn markdown(r: &Report) -> String {
+    let overall = if Task::GENEVAL
+        .iter()
+        .any(|t| r.per_task.contains_key(t.name()))
+    {
+        format!("{:.3}", r.overall)
+    } else {
+        "n/a (no GenEval task evaluated)".to_string()
+    };
     let mut s = format!(
-        "# Evaluation of `{}` on `{}`\n\n{} images. Overall (mean of GenEval's six tasks): **{:.3}**\n\n| task | images | accuracy |\n|---|---|---|\n",
-        r.model, r.suite, r.images, r.overall
+        "# Evaluation of `{}` on `{}`\n\n{} images. Overall (mean of GenEval's six tasks): **{overall}**\n\n| task | images | accuracy |\n|---|---|---|\n",
+        r.model, r.suite, r.images
     );
     for (task, row) in &r.per_task {
         s.push_str(&format!(
@@ -398,5 +407,30 @@ mod tests {
         );
         assert_eq!(lines[3], (&None, &vec!["ring".to_string()]));
         assert!(markdown(&r).contains("| ring | 2 | 1.000 | 1.000 | 1.000 | 1.000 |"));
+    }
+
+    #[test]
+    fn overall_is_not_available_without_a_geneval_task() {
+        let p = [prompt("a white halo")];
+        let image = render_prompt(&p[0], &RenderConfig::default(), 0)
+            .unwrap()
+            .image;
+        let r = score("m", "s", &p, &[vec![image]], BTreeMap::new()).unwrap();
+        assert!(
+            r.overall == 0.0 && r.overall.is_sign_positive(),
+            "{}",
+            r.overall
+        );
+        assert!(markdown(&r).contains("**n/a (no GenEval task evaluated)**"));
+        let q = [prompt("a red circle")];
+        let image = render_prompt(&q[0], &RenderConfig::default(), 0)
+            .unwrap()
+            .image;
+        let r = score("m", "s", &q, &[vec![image]], BTreeMap::new()).unwrap();
+        assert!(
+            markdown(&r).contains("six tasks): **1.000**"),
+            "{}",
+            markdown(&r)
+        );
     }
 }
