@@ -1,4 +1,4 @@
-//! The UNet (SD 1.x, 2.x and SDXL layouts) and the CLIP text encoder against diffusers/transformers goldens made by
+//! The UNet (SD 1.x, 2.x and SDXL layouts), the SD3 transformer and the CLIP text encoder against diffusers/transformers goldens made by
 //! `scripts/fixtures/models.py`: forward outputs within 1e-4 relative, parameter and input
 //! gradients of a scalar loss within 1e-3 relative, f16/bf16 weight loading, save round-trips and
 //! the errors for bad folders.
@@ -577,4 +577,161 @@ fn lora_attaches_to_the_unet_without_changing_its_output() {
         adapted.num_params() > base_params,
         "adapters add parameters"
     );
+}
+
+/// The tiny SD3 transformer's f32 forward on the fixture's inputs (leaves that require grad on
+/// an autodiff device): (model, io, sample, encoder_hidden_states, pooled_projections, output).
+fn sd3_forward(
+    name: &str,
+    device: &Device,
+) -> (
+    tiller_diffusion::models::sd3_transformer::SD3Transformer2DModel,
+    BTreeMap<String, HostTensor>,
+    Tensor<4>,
+    Tensor<3>,
+    Tensor<2>,
+    Tensor<4>,
+) {
+    let (_, model) = models::load_sd3_transformer(&fixture(name), None, device).unwrap();
+    let io = io(name);
+    let autodiff = device.is_autodiff();
+    let grad = |t: Tensor<4>| if autodiff { t.require_grad() } else { t };
+    let sample = grad(to_device::<4>(&io["sample"], device).unwrap());
+    let mut context = to_device::<3>(&io["encoder_hidden_states"], device).unwrap();
+    let mut pooled = to_device::<2>(&io["pooled_projections"], device).unwrap();
+    if autodiff {
+        context = context.require_grad();
+        pooled = pooled.require_grad();
+    }
+    let out = model
+        .forward(
+            sample.clone(),
+            to_device(&io["timestep"], device).unwrap(),
+            context.clone(),
+            pooled.clone(),
+        )
+        .unwrap();
+    (model, io, sample, context, pooled, out)
+}
+
+#[test]
+fn sd3_transformer_forward_matches_diffusers() {
+    for name in ["tiny-sd3-transformer", "tiny-sd35-transformer"] {
+        let (.., out) = sd3_forward(name, &Device::flex());
+        let io = io(name);
+        assert_eq!(out.dims().to_vec(), io["out_sample"].shape);
+        assert_matches(&values(out), &io["out_sample"], 1e-4, name);
+    }
+}
+
+#[test]
+fn sd3_transformer_gradients_match_pytorch() {
+    for name in ["tiny-sd3-transformer", "tiny-sd35-transformer"] {
+        let device = Device::flex().autodiff();
+        let (model, io, sample, context, pooled, out) = sd3_forward(name, &device);
+        let loss = (out * to_device::<4>(&io["loss_weights"], &device).unwrap()).sum();
+        let grads = loss.backward();
+        let params = collect_gradients(&model, &grads);
+        let mut checked = 0;
+        for (key, golden) in io.iter().filter(|(k, _)| k.starts_with("grad.")) {
+            let actual = match &key["grad.".len()..] {
+                "sample" => values(sample.grad(&grads).unwrap()),
+                "encoder_hidden_states" => values(context.grad(&grads).unwrap()),
+                "pooled_projections" => values(pooled.grad(&grads).unwrap()),
+                p => params
+                    .get(p)
+                    .unwrap_or_else(|| panic!("no gradient for `{p}`"))
+                    .data
+                    .clone(),
+            };
+            assert_matches(&actual, golden, 1e-3, &format!("{name} {key}"));
+            checked += 1;
+        }
+        assert!(checked >= 15, "{name}: only {checked} gradients");
+        // The position table is a buffer in diffusers: no gradient reaches it.
+        assert!(!params.contains_key("pos_embed.pos_embed"));
+    }
+}
+
+#[test]
+fn sd3_transformer_position_table_and_names_round_trip() {
+    use tiller_diffusion::models::sd3_transformer::SD3Transformer2DConfig;
+    use tiller_diffusion::models::weights::collect_tensors;
+    let device = Device::flex();
+    for name in ["tiny-sd3-transformer", "tiny-sd35-transformer"] {
+        let folder = fixture(name);
+        let file = read_safetensors(&folder.join("diffusion_pytorch_model.safetensors")).unwrap();
+        let (config, model) = models::load_sd3_transformer(&folder, None, &device).unwrap();
+        let saved = collect_tensors(&model);
+        assert_eq!(
+            saved.keys().collect::<Vec<_>>(),
+            file.keys().collect::<Vec<_>>()
+        );
+        for (k, t) in &file {
+            assert_eq!(saved[k].data, t.data, "{k}");
+        }
+        // A fresh model computes the table diffusers saved.
+        let fresh: SD3Transformer2DConfig = config.clone();
+        let fresh = collect_tensors(&fresh.init(&device).unwrap());
+        let key = "pos_embed.pos_embed";
+        assert_eq!(fresh[key].shape, file[key].shape);
+        assert_close(fresh[key].data.clone(), file[key].data.clone(), 1e-6, 1e-6);
+    }
+}
+
+#[test]
+fn sd3_transformer_bad_configs_and_inputs_name_the_problem() {
+    use tiller_diffusion::models::sd3_transformer::SD3Transformer2DConfig;
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-sd35-transformer").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = [
+        (
+            "caption_projection_dim",
+            serde_json::json!(12),
+            "caption_projection_dim",
+        ),
+        ("qk_norm", serde_json::json!("l2"), "qk_norm"),
+        (
+            "dual_attention_layers",
+            serde_json::json!([3]),
+            "dual_attention_layers",
+        ),
+        (
+            "pos_embed_max_size",
+            serde_json::Value::Null,
+            "pos_embed_max_size",
+        ),
+    ];
+    for (field, value, named) in cases {
+        let mut v = base.clone();
+        v[field] = value;
+        let config: SD3Transformer2DConfig = serde_json::from_value(v).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(named), "{field}: {err}");
+    }
+    let mut v = base.clone();
+    v["use_pooled_projections"] = serde_json::json!(true);
+    let err = serde_json::from_value::<SD3Transformer2DConfig>(v)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("use_pooled_projections"), "{err}");
+
+    let device = Device::flex();
+    let (_, model) =
+        models::load_sd3_transformer(&fixture("tiny-sd3-transformer"), None, &device).unwrap();
+    let forward = |h: usize, w: usize| {
+        model.forward(
+            Tensor::zeros([1, 4, h, w], &device),
+            Tensor::zeros([1], &device),
+            Tensor::zeros([1, 3, 24], &device),
+            Tensor::zeros([1, 20], &device),
+        )
+    };
+    let err = forward(14, 8).unwrap_err().to_string();
+    assert!(err.contains("pos_embed_max_size"), "{err}");
+    let err = forward(7, 8).unwrap_err().to_string();
+    assert!(err.contains("patch_size"), "{err}");
+    assert!(forward(12, 2).is_ok());
 }

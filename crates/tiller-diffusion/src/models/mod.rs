@@ -11,12 +11,14 @@ pub mod layers;
 pub mod lora;
 pub mod open_clip;
 pub mod probe;
+pub mod sd3_transformer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
+use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::weights::{
@@ -131,6 +133,23 @@ pub fn load_unet(
     device: &Device,
 ) -> Result<(UNet2DConditionConfig, UNet2DConditionModel)> {
     let config: UNet2DConditionConfig =
+        tiller_core::config::from_json_file(&folder.join("config.json"))?;
+    config
+        .validate()
+        .map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
+    let (source, tensors) = read_folder_weights(folder, DIFFUSERS_WEIGHTS, variant)?;
+    let model = load_into(config.init(device)?, &tensors, &source)?;
+    Ok((config, model))
+}
+
+/// Loads a diffusers `SD3Transformer2DModel` folder (config.json +
+/// diffusion_pytorch_model.safetensors), e.g. a `StableDiffusion3Pipeline`'s `transformer/`.
+pub fn load_sd3_transformer(
+    folder: &Path,
+    variant: Option<&str>,
+    device: &Device,
+) -> Result<(SD3Transformer2DConfig, SD3Transformer2DModel)> {
+    let config: SD3Transformer2DConfig =
         tiller_core::config::from_json_file(&folder.join("config.json"))?;
     config
         .validate()
