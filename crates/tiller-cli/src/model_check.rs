@@ -10,9 +10,11 @@ use tiller_diffusion::models::weights::{
     HostTensor, parameter_shapes, read_safetensors, to_device, write_safetensors,
 };
 use tiller_diffusion::models::{
-    ModelKind, detect_kind, load_clip_text, load_clip_vision, load_unet, load_vae,
+    ModelKind, detect_kind, load_clip_text, load_clip_vision, load_sd3_transformer, load_unet,
+    load_vae,
 };
 use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion};
+use tiller_diffusion::stable_diffusion3::{StableDiffusion3, is_stable_diffusion3};
 
 fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
     let shape = t.dims().to_vec();
@@ -39,17 +41,55 @@ fn id_rows(ids: &HostTensor) -> Result<Vec<Vec<i64>>> {
         .collect())
 }
 
+/// The number of parameters in a module's shape list.
+fn count(shapes: Vec<(String, Vec<usize>)>) -> usize {
+    shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// Loads a Stable Diffusion 3 pipeline folder and prints its components and their sizes.
+fn check_sd3_pipeline(folder: &Path, device: &burn::tensor::Device) -> Result<()> {
+    let sd = StableDiffusion3::load(folder, device)?;
+    println!("{} from {}", sd.index.class_name, folder.display());
+    let parts = [
+        ("text_encoder", count(parameter_shapes(&sd.text_encoder))),
+        (
+            "text_encoder_2",
+            count(parameter_shapes(&sd.text_encoder_2)),
+        ),
+        ("transformer", count(parameter_shapes(&sd.transformer))),
+        ("vae", count(parameter_shapes(&sd.vae))),
+    ];
+    for (name, n) in &parts {
+        println!("  {name:<15} {n} parameters");
+    }
+    println!(
+        "  tokenizers      {} and {} ids, max length {}; {} zero tokens in T5's place",
+        sd.tokenizer.vocab_size(),
+        sd.tokenizer_2.vocab_size(),
+        sd.tokenizer.max_length(),
+        sd.t5_tokens
+    );
+    println!(
+        "  latents         /{} (patch size {})",
+        sd.vae_scale_factor(),
+        sd.transformer_config.patch_size
+    );
+    for (name, class) in &sd.index.components {
+        if class.is_none() {
+            println!("  {name:<15} (none)");
+        }
+    }
+    Ok(())
+}
+
 /// Loads a Stable Diffusion pipeline folder and prints its components and their sizes.
 fn check_pipeline(folder: &Path, device: &burn::tensor::Device) -> Result<()> {
     let sd = StableDiffusion::load(folder, device)?;
     let index = &sd.index;
     println!("{} from {}", index.class_name, folder.display());
-    let count = |shapes: Vec<(String, Vec<usize>)>| -> usize {
-        shapes
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
-    };
     let mut parts = vec![
         ("text_encoder", count(parameter_shapes(&sd.text_encoder))),
         ("unet", count(parameter_shapes(&sd.unet))),
@@ -104,7 +144,7 @@ pub fn run(
     compare: Option<(PathBuf, f64)>,
 ) -> Result<()> {
     let device = tiller_core::device::parse_device(device)?;
-    if is_stable_diffusion(folder) {
+    if is_stable_diffusion(folder) || is_stable_diffusion3(folder) {
         if io.is_some() || variant.is_some() {
             bail!(
                 "{} is a pipeline folder: check one component with --inputs (e.g. {}/unet), or \
@@ -112,6 +152,9 @@ pub fn run(
                 folder.display(),
                 folder.display()
             );
+        }
+        if is_stable_diffusion3(folder) {
+            return check_sd3_pipeline(folder, &device);
         }
         return check_pipeline(folder, &device);
     }
@@ -162,6 +205,42 @@ pub fn run(
                     "sample".to_string(),
                     host(model.forward_with(sample, timestep, ctx, added.as_ref())),
                 );
+            }
+            parameter_shapes(&model)
+        }
+        ModelKind::SD3Transformer => {
+            let (config, model) = load_sd3_transformer(folder, variant, &device)?;
+            println!("SD3Transformer2DModel from {}", folder.display());
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
+                let sample = to_device::<4>(input(inputs, "sample", path)?, &device)
+                    .context("`sample` must be [B, C, H, W]")?;
+                let b = sample.dims()[0];
+                let t = input(inputs, "timestep", path)?;
+                let timestep = match t.shape.as_slice() {
+                    [] | [1] => Tensor::<1>::from_floats(vec![t.data[0]; b].as_slice(), &device),
+                    [n] if *n == b => to_device::<1>(t, &device)?,
+                    s => bail!("`timestep` has shape {s:?}; expected [] or [{b}]"),
+                };
+                let ctx = to_device::<3>(input(inputs, "encoder_hidden_states", path)?, &device)
+                    .context("`encoder_hidden_states` must be [B, L, joint_attention_dim]")?;
+                let pooled = to_device::<2>(input(inputs, "pooled_projections", path)?, &device)
+                    .context("`pooled_projections` must be [B, pooled_projection_dim]")?;
+                let (c, p) = (ctx.dims(), pooled.dims());
+                if c[0] != b || c[2] != config.joint_attention_dim {
+                    bail!(
+                        "`encoder_hidden_states` is {c:?}; this transformer takes [{b}, L, {}]",
+                        config.joint_attention_dim
+                    );
+                }
+                if p != [b, config.pooled_projection_dim] {
+                    bail!(
+                        "`pooled_projections` is {p:?}; this transformer takes [{b}, {}]",
+                        config.pooled_projection_dim
+                    );
+                }
+                let out = model.forward(sample, timestep, ctx, pooled)?;
+                outputs.insert("sample".to_string(), host(out));
             }
             parameter_shapes(&model)
         }

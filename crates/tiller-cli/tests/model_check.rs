@@ -335,6 +335,67 @@ fn model_check_loads_a_whole_sdxl_pipeline_folder() {
 }
 
 #[test]
+fn model_check_loads_an_sd3_pipeline_and_runs_its_transformer() {
+    let folder = fixtures().join("tiny-sd3-pipeline");
+    let (ok, text) = tiller(&["model", "check", folder.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("StableDiffusion3Pipeline")
+            && text.contains("transformer")
+            && text.contains("text_encoder_3  (none)"),
+        "{text}"
+    );
+
+    let name = "tiny-sd35-transformer";
+    let dir = std::env::temp_dir().join(format!("tiller-cli-check-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let folder = fixtures().join(name);
+    let io = read_safetensors(&folder.join("io.safetensors")).unwrap();
+    let mut inputs: BTreeMap<String, HostTensor> = [
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "pooled_projections",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), io[*k].clone()))
+    .collect();
+    write_safetensors(&dir.join("in.safetensors"), &inputs, Default::default()).unwrap();
+    let out = dir.join("out.safetensors");
+    let args = |input: &Path| {
+        vec![
+            "model".to_string(),
+            "check".into(),
+            folder.to_str().unwrap().into(),
+            "--inputs".into(),
+            input.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let run = |a: Vec<String>| tiller(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, text) = run(args(&dir.join("in.safetensors")));
+    assert!(ok && text.contains("SD3Transformer2DModel"), "{text}");
+    let got = read_safetensors(&out).unwrap();
+    let diff = max_abs_diff(&got["sample"], &io["out_sample"]);
+    assert!(diff < 1e-4, "max |diff| {diff}");
+
+    // A pooled input of the wrong width is named, and nothing is written.
+    std::fs::remove_file(&out).unwrap();
+    inputs.insert(
+        "pooled_projections".into(),
+        HostTensor {
+            shape: vec![2, 3],
+            data: vec![0.0; 6],
+        },
+    );
+    write_safetensors(&dir.join("bad.safetensors"), &inputs, Default::default()).unwrap();
+    let (ok, text) = run(args(&dir.join("bad.safetensors")));
+    assert!(!ok && text.contains("pooled_projections"), "{text}");
+    assert!(!out.exists());
+}
+
+#[test]
 fn sample_picks_the_best_of_n_stable_diffusion_images_by_a_clip_reward() {
     let dir = std::env::temp_dir().join(format!("tiller-cli-sd-bo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod sampling;
 pub mod schedulers;
 pub mod stable_diffusion;
+pub mod stable_diffusion3;
 
 pub use distribution::{Gaussian, LogProbReduction};
 pub use schedulers::{Scheduler, SchedulerConfig, StepOutput};

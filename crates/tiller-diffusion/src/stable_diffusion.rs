@@ -209,44 +209,14 @@ impl StableDiffusion {
                 ));
             }
         };
-        let pipeline = &index.class_name;
         let required = REQUIRED.iter().chain(if is_xl { REQUIRED_XL } else { &[] });
-        for (name, classes) in required {
-            let class = index.class_of(name).ok_or_else(|| {
-                Error::format(
-                    &index_path,
-                    format!(
-                        "the pipeline has no `{name}` component; a {pipeline} needs one ({})",
-                        classes.join(" or ")
-                    ),
-                )
-            })?;
-            if !classes.contains(&class) {
-                return Err(Error::format(
-                    &index_path,
-                    format!(
-                        "`{name}` is a {class}; Tiller loads {} there{}",
-                        classes.join(" or "),
-                        if *name == "scheduler" {
-                            " (it samples with DDIM on the config's noise schedule: save a \
-                             DDIMScheduler config in scheduler/)"
-                        } else {
-                            ""
-                        }
-                    ),
-                ));
-            }
-            let sub = folder.join(name);
-            if !sub.is_dir() {
-                return Err(Error::format(
-                    &sub,
-                    format!(
-                        "model_index.json lists `{name}` but the folder is missing; copy the \
-                         pipeline's {name}/ folder here or save the pipeline again"
-                    ),
-                ));
-            }
-        }
+        check_components(
+            folder,
+            &index,
+            required,
+            " (it samples with DDIM on the config's noise schedule: save a DDIMScheduler config \
+             in scheduler/)",
+        )?;
         let tokenizer = ClipTokenizer::from_folder(&folder.join("tokenizer"))?;
         let (text_config, text_encoder) =
             load_clip_text(&folder.join("text_encoder"), None, device)?;
@@ -679,6 +649,54 @@ impl StableDiffusion {
         }
         Ok(out.into_iter().map(|v| Tensor::cat(v, 0)).collect())
     }
+}
+
+/// Checks that `model_index.json` lists each `required` component with one of its classes and
+/// that its folder exists; `scheduler_hint` is appended to a wrong scheduler class's error.
+pub(crate) fn check_components<'a>(
+    folder: &Path,
+    index: &ModelIndex,
+    required: impl Iterator<Item = &'a (&'a str, &'a [&'a str])>,
+    scheduler_hint: &str,
+) -> Result<()> {
+    let index_path = folder.join("model_index.json");
+    let pipeline = &index.class_name;
+    for (name, classes) in required {
+        let class = index.class_of(name).ok_or_else(|| {
+            Error::format(
+                &index_path,
+                format!(
+                    "the pipeline has no `{name}` component; a {pipeline} needs one ({})",
+                    classes.join(" or ")
+                ),
+            )
+        })?;
+        if !classes.contains(&class) {
+            return Err(Error::format(
+                &index_path,
+                format!(
+                    "`{name}` is a {class}; Tiller loads {} there{}",
+                    classes.join(" or "),
+                    if *name == "scheduler" {
+                        scheduler_hint
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        let sub = folder.join(name);
+        if !sub.is_dir() {
+            return Err(Error::format(
+                &sub,
+                format!(
+                    "model_index.json lists `{name}` but the folder is missing; copy the \
+                     pipeline's {name}/ folder here or save the pipeline again"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `safety_checker/` folder of the pipeline in `folder` when its `model_index.json` lists a

@@ -4,7 +4,8 @@
 //! prediction, the SD 2.x layout with f16 weights and v-prediction, SDXL with bf16 weights (two
 //! text encoders, the UNet's added conditioning, zeroed negative embeddings). The prompt
 //! embeddings match within 1e-4 of scale, final latents and decoded images within 1e-3, with and
-//! without classifier-free guidance. Malformed folders are refused with errors naming the file.
+//! without classifier-free guidance; and SD3 without T5 (two CLIP encoders with projections, the
+//! MMDiT, the flow-matching Euler sampler). Malformed folders are refused with errors naming the file.
 
 use burn::tensor::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -428,4 +429,104 @@ fn the_decoder_recomputed_by_segment_differentiates_as_the_whole_graph() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn sd3_pipeline_without_t5_samples_as_diffusers() {
+    use tiller_diffusion::stable_diffusion3::StableDiffusion3;
+    let device = Device::flex();
+    let name = "tiny-sd3-pipeline";
+    let sd = StableDiffusion3::load(&fixture(name), &device).unwrap();
+    let g = goldens(name);
+    let cond = sd.conditioning(&PROMPTS, None, GUIDANCE, &device).unwrap();
+    assert_matches(
+        cond.context.clone(),
+        &g["prompt_embeds"],
+        1e-4,
+        "prompt_embeds",
+    );
+    let (uncond, _) = cond.guidance.clone().expect("guided");
+    assert_matches(
+        uncond,
+        &g["negative_prompt_embeds"],
+        1e-4,
+        "negative_prompt_embeds",
+    );
+    let (added, added_uncond) = cond.added.clone().expect("pooled projections");
+    assert_matches(
+        added.text_embeds,
+        &g["pooled_prompt_embeds"],
+        1e-4,
+        "pooled",
+    );
+    assert_matches(
+        added_uncond.expect("under guidance").text_embeds,
+        &g["negative_pooled_prompt_embeds"],
+        1e-4,
+        "negative pooled",
+    );
+
+    let latents = to_device::<4>(&g["latents"], &device).unwrap();
+    // The Euler ODE draws step noise (in a fixed order) but never uses it.
+    let mut noise = SeededRng::new(0);
+    let (images, final_latents) = sd
+        .generate(&cond, latents.clone(), STEPS, &mut noise)
+        .unwrap();
+    assert_matches(final_latents, &g["final_latents"], 1e-3, "final latents");
+    assert_matches(images, &g["images"], 1e-3, "images");
+    let plain = sd.conditioning(&PROMPTS, None, 1.0, &device).unwrap();
+    assert!(plain.guidance.is_none());
+    let (images, _) = sd.generate(&plain, latents, STEPS, &mut noise).unwrap();
+    assert_matches(images, &g["images_no_cfg"], 1e-3, "images without guidance");
+}
+
+#[test]
+fn sd3_folders_with_t5_or_mismatched_parts_are_refused_naming_the_file() {
+    use tiller_diffusion::stable_diffusion3::StableDiffusion3;
+    let device = Device::flex();
+    let copy = |tag: &str| {
+        let dst = std::env::temp_dir().join(format!("tiller-sd3-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dst);
+        copy_dir(&fixture("tiny-sd3-pipeline"), &dst);
+        dst
+    };
+    let err = |d: &Path| StableDiffusion3::load(d, &device).unwrap_err().to_string();
+
+    let d = copy("t5");
+    edit_index(&d, |m| {
+        m.insert(
+            "text_encoder_3".into(),
+            serde_json::json!(["transformers", "T5EncoderModel"]),
+        );
+    });
+    let e = err(&d);
+    assert!(
+        e.contains("text_encoder_3") && e.contains("[null, null]"),
+        "{e}"
+    );
+
+    let d = copy("sched");
+    edit_index(&d, |m| {
+        m.insert(
+            "scheduler".into(),
+            serde_json::json!(["diffusers", "DDIMScheduler"]),
+        );
+    });
+    let e = err(&d);
+    assert!(e.contains("FlowMatchEulerDiscreteScheduler"), "{e}");
+
+    let d = copy("pooled");
+    let path = d.join("transformer/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["pooled_projection_dim"] = serde_json::json!(32);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = err(&d);
+    assert!(e.contains("transformer") && e.contains("weight"), "{e}");
+
+    // The SD 1.x loader names the class it reads.
+    let e = StableDiffusion::load(&fixture("tiny-sd3-pipeline"), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("StableDiffusion3Pipeline"), "{e}");
 }

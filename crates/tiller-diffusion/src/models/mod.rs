@@ -45,6 +45,8 @@ pub enum ModelKind {
     ClipVision,
     /// `CLIPModel`: both towers.
     Clip,
+    /// `SD3Transformer2DModel`.
+    SD3Transformer,
 }
 
 /// Reads config.json's class to tell a UNet, VAE or CLIP text-encoder folder apart.
@@ -63,6 +65,7 @@ pub fn detect_kind(folder: &Path) -> Result<ModelKind> {
     match (class, arch, model_type) {
         (Some("UNet2DConditionModel"), _, _) => Ok(ModelKind::UNet2DCondition),
         (Some("AutoencoderKL"), _, _) => Ok(ModelKind::AutoencoderKL),
+        (Some("SD3Transformer2DModel"), _, _) => Ok(ModelKind::SD3Transformer),
         (_, Some("CLIPTextModel" | "CLIPTextModelWithProjection"), _)
         | (_, _, Some("clip_text_model")) => Ok(ModelKind::ClipText),
         (_, Some("CLIPVisionModel" | "CLIPVisionModelWithProjection"), _)
@@ -72,8 +75,9 @@ pub fn detect_kind(folder: &Path) -> Result<ModelKind> {
             &path,
             format!(
                 "unsupported model (_class_name {class:?}, architectures[0] {arch:?}, model_type \
-                 {model_type:?}); supported: UNet2DConditionModel, AutoencoderKL, \
-                 CLIPTextModel(WithProjection), CLIPVisionModel(WithProjection), CLIPModel"
+                 {model_type:?}); supported: UNet2DConditionModel, SD3Transformer2DModel, \
+                 AutoencoderKL, CLIPTextModel(WithProjection), CLIPVisionModel(WithProjection), \
+                 CLIPModel"
             ),
         )),
     }
