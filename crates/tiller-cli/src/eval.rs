@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use tiller_diffusion::stable_diffusion::{StableDiffusion, is_stable_diffusion, safety_checker_of};
+use tiller_diffusion::stable_diffusion3::{StableDiffusion3, is_stable_diffusion3};
 use tiller_eval::evaluate::{Evaluation, Source, evaluate};
 use tiller_eval::report::{Report, best_of};
 use tiller_eval::sampling::{check_resolution, sample_prompts};
@@ -72,7 +73,12 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         let sd = StableDiffusion::load(&located, &device)
             .with_context(|| format!("loading the model {}", located.display()))?;
         let own = safety_checker_of(&located)?;
-        return sample_stable_diffusion(&args, sd, own, &texts, &device);
+        return sample_stable_diffusion(&args, Latent::Sd(Box::new(sd)), own, &texts, &device);
+    }
+    if is_stable_diffusion3(&located) {
+        let sd = StableDiffusion3::load(&located, &device)
+            .with_context(|| format!("loading the model {}", located.display()))?;
+        return sample_stable_diffusion(&args, Latent::Sd3(Box::new(sd)), None, &texts, &device);
     }
     if tiller_align::run::is_run(&located) {
         let base = tiller_align::run::run_base(&located, &crate::shipped::resolve)?;
@@ -81,7 +87,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
                 tiller_align::run::load_aligned_latent(&located, &device, &crate::shipped::resolve)
                     .with_context(|| format!("loading the run {}", located.display()))?;
             let own = safety_checker_of(&base)?;
-            return sample_stable_diffusion(&args, sd, own, &texts, &device);
+            return sample_stable_diffusion(&args, Latent::Sd(Box::new(sd)), own, &texts, &device);
         }
     }
     if args.negative_prompt.is_some() {
@@ -146,35 +152,54 @@ fn safety_filter(checker: Option<&SafetyMargin>, images: Vec<Image>) -> Result<V
     Ok(images)
 }
 
-/// `tiller sample` on a diffusers `StableDiffusionPipeline` folder: DDIM (eta 0, or 1 with
-/// `--sampler ancestral`) from the folder's noise schedule, diffusers' defaults of 50 steps and
-/// guidance 7.5, images at the UNet's `sample_size` times the VAE's scale factor.
+/// A diffusers pipeline folder that `tiller sample` reads.
+enum Latent {
+    Sd(Box<StableDiffusion>),
+    Sd3(Box<StableDiffusion3>),
+}
+
+/// `tiller sample` on a diffusers pipeline folder. `StableDiffusionPipeline` and SDXL: DDIM
+/// (eta 0, or 1 with `--sampler ancestral`) from the folder's noise schedule, diffusers' defaults
+/// of 50 steps and guidance 7.5. `StableDiffusion3Pipeline` (without T5): the flow-matching Euler
+/// ODE, diffusers' defaults of 28 steps and guidance 7. Images at the denoiser's `sample_size`
+/// times the VAE's scale factor.
 fn sample_stable_diffusion(
     args: &SampleArgs,
-    mut sd: StableDiffusion,
+    mut sd: Latent,
     own_checker: Option<PathBuf>,
     texts: &[String],
     device: &burn::tensor::Device,
 ) -> Result<()> {
     let checker = safety_checker(args, own_checker, device)?;
     let s = &args.sampling;
-    if let tiller_diffusion::SchedulerConfig::Ddim(c) = &mut sd.scheduler {
-        c.eta = match s.sampler {
-            Some(crate::args::Sampler::Ancestral) => 1.0,
-            _ => 0.0,
-        };
-    }
-    let side = match s.resolution {
-        Some(r) => r,
-        None => sd.default_resolution()?,
+    let (tokenizer, default_side, steps, guidance) = match &mut sd {
+        Latent::Sd(sd) => {
+            if let tiller_diffusion::SchedulerConfig::Ddim(c) = &mut sd.scheduler {
+                c.eta = match s.sampler {
+                    Some(crate::args::Sampler::Ancestral) => 1.0,
+                    _ => 0.0,
+                };
+            }
+            (sd.tokenizer.clone(), sd.default_resolution()?, 50, 7.5)
+        }
+        Latent::Sd3(sd) => {
+            if s.sampler.is_some() {
+                bail!(
+                    "--sampler: an SD3 pipeline samples with its flow-matching Euler scheduler; \
+                     leave --sampler out"
+                );
+            }
+            (sd.tokenizer.clone(), sd.default_resolution(), 28, 7.0)
+        }
     };
+    let side = s.resolution.unwrap_or(default_side);
     let prompts: Vec<&str> = texts.iter().map(String::as_str).collect();
     for p in &prompts {
-        let t = sd.tokenizer.encode(p)?;
+        let t = tokenizer.encode(p)?;
         if t.dropped > 0 {
             eprintln!(
                 "warning: {p:?} is longer than the tokenizer's {} tokens; {} were cut",
-                sd.tokenizer.max_length(),
+                tokenizer.max_length(),
                 t.dropped
             );
         }
@@ -184,16 +209,33 @@ fn sample_stable_diffusion(
         .then(|| load_reward(&args.selection.reward, &Tokenizer::shapes(), device))
         .transpose()?;
     let seeds: Vec<u64> = (0..(args.n * n) as u64).map(|i| args.seed + i).collect();
-    let rows = sd.sample_prompts(
-        &prompts,
+    let (negative, steps, guidance) = (
         args.negative_prompt.as_deref(),
-        &seeds,
-        s.steps.unwrap_or(50),
-        s.guidance.unwrap_or(7.5),
-        (side, side),
-        s.batch,
-        device,
-    )?;
+        s.steps.unwrap_or(steps),
+        s.guidance.unwrap_or(guidance),
+    );
+    let rows = match &sd {
+        Latent::Sd(sd) => sd.sample_prompts(
+            &prompts,
+            negative,
+            &seeds,
+            steps,
+            guidance,
+            (side, side),
+            s.batch,
+            device,
+        )?,
+        Latent::Sd3(sd) => sd.sample_prompts(
+            &prompts,
+            negative,
+            &seeds,
+            steps,
+            guidance,
+            (side, side),
+            s.batch,
+            device,
+        )?,
+    };
     let mut rows: Vec<Vec<Image>> = rows
         .into_iter()
         .map(|row| tiller_reward::tensor_to_images(row * 2.0 - 1.0))

@@ -437,6 +437,48 @@ fn sample_picks_the_best_of_n_stable_diffusion_images_by_a_clip_reward() {
     );
 }
 
+#[test]
+fn sample_draws_sd3_images_that_do_not_depend_on_the_batch() {
+    let dir = std::env::temp_dir().join(format!("tiller-cli-sd3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let folder = fixtures().join("tiny-sd3-pipeline");
+    let run = |extra: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut args = vec![
+            "sample",
+            "--model",
+            folder.to_str().unwrap(),
+            "--prompt",
+            "a photo of a red cube",
+            "--prompt",
+            "an astronaut riding a horse",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, text) = tiller(&args);
+        (ok, text, out)
+    };
+    let (ok, text, all) = run(&[], "all.png");
+    assert!(ok && text.contains("wrote 4 images"), "{text}");
+    let (ok, text, one) = run(&["--batch", "1"], "one.png");
+    assert!(ok, "{text}");
+    let (all, one) = (tiles(&all, 16, 2), tiles(&one, 16, 2));
+    assert_eq!(
+        all, one,
+        "an image depends on its prompt and seed, not the batch"
+    );
+    assert_ne!(all[0], all[1], "two seeds, two images");
+    let (ok, text, _) = run(&["--sampler", "ancestral"], "bad.png");
+    assert!(!ok && text.contains("--sampler"), "{text}");
+    assert!(!dir.join("bad.png").exists());
+}
+
 /// The tiles of a grid `tiller sample` wrote: `n` images of `side` x `side` per row, 1-pixel gaps.
 fn tiles(path: &Path, side: usize, n: usize) -> Vec<Vec<[u8; 3]>> {
     let grid = tiller_testbed::image::decode_png(&std::fs::read(path).unwrap(), path).unwrap();

@@ -616,39 +616,55 @@ impl StableDiffusion {
         batch: usize,
         device: &Device,
     ) -> Result<Vec<Tensor<4>>> {
-        if prompts.is_empty() || seeds.is_empty() {
-            return Err(Error::invalid("nothing to sample: no prompts or no seeds"));
-        }
         let scheduler = self.scheduler.build(steps)?;
-        let jobs: Vec<(usize, u64)> = (0..prompts.len())
-            .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
-            .collect();
-        let mut out: Vec<Vec<Tensor<4>>> = vec![Vec::new(); prompts.len()];
-        for chunk in jobs.chunks(batch.max(1)) {
-            let texts: Vec<&str> = chunk.iter().map(|(p, _)| prompts[*p]).collect();
+        per_example_batches(prompts, seeds, batch, |texts, mut noise| {
             let negatives = negative.map(|n| vec![n; texts.len()]);
             let cond = self.conditioning(
-                &texts,
+                texts,
                 negatives.as_deref(),
                 guidance,
                 (height, width),
                 device,
             )?;
-            let mut noise = ExampleNoise::new(
-                chunk
-                    .iter()
-                    .map(|(p, seed)| SeededRng::for_example(*seed, *p as u64))
-                    .collect(),
-            );
-            let shape = self.latent_shape(chunk.len(), height, width)?;
+            let shape = self.latent_shape(texts.len(), height, width)?;
             let x_t = initial_noise(scheduler.as_ref(), shape, &mut noise, device)?;
             let (images, _) = self.generate_with(scheduler.as_ref(), &cond, x_t, &mut noise)?;
-            for (i, (p, _)) in chunk.iter().enumerate() {
-                out[*p].push(images.clone().narrow(0, i, 1));
-            }
-        }
-        Ok(out.into_iter().map(|v| Tensor::cat(v, 0)).collect())
+            Ok(images)
+        })
     }
+}
+
+/// Runs `run` on batches of at most `batch` (prompt, seed) jobs, prompt-major, each with the
+/// noise streams of its jobs (stream p of seed s for prompt p, [`SeededRng::for_example`]), and
+/// regroups the images it returns ([n, 3, H, W] per batch) per prompt: [seeds, 3, H, W] each. So
+/// an image depends on its prompt's index and its seed alone, never on `batch`.
+pub(crate) fn per_example_batches(
+    prompts: &[&str],
+    seeds: &[u64],
+    batch: usize,
+    mut run: impl FnMut(&[&str], ExampleNoise) -> Result<Tensor<4>>,
+) -> Result<Vec<Tensor<4>>> {
+    if prompts.is_empty() || seeds.is_empty() {
+        return Err(Error::invalid("nothing to sample: no prompts or no seeds"));
+    }
+    let jobs: Vec<(usize, u64)> = (0..prompts.len())
+        .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
+        .collect();
+    let mut out: Vec<Vec<Tensor<4>>> = vec![Vec::new(); prompts.len()];
+    for chunk in jobs.chunks(batch.max(1)) {
+        let texts: Vec<&str> = chunk.iter().map(|(p, _)| prompts[*p]).collect();
+        let noise = ExampleNoise::new(
+            chunk
+                .iter()
+                .map(|(p, seed)| SeededRng::for_example(*seed, *p as u64))
+                .collect(),
+        );
+        let images = run(&texts, noise)?;
+        for (i, (p, _)) in chunk.iter().enumerate() {
+            out[*p].push(images.clone().narrow(0, i, 1));
+        }
+    }
+    Ok(out.into_iter().map(|v| Tensor::cat(v, 0)).collect())
 }
 
 /// Checks that `model_index.json` lists each `required` component with one of its classes and

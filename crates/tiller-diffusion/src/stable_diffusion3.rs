@@ -25,9 +25,9 @@ use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DMod
 use crate::models::unet::AddedConditions;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::{load_clip_text, load_sd3_transformer, load_vae};
-use crate::sampling::{Conditioning, Denoiser, NoiseSource, Record, sample};
+use crate::sampling::{Conditioning, Denoiser, NoiseSource, Record, initial_noise, sample};
 use crate::schedulers::SchedulerConfig;
-use crate::stable_diffusion::{ModelIndex, PromptEmbeds, check_components};
+use crate::stable_diffusion::{ModelIndex, PromptEmbeds, check_components, per_example_batches};
 use burn::tensor::{Device, Tensor};
 use std::path::Path;
 use tiller_core::{Error, Result};
@@ -209,6 +209,11 @@ impl StableDiffusion3 {
         1 << (self.vae_config.block_out_channels.len() - 1)
     }
 
+    /// The image side the transformer was trained at: `sample_size` times the VAE factor.
+    pub fn default_resolution(&self) -> usize {
+        self.transformer_config.sample_size * self.vae_scale_factor()
+    }
+
     /// The latent shape of `batch` images of `height` x `width`, which must be multiples of the
     /// VAE factor times the patch size.
     pub fn latent_shape(&self, batch: usize, height: usize, width: usize) -> Result<[usize; 4]> {
@@ -351,6 +356,42 @@ impl StableDiffusion3 {
             Record::Nothing,
         )?;
         Ok((self.decode(out.images.clone()), out.images))
+    }
+}
+
+impl StableDiffusion3 {
+    /// `seeds.len()` images of each prompt at `height` x `width` (guided against `negative`):
+    /// per prompt a tensor [n, 3, H, W] in [0, 1]. Image (prompt p, seed s) draws its initial
+    /// latents from stream p of seed s, so it depends on its prompt's index and its seed alone,
+    /// never on `batch` (images per model call, speed only).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_prompts(
+        &self,
+        prompts: &[&str],
+        negative: Option<&str>,
+        seeds: &[u64],
+        steps: usize,
+        guidance: f64,
+        (height, width): (usize, usize),
+        batch: usize,
+        device: &Device,
+    ) -> Result<Vec<Tensor<4>>> {
+        let scheduler = self.scheduler.build(steps)?;
+        per_example_batches(prompts, seeds, batch, |texts, mut noise| {
+            let negatives = negative.map(|n| vec![n; texts.len()]);
+            let cond = self.conditioning(texts, negatives.as_deref(), guidance, device)?;
+            let shape = self.latent_shape(texts.len(), height, width)?;
+            let x_t = initial_noise(scheduler.as_ref(), shape, &mut noise, device)?;
+            let out = sample(
+                &self.transformer,
+                scheduler.as_ref(),
+                &cond,
+                x_t,
+                &mut noise,
+                Record::Nothing,
+            )?;
+            Ok(self.decode(out.images))
+        })
     }
 }
 
