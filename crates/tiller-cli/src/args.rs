@@ -7,7 +7,7 @@ use burn::tensor::Device;
 use clap::Args;
 use std::path::Path;
 use tiller_diffusion::pipeline::TextToImage;
-use tiller_diffusion::schedulers::{DdimConfig, SchedulerConfig};
+use tiller_diffusion::schedulers::{DdimConfig, FlowMatchConfig, SchedulerConfig};
 use tiller_eval::SampleSettings;
 use tiller_reward::Reward;
 use tiller_testbed::Tokenizer;
@@ -17,7 +17,8 @@ use tiller_testbed::Tokenizer;
 pub enum Sampler {
     /// DDIM with eta = 0: deterministic given the initial noise.
     Ddim,
-    /// Ancestral: DDIM with eta = 1 (DDPM's posterior variance), or the DDPM scheduler itself.
+    /// Ancestral: DDIM with eta = 1 (DDPM's posterior variance), or the DDPM scheduler itself;
+    /// for a flow-matching model, the Flow-GRPO SDE (the ODE's marginals, fresh noise each step).
     #[value(alias = "ddpm")]
     Ancestral,
 }
@@ -71,6 +72,15 @@ impl SamplingArgs {
         let scheduler = match &pipe.scheduler {
             SchedulerConfig::Ddim(c) => SchedulerConfig::Ddim(DdimConfig { eta, ..c.clone() }),
             SchedulerConfig::Ddpm(c) if eta == 1.0 => SchedulerConfig::Ddpm(c.clone()),
+            // A flow-matching model: the Euler ODE (eta 0), or with --sampler ancestral (eta 1)
+            // the Flow-GRPO SDE, which has the ODE's marginals, at the config's noise level or
+            // its default.
+            SchedulerConfig::FlowMatch(c) if eta == 0.0 || eta == 1.0 => {
+                SchedulerConfig::FlowMatch(FlowMatchConfig {
+                    sde: (eta == 1.0).then(|| c.sde.clone().unwrap_or_default()),
+                    ..c.clone()
+                })
+            }
             other => bail!(
                 "--sampler with eta {eta}: the model's scheduler is {:?}; a DDIM schedule samples \
                  either way, a DDPM schedule only with --sampler ancestral",

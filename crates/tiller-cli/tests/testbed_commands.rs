@@ -169,6 +169,74 @@ fn base_train_then_sample_and_eval() {
     let _ = std::fs::remove_dir_all(&run);
 }
 
+/// The flow-matching base config trains (from the DDPM base's weights), saves a pipeline with
+/// diffusers' flow-matching scheduler, and that pipeline samples and evaluates with the Euler ODE,
+/// or with the Flow-GRPO SDE under `--sampler ancestral`.
+#[test]
+fn a_flow_matching_base_trains_samples_and_evaluates() {
+    let run = scratch("flow-base");
+    let run_s = run.to_str().unwrap();
+    let mut args = vec![
+        "base",
+        "train",
+        "--config",
+        "configs/testbed-flow-base.toml",
+        "--out",
+        run_s,
+    ];
+    args.extend_from_slice(TINY);
+    let (ok, text) = tiller(&args);
+    assert!(ok, "{text}");
+    let pipeline = run.join("pipeline");
+    let scheduler =
+        std::fs::read_to_string(pipeline.join("scheduler/scheduler_config.json")).unwrap();
+    assert!(
+        scheduler.contains("FlowMatchEulerDiscreteScheduler"),
+        "{scheduler}"
+    );
+    let grid = |extra: &[&str], name: &str| {
+        let out = run.join(name);
+        let mut a = vec![
+            "sample",
+            "--model",
+            pipeline.to_str().unwrap(),
+            "--prompt",
+            "a red circle",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let (ok, text) = tiller(&a);
+        assert!(ok, "{text}");
+        std::fs::read(out).unwrap()
+    };
+    let ode = grid(&[], "ode.png");
+    assert_eq!(ode, grid(&["--sampler", "ddim"], "ode-again.png"));
+    assert_ne!(ode, grid(&["--sampler", "ancestral"], "sde.png"));
+    let out = run.join("eval");
+    let (ok, text) = tiller(&[
+        "eval",
+        "--model",
+        pipeline.to_str().unwrap(),
+        "--tasks",
+        "colors",
+        "--per-task",
+        "2",
+        "--per-prompt",
+        "1",
+        "--steps",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok && out.join("report.json").exists(), "{text}");
+    let _ = std::fs::remove_dir_all(&run);
+}
+
 /// `init` starts a run from a pipeline's weights: with a zero learning rate and no EMA the run's
 /// pipeline samples exactly what the init pipeline samples. A pipeline whose configs differ from
 /// the config's model is refused, naming the field, before any run folder exists.
