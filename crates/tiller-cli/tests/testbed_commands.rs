@@ -234,6 +234,8 @@ fn a_flow_matching_base_trains_samples_and_evaluates() {
         out.to_str().unwrap(),
     ]);
     assert!(ok && out.join("report.json").exists(), "{text}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("sampler = flow-ode"), "{report}");
     let _ = std::fs::remove_dir_all(&run);
 }
 

@@ -38,17 +38,29 @@ pub struct SampleSettings {
 }
 
 impl SampleSettings {
-    /// DDIM's eta (1 for the DDPM scheduler, which is ancestral by definition).
+    /// DDIM's eta (1 for the DDPM scheduler, which is ancestral by definition; for a
+    /// flow-matching scheduler 0 for the Euler ODE, 1 for the SDE).
     pub fn eta(&self) -> f64 {
         match &self.scheduler {
             SchedulerConfig::Ddim(c) => c.eta,
-            _ => 1.0,
+            SchedulerConfig::Ddpm(_) => 1.0,
+            SchedulerConfig::FlowMatch(c) => match c.sde {
+                None => 0.0,
+                Some(_) => 1.0,
+            },
         }
     }
 
     /// `ddim` (eta 0: deterministic given the initial noise) or `ancestral` (fresh noise at every
-    /// step); `ddim(eta=x)` in between.
+    /// step); `ddim(eta=x)` in between; `flow-ode` or `flow-sde(a=...)` for a flow-matching
+    /// scheduler.
     pub fn sampler_name(&self) -> String {
+        if let SchedulerConfig::FlowMatch(c) = &self.scheduler {
+            return match &c.sde {
+                None => "flow-ode".into(),
+                Some(sde) => format!("flow-sde(a={})", sde.noise_level),
+            };
+        }
         match self.eta() {
             0.0 => "ddim".into(),
             1.0 => "ancestral".into(),
@@ -148,4 +160,42 @@ pub fn save_pipeline(pipe: &TextToImage, out: &Path, tokenizer: &Tokenizer) -> R
         &out.join("tokenizer/tokenizer_config.json"),
         tokenizer.to_config_json().as_bytes(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiller_diffusion::schedulers::{DdimConfig, FlowMatchConfig, FlowSde};
+
+    fn settings(scheduler: SchedulerConfig) -> SampleSettings {
+        SampleSettings {
+            scheduler,
+            steps: 10,
+            guidance: 3.0,
+            batch: 4,
+        }
+    }
+
+    #[test]
+    fn the_sampler_is_named_by_its_scheduler() {
+        let ddim = |eta| {
+            settings(SchedulerConfig::Ddim(DdimConfig {
+                eta,
+                ..DdimConfig::default()
+            }))
+        };
+        assert_eq!(ddim(0.0).sampler_name(), "ddim");
+        assert_eq!(ddim(1.0).sampler_name(), "ancestral");
+        assert_eq!(ddim(0.5).sampler_name(), "ddim(eta=0.5)");
+        let ode = settings(SchedulerConfig::FlowMatch(FlowMatchConfig::default()));
+        assert_eq!((ode.eta(), ode.sampler_name().as_str()), (0.0, "flow-ode"));
+        let sde = settings(SchedulerConfig::FlowMatch(FlowMatchConfig {
+            sde: Some(FlowSde::default()),
+            ..FlowMatchConfig::default()
+        }));
+        assert_eq!(
+            (sde.eta(), sde.sampler_name().as_str()),
+            (1.0, "flow-sde(a=0.7)")
+        );
+    }
 }
