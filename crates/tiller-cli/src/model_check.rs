@@ -136,6 +136,27 @@ fn input<'a>(
     })
 }
 
+/// A denoiser's inputs under diffusers' argument names: `sample` [B, C, H, W], `timestep` ([] or
+/// [1], broadcast over the batch, or [B]) and `encoder_hidden_states` [B, L, D].
+fn denoiser_inputs(
+    inputs: &BTreeMap<String, HostTensor>,
+    path: &Path,
+    device: &burn::tensor::Device,
+) -> Result<(Tensor<4>, Tensor<1>, Tensor<3>)> {
+    let sample = to_device::<4>(input(inputs, "sample", path)?, device)
+        .context("`sample` must be [B, C, H, W]")?;
+    let b = sample.dims()[0];
+    let t = input(inputs, "timestep", path)?;
+    let timestep = match t.shape.as_slice() {
+        [] | [1] => Tensor::<1>::from_floats(vec![t.data[0]; b].as_slice(), device),
+        [n] if *n == b => to_device::<1>(t, device)?,
+        s => bail!("`timestep` has shape {s:?}; expected [] or [{b}]"),
+    };
+    let ctx = to_device::<3>(input(inputs, "encoder_hidden_states", path)?, device)
+        .context("`encoder_hidden_states` must be [B, L, D]")?;
+    Ok((sample, timestep, ctx))
+}
+
 pub fn run(
     folder: &Path,
     variant: Option<&str>,
@@ -170,17 +191,8 @@ pub fn run(
             println!("UNet2DConditionModel from {}", folder.display());
             println!("{}", serde_json::to_string_pretty(&config)?);
             if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
-                let sample = to_device::<4>(input(inputs, "sample", path)?, &device)
-                    .context("`sample` must be [B, C, H, W]")?;
+                let (sample, timestep, ctx) = denoiser_inputs(inputs, path, &device)?;
                 let b = sample.dims()[0];
-                let t = input(inputs, "timestep", path)?;
-                let timestep = match t.shape.as_slice() {
-                    [] | [1] => Tensor::<1>::from_floats(vec![t.data[0]; b].as_slice(), &device),
-                    [n] if *n == b => to_device::<1>(t, &device)?,
-                    s => bail!("`timestep` has shape {s:?}; expected [] or [{b}]"),
-                };
-                let ctx = to_device::<3>(input(inputs, "encoder_hidden_states", path)?, &device)
-                    .context("`encoder_hidden_states` must be [B, L, D]")?;
                 // SDXL's added_cond_kwargs.
                 let added = match model.takes_added_conditions() {
                     false => None,
@@ -213,17 +225,8 @@ pub fn run(
             println!("SD3Transformer2DModel from {}", folder.display());
             println!("{}", serde_json::to_string_pretty(&config)?);
             if let (Some(inputs), Some((path, _))) = (&inputs, &io) {
-                let sample = to_device::<4>(input(inputs, "sample", path)?, &device)
-                    .context("`sample` must be [B, C, H, W]")?;
+                let (sample, timestep, ctx) = denoiser_inputs(inputs, path, &device)?;
                 let b = sample.dims()[0];
-                let t = input(inputs, "timestep", path)?;
-                let timestep = match t.shape.as_slice() {
-                    [] | [1] => Tensor::<1>::from_floats(vec![t.data[0]; b].as_slice(), &device),
-                    [n] if *n == b => to_device::<1>(t, &device)?,
-                    s => bail!("`timestep` has shape {s:?}; expected [] or [{b}]"),
-                };
-                let ctx = to_device::<3>(input(inputs, "encoder_hidden_states", path)?, &device)
-                    .context("`encoder_hidden_states` must be [B, L, joint_attention_dim]")?;
                 let pooled = to_device::<2>(input(inputs, "pooled_projections", path)?, &device)
                     .context("`pooled_projections` must be [B, pooled_projection_dim]")?;
                 let (c, p) = (ctx.dims(), pooled.dims());

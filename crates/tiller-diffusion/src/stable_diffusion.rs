@@ -286,13 +286,7 @@ impl StableDiffusion {
     fn check_consistency(&self, folder: &Path) -> Result<()> {
         let file = |c: &str| folder.join(c).join("config.json");
         let mismatch = |a: &str, b: &str, what: String| -> Result<()> {
-            Err(Error::format(
-                file(a),
-                format!(
-                    "{what} (see {}); the components are not from one pipeline",
-                    file(b).display()
-                ),
-            ))
+            Err(component_mismatch(folder, a, b, what))
         };
         let (context_width, encoders) = match &self.xl {
             None => (self.text_config.hidden_size, "text_encoder"),
@@ -632,6 +626,19 @@ impl StableDiffusion {
             Ok(images)
         })
     }
+}
+
+/// The error for two components of the pipeline in `folder` that disagree: it names `a`'s
+/// config.json and points to `b`'s.
+pub(crate) fn component_mismatch(folder: &Path, a: &str, b: &str, what: String) -> Error {
+    let file = |c: &str| folder.join(c).join("config.json");
+    Error::format(
+        file(a),
+        format!(
+            "{what} (see {}); the components are not from one pipeline",
+            file(b).display()
+        ),
+    )
 }
 
 /// Runs `run` on batches of at most `batch` (prompt, seed) jobs, prompt-major, each with the

@@ -27,7 +27,9 @@ use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::{load_clip_text, load_sd3_transformer, load_vae};
 use crate::sampling::{Conditioning, Denoiser, NoiseSource, Record, initial_noise, sample};
 use crate::schedulers::SchedulerConfig;
-use crate::stable_diffusion::{ModelIndex, PromptEmbeds, check_components, per_example_batches};
+use crate::stable_diffusion::{
+    ModelIndex, PromptEmbeds, check_components, component_mismatch, per_example_batches,
+};
 use burn::tensor::{Device, Tensor};
 use std::path::Path;
 use tiller_core::{Error, Result};
@@ -131,15 +133,8 @@ impl StableDiffusion3 {
 
     /// Checks that the components fit together, naming the two files that disagree.
     fn check_consistency(&self, folder: &Path) -> Result<()> {
-        let file = |c: &str| folder.join(c).join("config.json");
         let mismatch = |a: &str, b: &str, what: String| -> Result<()> {
-            Err(Error::format(
-                file(a),
-                format!(
-                    "{what} (see {}); the components are not from one pipeline",
-                    file(b).display()
-                ),
-            ))
+            Err(component_mismatch(folder, a, b, what))
         };
         let t = &self.transformer_config;
         let clip_width = self.text_config.hidden_size + self.text_config_2.hidden_size;
@@ -334,16 +329,19 @@ impl StableDiffusion3 {
         noise: &mut dyn NoiseSource,
     ) -> Result<(Tensor<4>, Tensor<4>)> {
         let [b, c, h, w] = latents.dims();
-        let expected =
-            self.latent_shape(b, h * self.vae_scale_factor(), w * self.vae_scale_factor());
-        if cond.context.dims()[0] != b || expected.map(|e| e[1]).ok() != Some(c) {
+        let p = self.transformer_config.patch_size;
+        if cond.context.dims()[0] != b
+            || c != self.transformer_config.in_channels
+            || !h.is_multiple_of(p)
+            || !w.is_multiple_of(p)
+        {
             return Err(Error::invalid(format!(
                 "latents {:?} for {} prompts: expected [B, {}, h, w] with h and w multiples \
                  of the patch size {}",
                 latents.dims(),
                 cond.context.dims()[0],
                 self.transformer_config.in_channels,
-                self.transformer_config.patch_size
+                p
             )));
         }
         let scheduler = self.scheduler.build(steps)?;

@@ -160,9 +160,14 @@ fn sdxl_pipeline_with_bf16_weights_samples_as_diffusers() {
 
 /// A copy of the SD 1.x fixture to break.
 fn copy_pipeline(tag: &str) -> PathBuf {
+    copy_fixture("tiny-sd-pipeline", tag)
+}
+
+/// A scratch copy of the fixture folder `name`, to edit.
+fn copy_fixture(name: &str, tag: &str) -> PathBuf {
     let dst = std::env::temp_dir().join(format!("tiller-sd-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dst);
-    copy_dir(&fixture("tiny-sd-pipeline"), &dst);
+    copy_dir(&fixture(name), &dst);
     dst
 }
 
@@ -484,12 +489,7 @@ fn sd3_pipeline_without_t5_samples_as_diffusers() {
 fn sd3_folders_with_t5_or_mismatched_parts_are_refused_naming_the_file() {
     use tiller_diffusion::stable_diffusion3::StableDiffusion3;
     let device = Device::flex();
-    let copy = |tag: &str| {
-        let dst = std::env::temp_dir().join(format!("tiller-sd3-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dst);
-        copy_dir(&fixture("tiny-sd3-pipeline"), &dst);
-        dst
-    };
+    let copy = |tag: &str| copy_fixture("tiny-sd3-pipeline", &format!("sd3-{tag}"));
     let err = |d: &Path| StableDiffusion3::load(d, &device).unwrap_err().to_string();
 
     let d = copy("t5");

@@ -136,14 +136,12 @@ pub fn load_unet(
     variant: Option<&str>,
     device: &Device,
 ) -> Result<(UNet2DConditionConfig, UNet2DConditionModel)> {
-    let config: UNet2DConditionConfig =
-        tiller_core::config::from_json_file(&folder.join("config.json"))?;
-    config
-        .validate()
-        .map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
-    let (source, tensors) = read_folder_weights(folder, DIFFUSERS_WEIGHTS, variant)?;
-    let model = load_into(config.init(device)?, &tensors, &source)?;
-    Ok((config, model))
+    load_diffusers_folder(
+        folder,
+        variant,
+        UNet2DConditionConfig::validate,
+        |c: &UNet2DConditionConfig| c.init(device),
+    )
 }
 
 /// Loads a diffusers `SD3Transformer2DModel` folder (config.json +
@@ -153,13 +151,26 @@ pub fn load_sd3_transformer(
     variant: Option<&str>,
     device: &Device,
 ) -> Result<(SD3Transformer2DConfig, SD3Transformer2DModel)> {
-    let config: SD3Transformer2DConfig =
-        tiller_core::config::from_json_file(&folder.join("config.json"))?;
-    config
-        .validate()
-        .map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
+    load_diffusers_folder(
+        folder,
+        variant,
+        SD3Transformer2DConfig::validate,
+        |c: &SD3Transformer2DConfig| c.init(device),
+    )
+}
+
+/// A diffusers model folder: `config.json` read as `C` and validated (errors name the file),
+/// then `diffusion_pytorch_model[.variant].safetensors` loaded strictly into `init(config)`.
+fn load_diffusers_folder<C: serde::de::DeserializeOwned, M: Module>(
+    folder: &Path,
+    variant: Option<&str>,
+    validate: impl Fn(&C) -> Result<()>,
+    init: impl Fn(&C) -> Result<M>,
+) -> Result<(C, M)> {
+    let config: C = tiller_core::config::from_json_file(&folder.join("config.json"))?;
+    validate(&config).map_err(|e| Error::format(folder.join("config.json"), e.to_string()))?;
     let (source, tensors) = read_folder_weights(folder, DIFFUSERS_WEIGHTS, variant)?;
-    let model = load_into(config.init(device)?, &tensors, &source)?;
+    let model = load_into(init(&config)?, &tensors, &source)?;
     Ok((config, model))
 }
 
